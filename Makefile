@@ -1,0 +1,43 @@
+# PathGuard: `make run` serves the bundled default model, `make test` runs the test suite.
+# Both create .venv and install what they need on a fresh Debian machine (root or sudo for apt).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch 2.14.1 is what torchvision 0.29.1 from PyPI is built against.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BUNDLE ?= models/default
+
+.PHONY: run test lint protos data tools clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST, the bundled default dataset: Debian's package (kubectl for the deploy tests too).
+data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+
+tools:
+	@command -v kubectl >/dev/null 2>&1 || { $(SUDO) apt-get update -q && { $(SUDO) apt-get install -y -q kubectl || $(SUDO) apt-get install -y -q kubernetes-client; }; }
+
+run: $(STAMP) data
+	$(BIN)/pathguard serve --bundle $(BUNDLE)
+
+test: $(STAMP) data tools
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check detector service tests bench
+
+# Regenerate the gRPC code in service/_proto from protos/ (never edit the generated files).
+protos: $(STAMP)
+	$(BIN)/python -m service.codegen
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,117 @@
+"""Features of one input's calculation path, for the path detector (METHOD.md section 3.3).
+
+Groups (each a block of columns; :data:`GROUPS` lists them):
+
+``soft``        the soft path p, one column per filter (sum of filters over gated layers).
+``hard``        the hard path g in {0, 1}, one column per filter.
+``density``     fraction of active filters in each gated layer (L columns).
+``proto``       per layer, how far the path departs from class prototypes (5 L columns):
+                Hamming distance between g and the prototype path of the predicted class, and of the
+                runner-up class; cosine distance between p and the class's mean soft path, for both;
+                and the negative log-likelihood of g under the predicted class's filter frequencies.
+                An adversarial input tends to follow its true class early and the target class late.
+``confidence``  the classifier's max probability, margin between the top two, and entropy (3 columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .models import DecoupledNet, PathOutput
+from .prototypes import Prototypes
+
+GROUPS = ("soft", "hard", "density", "proto", "confidence")
+CONFIDENCE = ("max_prob", "margin", "entropy")
+PROTO = ("hamming_pred", "hamming_runner", "cosine_pred", "cosine_runner", "nll_pred")
+
+
+def confidence_features(logits: Tensor) -> Tensor:
+    """(N, 3): max probability, top-1 minus top-2 probability, entropy of the softmax."""
+    prob = logits.softmax(1)
+    top2 = prob.topk(2, dim=1).values
+    entropy = -(prob * prob.clamp_min(1e-12).log()).sum(1)
+    return torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=1)
+
+
+def prototype_distances(out: PathOutput, protos: Prototypes) -> Tensor:
+    """(N, L, 5): per layer, the :data:`PROTO` distances of each input's path."""
+    top2 = out.logits.topk(2, dim=1).indices
+    pred, runner = top2[:, 0], top2[:, 1]
+    cols = []
+    for layer, sl in zip(out.layers, protos.layer_slices()):
+        g, p = layer.hard, layer.soft
+        hard, soft, freq = protos.hard[:, sl], protos.soft_mean[:, sl], protos.frequency[:, sl].clamp(0.01, 0.99)
+        nll = -(g * freq[pred].log() + (1 - g) * (1 - freq[pred]).log()).mean(1)
+        cols.append(torch.stack([
+            (g - hard[pred]).abs().mean(1),
+            (g - hard[runner]).abs().mean(1),
+            1 - F.cosine_similarity(p, soft[pred], dim=1),
+            1 - F.cosine_similarity(p, soft[runner], dim=1),
+            nll,
+        ], dim=1))
+    return torch.stack(cols, dim=1)
+
+
+@dataclass
+class PathFeatures:
+    """Features of a batch and what produced them."""
+
+    X: np.ndarray  # (N, F)
+    groups: list[str]  # group of each column
+    names: list[str]  # name of each column
+    logits: Tensor  # (N, K)
+    departure: Tensor  # (N, L): Hamming distance to the predicted class's prototype per layer
+    out: PathOutput | None = None
+
+
+def feature_layout(layer_names: list[str], layer_sizes: list[int]) -> tuple[list[str], list[str]]:
+    """(groups, names) of the columns :func:`path_features` produces for a model."""
+    groups, names = [], []
+    for group in ("soft", "hard"):
+        for layer, size in zip(layer_names, layer_sizes):
+            names += [f"{group}.{layer}.{i}" for i in range(size)]
+            groups += [group] * size
+    names += [f"density.{layer}" for layer in layer_names]
+    groups += ["density"] * len(layer_names)
+    names += [f"{d}.{layer}" for layer in layer_names for d in PROTO]
+    groups += ["proto"] * (len(PROTO) * len(layer_names))
+    names += list(CONFIDENCE)
+    groups += ["confidence"] * len(CONFIDENCE)
+    return groups, names
+
+
+def path_features(out: PathOutput, protos: Prototypes) -> tuple[Tensor, Tensor]:
+    """(N, F) feature matrix of one forward pass, columns as :func:`feature_layout` names them,
+    and the (N, L, 5) prototype distances it contains."""
+    dist = prototype_distances(out, protos)
+    X = torch.cat([out.soft_path, out.hard_path, out.density, dist.flatten(1), confidence_features(out.logits)], dim=1)
+    return X, dist
+
+
+@torch.no_grad()
+def extract_path_features(model: DecoupledNet, protos: Prototypes, images: Tensor, *, batch_size: int = 500,
+                          keep_output: bool = False) -> PathFeatures:
+    """Run ``images`` (N, C, H, W) in [0, 1] through ``model`` and return their path features."""
+    model.eval()
+    device = next(model.parameters()).device
+    feats, logits, departure = [], [], []
+    last = None
+    for start in range(0, len(images), batch_size):
+        out = model.forward_path(images[start:start + batch_size].to(device))
+        X, dist = path_features(out, protos)
+        feats.append(X.cpu())
+        logits.append(out.logits.cpu())
+        departure.append(dist[:, :, 0].cpu())
+        last = out
+    groups, names = feature_layout(protos.layer_names, protos.layer_sizes)
+    k = model.num_classes
+    return PathFeatures(torch.cat(feats).numpy().astype(np.float64) if feats else np.zeros((0, len(names))),
+                        groups, names,
+                        torch.cat(logits) if logits else torch.zeros(0, k),
+                        torch.cat(departure) if departure else torch.zeros(0, len(protos.layer_sizes)),
+                        last if keep_output else None)

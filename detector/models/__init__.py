@@ -1,0 +1,10 @@
+"""Decoupled CNNs: every gated conv layer carries an architecture controlling module."""
+
+from . import resnet, vgg  # noqa: F401  (registers the variants)
+from .base import DecoupledNet
+from .gates import ControllingModule, GateConfig, GatedConv, LayerPath
+from .path import PathOutput
+from .registry import create_model, list_models, register_model
+
+__all__ = ["ControllingModule", "DecoupledNet", "GateConfig", "GatedConv", "LayerPath", "PathOutput",
+           "create_model", "list_models", "register_model"]

@@ -1,0 +1,46 @@
+"""Process-level settings: which device, and how many CPU threads torch may use."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: the affinity mask, capped by a cgroup v2 CPU quota.
+
+    In a container with ``limits.cpu: 2`` on a 64-core node, ``os.cpu_count()`` says 64; letting torch
+    start 64 threads then makes throughput collapse. The quota (``cpu.max``) says 2.
+    """
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None or 0: :func:`available_cpus`); returns the number set."""
+    n = threads or available_cpus()
+    torch.set_num_threads(n)
+    return n
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was asked for but torch sees no CUDA device")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device={name!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+    return torch.device(name)

@@ -1,0 +1,1 @@
+"""PathGuard's gRPC predict-and-screen service."""

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(int(os.environ.get("PATHGUARD_TEST_THREADS", "2")))
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BUNDLE = REPO / "models" / "default"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A vgg8 bundle trained on the synthetic dataset, with prototypes and a fitted detector."""
+    from synthetic import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> Path:
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        pytest.fail(f"the default bundle is missing at {DEFAULT_BUNDLE}")
+    return DEFAULT_BUNDLE
