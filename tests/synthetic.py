@@ -12,6 +12,7 @@ import numpy as np
 
 from detector.attacks import parse_attacks
 from detector.fitting import fit_bundle_detector
+from detector.models import GateConfig
 from detector.training import TrainConfig, train
 
 CORNERS = [(2, 2), (2, 10), (10, 2), (10, 10)]
@@ -40,7 +41,7 @@ def make_bundle(root: Path, *, fit_detector: bool = True, gated: bool = True) ->
     """Train vgg8 on the synthetic set for 3 epochs and (optionally) fit its detector."""
     data = write_dataset(root / "data")
     cfg = TrainConfig(dataset="npz", data_root=str(data), epochs=3, batch_size=64, lr=3e-3, val_size=200,
-                      augment=(), threads=1, gated=gated, w_sparsity=0.3)
+                      augment=(), threads=1, gated=gated, w_sparsity=0.3, gate=GateConfig(init_bias=0.5))
     bundle = root / ("bundle" if gated else "dense")
     train(cfg, bundle, progress=False)
     if fit_detector and gated:
