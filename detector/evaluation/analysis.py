@@ -22,6 +22,10 @@ from .metrics import detection_metrics
 log = logging.getLogger(__name__)
 
 
+class NoAdversarialExamples(ValueError):
+    """No successful adversarial example to fit a detector on."""
+
+
 @dataclass
 class FeatureSets:
     """One featurizer's features of every image set."""
@@ -89,6 +93,8 @@ def fit_detector(est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, A
     blocks = [feats.fit_clean] + [feats.fit_adv[a][outcomes[a].fit_success] for a in attacks]
     X = np.concatenate(blocks)
     y = np.r_[np.zeros(len(feats.fit_clean)), np.ones(len(X) - len(feats.fit_clean))]
+    if y.sum() == 0:
+        raise NoAdversarialExamples(f"none of the attacks {attacks} succeeded on the fitting images")
     return est.fit(X, y, groups=feats.groups, X_calibration=feats.calibration)
 
 
@@ -159,8 +165,12 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
         if cfg.leave_one_out and len(attacks) > 1 and name != "bundle":
             loo[name] = {}
             for held in attacks:
-                est_h = fit_detector(get_detector(name).make(cfg.target_fpr, cfg.seed), feats, outcomes,
-                                     [a for a in attacks if a != held])
+                try:
+                    est_h = fit_detector(get_detector(name).make(cfg.target_fpr, cfg.seed), feats, outcomes,
+                                         [a for a in attacks if a != held])
+                except NoAdversarialExamples as exc:
+                    loo[name][held] = {"auroc": None, "tpr_at_fpr": None, "note": str(exc)}
+                    continue
                 clean = est_h.decision_function(feats.eval_clean)
                 s = est_h.decision_function(feats.eval_adv[held])[outcomes[held].eval_success]
                 m = detection_metrics(clean, s, est_h.threshold_)

@@ -1,0 +1,63 @@
+"""The offline evaluation suite end to end on the tiny bundle, single run and sharded."""
+
+import json
+
+import pytest
+
+from detector.cli import main
+
+ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5"
+COMMON = ["--attacks", ATTACKS, "--n", "40", "--n-fit", "30", "--n-calibration", "30", "--n-reference", "200",
+          "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "single"
+    assert main(["evaluate", "--bundle", str(tiny_bundle), "--out", str(out), *COMMON]) == 0
+    return out
+
+
+def test_report_complete(single_run):
+    r = json.loads((single_run / "report.json").read_text())
+    attacks = list(r["attacks"])
+    assert attacks == ["fgsm:eps=0.15", "pgd:eps=0.2,steps=5"]
+    for a in attacks:
+        s = r["attacks"][a]
+        assert 0 <= s["success_rate"] <= 1 and s["mean_l2"] > 0
+    assert r["attacks"]["fgsm:eps=0.15"]["max_linf"] <= 0.15 + 1e-5
+    for det in ("path", "path-rf", "confidence", "bundle"):
+        for a in attacks:
+            m = r["results"][det][a]
+            assert {"auroc", "tpr_at_fpr", "fpr_at_threshold", "detection_accuracy", "all"} <= set(m)
+        assert r["timing"]["detectors"][det]["score_cost_ratio"] > 0
+    assert r["results"]["path"]["fgsm:eps=0.15"]["auroc"] > 0.8
+    assert set(r["leave_one_attack_out"]["path"]) == set(attacks)
+    assert {"only:soft", "without:proto"} <= set(r["ablation"])
+    # the image sets are disjoint and documented
+    fit, cal, ev = (r["images"][k] for k in ("fit", "calibration", "eval"))
+    assert fit["set"] == cal["set"] != ev["set"]
+    assert not set(fit["indices"]) & set(cal["indices"])
+    assert len(ev["indices"]) == 40
+    for f in r["plots"]:
+        assert (single_run / f).stat().st_size > 1000
+    md = (single_run / "report.md").read_text()
+    assert "Leave one attack out" in md and "| path |" in md
+
+
+def test_sharded_run_merges_to_the_single_report(tiny_bundle, single_run, tmp_path):
+    out = tmp_path / "sharded"
+    for i in range(3):
+        assert main(["evaluate", "--bundle", str(tiny_bundle), "--out", str(out), "--shard", f"{i}/3", *COMMON]) == 0
+    assert len(list((out / "shards").glob("*.npz"))) == 3
+    assert main(["evaluate", "merge", "--out", str(out), "--quiet"]) == 0
+    a = json.loads((single_run / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    a.pop("timing"), b.pop("timing")
+    assert a == b
+
+
+def test_merge_refuses_incomplete_shards(tiny_bundle, tmp_path):
+    out = tmp_path / "partial"
+    assert main(["evaluate", "--bundle", str(tiny_bundle), "--out", str(out), "--shard", "0/2", *COMMON]) == 0
+    assert main(["evaluate", "merge", "--out", str(out), "--quiet"]) == 2
