@@ -104,3 +104,22 @@ def test_all_off_layer_silences_output():
     assert out.layers[2].pooled.abs().sum() == 0
     # the next layer then executes no input channels: only its controlling module costs anything
     assert torch.allclose(out.layers[3].macs, torch.full((2,), float(model.features[3].acm.macs())))
+
+
+def test_straight_through_in_eval_changes_gradients_not_values():
+    from detector.models import straight_through
+
+    model = create_model("vgg8", num_classes=3).eval()
+    x = torch.rand(2, 1, 28, 28)
+    plain = model.forward_path(x)
+    plain.soft_path.sum().backward()  # soft path has gradients either way
+    model.zero_grad()
+    out = model.forward_path(x)
+    out.hard_path.sum().backward() if out.hard_path.requires_grad else None
+    assert model.features[0].acm.fc2.weight.grad is None, "hard gates carry no gradient in plain eval"
+    with straight_through(model):
+        st = model.forward_path(x)
+        assert torch.equal(st.hard_path, plain.hard_path) and torch.equal(st.logits, plain.logits)
+        st.hard_path.sum().backward()
+    assert model.features[0].acm.fc2.weight.grad.abs().sum() > 0
+    assert not model.features[0].acm.straight_through, "the flag is restored on exit"

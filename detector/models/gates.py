@@ -7,6 +7,8 @@ over all layers it is the input's *calculation path*.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,7 @@ class ControllingModule(nn.Module):
         super().__init__()
         hidden = max(out_channels // cfg.reduction, cfg.min_hidden)
         self.cfg = cfg
+        self.straight_through = False  # see straight_through(): STE gradients in eval mode too
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, out_channels)
         nn.init.constant_(self.fc2.bias, cfg.init_bias)
@@ -71,7 +74,8 @@ class ControllingModule(nn.Module):
         z = self.logits(x)
         p = torch.sigmoid(z / self.cfg.temperature)
         if not self.training:
-            return p, (p > 0.5).to(p.dtype)
+            hard = (p > 0.5).to(p.dtype)
+            return p, (hard + p - p.detach()) if self.straight_through else hard
         decide = p
         if self.cfg.noise == "logistic":
             u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
@@ -193,3 +197,21 @@ class GatedConv(nn.Module):
         return self.conv.in_channels * self.conv.out_channels * k * int(out_hw[0]) * int(out_hw[1])
 
 
+
+
+@contextmanager
+def straight_through(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, hard gates pass gradients straight through to p even in eval mode.
+
+    Forward values are unchanged (still the hard gates); only the backward pass differs. This is what
+    an adaptive attacker uses to differentiate through the gates (Tramer et al. 2020, BPDA).
+    """
+    acms = [m for m in model.modules() if isinstance(m, ControllingModule)]
+    before = [a.straight_through for a in acms]
+    for a in acms:
+        a.straight_through = True
+    try:
+        yield model
+    finally:
+        for a, b in zip(acms, before):
+            a.straight_through = b
