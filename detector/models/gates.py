@@ -75,14 +75,14 @@ class ControllingModule(nn.Module):
         p = torch.sigmoid(z / self.cfg.temperature)
         if not self.training:
             hard = (p > 0.5).to(p.dtype)
-            return p, (hard + p - p.detach()) if self.straight_through else hard
+            return p, (hard + (p - p.detach())) if self.straight_through else hard
         decide = p
         if self.cfg.noise == "logistic":
             u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
             noisy = z + self.cfg.noise_scale * (torch.log(u) - torch.log1p(-u))
             decide = torch.sigmoid(noisy / self.cfg.temperature)
         hard = (decide > 0.5).to(p.dtype)
-        return p, hard + decide - decide.detach()
+        return p, hard + (decide - decide.detach())  # exact hard values, gradient of decide
 
     def macs(self) -> int:
         """Multiply-accumulates of the encoder's two Linear layers for one input."""
