@@ -6,8 +6,9 @@ the ServiceMonitor against the JSON schema kept in deploy/schemas/. Then the inv
 server alive and draining cleanly are asserted on the rendered YAML, and the Dockerfile is checked with a
 small parser (no container engine needed).
 
-The server's defaults come from ``pathguard serve``'s own parser once it is registered; until then from
-the contract in issue 5 (gRPC 50051, metrics 8002, grace 20 s).
+The server's defaults and flag names come from ``service.config.ServeConfig`` (the dataclass behind
+``pathguard serve``'s flags and ``PATHGUARD_*`` variables); before it exists, from the contract in issue 5
+(gRPC 50051, metrics 8002, grace 20 s).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import dataclasses
 import fnmatch
+import importlib.util
 import json
 import re
 import shlex
@@ -142,17 +145,22 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
+def serve_config_defaults() -> dict[str, object] | None:
+    """Field defaults of service.config.ServeConfig (the server's settings), or None before it exists."""
+    if importlib.util.find_spec("service.config") is None:
+        return None
+    from service.config import ServeConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+
+
 @pytest.fixture(scope="session")
-def server_defaults(subcommands) -> dict[str, int]:
-    """gRPC port, metrics port and drain grace of `pathguard serve` (its parser, else issue 5's contract)."""
-    if "serve" not in subcommands:
+def server_defaults() -> dict[str, float]:
+    """gRPC port, metrics port and drain grace of `pathguard serve` (ServeConfig, else issue 5's contract)."""
+    fields = serve_config_defaults()
+    if fields is None:
         return dict(CONTRACT_DEFAULTS)
-    actions = {a.dest: a for a in subcommands["serve"]._actions}
-    out = {}
-    for key, fallback in CONTRACT_DEFAULTS.items():
-        default = actions[key].default
-        out[key] = fallback if default in (None, argparse.SUPPRESS) else int(default)
-    return out
+    return {key: fields[key] for key in CONTRACT_DEFAULTS}
 
 
 # ----------------------------------------------------------------------------- rendering and validation
@@ -262,7 +270,7 @@ def test_ports_match_the_server(name, server_defaults):
 def test_grace_periods_are_ordered(name):
     deploy, container, env = server(name)
     # Explicit in the ConfigMap, so that the budget below is computed from what the server really uses.
-    grace = int(env["PATHGUARD_GRACE_PERIOD"])
+    grace = float(env["PATHGUARD_GRACE_PERIOD"])
     pre_stop = container["lifecycle"]["preStop"]
     if "sleep" in pre_stop:
         sleep = int(pre_stop["sleep"]["seconds"])
@@ -293,12 +301,10 @@ def test_threads_follow_the_cpu_limit(name):
 
 
 @pytest.mark.parametrize("name", SERVING)
-def test_config_keys_are_server_flags(name, subcommands):
+def test_config_keys_are_server_flags(name):
     _, _, env = server(name)
-    if "serve" in subcommands:
-        flags = {a.dest for a in subcommands["serve"]._actions}
-    else:
-        flags = CONTRACT_SERVE_FLAGS
+    fields = serve_config_defaults()
+    flags = CONTRACT_SERVE_FLAGS if fields is None else set(fields)
     keys = {k for k in env if k.startswith("PATHGUARD_")}
     unknown = {k for k in keys if k.removeprefix("PATHGUARD_").lower() not in flags}
     # A misspelt key is silently ignored by the server, which then runs on its default.
@@ -613,7 +619,7 @@ def test_dockerfile_ports_and_env_match_the_server(server_defaults):
     env = dockerfile_env()
     assert int(env["PATHGUARD_PORT"]) == server_defaults["port"]
     assert int(env["PATHGUARD_METRICS_PORT"]) == server_defaults["metrics_port"]
-    assert int(env["PATHGUARD_GRACE_PERIOD"]) == server_defaults["grace_period"]
+    assert float(env["PATHGUARD_GRACE_PERIOD"]) == server_defaults["grace_period"]
     assert env["PATHGUARD_HOST"] == "0.0.0.0"
     # With a read-only root filesystem, only /tmp is writable.
     assert env["HOME"].startswith("/tmp") and env["MPLCONFIGDIR"].startswith("/tmp")
@@ -668,7 +674,7 @@ def test_dockerignore_sends_only_what_the_image_copies():
 def test_readme_documents_existing_paths_and_the_build_command():
     readme = (DEPLOY / "README.md").read_text()
     assert "docker build -f deploy/docker/Dockerfile" in readme
-    referenced = set(re.findall(r"deploy/[\w./-]*\w", readme))
+    referenced = set(re.findall(r"(?<![\w/-])deploy/[\w./-]*\w", readme))
     assert referenced
     missing = sorted(p for p in referenced if not (ROOT / p).exists())
     assert not missing, f"README refers to missing paths: {missing}"
