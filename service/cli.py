@@ -1,9 +1,106 @@
-"""``pathguard serve`` and ``pathguard screen`` (registered into the main CLI)."""
+"""``pathguard serve`` and ``pathguard screen`` (registered into the main CLI).
+
+Flags are generated from :class:`~service.config.ServeConfig` / :class:`~service.config.ScreenConfig`;
+each is also read from ``PATHGUARD_<NAME>`` (a flag wins over the environment, which wins over the default).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ScreenConfig, ServeConfig, add_config_arguments, config_from
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(config_from(ServeConfig, args))
+
+
+def _load_input(path: str):
+    """A PNG/JPEG file is sent encoded; a .npy file (C, H, W) or (N, C, H, W) as a raw tensor."""
+    p = Path(path)
+    if p.suffix.lower() == ".npy":
+        import numpy as np
+
+        return np.load(p, allow_pickle=False)
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: expected a .png, .jpg/.jpeg or .npy file")
+    return [p.read_bytes()]
+
+
+def _cmd_screen(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import PathGuardClient
+
+    cfg = config_from(ScreenConfig, args)
+    token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
+    rows: list[dict] = []
+    failed = False
+    with PathGuardClient(cfg.target, token=token, tls_ca=cfg.tls_ca, client_cert=cfg.client_cert,
+                         client_key=cfg.client_key, timeout=cfg.timeout) as client:
+        for path in args.images:
+            try:
+                results = client.screen(_load_input(path), top_k=cfg.top_k)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+                    print(f"pathguard screen: {cfg.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                    return 1
+                rows.append({"image": path, "error": {"code": exc.code().name, "message": exc.details()}})
+                failed = True
+                continue
+            for i, r in enumerate(results):
+                row = {"image": path if len(results) == 1 else f"{path}[{i}]", "class_index": r.class_index,
+                       "class_name": r.class_name, "confidence": r.confidence,
+                       "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
+                       "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
+                       "flops_fraction": r.flops_fraction}
+                if r.top_classes:
+                    row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability}
+                                          for c in r.top_classes]
+                rows.append(row)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 1 if failed else 0
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table of screening rows (errors on their own line)."""
+    header = f"{'image':<32} {'class':<16} {'conf':>6} {'score':>6} {'adversarial':<11} {'active':>6} {'flops':>6}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        image = row["image"] if len(row["image"]) <= 32 else "..." + row["image"][-29:]
+        if "error" in row:
+            lines.append(f"{image:<32} ERROR {row['error']['code']}: {row['error']['message']}")
+            continue
+        flag = "YES" if row["is_adversarial"] else "no"
+        lines.append(f"{image:<32} {row['class_name'][:16]:<16} {row['confidence']:>6.3f} "
+                     f"{row['adversarial_score']:>6.3f} {flag:<11} {row['active_filter_ratio']:>6.3f} "
+                     f"{row['flops_fraction']:>6.3f}")
+        for c in row.get("top_classes", [])[1:]:
+            lines.append(f"{'':<32} {c['class_name'][:16]:<16} {c['probability']:>6.3f}")
+    if rows and "threshold" in next((r for r in rows if "error" not in r), {}):
+        lines.append(f"(adversarial when score > threshold "
+                     f"{next(r for r in rows if 'error' not in r)['threshold']:.4f})")
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("serve", help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
+                       description="Serve predict-and-screen over gRPC: pathguard.v1.PathGuard, KServe v2 "
+                                   "inference.GRPCInferenceService, grpc.health.v1 and reflection; Prometheus "
+                                   "metrics at http://HOST:METRICS_PORT/metrics. SIGTERM drains and exits 0; "
+                                   "SIGHUP reloads the bundle.")
+    add_config_arguments(p, ServeConfig)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("screen", help="screen image files with a running server and print a table or JSON")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or .npy arrays (C,H,W)/(N,C,H,W)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_config_arguments(p, ScreenConfig)
+    p.set_defaults(func=_cmd_screen)

@@ -1,0 +1,145 @@
+"""Typed configuration of ``pathguard serve`` and ``pathguard screen``, from flags, environment and defaults.
+
+Each field is a ``--flag`` and a ``PATHGUARD_<FIELD>`` environment variable (``max_batch_size`` is
+``--max-batch-size`` and ``PATHGUARD_MAX_BATCH_SIZE``). A flag wins over the environment, which wins over
+the default. Nothing is read at import: :func:`config_from` is called inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from detector.cli import DEFAULT_BUNDLE
+
+ENV_PREFIX = "PATHGUARD_"
+# 64 CIFAR-size FP32 images are 64 * 3 * 32 * 32 * 4 B = 0.75 MiB; 16 MiB leaves room for larger inputs and
+# PNG batches while still bounding what one request can make the server allocate.
+DEFAULT_MAX_MESSAGE_MB = 16
+
+T = TypeVar("T")
+
+
+def _opt(help_text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class ServeConfig:
+    """``pathguard serve``: what the server loads, where it listens and how it batches."""
+
+    bundle: str = _opt("bundle directory to serve", DEFAULT_BUNDLE)
+    host: str = _opt("address to listen on (gRPC and metrics)", "0.0.0.0")
+    port: int = _opt("gRPC port (0: any free port)", 50051)
+    metrics_port: int = _opt("Prometheus /metrics HTTP port (0: any free port)", 8002)
+    # 0 asks the cgroup CPU quota: a container limited to 2 CPUs on a 64-core node must not start 64 threads.
+    threads: int = _opt("torch intra-op threads (0: the CPU quota of this container)", 0)
+    max_batch_size: int = _opt("most images the model computes in one batch", 32)
+    max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", 5.0)
+    max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", 256)
+    grace_period: float = _opt("seconds accepted calls get to finish after SIGTERM", 20.0)
+    max_message_mb: int = _opt("largest request or response message, MiB", DEFAULT_MAX_MESSAGE_MB)
+    max_images_per_request: int = _opt("most images in one request", 64)
+    tls_cert: str | None = _opt("PEM server certificate (chain); enables TLS")
+    tls_key: str | None = _opt("PEM private key of --tls-cert")
+    tls_client_ca: str | None = _opt("PEM CA bundle; clients must present a certificate it signed (mTLS)")
+    auth_token_file: str | None = _opt("file holding the bearer token callers must send (health is exempt)")
+
+    def validate(self) -> ServeConfig:
+        """Raise ``ValueError`` naming the first field out of range; return self."""
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 65535]")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be >= 0 (0: the CPU quota)")
+        for name in ("max_batch_size", "max_queue_size", "max_message_mb", "max_images_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_queue_delay_ms", "grace_period"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(f"tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r} must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"tls_client_ca={self.tls_client_ca!r} needs tls_cert and tls_key (mTLS is TLS)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ValueError(f"{name}={value!r} is not a readable file")
+        return self
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+
+@dataclass
+class ScreenConfig:
+    """``pathguard screen``: where the server is and how to reach it."""
+
+    target: str = _opt("server address HOST:PORT", "localhost:50051")
+    token_file: str | None = _opt("file holding the bearer token to send")
+    tls_ca: str | None = _opt("PEM CA bundle to verify the server with; enables TLS")
+    client_cert: str | None = _opt("PEM client certificate, for a server that requires mTLS")
+    client_key: str | None = _opt("PEM private key of --client-cert")
+    timeout: float = _opt("seconds to wait for the answer", 30.0)
+    top_k: int = _opt("show the k most probable classes (0: just the prediction)", 0)
+
+    def validate(self) -> ScreenConfig:
+        if self.timeout <= 0:
+            raise ValueError(f"timeout={self.timeout} must be > 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError(f"client_cert={self.client_cert!r} and client_key={self.client_key!r} "
+                             "must be given together")
+        return self
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _converter(typ: Any) -> Any:
+    if typ in (int, float, str):
+        return typ
+    if set(typing.get_args(typ)) == {str, type(None)}:
+        return lambda s: s or None
+    raise TypeError(f"unsupported config field type {typ!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field of ``cls``; defaults stay ``None`` so that given flags can be told apart."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
+                            default=None, metavar=f.name.upper(),
+                            help=f"{f.metadata['help']} (env {env_name(f.name)}; default: {f.default})")
+
+
+def config_from(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from flags, then ``PATHGUARD_*`` variables, then defaults; validate it.
+
+    An empty environment variable counts as unset. A malformed value raises ``ValueError`` naming it.
+    """
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None) if args is not None else None
+        if given is not None:
+            values[f.name] = given
+            continue
+        raw = environ.get(env_name(f.name), "")
+        if raw != "":
+            try:
+                values[f.name] = _converter(hints[f.name])(raw)
+            except ValueError:
+                raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {hints[f.name]}") from None
+    return cls(**values).validate()  # type: ignore[attr-defined]

@@ -1,0 +1,141 @@
+"""The screening service in plain Python: load a bundle, accept images, batch them, return results.
+
+The gRPC servicers only translate protobuf to the calls below and back; tests and other front ends can
+use :class:`ScreeningService` directly. It raises :mod:`service.errors` exceptions, never gRPC ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+from detector.screening import ScreenResult
+
+from . import codec, metrics
+from .batching import DynamicBatcher
+from .errors import ModelNotFound, NotReady
+from .runtime import ModelInfo, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Batching and request limits (the relevant part of :class:`service.config.ServeConfig`)."""
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 256
+    max_images_per_request: int = 64
+
+
+class ScreeningService:
+    """Owns the model runtime and the dynamic batcher. ``load`` (or ``reload``) makes it ready."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self._batcher = DynamicBatcher(max_batch_size=limits.max_batch_size,
+                                       max_queue_delay=limits.max_queue_delay_ms / 1000.0,
+                                       max_queue_size=limits.max_queue_size).start()
+        self._runtime: ModelRuntime | None = None
+        self._load_lock = threading.Lock()
+
+    # -- model lifecycle ------------------------------------------------------------------------
+    def load(self, path: str | Path) -> ModelInfo:
+        """Load, verify and warm up a bundle, then swap it in atomically; the old model (if any) serves until
+        the swap. Raises :class:`detector.BundleError` (the old model stays) when the bundle is broken."""
+        with self._load_lock:
+            runtime = ModelRuntime.load(path)
+            sizes = tuple(sorted({1, min(self.limits.max_batch_size, self.limits.max_images_per_request)}))
+            runtime.warmup(sizes)
+            previous = self.swap(runtime)
+        info = runtime.info
+        if previous is None:
+            log.info("serving %s v%s (%s) from %s", info.name, info.version, info.arch, path)
+        else:
+            log.info("reloaded: now serving %s v%s from %s (was v%s)", info.name, info.version, path,
+                     previous.info.version)
+        return info
+
+    reload = load
+
+    def swap(self, runtime: ModelRuntime) -> ModelRuntime | None:
+        """Serve the next batches with ``runtime`` (already loaded and warm); returns the previous one."""
+        self._batcher.set_runner(runtime)
+        previous, self._runtime = self._runtime, runtime
+        info = runtime.info
+        metrics.set_model_info(info.name, info.version, info.arch, info.threshold)
+        return previous
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish queued requests and stop the worker."""
+        self._batcher.stop(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the model now."""
+        return self._batcher.queued
+
+    @property
+    def ready(self) -> bool:
+        return self._runtime is not None
+
+    @property
+    def info(self) -> ModelInfo:
+        """The loaded model's description; :class:`NotReady` before the first load."""
+        runtime = self._runtime
+        if runtime is None:
+            raise NotReady("the model is still loading")
+        return runtime.info
+
+    def check_model(self, name: str, version: str = "") -> ModelInfo:
+        """The model if ``name`` (and ``version``, when given) is the one served, else :class:`ModelNotFound`."""
+        info = self.info
+        if name != info.name:
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves {info.name!r}")
+        if version and version != info.version:
+            raise ModelNotFound(f"version {version!r} of model {name!r} is not served here; "
+                                f"this server serves version {info.version!r}")
+        return info
+
+    # -- decoding (validated against the current model) ----------------------------------------------
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap decoding of a request, so that a forming batch may wait for it."""
+        with self._batcher.arriving():
+            yield
+
+    def images_from_buffer(self, data: bytes, dtype: str, shape: Sequence[int]) -> Tensor:
+        return codec.images_from_buffer(data, dtype, shape, self.info.input_shape, self.limits.max_images_per_request)
+
+    def images_from_values(self, values: Sequence[float], dtype: str, shape: Sequence[int]) -> Tensor:
+        return codec.images_from_values(values, dtype, shape, self.info.input_shape,
+                                        self.limits.max_images_per_request)
+
+    def images_from_encoded(self, files: Sequence[bytes]) -> Tensor:
+        return codec.images_from_encoded(files, self.info.input_shape, self.limits.max_images_per_request)
+
+    # -- screening ------------------------------------------------------------------------------
+    async def screen(self, images: Tensor, timeout: float | None = None) -> ScreenResult:
+        """Screen validated images (N, C, H, W) in [0, 1] through the batcher.
+
+        ``timeout`` (seconds; the caller's remaining deadline) bounds the time in the queue: a request still
+        queued when it runs out is not computed (:class:`~service.errors.DeadlineExpired`). Cancelling the
+        awaiting task withdraws the request.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        future = self._batcher.submit(images, deadline)
+        return await asyncio.wrap_future(future)
+
+    def screen_sync(self, images: Tensor, timeout: float | None = None) -> ScreenResult:
+        """Blocking :meth:`screen`, for plain Python callers."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._batcher.submit(images, deadline).result()

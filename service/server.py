@@ -1,0 +1,225 @@
+"""The gRPC server: services, health, reflection, TLS, metrics endpoint, readiness and graceful shutdown.
+
+Lifecycle of :class:`PathGuardServer`:
+
+1. :meth:`~PathGuardServer.start` binds the port and starts serving with health NOT_SERVING, then loads
+   and warms up the bundle (in a worker thread) and only then turns health SERVING (KServe ServerReady
+   and ModelReady follow the same state).
+2. :meth:`~PathGuardServer.reload` loads a bundle next to the running one and swaps it in atomically
+   (SIGHUP in ``pathguard serve``); a broken bundle is refused and the old model keeps serving.
+3. :meth:`~PathGuardServer.stop` turns health NOT_SERVING, refuses new calls, gives accepted calls the
+   grace period to finish, then stops the batcher and the metrics endpoint.
+
+:func:`serve` runs it until SIGTERM/SIGINT (exit 0); :class:`BackgroundServer` runs it on a thread of
+its own, for tests and benchmarks in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from detector.runtime import set_threads
+
+from . import metrics
+from ._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from ._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
+from .config import ServeConfig
+from .interceptors import ServiceInterceptor
+from .runtime import ModelInfo
+from .screening import Limits, ScreeningService
+from .servicers import KSERVE_SERVICE, PATHGUARD_SERVICE, InferenceServicer, PathGuardServicer
+
+log = logging.getLogger(__name__)
+
+SERVICES = (PATHGUARD_SERVICE, KSERVE_SERVICE)
+# Calls the transport accepts at once beyond the batching queue (metadata, health, decoding): past this
+# gRPC answers RESOURCE_EXHAUSTED itself, which bounds the memory that decoded requests can take.
+EXTRA_CONCURRENT_RPCS = 64
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS when ``tls_client_ca`` is set) credentials, or None for plaintext."""
+    if not config.tls_cert:
+        return None
+    client_ca = _read(config.tls_client_ca)
+    return grpc.ssl_server_credentials([(_read(config.tls_key), _read(config.tls_cert))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"auth_token_file={path!r} is empty")
+    return token
+
+
+class PathGuardServer:
+    """One PathGuard server process's worth of state. Use from a single asyncio event loop."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config.validate()
+        self.service = ScreeningService(Limits(
+            max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
+            max_queue_size=config.max_queue_size, max_images_per_request=config.max_images_per_request))
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: aio.Server | None = None
+        self._metrics_http = None
+        self._stopping = False
+
+    async def start(self) -> ModelInfo:
+        """Serve (NOT_SERVING), load and warm the bundle, then SERVING. Returns the loaded model's info."""
+        cfg = self.config
+        threads = set_threads(cfg.threads)
+        token = read_token(cfg.auth_token_file)
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        server = aio.server(interceptors=[ServiceInterceptor(SERVICES, token)], options=options,
+                            maximum_concurrent_rpcs=cfg.max_queue_size + EXTRA_CONCURRENT_RPCS)
+        pb_grpc.add_PathGuardServicer_to_server(PathGuardServicer(self.service), server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{cfg.host}:{cfg.port}"
+        credentials = server_credentials(cfg)
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._metrics_http = metrics.start_metrics_server(cfg.host, cfg.metrics_port)
+        self.metrics_port = self._metrics_http.server_address[1]
+        await server.start()
+        self._server = server
+        log.info("listening on %s:%d (%s%s), metrics on :%d/metrics, %d torch threads; loading %s",
+                 cfg.host, self.port, "mTLS" if cfg.tls_client_ca else "TLS" if credentials else "plaintext",
+                 ", bearer token" if token else "", self.metrics_port, threads, cfg.bundle)
+        if token and not credentials:
+            log.warning("bearer-token auth without TLS sends the token in clear text")
+        try:
+            info = await asyncio.get_running_loop().run_in_executor(None, self.service.load, cfg.bundle)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %s v%s", info.name, info.version)
+        return info
+
+    async def reload(self, path: str | None = None) -> ModelInfo | None:
+        """Load ``path`` (default: the configured bundle) and swap it in; on failure keep the current model."""
+        path = path or self.config.bundle
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
+        except Exception:
+            log.exception("reload of %s failed; still serving the previous model", path)
+            return None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let accepted ones finish within ``grace`` seconds."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            log.info("shutting down: refusing new calls, %.1f s for %d in flight", grace,
+                     int(metrics.REGISTRY.get_sample_value("pathguard_inflight_requests") or 0))
+            await self._server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.service.close, grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+
+async def _serve(config: ServeConfig) -> None:
+    server = PathGuardServer(config)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        done.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload()))
+    start = asyncio.ensure_future(server.start())
+    waiter = asyncio.ensure_future(done.wait())
+    await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if start.done():
+        start.result()  # raise a load failure
+        await waiter
+    else:
+        start.cancel()
+    await server.stop()
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the server until SIGTERM or SIGINT, then drain (``pathguard serve``). Returns the exit code."""
+    asyncio.run(_serve(config))
+    return 0
+
+
+class BackgroundServer:
+    """A :class:`PathGuardServer` on its own thread and event loop (tests, benchmarks). A context manager."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.server: PathGuardServer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pathguard-server", daemon=True)
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        self.server = PathGuardServer(self.config)
+        self._call(self.server.start())
+        return self
+
+    def stop(self, grace: float | None = 0) -> None:
+        if self.server is not None:
+            self._call(self.server.stop(grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def reload(self, path: str | None = None) -> ModelInfo | None:
+        return self._call(self.server.reload(path))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
