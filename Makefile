@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch 2.14.1 is what torchvision 0.29.1 from PyPI is built against.
+# torchvision 0.29.1 from PyPI is built against torch 2.14.1; pip takes both from the local wheel cache
+# where one is configured (this project's CI machines), else from PyPI.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .cli_args import add_dataclass_arguments, dataclass_from_args
 
 DEFAULT_BUNDLE = str(Path(__file__).resolve().parent.parent / "models" / "default")
+
+
+def default_bundle() -> str:
+    """``PATHGUARD_BUNDLE`` when set (as in the container image), else the repository's models/default."""
+    return os.environ.get("PATHGUARD_BUNDLE") or DEFAULT_BUNDLE
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -29,7 +35,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .describe import describe_bundle
 
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle or default_bundle())
     print(json.dumps(bundle.meta, indent=2) if args.json else describe_bundle(bundle))
     return 0
 
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("info", help="describe a bundle")
-    p.add_argument("bundle", nargs="?", default=DEFAULT_BUNDLE)
+    p.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: $PATHGUARD_BUNDLE or models/default)")
     p.add_argument("--json", action="store_true", help="print bundle.json as is")
     p.set_defaults(func=_cmd_info)
 

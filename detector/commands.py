@@ -10,9 +10,9 @@ from .cli_args import add_dataclass_arguments, dataclass_from_args
 
 
 def _default_bundle() -> str:
-    from .cli import DEFAULT_BUNDLE
+    from .cli import default_bundle
 
-    return DEFAULT_BUNDLE
+    return default_bundle()
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
