@@ -25,12 +25,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _load_input(path: str):
     """A PNG/JPEG file is sent encoded; a .npy file (C, H, W) or (N, C, H, W) as a raw tensor."""
     p = Path(path)
+    if p.suffix.lower() not in IMAGE_SUFFIXES | {".npy"}:
+        raise ValueError(f"{path}: expected a .png, .jpg/.jpeg or .npy file")
+    if not p.is_file():
+        raise ValueError(f"{path}: no such file")
     if p.suffix.lower() == ".npy":
         import numpy as np
 
         return np.load(p, allow_pickle=False)
-    if p.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: expected a .png, .jpg/.jpeg or .npy file")
     return [p.read_bytes()]
 
 

@@ -136,9 +136,11 @@ class PathGuardServer:
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            log.info("shutting down: refusing new calls, %.1f s for %d in flight", grace,
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            await asyncio.sleep(0)  # the stop has begun: the port is closed and new calls are refused
+            log.info("draining: new calls refused, %.1f s grace for %d calls in flight", grace,
                      int(metrics.REGISTRY.get_sample_value("pathguard_inflight_requests") or 0))
-            await self._server.stop(grace)
+            await stopping
         await asyncio.get_running_loop().run_in_executor(None, self.service.close, grace)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -1,0 +1,106 @@
+"""Process lifecycle: `pathguard serve` drains on SIGTERM and exits 0; health; bundle reload."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service_helpers import THREADS, config_for, sample, scrape, wait_until
+from synthetic import make_images
+
+from service.client import PathGuardClient
+from service.server import BackgroundServer
+
+
+class ServeProcess:
+    """``pathguard serve`` in a subprocess; learns its ports from its log."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PATHGUARD_THREADS": str(THREADS)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", *args], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_until(lambda: any("ready:" in line for line in self.lines) or self.proc.poll() is not None, 60)
+        log = "".join(self.lines)
+        match = re.search(r"listening on [^ ]+:(\d+) .*metrics on :(\d+)/metrics", log)
+        assert match and self.proc.poll() is None, log
+        self.port, self.metrics_port = int(match[1]), int(match[2])
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def test_sigterm_finishes_accepted_calls_refuses_new_ones_and_exits_0(tiny_bundle):
+    server = ServeProcess("--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                          "--max-batch-size", "4", "--grace-period", "60")
+    try:
+        x, _ = make_images(32, seed=41)
+        metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with PathGuardClient(server.target, timeout=120) as client, ThreadPoolExecutor(12) as pool:
+            assert client.health() == "SERVING"
+            # Each request (32 images) exceeds max_batch_size (4), so they run one by one: a queue to drain.
+            calls = [pool.submit(client.screen, x) for _ in range(12)]
+            wait_until(lambda: sample(scrape(metrics_url), "pathguard_inflight_requests") == len(calls), 60)
+            server.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: any("draining" in line for line in server.lines), 30)
+            with PathGuardClient(server.target, timeout=10) as late:
+                try:
+                    late.screen(x[:1])
+                    refused = None
+                except grpc.RpcError as exc:
+                    refused = exc.code()
+            answers = [len(call.result(120)) for call in calls]
+        assert refused == grpc.StatusCode.UNAVAILABLE
+        assert answers == [len(x)] * len(calls)
+        assert server.proc.wait(60) == 0, "".join(server.lines)
+        log = "".join(server.lines)
+        assert "received SIGTERM" in log and "stopped" in log
+    finally:
+        server.kill()
+
+
+def test_health_reports_every_service_and_not_serving_after_stop(tiny_bundle):
+    bg = BackgroundServer(config_for(tiny_bundle)).start()
+    channel = grpc.insecure_channel(bg.target)
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        for service in ("", "pathguard.v1.PathGuard", "inference.GRPCInferenceService"):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+        # enter_graceful_shutdown flips every service to NOT_SERVING before the port closes
+        bg._call(bg.server.health.enter_graceful_shutdown())
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        channel.close()
+        bg.stop()
+
+
+def test_reload_swaps_the_bundle_and_a_broken_one_is_refused(tiny_bundle, tmp_path):
+    x, _ = make_images(2, seed=42)
+    with BackgroundServer(config_for(tiny_bundle)) as bg, PathGuardClient(bg.target) as client:
+        before = client.screen(x)
+        assert bg.reload(str(tiny_bundle)).name == client.describe().name
+        assert bg.reload(str(tmp_path / "missing")) is None  # logged; the old model keeps serving
+        after = client.screen(x)
+        assert client.health() == "SERVING"
+    np.testing.assert_allclose([r.adversarial_score for r in after], [r.adversarial_score for r in before], atol=1e-6)
