@@ -1,5 +1,6 @@
 """Adversarial-input detectors, each a scikit-learn estimator over a feature matrix."""
 
+from . import combined, kdbu, lid, mahalanobis, squeeze  # noqa: F401  (the baselines register themselves)
 from .base import FeatureDetector, threshold_at_fpr
 from .featurizer import Featurizer, FeaturizerContext, PathFeaturizer
 from .path import PathDetector
