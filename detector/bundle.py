@@ -115,7 +115,8 @@ def verify_files(path: Path, meta: dict) -> None:
         actual = sha256_file(f)
         if actual != digest:
             raise BundleError(f"bundle {path}: {name} does not match its SHA-256 in {META_FILE} "
-                              f"(expected {digest[:16]}..., found {actual[:16]}...): the file was altered or is corrupt")
+                              f"(expected {digest[:16]}..., found {actual[:16]}...): "
+                              "the file was altered or is corrupt")
 
 
 def write_part(path: str | Path, part: str, *, tensors: dict[str, Tensor] | None = None,

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("info", help="describe a bundle")
-    p.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: $PATHGUARD_BUNDLE or models/default)")
+    p.add_argument("bundle", nargs="?", default=None,
+                   help="bundle directory (default: $PATHGUARD_BUNDLE or models/default)")
     p.add_argument("--json", action="store_true", help="print bundle.json as is")
     p.set_defaults(func=_cmd_info)
 

@@ -25,3 +25,8 @@ def default_bundle() -> Path:
     if not (DEFAULT_BUNDLE / "bundle.json").is_file():
         pytest.fail(f"the default bundle is missing at {DEFAULT_BUNDLE}")
     return DEFAULT_BUNDLE
+
+# numpy/scikit-learn BLAS threads too: on small machines oversubscription makes small fits many times slower
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+threadpool_limits(int(os.environ.get("PATHGUARD_TEST_THREADS", "2")))

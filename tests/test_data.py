@@ -79,7 +79,8 @@ def test_image_folder(tmp_path):
             d = tmp_path / split / cls
             d.mkdir(parents=True)
             for i in range(2):
-                Image.fromarray(np.full((8, 8, 3), 40 * i + (100 if cls == "dog" else 0), np.uint8)).save(d / f"{i}.png")
+                value = 40 * i + (100 if cls == "dog" else 0)
+                Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(d / f"{i}.png")
     data = load_dataset("image-folder", "train", tmp_path)
     assert data.images.shape == (4, 3, 8, 8)
     assert data.classes == ["cat", "dog"]

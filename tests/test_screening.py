@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from synthetic import make_images
 
 from detector import load_bundle
 from detector.attacks import AttackSpec, run_attack
 from detector.screening import InvalidImages
-from synthetic import make_images
 
 
 def test_screen_fields_and_consistency(tiny_bundle):

@@ -86,7 +86,8 @@ class TreeScorer:
     def from_state(cls, tensors: dict[str, torch.Tensor], info: dict) -> TreeScorer:
         arrays = {k: tensors[k].numpy() for k in cls._ARRAYS}
         arrays["is_leaf"] = arrays["is_leaf"].astype(bool)
-        return cls(**arrays, combine=info["combine"], baseline=float(info["baseline"]), max_depth=int(info["max_depth"]))
+        return cls(**arrays, combine=info["combine"], baseline=float(info["baseline"]),
+                   max_depth=int(info["max_depth"]))
 
 
 def _concat_trees(trees: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -51,7 +51,8 @@ def _predict(model, images: Tensor, batch: int = 500) -> Tensor:
     return torch.cat([model(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
 
 
-def attack_outcomes(model, sets: ImageSets, adv: dict[str, Tensor], specs: list[AttackSpec]) -> dict[str, AttackOutcome]:
+def attack_outcomes(model, sets: ImageSets, adv: dict[str, Tensor],
+                    specs: list[AttackSpec]) -> dict[str, AttackOutcome]:
     n_fit = len(sets.fit.indices)
     clean, labels = sets.attack_images
     out = {}
@@ -148,7 +149,8 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
             if part is None:
                 raise ValueError(f"detector 'bundle' asked for, but {bundle.path} has no fitted detector")
             est, feats, fit_s = PathDetector.from_state(*part), features["path"], 0.0
-            entry_desc, fkey = f"the bundle's own detector ({part[1].get('classifier')}, fitted by fit-detector)", "path"
+            entry_desc = f"the bundle's own detector ({part[1].get('classifier')}, fitted by fit-detector)"
+            fkey = "path"
         else:
             entry = get_detector(name)
             feats, fkey, entry_desc = features[entry.featurizer], entry.featurizer, entry.description
