@@ -149,3 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--quiet", action="store_true")
     add_dataclass_arguments(m, EvalConfig)
     m.set_defaults(func=_cmd_evaluate, merge=True, shard=None)
+
+    from .adaptive.cli import register as register_adaptive
+
+    register_adaptive(sub)

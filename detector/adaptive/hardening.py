@@ -1,0 +1,110 @@
+"""Hardening: refit the path detector with adaptive examples added to its training rows, then recalibrate.
+
+The base rows are rebuilt from what ``detector.json`` records (validation-split fitting images, their
+attacks and seeds, and the calibration images), so the hardened detector sees everything the shipped one
+saw plus the adaptive examples. Adaptive examples come from validation images only, never from the test
+images an evaluation reports on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..attacks import AttackSpec
+from ..bundle import Bundle, write_part
+from ..detectors import PathDetector
+from ..features import extract_path_features
+from ..fitting import adversarial_training_set
+from ..prototypes import Prototypes
+from ..splits import Splits, correctly_classified
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectorTrainingSet:
+    """Rows a path detector is fitted on (1 = adversarial), its clean calibration rows, and their images."""
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: list[str]
+    X_calibration: np.ndarray
+    fit_images: Tensor  # (n_fit, C, H, W): the clean validation images the adversarial rows come from
+    fit_labels: Tensor
+    describe: dict = field(default_factory=dict)
+
+
+def base_training_set(bundle: Bundle, splits: Splits, prototypes: Prototypes, *, cache_dir: Path | None = None,
+                      progress: bool = False) -> DetectorTrainingSet:
+    """Rebuild the training and calibration rows of the bundle's fitted detector from ``detector.json``."""
+    part = bundle.part("detector")
+    if part is None:
+        raise ValueError(f"bundle {bundle.path} has no fitted detector; run `pathguard fit-detector` first")
+    info = part[1]
+    try:
+        fit, cal, attacks = info["fit_images"], info["calibration_images"], info["attacks"]
+    except KeyError as exc:
+        raise ValueError(f"bundle {bundle.path}: detector.json does not record {exc}, so its training rows "
+                         "cannot be rebuilt for hardening") from None
+    if fit["set"] != splits.val.name or cal["set"] != splits.val.name:
+        raise ValueError(f"bundle {bundle.path}: the detector was fitted on {fit['set']!r}, not on the validation "
+                         f"split {splits.val.name!r}")
+    model = bundle.model
+    fit_idx = correctly_classified(model, splits.val, int(fit["n_clean"]), seed=int(fit["seed"]))
+    cal_idx = correctly_classified(model, splits.val, int(cal["n"]), seed=int(cal["seed"]), skip=int(cal["skip"]))
+    specs = [AttackSpec(a["name"], dict(a["params"]), a["label"]) for a in attacks]
+    images, labels = splits.val.float_images(fit_idx), splits.val.labels[fit_idx]
+    X, y, groups, per_attack = adversarial_training_set(
+        model, prototypes, images, labels, specs, digest=bundle.meta["files"]["model.safetensors"],
+        cache_dir=cache_dir, seed=int(fit["seed"]), progress=progress)
+    X_cal = extract_path_features(model, prototypes, splits.val.float_images(cal_idx)).X
+    return DetectorTrainingSet(X, y, groups, X_cal, images, labels, {
+        "fit_images": {"set": splits.val.name, "n_clean": len(fit_idx), "seed": int(fit["seed"])},
+        "calibration_images": {"set": splits.val.name, "n": len(cal_idx), "skip": int(cal["skip"]),
+                               "seed": int(cal["seed"])},
+        "attacks": [s.label for s in specs], "per_attack": per_attack, "n_rows": int(len(y)),
+        "n_adversarial": int(y.sum())})
+
+
+def harden_detector(detector: PathDetector, base: DetectorTrainingSet, adaptive_rows: np.ndarray) -> PathDetector:
+    """A new detector with ``detector``'s parameters, fitted on the base rows plus ``adaptive_rows`` (all labelled
+    adversarial) and calibrated on the base calibration rows at the same target false-positive rate."""
+    if adaptive_rows.ndim != 2 or adaptive_rows.shape[1] != base.X.shape[1]:
+        raise ValueError(f"adaptive_rows must be (n, {base.X.shape[1]}), got {adaptive_rows.shape}")
+    X = np.concatenate([base.X, adaptive_rows])
+    y = np.concatenate([base.y, np.ones(len(adaptive_rows))])
+    return PathDetector(**detector.get_params()).fit(X, y, groups=base.groups, X_calibration=base.X_calibration)
+
+
+def save_hardened(bundle: Bundle, detector: PathDetector, out: Path, info: dict) -> Path:
+    """Copy the bundle to ``out`` (which must not exist) and replace the copy's detector with ``detector``."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"--save-hardened {out} already exists; give a new directory")
+    shutil.copytree(bundle.path, out)
+    tensors, state = detector.to_state()
+    old = bundle.part("detector")[1] if bundle.part("detector") else {}
+    keep = {k: old[k] for k in ("classifier", "feature_groups", "target_fpr", "attacks", "fit_images",
+                                "calibration_images", "per_attack") if k in old}
+    write_part(out, "detector", tensors=tensors, info={**state, **keep, "hardened": info})
+    log.info("wrote the hardened detector into a copy of the bundle at %s", out)
+    return out
+
+
+def rows_of(images: Tensor, model, prototypes: Prototypes, labels: Tensor) -> np.ndarray:
+    """Feature rows of the misclassified images among ``images`` (the adversarial examples that worked)."""
+    feats = extract_path_features(model, prototypes, images)
+    wrong = (feats.logits.argmax(1) != labels).numpy()
+    return feats.X[wrong]
+
+
+def as_device(prototypes: Prototypes, device: torch.device) -> Prototypes:
+    return Prototypes(prototypes.frequency.to(device), prototypes.soft_mean.to(device), prototypes.counts,
+                      prototypes.layer_sizes, prototypes.layer_names)
