@@ -1,10 +1,12 @@
 """Dynamic batching: one worker thread owns the model and merges concurrent requests into batches.
 
 Like Triton's dynamic batcher: requests wait in a bounded queue; the worker takes whole requests, oldest
-first, up to ``max_batch_size`` images, waiting at most ``max_queue_delay`` after the oldest request for
-more to join. It waits only while more are expected -- fewer images are queued than the previous batch
-had, or a request is being decoded right now -- so a lone caller is never held back by the delay, while
-under load batches fill up. A request larger than ``max_batch_size`` runs as a batch of its own.
+first, up to ``max_batch_size`` images, waiting at most ``max_queue_delay`` (counted from the oldest
+request's arrival or from when the worker became free, whichever is later) for more to join. It waits only
+while more are expected -- fewer images are queued than were in the system at once (queued + computing)
+during the last second, or a request is being decoded right now -- so a lone caller is never held back by
+the delay, while under load batches fill up instead of splitting into fragments. A request larger than
+``max_batch_size`` runs as a batch of its own.
 
 Before computing, the worker drops requests whose caller cancelled (their future was cancelled) and
 answers those whose deadline has passed with :class:`DeadlineExpired`: neither costs model time.
@@ -36,6 +38,9 @@ from .errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
 from .runtime import slice_result
 
 log = logging.getLogger(__name__)
+
+# How long a peak of concurrent images is remembered when deciding whether to wait for more.
+PEAK_WINDOW = 1.0
 
 
 class Runner(Protocol):
@@ -76,7 +81,9 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._arriving = 0
-        self._last_batch = 1
+        self._computing = 0  # images of the batch running now
+        self._peak = 0  # most images in the system at once (queued + computing), recently
+        self._peak_at = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -136,6 +143,7 @@ class DynamicBatcher:
             if len(self._queue) >= self.max_queue_size:
                 raise Overloaded(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
             self._queue.append(request)
+            self._note_load(self._queued_images() + self._computing)
             metrics.QUEUE_DEPTH.set(len(self._queue))
             self._cond.notify_all()
         return request.future
@@ -143,27 +151,49 @@ class DynamicBatcher:
     # -- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
+            free_since = time.monotonic()
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 if not self._queue:
                     return
-                self._wait_for_batch()
+                waited = time.monotonic()
+                self._wait_for_batch(free_since)
                 batch, runner = self._take(), self._runner
+                self._computing = sum(len(r) for r in batch)
                 metrics.QUEUE_DEPTH.set(len(self._queue))
-            self._compute(batch, runner)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("batch of %d requests after %.1f ms idle + %.1f ms waiting; %d left queued, %d arriving",
+                              len(batch), 1000 * (waited - free_since), 1000 * (time.monotonic() - waited),
+                              len(self._queue), self._arriving)
+            try:
+                self._compute(batch, runner)
+            finally:
+                with self._cond:
+                    self._computing = 0
 
     def _queued_images(self) -> int:
         return sum(len(r) for r in self._queue)
 
-    def _wait_for_batch(self) -> None:
-        """Hold the oldest request up to max_queue_delay while more images are expected (lock held)."""
-        until = self._queue[0].enqueued + self.max_queue_delay
+    def _note_load(self, present: int) -> None:
+        """Track the recent peak of images in the system; it is what a forming batch expects to get."""
+        now = time.monotonic()
+        if present >= self._peak or now - self._peak_at > PEAK_WINDOW:
+            self._peak, self._peak_at = present, now
+
+    def _wait_for_batch(self, free_since: float) -> None:
+        """Hold the batch up to max_queue_delay while more images are expected (lock held).
+
+        The delay counts from when the oldest request arrived or the worker became free, whichever is later:
+        under load, requests that queued up while the previous batch ran would otherwise dispatch at once as a
+        fragment of a batch, while the callers of the previous batch are about to send their next requests.
+        """
+        until = max(self._queue[0].enqueued, free_since) + self.max_queue_delay
         while not self._stopping:
             queued = self._queued_images()
             if queued >= self.max_batch_size:
                 return
-            if queued >= self._last_batch and self._arriving == 0:
+            if queued >= self._peak and self._arriving == 0:
                 return
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -205,7 +235,6 @@ class DynamicBatcher:
             for request in live:
                 request.future.set_exception(exc)
             return
-        self._last_batch = len(images)
         metrics.BATCH_SIZE.observe(len(images))
         metrics.observe_results(result.scores, result.flags, result.active_ratio)
         start = 0

@@ -73,6 +73,17 @@ def test_batcher_merges_queued_requests_and_skips_expired_and_cancelled():
         batcher.stop(10)
 
 
+def test_a_lone_caller_is_not_held_for_the_queue_delay():
+    runner = FakeRunner()
+    runner.release()
+    batcher = DynamicBatcher(runner, max_batch_size=32, max_queue_delay=60.0, max_queue_size=4).start()
+    try:
+        for i in range(3):  # sequential calls: nothing else is queued or on its way, so no waiting
+            assert batcher.submit(images(i)).result(timeout=20).predictions.tolist() == [i]
+    finally:
+        batcher.stop(10)
+
+
 def test_batcher_queue_bound_and_stop():
     runner = FakeRunner()
     batcher = DynamicBatcher(runner, max_batch_size=1, max_queue_delay=0.0, max_queue_size=2).start()
