@@ -197,7 +197,12 @@ class BackgroundServer:
     def start(self) -> BackgroundServer:
         self._thread.start()
         self.server = PathGuardServer(self.config)
-        self._call(self.server.start())
+        try:
+            self._call(self.server.start())
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            raise
         return self
 
     def stop(self, grace: float | None = 0) -> None:

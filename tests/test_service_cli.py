@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_helpers import shared_server
+from service_helpers import THREADS, shared_server
 from synthetic import make_images
 
 from detector.cli import DEFAULT_BUNDLE, build_parser, main
@@ -80,6 +80,14 @@ def test_pathguard_screen_reports_an_unreachable_server_and_a_missing_file(tmp_p
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert main(["screen", "--target", "127.0.0.1:1", str(tmp_path / "missing.png")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_broken_bundle_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    code = main(["serve", "--bundle", str(missing), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                 "--threads", str(THREADS)])
+    assert code == 2
+    assert f"bundle {missing}" in capsys.readouterr().err
 
 
 def test_generated_code_is_reproducible(tmp_path):

@@ -78,11 +78,15 @@ def test_sigterm_finishes_accepted_calls_refuses_new_ones_and_exits_0(tiny_bundl
         server.kill()
 
 
-def test_health_reports_every_service_and_not_serving_after_stop(tiny_bundle):
+def test_health_and_reflection_list_every_service_and_health_goes_not_serving(tiny_bundle):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
     bg = BackgroundServer(config_for(tiny_bundle)).start()
     channel = grpc.insecure_channel(bg.target)
     stub = health_pb2_grpc.HealthStub(channel)
     try:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {"pathguard.v1.PathGuard", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
         for service in ("", "pathguard.v1.PathGuard", "inference.GRPCInferenceService"):
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert response.status == health_pb2.HealthCheckResponse.SERVING, service
