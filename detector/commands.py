@@ -101,6 +101,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from .evaluation import EvalConfig
+    from .interpret.cli import register as register_explain
+
+    register_explain(sub, _default_bundle())
 
     p = sub.add_parser("attack", help="attack correctly classified images of a bundle's dataset; save as .npz")
     p.add_argument("--bundle", default=_default_bundle())

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from detector.acceleration import (BATCH_MODES, EngineConfig, SkippingEngine, build_engine, force_gates,
-                                   set_gate_densities)
+from detector.acceleration import (
+    BATCH_MODES,
+    EngineConfig,
+    SkippingEngine,
+    build_engine,
+    force_gates,
+    set_gate_densities,
+)
 from detector.models import GateConfig, create_model, list_models
 from detector.models.resnet import ResNet
 from detector.models.vgg import VGG
@@ -204,8 +210,9 @@ def test_vgg_hidden_head_layer_counted():
 
 # -- the screener's engine option ------------------------------------------------------------------------------
 def test_screener_skipping_engine_matches_masked(tiny_bundle):
-    from detector import load_bundle
     from synthetic import make_images
+
+    from detector import load_bundle
 
     bundle = load_bundle(tiny_bundle)
     x = torch.from_numpy(make_images(24, seed=9)[0])
