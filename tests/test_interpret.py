@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import make_images
 
 from detector.interpret import analysis
 from detector.prototypes import Prototypes
@@ -122,3 +123,22 @@ def test_explain_computes_prototypes_when_the_bundle_has_none(tiny_bundle, tmp_p
         explain(ExplainConfig(bundle=str(copy), out=str(out), indices=(99999,)))
     with pytest.raises(ValueError, match="threshold=1.5"):
         ExplainConfig(bundle=str(copy), out=str(out), threshold=1.5)
+
+
+def test_adversarial_inputs_from_an_attack_file(tiny_bundle, tmp_path):
+    from detector import load_bundle
+    from detector.attacks import AttackSpec, run_attack, save_result
+    from detector.interpret import ExplainConfig
+    from detector.interpret.explainer import _chosen_inputs
+
+    bundle = load_bundle(tiny_bundle)
+    x = torch.from_numpy(make_images(3, seed=12)[0])
+    y = torch.tensor([0, 1, 2])
+    res = run_attack(bundle.model, x, y, AttackSpec("fgsm", {"eps": 0.1}), progress=False)
+    save_result(tmp_path / "fgsm.npz", res)
+    cfg = ExplainConfig(bundle=str(tiny_bundle), out=str(tmp_path / "o"), images=2,
+                        attack_file=str(tmp_path / "fgsm.npz"))
+    images, labels, names = _chosen_inputs(cfg, bundle)
+    assert images.shape == (2, 1, 16, 16) and labels == [0, 1]
+    assert names == ["fgsm adversarial #0", "fgsm adversarial #1"]
+    torch.testing.assert_close(images, res.adversarial[:2])

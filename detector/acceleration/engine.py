@@ -15,8 +15,9 @@ per layer low; see bench/accel_bench.py for what that buys.
 BatchNorm is folded into the convolution weights when the engine is built, from its running statistics
 (eval semantics). The engine is a snapshot: change the model's weights and build it again.
 
-Batches. With one image the weights are sliced to that image's channels. With several images the active
-sets differ per image, and each gated layer runs one of:
+Batch 1 (the latency case) runs a straight-line path, :meth:`EngineConv.single`: per layer the gates,
+one ``nonzero``, the weights sliced to the image's active output and input channels, one conv. With several
+images the active sets differ per image, and each gated layer runs one of:
 
 ``union``   slice to the channels active for *any* image of the batch, run one ordinary conv, then multiply
             by the gates. Cheap bookkeeping; saves only what the whole batch leaves off.
@@ -25,7 +26,8 @@ sets differ per image, and each gated layer runs one of:
             at a lower FLOP rate than one large conv.
 
 ``batch_mode="auto"`` (default) picks per layer and batch the lower estimated cost,
-``|union_in| * |union_out|`` against ``gather_penalty * max_in * max_out``. Grouping the batch by identical
+``|union_in| * |union_out|`` against ``gather_penalty * max_in * max_out``; once a layer has gone per-image,
+the layers after it stay per-image. Grouping the batch by identical
 gate pattern is not offered: nearly every image of a batch has its own pattern in every layer
 (bench/accel_bench.py counts them), so the groups are singletons and it degenerates into a loop of batch-1
 calls.
@@ -62,12 +64,13 @@ class EngineConfig:
     batch_mode : ``"auto"``, ``"union"`` or ``"gather"`` (see the module docstring). Batch 1 always
         slices the weights to the image's own channels.
     gather_penalty : how many times more a FLOP costs in the grouped per-image conv than in one ordinary
-        conv; ``auto`` uses it to choose. 2.0: grouped convs of vgg8's layers ran at roughly half the FLOP
-        rate of ordinary ones on one CPU thread (bench/accel_bench.py reports both modes).
+        conv; ``auto`` uses it to choose. 1.5: on vgg8 at batch 32 on one CPU thread, grouped convs ran at
+        about half the FLOP rate of ordinary ones, but the union's extra work (channels some images have off,
+        the gate multiply) made all-gather the fastest choice already from 1.5 down.
     """
 
     batch_mode: str = "auto"
-    gather_penalty: float = 2.0
+    gather_penalty: float = 1.5
 
     def __post_init__(self) -> None:
         if self.batch_mode not in BATCH_MODES:
@@ -172,10 +175,6 @@ class Compact:
         used = torch.zeros(self.channels + 1, dtype=torch.bool, device=self.values.device)
         used[self.chan if self.live is None else self.chan.masked_fill(~self.live, self.channels)] = True
         return used[:-1]
-
-    def union_count(self) -> int:
-        """How many channels the shared form of this map has."""
-        return self.values.shape[1] if self.chan is None or self.chan.ndim == 1 else int(self._used().sum())
 
     def shared(self) -> Compact:
         """The same map with one channel list for the whole batch (the union over images)."""
@@ -297,10 +296,12 @@ class EngineConv(nn.Module):
         return y, p, on
 
     def _choose(self, x: Compact, on: Tensor) -> str:
-        live = x.live
-        per_image_in = x.values.shape[1] if live is None else int(live.sum(1).max())
-        union = x.union_count() * int(on.any(0).sum())
-        gather = self.config.gather_penalty * per_image_in * int(on.sum(1).max())
+        if x.chan is not None and x.chan.ndim == 2:
+            return "gather"  # the input is already per image: going back to a shared layout costs a scatter
+        per_image_in = x.values.shape[1] if x.live is None else int(x.live.sum(1).max())
+        union_out, per_image_out = torch.stack([on.any(0).sum(), on.sum(1).max()]).tolist()
+        union = x.values.shape[1] * union_out
+        gather = self.config.gather_penalty * per_image_in * per_image_out
         return "union" if union <= gather else "gather"
 
     def _shared(self, x: Compact, on: Tensor) -> Compact:
@@ -328,23 +329,29 @@ class EngineConv(nn.Module):
     def _gather(self, x: Compact, on: Tensor) -> Compact:
         """One grouped conv, each image on its own channels (padded with a zero filter / zero channel)."""
         n, m, h, wd = x.values.shape
-        live_in = x.live if x.live is not None else torch.ones(n, m, dtype=torch.bool, device=on.device)
-        pos_in, pad_in = _padded_index(live_in)  # positions among x's stored channels
-        if x.chan is None:
-            glob_in = pos_in
-        elif x.chan.ndim == 1:
-            glob_in = x.chan[pos_in]
-        else:
-            glob_in = x.chan.gather(1, pos_in)
+        pad_channel = self.in_channels  # index of weight_pad's zero input channel
+        if x.chan is not None and x.chan.ndim == 2:
+            # the output of a gather layer: each image's channels come first, its (all-zero) padding last
+            xs, m_in = x.values, m
+            glob_in = x.chan if x.live is None else x.chan.masked_fill(~x.live, pad_channel)
+        elif x.live is None:  # every stored channel is live for every image
+            xs, m_in = x.values, m
+            chan = torch.arange(m, device=on.device) if x.chan is None else x.chan
+            glob_in = chan.expand(n, m)
+        else:  # a shared map some of whose channels are off for some images: gather each image's own
+            pos_in, pad_in = _padded_index(x.live)
+            m_in = pos_in.shape[1]
+            xs = torch.gather(x.values, 1, pos_in[:, :, None, None].expand(n, m_in, h, wd))
+            glob_in = (pos_in if x.chan is None else x.chan[pos_in]).masked_fill(pad_in, pad_channel)
         out, pad_out = _padded_index(on)
         out_w = out.masked_fill(pad_out, self.out_channels)
-        w = self.weight_pad[out_w[:, :, None], glob_in.masked_fill(pad_in, self.in_channels)[:, None, :]]
-        b = self.bias_pad[out_w]
-        m_in, m_out = pos_in.shape[1], out.shape[1]
-        xs = x.values if m_in == m and x.live is None else \
-            torch.gather(x.values, 1, pos_in[:, :, None, None].expand(n, m_in, h, wd))
-        a = self._conv(xs.reshape(1, n * m_in, h, wd), w.reshape(n * m_out, m_in, *w.shape[3:]), b.reshape(-1),
-                       groups=n)
+        m_out = out.shape[1]
+        # one row of k*k weights per (image, filter, input channel), picked with a single index_select
+        flat = out_w[:, :, None] * (self.in_channels + 1) + glob_in[:, None, :]
+        k = self.kernel_size
+        w = self.weight_pad.view(-1, k[0] * k[1]).index_select(0, flat.view(-1)).view(n * m_out, m_in, *k)
+        b = self.bias_pad.index_select(0, out_w.view(-1))
+        a = self._conv(xs.reshape(1, n * m_in, h, wd), w, b, groups=n)
         return Compact(a.reshape(n, m_out, *a.shape[2:]), out, self.out_channels, ~pad_out)
 
     def record(self, name: str, x_in_active: Tensor | None, y: Compact, p: Tensor | None,
@@ -541,6 +548,6 @@ class SkippingEngine:
             return PathOutput(logits, layers, penultimate, macs, dense)
 
 
-def build_engine(model: DecoupledNet, *, batch_mode: str = "auto", gather_penalty: float = 2.0) -> SkippingEngine:
+def build_engine(model: DecoupledNet, *, batch_mode: str = "auto", gather_penalty: float = 1.5) -> SkippingEngine:
     """A :class:`SkippingEngine` for ``model`` (in eval mode); see :class:`EngineConfig`."""
     return SkippingEngine(model, EngineConfig(batch_mode=batch_mode, gather_penalty=gather_penalty))

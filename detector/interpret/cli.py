@@ -17,8 +17,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from .explainer import ExplainConfig, explain
 
     cfg = ExplainConfig(bundle=args.bundle, out=args.out, images=args.images, indices=args.indices or (),
-                        image_files=tuple(args.image_files or ()), split=args.split, threshold=args.threshold,
-                        prototype_images=args.prototype_images, seed=args.seed, data_root=args.data_root)
+                        image_files=tuple(args.image_files or ()), attack_file=args.attack_file, split=args.split,
+                        threshold=args.threshold, prototype_images=args.prototype_images, seed=args.seed,
+                        data_root=args.data_root)
     index = explain(cfg)
     print(json.dumps({"out": args.out, "report": f"{args.out}/report.md", "layers": len(index["layers"]),
                       "inputs": len(index["inputs"]), "similarity": index["similarity_summary"]["most_similar"][:3],
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction, default_bundle: str) -> None:
     p.add_argument("--images", type=int, default=4, help="how many random images of --split to explain (default 4)")
     p.add_argument("--indices", type=_ints, help="explain these positions of --split instead, e.g. 3,17,42")
     p.add_argument("--image-files", nargs="+", metavar="FILE", help="explain these image files instead")
+    p.add_argument("--attack-file", metavar="NPZ", help="explain the first --images adversarial images of an .npz "
+                   "written by `pathguard attack` instead")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="frequency above which a filter is in a class's prototype path (default 0.5)")

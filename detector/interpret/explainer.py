@@ -43,6 +43,8 @@ class ExplainConfig:
     indices : positions in ``split`` of the images to explain.
     image_files : image files (PNG, JPEG, ...) to explain; converted to the model's channels and resized to its
         input size if needed.
+    attack_file : an ``.npz`` written by ``pathguard attack``: explain its first ``images`` adversarial images
+        (with their true labels), to see where an attacked input's path leaves its class.
     split : ``"test"`` or ``"val"``.
     threshold : a filter belongs to a class's prototype path (and the class "uses" it) when it is on for more
         than this fraction of the class's inputs. 0.5 matches the prototypes the detector uses.
@@ -56,6 +58,7 @@ class ExplainConfig:
     images: int = 4
     indices: tuple[int, ...] = ()
     image_files: tuple[str, ...] = ()
+    attack_file: str | None = None
     split: str = "test"
     threshold: float = 0.5
     prototype_images: int = 5000
@@ -121,6 +124,15 @@ def _chosen_inputs(cfg: ExplainConfig, bundle: Bundle) -> tuple[Tensor, list[int
     if cfg.image_files:
         images = load_image_files(list(cfg.image_files), bundle.input_shape)
         return images, [None] * len(images), [f"file {Path(f).name}" for f in cfg.image_files]
+    if cfg.attack_file:
+        with np.load(cfg.attack_file, allow_pickle=False) as z:
+            adv, labels = z["adversarial"][:cfg.images], z["labels"][:cfg.images]
+            attack = json.loads(str(z["meta"])).get("attack", "attack") if "meta" in z else "attack"
+        if tuple(adv.shape[1:]) != tuple(bundle.input_shape):
+            raise ValueError(f"{cfg.attack_file}: images of shape {tuple(adv.shape[1:])} do not fit the model's "
+                             f"{tuple(bundle.input_shape)}")
+        return (torch.from_numpy(adv.astype(np.float32)), [int(v) for v in labels],
+                [f"{attack} adversarial #{i}" for i in range(len(adv))])
     if not cfg.indices and cfg.images == 0:
         return torch.zeros(0, *bundle.input_shape), [], []
     from ..splits import bundle_splits
