@@ -348,13 +348,19 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     return report
 
 
+GOAL_EPS = 0.1  # issue 9: at this budget an adaptive attacker should beat the hardened pipeline on < half the images
+
+
 def headline(report: dict) -> dict:
-    """The number the issue asks for: at the largest budget, how often an attacker who tries every adaptive
-    attack and lambda fools classifier + detector, per round; and whether it is under half."""
-    eps = str(max(report["config"]["eps"]))
-    out = {"eps": float(eps)}
+    """The number the issue asks for: at eps 0.1 (or the largest budget run, if 0.1 was not), how often an attacker
+    who tries every attack and lambda fools classifier + detector, per round, next to how often the same attacks
+    fool the classifier alone; and whether the last round's figure is under half."""
+    budgets = report["config"]["eps"]
+    eps = GOAL_EPS if GOAL_EPS in budgets else max(budgets)
+    out: dict = {"eps": eps}
     for r in report["rounds"]:
-        out[r["name"]] = r["summary"][eps]["any"]["success_pipeline"]
-    last = report["rounds"][-1]["name"]
-    out["under_half"] = out[last] < 0.5
+        best = r["summary"][str(eps)]["any"]
+        out[r["name"]] = best["success_pipeline"]
+        out[f"{r['name']}_classifier_alone"] = best["success_classifier"]
+    out["under_half"] = out[report["rounds"][-1]["name"]] < 0.5
     return out

@@ -44,9 +44,11 @@ def render_markdown(r: dict) -> str:
         "## Headline", "",
         f"At eps {h['eps']} (Linf, [0, 1] pixels), an attacker who knows the model and the detector and tries every "
         "attack and lambda below fools classifier + detector on "
-        + "; ".join(f"**{_pct(h[x['name']])}** of the images against the {x['name']} detector" for x in rounds)
+        + "; ".join(f"**{_pct(h[x['name']])}** of the images against the {x['name']} detector (the classifier alone "
+                    f"on {_pct(h[x['name'] + '_classifier_alone'])})" for x in rounds)
         + f". Goal (fewer than half, against the {'hardened' if len(rounds) > 1 else 'shipped'} detector): "
-        + ("met." if h["under_half"] else "**not met**."), "",
+        + ("met." if h["under_half"] else "**not met**.")
+        + ("" if h["eps"] == 0.1 else " (eps 0.1 was not in this run; this is the largest budget that was.)"), "",
         "## Threat model of this run", "",
         "- White-box attacker: knows the weights, the gates, the class prototypes, the detector and its threshold; "
         "sends float images in [0, 1] within an Linf ball of radius eps around a correctly classified test image.",
