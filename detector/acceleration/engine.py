@@ -240,29 +240,33 @@ class EngineConv(nn.Module):
             a = F.conv2d(x, w, b, stride=self.stride, padding=self.padding, groups=groups)
         return F.relu_(a) if self.activation else a
 
-    def single(self, v: Tensor, chan: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    def single(self, v: Tensor, chan: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """One image: the input (1, M, H, W) holds channels ``chan`` (None: all, in order).
 
-        Returns the output (1, A, H', W') of the active filters, which filters those are (None: all),
-        and the gates p (1, C_out) and on (1, C_out) bool (None, None for an ungated layer). The same
-        computation as :meth:`forward` for N = 1, written straight so that Python adds little per layer.
+        Returns the output (1, A, H', W') of the active filters, which filters those are (None: all), and
+        the soft gates p (1, C_out) (None for an ungated layer; the hard gates are ``p > 0.5``). The same
+        computation as :meth:`forward` for N = 1, written straight: at batch 1 every tensor operation's
+        dispatch cost shows, so this path has as few as it can.
         """
         w, b = self._w, self._b
         if self._w1 is None:
-            return self._conv(v, w if chan is None else w.index_select(1, chan), b), None, None, None
+            return self._conv(v, w if chan is None else w.index_select(1, chan), b), None, None
         # off input channels average to exactly zero: leave their columns of the first Linear out
         h = F.linear(v.mean((2, 3)), self._w1 if chan is None else self._w1.index_select(1, chan), self._b1)
         z = F.linear(h.relu_(), self._w2, self._b2)
         p = torch.sigmoid(z if self.temperature == 1.0 else z / self.temperature)
-        on = p > 0.5
-        out = on[0].nonzero().squeeze(1)
-        if out.shape[0] == self.out_channels:
+        out = (p.view(-1) > 0.5).nonzero().view(-1)
+        n_out = out.shape[0]
+        if n_out == self.out_channels:
             out = None
         else:
             w, b = w.index_select(0, out), b.index_select(0, out)
         if chan is not None:
             w = w.index_select(1, chan)
-        return self._conv(v, w, b), out, p, on
+        if n_out == 0 or v.shape[1] == 0:
+            return self._conv(v, w, b), out, p
+        a = F.conv2d(v, w, b, self.stride, self.padding)
+        return (a.relu_() if self.activation else a), out, p
 
     def gates(self, x: Compact) -> tuple[Tensor, Tensor]:
         """(p, on): soft gates (N, C_out) and hard gates as bool, exactly as :class:`ControllingModule`
@@ -395,6 +399,7 @@ class VGGExecutor(_Executor):
         super().__init__()
         self.layers = nn.ModuleList(EngineConv(layer, config) for layer in model.features)
         self.stage_ends = set(model.stage_ends)
+        self.width = model.features[-1].conv.out_channels
         self.hidden = copy.deepcopy(model.hidden)
         self.classifier = copy.deepcopy(model.classifier)
 
@@ -414,14 +419,15 @@ class VGGExecutor(_Executor):
     def _run_single(self, v: Tensor, path: list[LayerPath] | None) -> tuple[Tensor, Tensor]:
         chan, in_active, stage_ends = None, None, self.stage_ends
         for i, layer in enumerate(self.layers):
-            v, out, p, on = layer.single(v, chan)
+            v, out, p = layer.single(v, chan)
             if path is not None:
+                on = None if p is None else p > 0.5
                 path.append(layer.record(f"features.{i}", in_active, Compact(v, out, layer.out_channels), p, on))
                 in_active = None if on is None else on.sum(1).to(p.dtype)
             if i in stage_ends:
                 v = _pool(v)
             chan = out
-        return self._head(Compact(v, chan, self.layers[-1].out_channels))
+        return self._head(Compact(v, chan, self.width))
 
     def _head(self, c: Compact) -> tuple[Tensor, Tensor]:
         first = self.hidden if self.hidden is not None else self.classifier
@@ -434,7 +440,7 @@ class VGGExecutor(_Executor):
         if self.hidden is None:
             return h, c.full().flatten(1)
         h = F.relu_(h)
-        return self.classifier(h), h
+        return F.linear(h, self.classifier.weight, self.classifier.bias), h
 
 
 class ResNetExecutor(_Executor):
@@ -470,9 +476,10 @@ class ResNetExecutor(_Executor):
     def _run_single(self, x: Tensor, path: list[LayerPath] | None) -> tuple[Tensor, Tensor]:
         for name, conv1, conv2, shortcut, identity in zip(self.names, self.conv1, self.conv2, self.shortcuts,
                                                          self.identity):
-            h, out1, p1, on1 = conv1.single(x, None)
-            y, out2, p2, on2 = conv2.single(h, out1)
+            h, out1, p1 = conv1.single(x, None)
+            y, out2, p2 = conv2.single(h, out1)
             if path is not None:
+                on1, on2 = (None if p is None else p > 0.5 for p in (p1, p2))
                 path.append(conv1.record(f"{name}.conv1", None, Compact(h, out1, conv1.out_channels), p1, on1))
                 path.append(conv2.record(f"{name}.conv2", None if on1 is None else on1.sum(1).to(p1.dtype),
                                          Compact(y, out2, conv2.out_channels), p2, on2))
@@ -535,6 +542,8 @@ class SkippingEngine:
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, K) of images (N, C, H, W) in [0, 1]."""
+        if torch.is_inference_mode_enabled():  # entering it costs more than a small layer at batch 1
+            return self.executor.run((x - self.mean) / self.std, None)[0]
         with torch.inference_mode():
             return self.executor.run((x - self.mean) / self.std, None)[0]
 
