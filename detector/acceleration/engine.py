@@ -220,6 +220,8 @@ class EngineConv(nn.Module):
         self.stride, self.padding, self.kernel_size = conv.stride, conv.padding, conv.kernel_size
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.config = config
+        self.acm_macs = 0 if self.acm is None else self.acm.macs()
+        self._nan = torch.full((1, self.out_channels), float("nan"), device=w.device)
         self.last_mode = ""  # how the last batch (N > 1) call ran: dense, union or gather
         # plain references for the batch-1 path, where attribute lookups through nn.Module add up
         self._w, self._b = w, b
@@ -358,25 +360,27 @@ class EngineConv(nn.Module):
         a = self._conv(xs.reshape(1, n * m_in, h, wd), w, b, groups=n)
         return Compact(a.reshape(n, m_out, *a.shape[2:]), out, self.out_channels, ~pad_out)
 
-    def record(self, name: str, x_in_active: Tensor | None, y: Compact, p: Tensor | None,
-               on: Tensor | None) -> LayerPath:
-        """The :class:`LayerPath` the model's GatedConv would append (encoding: NaN, not computed)."""
+    def record(self, name: str, in_active: Tensor | None, y: Compact, p: Tensor | None) -> LayerPath:
+        """The :class:`LayerPath` the model's GatedConv would append; ``encoding`` is NaN (not computed).
+
+        in_active : (N,) how many input channels are on per image (None: all), as the model counts them.
+        """
         n, _, oh, ow = y.values.shape
         dense = self.in_channels * self.out_channels * self.kernel_size[0] * self.kernel_size[1] * oh * ow
         pooled = y.spread(y.values.mean(dim=(2, 3)))
-        if on is None:
+        if p is None:
             full = torch.ones(n, self.out_channels, device=pooled.device)
             e = pooled if self.activation else y.spread(y.values.abs().mean(dim=(2, 3)))
             e = e / e.amax(dim=1, keepdim=True).clamp_min(1e-8)
             return LayerPath(name, full, full, e, pooled, torch.full((n,), float(dense), device=pooled.device), dense)
-        g = on.to(p.dtype)
+        g = (p > 0.5).to(p.dtype)
+        per_pair = self.kernel_size[0] * self.kernel_size[1] * oh * ow
         out_active = g.sum(1)
-        active_in = torch.full_like(out_active, float(self.in_channels)) if x_in_active is None \
-            else x_in_active.to(out_active)
-        macs = active_in * out_active * (self.kernel_size[0] * self.kernel_size[1] * oh * ow) + self.acm.macs()
+        macs = out_active * float(self.in_channels * per_pair) if in_active is None else \
+            out_active.mul(in_active).mul_(float(per_pair))
+        macs.add_(float(self.acm_macs))
         # the pre-gate response of every filter needs the filters the engine skips
-        nan = torch.full_like(pooled, float("nan"))
-        return LayerPath(name, p, g, nan, pooled, macs, dense)
+        return LayerPath(name, p, g, self._nan.expand(n, -1), pooled, macs, dense)
 
 
 # -- executors: how each model family wires its layers (mirrors its _forward) ------------------------------
@@ -409,10 +413,10 @@ class VGGExecutor(_Executor):
         c = Compact(x, None, x.shape[1])
         in_active = None
         for i, layer in enumerate(self.layers):
-            y, p, g = layer(c)
+            y, p, _ = layer(c)
             if path is not None:
-                path.append(layer.record(f"features.{i}", in_active, y, p, g))
-                in_active = None if g is None else g.sum(1)
+                path.append(layer.record(f"features.{i}", in_active, y, p))
+                in_active = None if p is None else path[-1].hard.sum(1)
             c = y.map(_pool) if i in self.stage_ends else y
         return self._head(c)
 
@@ -421,9 +425,8 @@ class VGGExecutor(_Executor):
         for i, layer in enumerate(self.layers):
             v, out, p = layer.single(v, chan)
             if path is not None:
-                on = None if p is None else p > 0.5
-                path.append(layer.record(f"features.{i}", in_active, Compact(v, out, layer.out_channels), p, on))
-                in_active = None if on is None else on.sum(1).to(p.dtype)
+                path.append(layer.record(f"features.{i}", in_active, Compact(v, out, layer.out_channels), p))
+                in_active = None if p is None else path[-1].hard.sum(1)
             if i in stage_ends:
                 v = _pool(v)
             chan = out
@@ -463,11 +466,11 @@ class ResNetExecutor(_Executor):
             return self._run_single(x, path)
         for name, conv1, conv2, shortcut, identity in zip(self.names, self.conv1, self.conv2, self.shortcuts,
                                                          self.identity):
-            h, p1, g1 = conv1.forward(Compact(x, None, x.shape[1]))
-            y, p2, g2 = conv2.forward(h)
+            h, p1, _ = conv1.forward(Compact(x, None, x.shape[1]))
+            y, p2, _ = conv2.forward(h)
             if path is not None:
-                path.append(conv1.record(f"{name}.conv1", None, h, p1, g1))
-                path.append(conv2.record(f"{name}.conv2", None if g1 is None else g1.sum(1), y, p2, g2))
+                path.append(conv1.record(f"{name}.conv1", None, h, p1))
+                path.append(conv2.record(f"{name}.conv2", None if p1 is None else path[-1].hard.sum(1), y, p2))
             # the stream x is this engine's own tensor, so the identity shortcut can be added into in place
             x = F.relu_(y.add_to(x if identity else shortcut(x)))
         h = x.mean(dim=(2, 3))
@@ -479,10 +482,9 @@ class ResNetExecutor(_Executor):
             h, out1, p1 = conv1.single(x, None)
             y, out2, p2 = conv2.single(h, out1)
             if path is not None:
-                on1, on2 = (None if p is None else p > 0.5 for p in (p1, p2))
-                path.append(conv1.record(f"{name}.conv1", None, Compact(h, out1, conv1.out_channels), p1, on1))
-                path.append(conv2.record(f"{name}.conv2", None if on1 is None else on1.sum(1).to(p1.dtype),
-                                         Compact(y, out2, conv2.out_channels), p2, on2))
+                path.append(conv1.record(f"{name}.conv1", None, Compact(h, out1, conv1.out_channels), p1))
+                path.append(conv2.record(f"{name}.conv2", None if p1 is None else path[-1].hard.sum(1),
+                                         Compact(y, out2, conv2.out_channels), p2))
             x = x if identity else shortcut(x)
             x = F.relu_(x.add_(y) if out2 is None else x.index_add_(1, out2, y))
         h = x.mean(dim=(2, 3))
