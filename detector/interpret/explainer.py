@@ -166,6 +166,7 @@ def explain(cfg: ExplainConfig, bundle: Bundle | None = None) -> dict:
                    "class_counts": protos.counts.int().tolist(), "files": {}}
 
     index["files"]["usage"] = _usage(out, protos, classes, layers)
+    index["class_density"] = dict(zip(classes, _round(protos.frequency.mean(1), 4)))
     index["files"]["similarity"], index["similarity_summary"] = _similarity(out, protos, classes, layers, cfg.threshold)
     index["files"]["specificity"], index["specificity_summary"] = _specificity(out, protos, classes, layers,
                                                                                cfg.threshold)

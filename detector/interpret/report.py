@@ -22,6 +22,15 @@ Every picture has a JSON file of the numbers behind it next to it.
 """
 
 
+def _density_sentence(index: dict) -> str:
+    density = index.get("class_density", {})
+    if not density:
+        return ""
+    lo, hi = min(density, key=density.get), max(density, key=density.get)
+    return (f"Over the whole path, **{lo}** uses the fewest filters ({density[lo]:.0%} of them on average) and "
+            f"**{hi}** the most ({density[hi]:.0%}).")
+
+
 def _img(path: str, alt: str) -> str:
     return f"![{alt}]({path})"
 
@@ -39,6 +48,7 @@ def write_report(out: Path, index: dict) -> str:
     lines += ["## 1. Which filters each class uses", "",
               "Per class (rows) and layer (columns): the average fraction of the layer's filters that are on. "
               "Low values mean the class gets by with few filters in that layer.", "",
+              _density_sentence(index), "",
               _img(usage["overview"]["png"], "per-class density of every layer"),
               f"([numbers]({usage['overview']['json']}))", "",
               "Per layer, every filter (column) against every class (rows): colour is how often the filter is "
@@ -58,15 +68,21 @@ def write_report(out: Path, index: dict) -> str:
               "Left: Jaccard index of two classes' prototype paths (shared filters / filters used by either; 1 = "
               "identical paths). Middle: cosine similarity of their filter frequencies (softer: counts filters "
               "used some of the time). Right: the average Jaccard between different classes in each layer alone "
-              "— where it drops, the classes stop sharing filters; early layers are usually shared, late ones "
-              "class-specific.", "",
+              "— where it drops, the classes stop sharing filters.", "",
               _img(files["similarity"]["png"], "class-to-class path similarity"),
               f"([numbers]({files['similarity']['json']}))", "",
               f"Mean Jaccard between different classes: {sim['mean_jaccard_between_classes']:.3f}. Most similar:",
               ""]
     lines += [f"- {p['classes'][0]} / {p['classes'][1]}: {p['jaccard']:.3f}" for p in sim["most_similar"]]
-    lines += ["", "Least similar:", ""]
-    lines += [f"- {p['classes'][0]} / {p['classes'][1]}: {p['jaccard']:.3f}" for p in sim["least_similar"]]
+    least = [p for p in sim["least_similar"] if p not in sim["most_similar"]]
+    if least:
+        lines += ["", "Least similar:", ""]
+        lines += [f"- {p['classes'][0]} / {p['classes'][1]}: {p['jaccard']:.3f}" for p in least]
+    per_layer = sim["mean_jaccard_between_classes_per_layer"]
+    if per_layer:
+        lo, hi = min(per_layer, key=per_layer.get), max(per_layer, key=per_layer.get)
+        lines += ["", f"Classes share the most filters in `{hi}` (mean Jaccard {per_layer[hi]:.3f}) and the fewest "
+                  f"in `{lo}` ({per_layer[lo]:.3f}): that is the layer where this model's class paths part most."]
     lines.append("")
 
     spec = index["specificity_summary"]
