@@ -91,38 +91,45 @@ def _check_outputs(out: Path, index: dict, n_inputs: int) -> None:
 
 
 def test_explain_command_writes_everything(tiny_bundle, tmp_path):
+    # one full run (figures are the slow part): a bundle without prototypes, and an image file of another size
     from PIL import Image
-    from synthetic import make_images
 
-    from detector.cli import main
-
-    image = (make_images(1, seed=11)[0][0, 0] * 255).astype(np.uint8)
-    png = tmp_path / "square.png"
-    Image.fromarray(image).resize((20, 20)).save(png)  # another size: explain resizes it
-    out = tmp_path / "explain"
-    assert main(["explain", "--bundle", str(tiny_bundle), "--out", str(out), "--image-files", str(png)]) == 0
-    index = json.loads((out / "index.json").read_text())
-    _check_outputs(out, index, 1)
-    assert index["inputs"][0]["true"] is None and "prototypes part" in index["prototypes"]
-
-
-
-def test_explain_computes_prototypes_when_the_bundle_has_none(tiny_bundle, tmp_path):
     from detector.bundle import write_part
-    from detector.interpret import ExplainConfig, explain
+    from detector.cli import main
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
     write_part(copy, "prototypes", tensors=None, info=None)
+    image = (make_images(1, seed=11)[0][0, 0] * 255).astype(np.uint8)
+    png = tmp_path / "square.png"
+    Image.fromarray(image).resize((20, 20)).save(png)  # explain resizes it to 16x16
     out = tmp_path / "explain"
-    index = explain(ExplainConfig(bundle=str(copy), out=str(out), indices=(0, 5), prototype_images=200))
+    assert main(["explain", "--bundle", str(copy), "--out", str(out), "--image-files", str(png),
+                 "--prototype-images", "200"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    _check_outputs(out, index, 1)
     assert index["prototypes"].startswith("computed now from the first 200 training images")
-    _check_outputs(out, index, 2)
-    assert index["inputs"][0]["input"].endswith("#0") and index["inputs"][1]["true"] is not None
+    assert index["inputs"][0]["true"] is None and index["inputs"][0]["input"] == "file square.png"
+
+
+def test_prototypes_part_is_used_and_inputs_chosen_by_index(tiny_bundle, tmp_path):
+    from detector import load_bundle
+    from detector.interpret import ExplainConfig, bundle_prototypes, explain
+    from detector.interpret.explainer import _chosen_inputs
+
+    bundle = load_bundle(tiny_bundle)
+    protos, source = bundle_prototypes(bundle)
+    assert "prototypes part" in source
+    assert torch.equal(protos.frequency, Prototypes.from_state(*bundle.part("prototypes")).frequency)
+    cfg = ExplainConfig(bundle=str(tiny_bundle), out=str(tmp_path / "o"), indices=(0, 5))
+    images, labels, names = _chosen_inputs(cfg, bundle)
+    assert images.shape == (2, 1, 16, 16) and all(isinstance(v, int) for v in labels)
+    assert names[0].endswith("#0") and names[1].endswith("#5")
     with pytest.raises(ValueError, match="indices \\[99999\\] are outside"):
-        explain(ExplainConfig(bundle=str(copy), out=str(out), indices=(99999,)))
+        explain(ExplainConfig(bundle=str(tiny_bundle), out=str(tmp_path / "o"), indices=(99999,)))
+    assert not (tmp_path / "o").exists(), "a bad index fails before anything is written"
     with pytest.raises(ValueError, match="threshold=1.5"):
-        ExplainConfig(bundle=str(copy), out=str(out), threshold=1.5)
+        ExplainConfig(bundle=str(tiny_bundle), out=str(tmp_path / "o"), threshold=1.5)
 
 
 def test_adversarial_inputs_from_an_attack_file(tiny_bundle, tmp_path):
