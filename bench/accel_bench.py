@@ -252,7 +252,8 @@ def format_table(result: dict) -> str:
                      f"{'cpu ms/img':>11} {'cpu speed-up':>12}")
         for name, v in r["variants"].items():
             lines.append(f"  {name:<16} {v['ms_per_image']:11.3f} {v['speedup_vs_dense']:8.2f}x "
-                         f"{str(v['speedup_iqr']):>15} {v['cpu_ms_per_image']:11.3f} {v['cpu_speedup_vs_dense']:11.2f}x")
+                         f"{str(v['speedup_iqr']):>15} {v['cpu_ms_per_image']:11.3f} "
+                         f"{v['cpu_speedup_vs_dense']:11.2f}x")
     lines.append("")
     for t in result["targets"]:
         lines.append(f"threads {t['threads']} batch {t['batch']}: skipping {t['skipping_speedup']:.2f}x vs dense, "
