@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .models import DecoupledNet, PathOutput
@@ -39,22 +38,33 @@ def confidence_features(logits: Tensor) -> Tensor:
 
 
 def prototype_distances(out: PathOutput, protos: Prototypes) -> Tensor:
-    """(N, L, 5): per layer, the :data:`PROTO` distances of each input's path."""
+    """(N, L, 5): per layer, the :data:`PROTO` distances of each input's path.
+
+    Computed for all layers at once: per-gate terms are summed per layer by a (G, L) membership matrix,
+    which keeps the per-input cost a handful of tensor ops however many layers the model has.
+    """
     top2 = out.logits.topk(2, dim=1).indices
     pred, runner = top2[:, 0], top2[:, 1]
-    cols = []
-    for layer, sl in zip(out.layers, protos.layer_slices()):
-        g, p = layer.hard, layer.soft
-        hard, soft, freq = protos.hard[:, sl], protos.soft_mean[:, sl], protos.frequency[:, sl].clamp(0.01, 0.99)
-        nll = -(g * freq[pred].log() + (1 - g) * (1 - freq[pred]).log()).mean(1)
-        cols.append(torch.stack([
-            (g - hard[pred]).abs().mean(1),
-            (g - hard[runner]).abs().mean(1),
-            1 - F.cosine_similarity(p, soft[pred], dim=1),
-            1 - F.cosine_similarity(p, soft[runner], dim=1),
-            nll,
-        ], dim=1))
-    return torch.stack(cols, dim=1)
+    g, p = out.hard_path, out.soft_path
+    t = protos.tensors(g.device)
+    member, size = t["member"], t["size"]
+
+    def per_layer_mean(x: Tensor) -> Tensor:
+        return (x @ member) / size
+
+    def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+        dot = (a * b) @ member
+        norm = ((a * a) @ member).sqrt().clamp_min(1e-8) * ((b * b) @ member).sqrt().clamp_min(1e-8)
+        return 1 - dot / norm
+
+    nll = -per_layer_mean(g * t["log_freq"][pred] + (1 - g) * t["log_1m_freq"][pred])
+    return torch.stack([
+        per_layer_mean((g - t["hard"][pred]).abs()),
+        per_layer_mean((g - t["hard"][runner]).abs()),
+        cosine_distance(p, t["soft_mean"][pred]),
+        cosine_distance(p, t["soft_mean"][runner]),
+        nll,
+    ], dim=2)
 
 
 @dataclass

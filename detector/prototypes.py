@@ -7,7 +7,7 @@ usage that interpretation draws (METHOD.md 3.1). Stored in a bundle as the ``pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -34,6 +34,21 @@ class Prototypes:
     counts: Tensor
     layer_sizes: list[int]
     layer_names: list[str]
+    _by_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def tensors(self, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """What the distance features read, precomputed once per device: prototype paths, clamped log
+        frequencies, and the (G, L) matrix saying which layer each gate belongs to."""
+        key = str(device)
+        if key not in self._by_device:
+            freq = self.frequency.clamp(0.01, 0.99)
+            member = torch.zeros(sum(self.layer_sizes), len(self.layer_sizes))
+            for i, sl in enumerate(self.layer_slices()):
+                member[sl, i] = 1.0
+            t = {"hard": self.hard, "soft_mean": self.soft_mean, "log_freq": freq.log(),
+                 "log_1m_freq": (1 - freq).log(), "member": member, "size": member.sum(0)}
+            self._by_device[key] = {k: v.to(device) for k, v in t.items()}
+        return self._by_device[key]
 
     @property
     def hard(self) -> Tensor:

@@ -26,7 +26,7 @@ def test_screen_fields_and_consistency(tiny_bundle):
     np.testing.assert_allclose(r.active_ratio, r.paths.mean(1), rtol=1e-6)
     # the batch split inside screen does not change results
     small = bundle.screener(batch_size=7).screen(x)
-    np.testing.assert_allclose(small.scores, r.scores, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(small.scores, r.scores, rtol=0, atol=1e-5)  # float32 batch-size rounding
 
 
 def test_adversarial_images_score_higher(tiny_bundle):
