@@ -73,7 +73,7 @@ def render_markdown(r: dict) -> str:
               "## Caveat", "",
               "These detectors see the network's own features. An attacker who knows the detector and optimises "
               "against it too (Carlini & Wagner 2017; Tramer et al. 2020) can do much better than the attacks "
-              "above; see the adaptive-attack evaluation.", ""]
+              "above; `pathguard adaptive` measures that attacker (README, Threat model).", ""]
     if r.get("plots"):
         lines += ["## Figures", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
     return "\n".join(lines)
