@@ -64,10 +64,21 @@ class Cancelled(ServiceError):
 
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+# Messages quote what the caller sent (a model name, a datatype, a shape), and a status message travels in
+# an HTTP/2 trailer, percent-encoded: past the client's metadata limit (8 KiB by default) the caller would
+# get RESOURCE_EXHAUSTED or INTERNAL instead of the real code. 1 KiB of UTF-8 stays below it.
+MAX_MESSAGE_BYTES = 1024
+
+
+def _bounded(message: str) -> str:
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    return data[:MAX_MESSAGE_BYTES - 16].decode("utf-8", "ignore") + " ...(truncated)"
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message to return for ``exc``."""
+    """The status code and message to return for ``exc`` (at most :data:`MAX_MESSAGE_BYTES` of UTF-8)."""
     if isinstance(exc, ServiceError):
-        return exc.code, exc.reason
+        return exc.code, _bounded(exc.reason)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

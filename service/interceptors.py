@@ -1,12 +1,18 @@
-"""The one server interceptor: bearer-token auth, domain errors -> status codes, request metrics.
+"""The one server interceptor: bearer-token auth, admission, domain errors -> status codes, request metrics.
 
 It wraps the RPCs of the services it is given (PathGuard and KServe); health and reflection pass through
-untouched, so probes need no token and do not crowd the request metrics. For each wrapped call it:
+(no token, no admission limit, not in the request metrics), so probes need no secret, do not crowd the
+request metrics and stay answerable however many screening calls are open. For each wrapped call it:
 
 1. checks ``authorization: Bearer <token>`` when a token is configured (constant-time compare);
-2. runs the servicer and maps a raised exception to a status through :func:`service.errors.status_of`
+2. refuses a request whose bytes are not the method's protobuf message with INVALID_ARGUMENT (gRPC itself
+   would answer UNKNOWN with the parser's exception and log a traceback for every such call);
+3. admits at most ``max_active`` calls at once (RESOURCE_EXHAUSTED beyond: an open stream counts for as
+   long as it is open), and counts admitted and finished calls (:attr:`active`, :attr:`finished`; the
+   drain at shutdown reports them);
+4. runs the servicer and maps a raised exception to a status through :func:`service.errors.status_of`
    (anything that is not a :class:`~service.errors.ServiceError` is logged with its traceback, INTERNAL);
-3. records ``pathguard_requests_total{method,code}``, the duration histogram and the in-flight gauge.
+5. records ``pathguard_requests_total{method,code}``, the duration histogram and the in-flight gauge.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from contextlib import contextmanager
 
 import grpc
 from grpc import aio
 
 from . import metrics
-from .errors import Unauthenticated, status_of
+from .errors import InvalidInput, Overloaded, Unauthenticated, status_of
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +40,59 @@ def _token_from(metadata) -> str | None:
     return None
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not parse as the method's message."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    """``deserializer`` that returns :class:`_Malformed` instead of raising."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8 in a string field...
+            return _Malformed(f"the request is not a well-formed protobuf message ({exc})")
+    return deserialize
+
+
+def _checked(request: object) -> object:
+    if isinstance(request, _Malformed):
+        raise InvalidInput(request.reason)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator) -> AsyncIterator:
+    async for request in requests:
+        yield _checked(request)
+
+
 class ServiceInterceptor(aio.ServerInterceptor):
-    def __init__(self, services: Collection[str], token: str | None = None) -> None:
+    """See the module docstring. ``max_active`` None: no admission limit."""
+
+    def __init__(self, services: Collection[str], token: str | None = None, max_active: int | None = None) -> None:
         self._services = frozenset(services)
         self._token = token.encode() if token else None
+        self._max_active = max_active
+        self.active = 0  # admitted calls not finished yet
+        self.finished = 0  # admitted calls finished, whatever their status
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
                                 details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        service = details.method.lstrip("/").split("/")[0]
-        if handler is None or service not in self._services:
+        if handler is None:
             return handler
+        service = details.method.lstrip("/").split("/")[0]
+        if service not in self._services:
+            return self._probe(handler)
         method = details.method.lstrip("/")
-        kwargs = {"request_deserializer": handler.request_deserializer,
+        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
@@ -54,6 +101,32 @@ class ServiceInterceptor(aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(self._streaming(handler.unary_stream, method), **kwargs)
         return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **kwargs)
+
+    @staticmethod
+    def _probe(handler):
+        """Health and reflection go through as they are, except that a malformed unary request (health
+        ``Check``) gets INVALID_ARGUMENT instead of UNKNOWN and a logged traceback."""
+        if not handler.unary_unary:
+            return handler
+        behavior = handler.unary_unary
+
+        async def unary(request, context: aio.ServicerContext):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return await behavior(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_tolerant(handler.request_deserializer),
+                                                   response_serializer=handler.response_serializer)
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        if self._max_active is not None and self.active >= self._max_active:
+            raise Overloaded(f"too many concurrent calls (at most {self._max_active}); retry later")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.finished += 1
 
     def _authenticate(self, context: aio.ServicerContext) -> None:
         if self._token is None:
@@ -70,7 +143,9 @@ class ServiceInterceptor(aio.ServerInterceptor):
             start = self._begin()
             try:
                 self._authenticate(context)
-                response = await behavior(request, context)
+                request = _checked(request)
+                with self._admitted():
+                    response = await behavior(request, context)
             except BaseException as exc:
                 status = self._record_failure(exc, context, method, start)
                 if status is None:
@@ -85,8 +160,13 @@ class ServiceInterceptor(aio.ServerInterceptor):
             start = self._begin()
             try:
                 self._authenticate(context)
-                async for response in behavior(request_or_iterator, context):
-                    yield response
+                if hasattr(request_or_iterator, "__aiter__"):
+                    request_or_iterator = _checked_stream(request_or_iterator)
+                else:
+                    request_or_iterator = _checked(request_or_iterator)
+                with self._admitted():
+                    async for response in behavior(request_or_iterator, context):
+                        yield response
             except BaseException as exc:
                 status = self._record_failure(exc, context, method, start)
                 if status is None:

@@ -51,6 +51,17 @@ def _flatten_metrics(obj: object, prefix: str = "") -> dict[str, float]:
     return out
 
 
+@dataclass
+class ServedResult(ScreenResult):
+    """A :class:`ScreenResult` with the description of the model that computed it.
+
+    A reload can swap the model while a request waits in the queue; the response is labelled (class names,
+    model version) from ``info``, so that it describes the bundle that actually screened the images.
+    """
+
+    info: ModelInfo | None = None
+
+
 class ModelRuntime:
     """The one object that runs the model. Not thread-safe: only the batching worker calls :meth:`screen`."""
 
@@ -80,8 +91,8 @@ class ModelRuntime:
     def input_shape(self) -> tuple[int, int, int]:
         return self.info.input_shape
 
-    def screen(self, images: Tensor) -> ScreenResult:
-        return self.screener.screen(images)
+    def screen(self, images: Tensor) -> ServedResult:
+        return ServedResult(**vars(self.screener.screen(images)), info=self.info)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run each batch size once on grey images, so the first caller pays no lazy initialisation; seconds."""
@@ -96,4 +107,4 @@ class ModelRuntime:
 
 def slice_result(result: ScreenResult, start: int, stop: int) -> ScreenResult:
     """Rows ``start:stop`` of a batch's result (the part that belongs to one request)."""
-    return ScreenResult(**{k: (v[start:stop] if isinstance(v, np.ndarray) else v) for k, v in vars(result).items()})
+    return type(result)(**{k: (v[start:stop] if isinstance(v, np.ndarray) else v) for k, v in vars(result).items()})

@@ -8,7 +8,8 @@ Lifecycle of :class:`PathGuardServer`:
 2. :meth:`~PathGuardServer.reload` loads a bundle next to the running one and swaps it in atomically
    (SIGHUP in ``pathguard serve``); a broken bundle is refused and the old model keeps serving.
 3. :meth:`~PathGuardServer.stop` turns health NOT_SERVING, refuses new calls, gives accepted calls the
-   grace period to finish, then stops the batcher and the metrics endpoint.
+   grace period to finish, then stops the batcher and the metrics endpoint. It logs how many accepted
+   calls finished during the drain and how many the end of the grace period cut off (normally none).
 
 :func:`serve` runs it until SIGTERM/SIGINT (exit 0); :class:`BackgroundServer` runs it on a thread of
 its own, for tests and benchmarks in one process.
@@ -20,6 +21,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -27,6 +29,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from detector import BundleError
 from detector.runtime import set_threads
 
 from . import metrics
@@ -41,9 +44,13 @@ from .servicers import KSERVE_SERVICE, PATHGUARD_SERVICE, InferenceServicer, Pat
 log = logging.getLogger(__name__)
 
 SERVICES = (PATHGUARD_SERVICE, KSERVE_SERVICE)
-# Calls the transport accepts at once beyond the batching queue (metadata, health, decoding): past this
-# gRPC answers RESOURCE_EXHAUSTED itself, which bounds the memory that decoded requests can take.
+# PathGuard and KServe calls admitted at once beyond the batching queue (being decoded, open streams between
+# requests): past this the interceptor answers RESOURCE_EXHAUSTED, which bounds the memory that decoded
+# requests can take. Health and reflection are not counted, so probes stay answerable under any load.
 EXTRA_CONCURRENT_RPCS = 64
+# gRPC's own limit on concurrent calls of any kind sits this far above the admission limit: refused calls
+# end at once, so it is only reached when that many arrive within a moment; probes answer below it.
+PROBE_HEADROOM = 256
 
 
 def _read(path: str | None) -> bytes | None:
@@ -80,6 +87,7 @@ class PathGuardServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: aio.Server | None = None
+        self._interceptor: ServiceInterceptor | None = None
         self._metrics_http = None
         self._stopping = False
 
@@ -91,8 +99,10 @@ class PathGuardServer:
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        server = aio.server(interceptors=[ServiceInterceptor(SERVICES, token)], options=options,
-                            maximum_concurrent_rpcs=cfg.max_queue_size + EXTRA_CONCURRENT_RPCS)
+        max_active = cfg.max_queue_size + EXTRA_CONCURRENT_RPCS
+        self._interceptor = ServiceInterceptor(SERVICES, token, max_active=max_active)
+        server = aio.server(interceptors=[self._interceptor], options=options,
+                            maximum_concurrent_rpcs=max_active + PROBE_HEADROOM)
         pb_grpc.add_PathGuardServicer_to_server(PathGuardServicer(self.service), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -124,9 +134,11 @@ class PathGuardServer:
         path = path or self.config.bundle
         try:
             return await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
+        except (BundleError, OSError, ValueError) as exc:  # a broken bundle: its message names the file
+            log.error("reload of %s failed: %s; still serving the previous model", path, exc)
         except Exception:
             log.exception("reload of %s failed; still serving the previous model", path)
-            return None
+        return None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let accepted ones finish within ``grace`` seconds."""
@@ -136,16 +148,26 @@ class PathGuardServer:
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            stopping = asyncio.ensure_future(self._server.stop(grace))
-            await asyncio.sleep(0)  # the stop has begun: the port is closed and new calls are refused
-            log.info("draining: new calls refused, %.1f s grace for %d calls in flight", grace,
-                     int(metrics.REGISTRY.get_sample_value("pathguard_inflight_requests") or 0))
-            await stopping
+            await self._drain(self._server, grace)
         await asyncio.get_running_loop().run_in_executor(None, self.service.close, grace)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         log.info("stopped")
+
+    async def _drain(self, server: aio.Server, grace: float) -> None:
+        calls = self._interceptor
+        finished_before, start = calls.finished, time.monotonic()
+        stopping = asyncio.ensure_future(server.stop(grace))
+        await asyncio.sleep(0)  # the stop has begun: the port is closed and new calls are refused
+        log.info("draining: new calls refused, %.1f s grace for %d calls in flight", grace, calls.active)
+        done, _ = await asyncio.wait({stopping}, timeout=grace)
+        # Calls still running when the grace period ends are cancelled by gRPC: cut off.
+        finished, cut_off = calls.finished, 0 if done else calls.active
+        await stopping
+        (log.warning if cut_off else log.info)(
+            "drained in %.2f s: %d accepted calls finished (%d since start), %d cut off at the end of the "
+            "%.1f s grace period", time.monotonic() - start, finished - finished_before, finished, cut_off, grace)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

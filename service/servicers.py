@@ -23,7 +23,7 @@ from ._proto.pathguard.v1 import pathguard_pb2 as pb
 from ._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from .codec import ENCODINGS
 from .errors import InvalidInput, ServiceError, status_of
-from .runtime import ModelInfo
+from .runtime import ModelInfo, ServedResult
 from .screening import ScreeningService
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,11 @@ KSERVE_SERVICE = kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].
 STREAM_WINDOW = 32
 
 _DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT64: "float64", pb.UINT8: "uint8"}
+
+
+def _model_of(result: ScreenResult, decoded_with: ModelInfo) -> ModelInfo:
+    """The model that computed ``result`` (a reload may have swapped it since the request was decoded)."""
+    return result.info if isinstance(result, ServedResult) and result.info is not None else decoded_with
 
 
 def _remaining(context) -> float | None:
@@ -106,6 +111,7 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
             images = self._images(request)
             info = self.service.info
         result = await self.service.screen(images, _remaining(context))
+        info = _model_of(result, info)
         return pb.ScreenResponse(request_id=request.request_id, model_name=info.name, model_version=info.version,
                                  results=_image_results(result, info, request.options))
 
@@ -202,6 +208,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         with self.service.arriving():
             images = self._images(request)
         result = await self.service.screen(images, _remaining(context))
+        info = _model_of(result, info)
         response = kserve_pb2.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id)
         response.parameters["adversarial_threshold"].string_param = f"{result.threshold:.9g}"
         n = len(result)
