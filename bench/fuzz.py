@@ -33,6 +33,7 @@ import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,7 +349,64 @@ def own_case(draw, model: Model) -> Case:
 
 
 @st.composite
+def valid_kserve(draw, model: Model) -> kserve_pb2.ModelInferRequest:
+    """A well-formed KServe request (raw or typed contents), to be mutated once or not at all."""
+    n = draw(st.integers(1, 3))
+    datatype = draw(st.sampled_from(tuple(_KSERVE_DTYPES)))
+    dtype, field_name = _KSERVE_DTYPES[datatype]
+    values = _pixels(draw(st.integers(0, 2**16)), n, model)
+    if dtype.kind == "u":
+        values = np.floor(values * 256).clip(0, 255)
+    req = kserve_pb2.ModelInferRequest(model_name=model.name, model_version=draw(st.sampled_from(("", model.version))))
+    tensor = req.inputs.add(name="images", datatype=datatype, shape=[n, *model.input_shape])
+    if draw(st.booleans()):
+        req.raw_input_contents.append(values.astype(dtype).tobytes())
+    else:
+        getattr(tensor.contents, field_name).extend(values.astype(dtype).ravel().tolist())
+    for name in draw(st.lists(st.sampled_from(KSERVE_OUTPUTS), max_size=3, unique=True)):
+        req.outputs.add(name=name)
+    return req
+
+
+def _mutate_kserve(draw, req: kserve_pb2.ModelInferRequest, model: Model) -> str:
+    """Change one thing of a valid request; returns what."""
+    tensor = req.inputs[0]
+    what = draw(st.sampled_from(("none", "none", "value", "shape", "datatype", "truncate", "name", "output",
+                                 "second-input")))
+    if what == "value":
+        special = float(draw(st.sampled_from(_SPECIAL)))
+        if req.raw_input_contents:
+            dtype = _KSERVE_DTYPES[tensor.datatype][0]
+            data = bytearray(req.raw_input_contents[0])
+            with np.errstate(invalid="ignore", over="ignore"):
+                data[: dtype.itemsize] = np.array([special]).astype(dtype).tobytes()
+            req.raw_input_contents[0] = bytes(data)
+        elif tensor.datatype == "UINT8":
+            tensor.contents.uint_contents[0] = draw(st.sampled_from((0, 255, 256, 2**32 - 1)))
+        else:
+            getattr(tensor.contents, _KSERVE_DTYPES[tensor.datatype][1])[0] = special
+    elif what == "shape":
+        tensor.shape[draw(st.integers(0, 3))] = draw(st.sampled_from(_DIMS))
+    elif what == "datatype":
+        tensor.datatype = draw(st.sampled_from(("FP32", "FP64", "UINT8", "INT8", "FP16", "")))
+    elif what == "truncate" and req.raw_input_contents:
+        req.raw_input_contents[0] = req.raw_input_contents[0][:-1]
+    elif what == "name":
+        tensor.name = draw(st.sampled_from(("input__0", "", "images ")))
+    elif what == "output":
+        req.outputs.add(name=draw(st.sampled_from(("logits", "", "probabilities"))))
+    elif what == "second-input":
+        req.inputs.add().CopyFrom(tensor)
+    return what
+
+
+@st.composite
 def kserve_case(draw, model: Model) -> Case:
+    if draw(st.integers(0, 1)) == 0:
+        req = draw(valid_kserve(model))
+        what = _mutate_kserve(draw, req, model)
+        code, n = kserve_verdict(req, model)
+        return Case(INFER, req.SerializeToString(), frozenset({code}), n, f"valid KServe, mutated: {what}")
     req = kserve_pb2.ModelInferRequest(
         model_name=draw(st.sampled_from((model.name,) * 12 + ("", "resnet", model.name.upper(), "x" * 20_000))),
         model_version=draw(st.sampled_from(("",) * 4 + (model.version, "0", "9" * 30))),
@@ -530,11 +588,14 @@ def serving(channel: grpc.Channel) -> bool:
 
 
 def fuzz(channel: grpc.Channel, model: Model, cases: int, *, seed: int | None = None, check_every: int = 100,
-         oversize: bool = True, stop_on_violation: bool = False) -> dict:
-    """Run ``cases`` generated cases (no shrinking); return codes seen, violations, and liveness."""
+         oversize: bool = True, stop_on_violation: bool = False,
+         memory: Callable[[], int | None] | None = None) -> dict:
+    """Run ``cases`` generated cases (no shrinking); return codes seen, violations, liveness and (with ``memory``,
+    the server's resident bytes) memory every ``check_every`` cases."""
     runner = Runner(channel)
     violations: list[str] = []
     dead_at: list[int] = []
+    rss: list[tuple[int, float]] = []
 
     def one(case: Case) -> None:
         if stop_on_violation and violations:
@@ -547,6 +608,8 @@ def fuzz(channel: grpc.Channel, model: Model, cases: int, *, seed: int | None = 
         if runner.cases % check_every == 0:
             if not serving(channel):
                 dead_at.append(runner.cases)
+            if memory is not None and (value := memory()):
+                rss.append((runner.cases, round(value / 2**20, 1)))
             log.info("%d cases, %d violations", runner.cases, len(violations))
 
     # Generation only: a violation is recorded and the run goes on (tests/test_service_fuzz.py shrinks instead).
@@ -557,7 +620,8 @@ def fuzz(channel: grpc.Channel, model: Model, cases: int, *, seed: int | None = 
         test = hypothesis.seed(seed)(test)
     test()
     return {"cases": runner.cases, "codes": dict(sorted(runner.codes.items())), "violations": violations[:50],
-            "violation_count": len(violations), "not_serving_at_case": dead_at}
+            "violation_count": len(violations), "not_serving_at_case": dead_at,
+            "rss_timeline_mb": rss[:: max(1, len(rss) // 50)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         with grpc.insecure_channel(target, options=options) as channel:
             model = describe_model(channel)
             rss_start, start = rss_bytes(pid) if pid else None, time.monotonic()
-            report = fuzz(channel, model, args.cases, seed=args.seed, oversize=not args.no_oversize)
+            report = fuzz(channel, model, args.cases, seed=args.seed, oversize=not args.no_oversize,
+                          memory=(lambda: rss_bytes(pid)) if pid else None)
             elapsed = time.monotonic() - start
             alive = (server is None or server.proc.poll() is None) and serving(channel)
             rss_end = rss_bytes(pid) if pid else None

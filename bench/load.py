@@ -6,9 +6,9 @@ deliberately invalid requests. The report (JSON) holds throughput, latency perce
 code, the server's resident memory over time, health-probe answers during the load and the accounting:
 
 * every call ends in an **expected** outcome -- valid requests OK, invalid ones INVALID_ARGUMENT,
-  RESOURCE_EXHAUSTED past the queue bound (deliberate back-pressure), UNAVAILABLE (or, for a call that met
-  the transport as it closed, CANCELLED) once SIGTERM was sent: new calls refused -- or it is counted as an
-  **error** (kept with its message);
+  RESOURCE_EXHAUSTED past the queue bound (deliberate back-pressure), UNAVAILABLE once SIGTERM was sent (new
+  calls refused; CANCELLED, from gRPC itself, for a call that had arrived but was not yet dispatched to a
+  handler when the port closed) -- or it is counted as an **error** (kept with its message);
 * **accepted** calls are those the server admitted; the server reports how many it finished (its
   ``/metrics`` while it runs, its drain log line after SIGTERM) and how many the grace period cut off.
   ``lost`` = accepted calls whose answer the callers did not get: it must be 0.

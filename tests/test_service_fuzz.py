@@ -54,7 +54,8 @@ def model(channel) -> fuzz.Model:
     return fuzz.describe_model(channel)
 
 
-@FUZZ_SETTINGS
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the in-process server's PIL warns
+@FUZZ_SETTINGS                                                              # on a 10^8-pixel header, then refuses
 @given(data=st.data())
 def test_fuzzed_requests_get_exactly_the_codes_they_deserve(runner, model, data):
     case = data.draw(fuzz.any_case(model), label="case")
