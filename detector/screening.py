@@ -117,9 +117,13 @@ class Screener:
         return float(self.detector.threshold_)
 
     @torch.no_grad()
-    def screen(self, images: Tensor) -> ScreenResult:
-        """Screen images (N, C, H, W) in [0, 1]. Raises :class:`InvalidImages` for bad input."""
-        check_images(images, self.input_shape)
+    def screen(self, images: Tensor, *, validate: bool = True) -> ScreenResult:
+        """Screen images (N, C, H, W) in [0, 1]. Raises :class:`InvalidImages` for bad input.
+
+        ``validate=False`` skips :func:`check_images`, for callers that already ran it on these images.
+        """
+        if validate:
+            check_images(images, self.input_shape)
         device = next(self.model.parameters()).device
         parts: dict[str, list] = {k: [] for k in ("logits", "X", "active", "flops", "paths", "departure")}
         for start in range(0, len(images), self.batch_size):

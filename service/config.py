@@ -46,6 +46,7 @@ class ServeConfig:
     grace_period: float = _opt("seconds accepted calls get to finish after SIGTERM", 20.0)
     max_message_mb: int = _opt("largest request or response message, MiB", DEFAULT_MAX_MESSAGE_MB)
     max_images_per_request: int = _opt("most images in one request", 64)
+    engine: str = _opt("how the model runs: skipping (only filters whose gate is on; faster) or masked", "skipping")
     tls_cert: str | None = _opt("PEM server certificate (chain); enables TLS")
     tls_key: str | None = _opt("PEM private key of --tls-cert")
     tls_client_ca: str | None = _opt("PEM CA bundle; clients must present a certificate it signed (mTLS)")
@@ -64,6 +65,8 @@ class ServeConfig:
         for name in ("max_queue_delay_ms", "grace_period"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.engine not in ("skipping", "masked"):
+            raise ValueError(f"engine={self.engine!r} must be 'skipping' or 'masked'")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r} must be given together")
         if self.tls_client_ca and not self.tls_cert:

@@ -35,6 +35,7 @@ class Limits:
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
     max_images_per_request: int = 64
+    engine: str = "skipping"  # how the model runs: see ModelRuntime.load
 
 
 class ScreeningService:
@@ -53,7 +54,7 @@ class ScreeningService:
         """Load, verify and warm up a bundle, then swap it in atomically; the old model (if any) serves until
         the swap. Raises :class:`detector.BundleError` (the old model stays) when the bundle is broken."""
         with self._load_lock:
-            runtime = ModelRuntime.load(path)
+            runtime = ModelRuntime.load(path, self.limits.engine)
             sizes = tuple(sorted({1, min(self.limits.max_batch_size, self.limits.max_images_per_request)}))
             runtime.warmup(sizes)
             previous = self.swap(runtime)

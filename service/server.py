@@ -82,7 +82,8 @@ class PathGuardServer:
         self.config = config.validate()
         self.service = ScreeningService(Limits(
             max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
-            max_queue_size=config.max_queue_size, max_images_per_request=config.max_images_per_request))
+            max_queue_size=config.max_queue_size, max_images_per_request=config.max_images_per_request,
+            engine=config.engine))
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None

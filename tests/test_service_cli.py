@@ -35,6 +35,8 @@ def test_bad_settings_are_named():
         config_from(ServeConfig, None, {"PATHGUARD_MAX_BATCH_SIZE": "0"})
     with pytest.raises(ValueError, match="tls_key"):
         config_from(ServeConfig, None, {"PATHGUARD_TLS_CERT": __file__})
+    with pytest.raises(ValueError, match="engine='fast'"):
+        config_from(ServeConfig, None, {"PATHGUARD_ENGINE": "fast"})
     with pytest.raises(ValueError, match="auth_token_file='/nonexistent'"):
         config_from(ServeConfig, None, {"PATHGUARD_AUTH_TOKEN_FILE": "/nonexistent"})
 
@@ -44,8 +46,8 @@ def test_contract_flags_and_env_names_are_documented():
     readme = README.read_text()
     section = readme[readme.index("## Configuration"):readme.index("## The own API")]
     contract = ["bundle", "host", "port", "metrics_port", "threads", "max_batch_size", "max_queue_delay_ms",
-                "max_queue_size", "grace_period", "max_message_mb", "max_images_per_request", "tls_cert", "tls_key",
-                "tls_client_ca", "auth_token_file"]
+                "max_queue_size", "grace_period", "max_message_mb", "max_images_per_request", "engine", "tls_cert",
+                "tls_key", "tls_client_ca", "auth_token_file"]
     assert [f.name for f in dataclasses.fields(ServeConfig)] == contract
     for name in contract:
         assert f"| `--{name.replace('_', '-')}` | `{env_name(name)}` |" in section, name
