@@ -7,7 +7,9 @@ import pytest
 from detector.cli import main
 
 ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5"
-COMMON = ["--attacks", ATTACKS, "--n", "40", "--n-fit", "30", "--n-calibration", "30", "--n-reference", "200",
+# the cheaper detectors; every baseline is exercised by tests/test_baselines.py
+COMMON = ["--attacks", ATTACKS, "--detectors", "path,path-rf,confidence,bundle,lid", "--n", "40", "--n-fit", "30",
+          "--n-calibration", "30", "--n-reference", "200",
           "--batch-size", "16", "--quiet"]
 
 
