@@ -43,20 +43,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file ordinary permissions (mkstemp makes it 0600, which a container's non-root user
+    could not read from an image built by root) and rename it into place atomically."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     """Write atomically (temp file + rename), so a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def save_bundle(out_dir: str | Path, model: DecoupledNet, *, arch: str, arch_args: dict, classes: list[str],

@@ -70,3 +70,22 @@ def test_no_pickle_in_bundle(tiny_bundle):
     for f in tiny_bundle.iterdir():
         head = f.read_bytes()[:2]
         assert head != b"\x80\x04" and head != b"\x80\x02", f"{f.name} looks pickled"
+
+
+def _readable_by_others(path) -> bool:
+    return bool(path.stat().st_mode & 0o004)
+
+
+def test_bundle_files_readable_by_other_users(tiny_bundle):
+    # The container runs as a non-root user on a bundle written by root at build time.
+    files = [p for p in tiny_bundle.iterdir() if p.is_file()]
+    assert files
+    assert all(_readable_by_others(p) for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
+
+
+def test_default_bundle_complete_and_readable(default_bundle):
+    bundle = load_bundle(default_bundle)
+    assert bundle.part("detector") is not None and bundle.part("prototypes") is not None
+    assert bundle.meta["gated"] and bundle.meta["input_shape"] == [1, 28, 28]
+    for name in read_meta(default_bundle)["files"]:
+        assert _readable_by_others(default_bundle / name), name
