@@ -51,15 +51,23 @@ class ServeProcess:
 
 def test_sigterm_finishes_accepted_calls_refuses_new_ones_and_exits_0(tiny_bundle):
     server = ServeProcess("--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                          "--max-batch-size", "4", "--grace-period", "60")
+                          "--max-batch-size", "1", "--grace-period", "60")
     try:
-        x, _ = make_images(32, seed=41)
+        x, _ = make_images(64, seed=41)
         metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         with PathGuardClient(server.target, timeout=120) as client, ThreadPoolExecutor(12) as pool:
             assert client.health() == "SERVING"
-            # Each request (32 images) exceeds max_batch_size (4), so they run one by one: a queue to drain.
+            # Each request (64 images) runs as 64 batches of one, so the 12 requests make a queue to drain.
             calls = [pool.submit(client.screen, x) for _ in range(12)]
-            wait_until(lambda: sample(scrape(metrics_url), "pathguard_inflight_requests") == len(calls), 60)
+            pending_at_signal = []
+
+            def all_accepted_some_pending() -> bool:
+                # every call is in flight or already answered, and some are still in flight
+                inflight = sample(scrape(metrics_url), "pathguard_inflight_requests")
+                pending_at_signal[:] = [inflight]
+                return inflight > 0 and inflight + sum(call.done() for call in calls) >= len(calls)
+
+            wait_until(all_accepted_some_pending, 60)
             server.proc.send_signal(signal.SIGTERM)
             wait_until(lambda: any("draining" in line for line in server.lines), 30)
             with PathGuardClient(server.target, timeout=10) as late:
@@ -69,6 +77,7 @@ def test_sigterm_finishes_accepted_calls_refuses_new_ones_and_exits_0(tiny_bundl
                 except grpc.RpcError as exc:
                     refused = exc.code()
             answers = [len(call.result(120)) for call in calls]
+        assert pending_at_signal[0] > 0
         assert refused == grpc.StatusCode.UNAVAILABLE
         assert answers == [len(x)] * len(calls)
         assert server.proc.wait(60) == 0, "".join(server.lines)
