@@ -239,6 +239,30 @@ def test_concat_refuses_clashing_groups(tiny):
         both.transform(clean[:2])
 
 
+def test_combined_features_built_from_the_parts_equal_featurizing_again(tiny):
+    from detector.evaluation.analysis import concat_feature_sets, featurize
+    from detector.evaluation.images import ImageSet, ImageSets
+
+    model, ref, ref_labels, clean, adv = tiny
+    ctx = FeaturizerContext(model, None, ref, ref_labels, seed=0)
+
+    def part(images, labels):
+        return ImageSet("val", torch.arange(len(images)), images, labels)
+
+    labels = model(clean).argmax(1)
+    sets = ImageSets(part(clean[:16], labels[:16]), part(clean[16:32], labels[16:32]),
+                     part(clean[32:], labels[32:]), part(ref, ref_labels))
+    attacked = {"fgsm": torch.cat([adv[16:32], adv[32:]])}  # fitting images first, then evaluation images
+    fitted = {k: FEATURIZERS[k](ctx).fit(ref, ref_labels) for k in ("squeeze", "lid")}
+    direct = featurize(ConcatFeaturizer([fitted["squeeze"], fitted["lid"]]), sets, attacked)
+    built = concat_feature_sets([featurize(fitted[k], sets, attacked) for k in ("squeeze", "lid")])
+    assert built.groups == direct.groups
+    for name in ("calibration", "fit_clean", "eval_clean"):
+        np.testing.assert_allclose(getattr(built, name), getattr(direct, name), rtol=1e-5)
+    np.testing.assert_allclose(built.fit_adv["fgsm"], direct.fit_adv["fgsm"], rtol=1e-5)
+    np.testing.assert_allclose(built.eval_adv["fgsm"], direct.eval_adv["fgsm"], rtol=1e-5)
+
+
 # -- the estimator contract, driven by the registry -------------------------------------------------------------
 BAD_PARAMS = {
     "lid": [({"target_fpr": 1.5}, "target_fpr=1.5"), ({"classifier": "svm"}, "classifier='svm'")],

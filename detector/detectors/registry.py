@@ -1,6 +1,8 @@
 """Detectors by name, for ``pathguard evaluate --detectors``: each pairs a featurizer with an estimator.
 
-Detectors that share a featurizer (all path-feature variants) share its features in one run.
+Detectors that share a featurizer (all path-feature variants) share its features in one run. A featurizer
+named ``"a+b"`` must be the concatenation of featurizers ``"a"`` and ``"b"`` (columns of ``a`` first): the
+evaluation builds its features from theirs when it computes both anyway.
 """
 
 from __future__ import annotations
