@@ -23,6 +23,7 @@ def main() -> int:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", default="skipping", help="masked or skipping, as `pathguard serve --engine`")
     parser.add_argument("--repo", required=True, help="PathGuard checkout (for the detector package)")
     parser.add_argument("--extra-site", default="", help="site-packages with torch etc. (appended to sys.path)")
     args = parser.parse_args()
@@ -44,7 +45,7 @@ def main() -> int:
 
     class PathGuardModel(kserve.Model):
         def load(self) -> bool:
-            self.screener = bundle.screener()
+            self.screener = bundle.screener(engine=args.engine)
             self.screener.screen(torch.full((1, *bundle.input_shape), 0.5))
             self.ready = True
             return self.ready

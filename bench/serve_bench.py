@@ -62,6 +62,7 @@ class BenchConfig:
     rounds: int = 4
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
+    engine: str = "skipping"  # how the model runs, the same in process and in every server
     kserve_python: str | None = None  # interpreter with the kserve package; None skips KServe
 
 
@@ -203,7 +204,7 @@ def run(cfg: BenchConfig, out_dir: Path) -> dict:
     the ratios compare measurements taken under the same background load (this machine is shared)."""
     set_threads(cfg.threads)
     bundle = load_bundle(cfg.bundle)
-    screener = bundle.screener()
+    screener = bundle.screener(engine=cfg.engine)
     images = bench_images(bundle, 64)
     name = bundle.meta["name"]
     one, batch = torch.from_numpy(images[:1]), torch.from_numpy(images[:cfg.callers])
@@ -218,13 +219,15 @@ def run(cfg: BenchConfig, out_dir: Path) -> dict:
             "pathguard", [sys.executable, "-m", "detector.cli", "serve", "--bundle", cfg.bundle, "--host", "127.0.0.1",
                           "--port", str(port), "--metrics-port", str(metrics_port), "--threads", str(cfg.threads),
                           "--max-batch-size", str(cfg.max_batch_size),
-                          "--max-queue-delay-ms", str(cfg.max_queue_delay_ms)], port, out_dir / "pathguard.log")
+                          "--max-queue-delay-ms", str(cfg.max_queue_delay_ms), "--engine", cfg.engine],
+            port, out_dir / "pathguard.log")
         if cfg.kserve_python:
             port = free_port()
             servers["kserve"] = Server(
                 "kserve", [cfg.kserve_python, str(REPO / "bench" / "kserve_model.py"), "--bundle", cfg.bundle,
                            "--grpc-port", str(port), "--http-port", str(free_port()), "--threads", str(cfg.threads),
-                           "--repo", str(REPO), "--extra-site", sysconfig.get_paths()["purelib"]],
+                           "--engine", cfg.engine, "--repo", str(REPO),
+                           "--extra-site", sysconfig.get_paths()["purelib"]],
                 port, out_dir / "kserve.log")
         load_before = os.getloadavg()
         channels = {k: grpc.insecure_channel(s.target) for k, s in servers.items()}
@@ -300,7 +303,8 @@ LABELS = {"in_process": "in process (Screener.screen)", "pathguard": "PathGuard,
 def report(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = [f"bundle {r['bundle']['path']} ({r['bundle']['arch']}, input {r['bundle']['input_shape']}); "
-             f"{c['threads']} torch threads everywhere; {c['rounds']} rounds; {os.cpu_count()} CPUs, "
+             f"{c['threads']} torch threads and the {c['engine']} engine everywhere; {c['rounds']} rounds; "
+             f"{os.cpu_count()} CPUs, "
              f"load average {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f}", "",
              "| 1 image, sequential | median ms | p99 ms |", "|---|---|---|"]
     for k, v in r["single"].items():
@@ -341,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-calls", type=int, default=BenchConfig.single_calls)
     parser.add_argument("--rounds", type=int, default=BenchConfig.rounds)
     parser.add_argument("--max-queue-delay-ms", type=float, default=BenchConfig.max_queue_delay_ms)
+    parser.add_argument("--engine", choices=("skipping", "masked"), default=BenchConfig.engine,
+                        help="how the model runs, in process and in every server (default: the server's default)")
     parser.add_argument("--kserve-python", help="python of a venv with kserve installed (omit to skip KServe)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--logs", default="/tmp/pathguard-bench", help="folder for the servers' logs")
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = str(bundle_dir if (bundle_dir / "bundle.json").is_file() else make_bundle(Path(args.tiny)))
     cfg = BenchConfig(bundle=bundle, threads=args.threads, callers=args.callers, duration=args.duration,
                       single_calls=args.single_calls, rounds=args.rounds, max_queue_delay_ms=args.max_queue_delay_ms,
-                      kserve_python=args.kserve_python)
+                      kserve_python=args.kserve_python, engine=args.engine)
     out_dir = Path(args.logs)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = run(cfg, out_dir)

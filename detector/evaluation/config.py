@@ -19,8 +19,8 @@ class EvalConfig:
 
     bundle: str = ""
     attacks: str = "fgsm,pgd,cw"  # comma-separated attack specs, e.g. "fgsm,pgd:eps=0.05;steps=40"
-    detectors: tuple[str, ...] = ("path", "path-rf", "confidence", "bundle", "lid", "mahalanobis", "kdbu", "squeeze",
-                                  "path+mahalanobis")
+    detectors: tuple[str, ...] = ("path", "path-rf", "path-gb", "confidence", "bundle", "lid", "mahalanobis", "kdbu",
+                                  "squeeze", "path+mahalanobis")
     n: int = 1000  # test images per attack
     n_fit: int = 500  # validation images whose attacks fit the detectors
     n_calibration: int = 1000  # clean validation images for thresholds
