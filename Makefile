@@ -27,7 +27,7 @@ data:
 tools:
 	@command -v kubectl >/dev/null 2>&1 || { $(SUDO) apt-get update -q && { $(SUDO) apt-get install -y -q kubectl || $(SUDO) apt-get install -y -q kubernetes-client; }; }
 
-run: $(STAMP) data
+run: $(STAMP)
 	$(BIN)/pathguard serve --bundle $(BUNDLE)
 
 test: $(STAMP) data tools
