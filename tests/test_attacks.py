@@ -54,6 +54,13 @@ def test_cache_reuses_result(model_and_data, tmp_path):
     c = cached_attack(model, "digest", x, y, AttackSpec("pgd", {"steps": 3}), cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("pgd-*.npz"))) == 2
     assert not torch.equal(a.adversarial, c.adversarial)
+    # a cache file is only ever read back as the attack it holds
+    from detector.attacks.runner import load_result, read_result
+
+    adv, labels, meta = read_result(files[0])
+    assert torch.equal(torch.from_numpy(adv), a.adversarial) and meta["params"]["steps"] == 2
+    with pytest.raises(ValueError, match="is not"):
+        load_result(files[0], AttackSpec("pgd", {"steps": 3}))
 
 
 def test_parse_and_validate():

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .experiment import GOAL_EPS  # noqa: E402
+
 NAMES = {"pgd": "plain PGD (reference)", "detector-pgd": "detector-aware PGD", "mimicry": "path mimicry",
          "any": "any of them"}
 
@@ -48,7 +50,8 @@ def render_markdown(r: dict) -> str:
                     f"on {_pct(h[x['name'] + '_classifier_alone'])})" for x in rounds)
         + f". Goal (fewer than half, against the {'hardened' if len(rounds) > 1 else 'shipped'} detector): "
         + ("met." if h["under_half"] else "**not met**.")
-        + ("" if h["eps"] == 0.1 else " (eps 0.1 was not in this run; this is the largest budget that was.)"), "",
+        + ("" if h["eps"] == GOAL_EPS else f" (eps {GOAL_EPS} was not in this run; this is the largest budget that "
+           "was.)"), "",
         "## Threat model of this run", "",
         "- White-box attacker: knows the weights, the gates, the class prototypes, the detector and its threshold; "
         "sends float images in [0, 1] within an Linf ball of radius eps around a correctly classified test image.",

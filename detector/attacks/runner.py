@@ -88,13 +88,19 @@ def save_result(path: Path, result: AttackResult, extra: dict | None = None) -> 
     tmp.replace(path)
 
 
-def load_result(path: Path, spec: AttackSpec) -> AttackResult:
+def read_result(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(adversarial images, labels, metadata) of an ``.npz`` written by :func:`save_result`; the metadata is
+    empty when the file has none."""
     with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        if meta["attack"] != spec.name or meta["params"] != json.loads(spec.canonical())["params"]:
-            raise ValueError(f"{path}: cached attack {meta['attack']} {meta['params']} is not {spec.canonical()}")
-        return AttackResult(spec, torch.from_numpy(z["adversarial"]), torch.from_numpy(z["labels"]),
-                            float(meta["seconds"]))
+        meta = json.loads(str(z["meta"])) if "meta" in z else {}
+        return z["adversarial"], z["labels"], meta
+
+
+def load_result(path: Path, spec: AttackSpec) -> AttackResult:
+    adversarial, labels, meta = read_result(path)
+    if meta.get("attack") != spec.name or meta.get("params") != json.loads(spec.canonical())["params"]:
+        raise ValueError(f"{path}: cached attack {meta.get('attack')} {meta.get('params')} is not {spec.canonical()}")
+    return AttackResult(spec, torch.from_numpy(adversarial), torch.from_numpy(labels), float(meta["seconds"]))
 
 
 def cached_attack(model: torch.nn.Module, model_digest: str, images: Tensor, labels: Tensor, spec: AttackSpec, *,

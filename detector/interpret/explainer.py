@@ -125,9 +125,10 @@ def _chosen_inputs(cfg: ExplainConfig, bundle: Bundle) -> tuple[Tensor, list[int
         images = load_image_files(list(cfg.image_files), bundle.input_shape)
         return images, [None] * len(images), [f"file {Path(f).name}" for f in cfg.image_files]
     if cfg.attack_file:
-        with np.load(cfg.attack_file, allow_pickle=False) as z:
-            adv, labels = z["adversarial"][:cfg.images], z["labels"][:cfg.images]
-            attack = json.loads(str(z["meta"])).get("attack", "attack") if "meta" in z else "attack"
+        from ..attacks.runner import read_result
+
+        adv, labels, meta = read_result(cfg.attack_file)
+        adv, labels, attack = adv[:cfg.images], labels[:cfg.images], meta.get("attack", "attack")
         if tuple(adv.shape[1:]) != tuple(bundle.input_shape):
             raise ValueError(f"{cfg.attack_file}: images of shape {tuple(adv.shape[1:])} do not fit the model's "
                              f"{tuple(bundle.input_shape)}")
