@@ -2,20 +2,21 @@
 
 Each entry names the torchattacks class, its default parameters and the norm its budget is in.
 Minimum-perturbation attacks (CW, DeepFool) have no fixed budget; their perturbation size is reported.
+torchattacks is imported when an attack is built, not with this module: the server, whose command line
+parses these names, runs without it (the server image leaves it out).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import torchattacks
-
 
 @dataclass(frozen=True)
 class AttackInfo:
-    cls: type
+    cls: str  # class name in torchattacks
     defaults: dict[str, Any]
     norm: str | None  # "linf", "l2" or None (no fixed budget)
     reference: str
@@ -25,17 +26,17 @@ class AttackInfo:
 
 
 ATTACKS: dict[str, AttackInfo] = {
-    "fgsm": AttackInfo(torchattacks.FGSM, {"eps": 0.1}, "linf", "Goodfellow et al. 2015"),
-    "bim": AttackInfo(torchattacks.BIM, {"eps": 0.1, "alpha": 0.01, "steps": 20}, "linf", "Kurakin et al. 2017"),
-    "pgd": AttackInfo(torchattacks.PGD, {"eps": 0.1, "alpha": 0.01, "steps": 20, "random_start": True}, "linf",
+    "fgsm": AttackInfo("FGSM", {"eps": 0.1}, "linf", "Goodfellow et al. 2015"),
+    "bim": AttackInfo("BIM", {"eps": 0.1, "alpha": 0.01, "steps": 20}, "linf", "Kurakin et al. 2017"),
+    "pgd": AttackInfo("PGD", {"eps": 0.1, "alpha": 0.01, "steps": 20, "random_start": True}, "linf",
                       "Madry et al. 2018"),
-    "pgdl2": AttackInfo(torchattacks.PGDL2, {"eps": 1.5, "alpha": 0.15, "steps": 20, "random_start": True}, "l2",
+    "pgdl2": AttackInfo("PGDL2", {"eps": 1.5, "alpha": 0.15, "steps": 20, "random_start": True}, "l2",
                         "Madry et al. 2018, L2"),
-    "cw": AttackInfo(torchattacks.CW, {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01}, None,
+    "cw": AttackInfo("CW", {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01}, None,
                      "Carlini & Wagner 2017, L2"),
-    "deepfool": AttackInfo(torchattacks.DeepFool, {"steps": 50, "overshoot": 0.02}, None,
+    "deepfool": AttackInfo("DeepFool", {"steps": 50, "overshoot": 0.02}, None,
                            "Moosavi-Dezfooli et al. 2016, L2"),
-    "apgd": AttackInfo(torchattacks.APGD, {"eps": 0.1, "steps": 20, "norm": "Linf", "loss": "ce", "n_restarts": 1},
+    "apgd": AttackInfo("APGD", {"eps": 0.1, "steps": 20, "norm": "Linf", "loss": "ce", "n_restarts": 1},
                        "linf", "Croce & Hein 2020 (AutoAttack's APGD-CE)"),
 }
 
@@ -95,7 +96,7 @@ class AttackSpec:
         params = dict(self.params)
         if self.name == "apgd":
             params["seed"] = seed
-        return self.info.cls(model, **params)
+        return getattr(importlib.import_module("torchattacks"), self.info.cls)(model, **params)
 
 
 def parse_attack(text: str) -> AttackSpec:

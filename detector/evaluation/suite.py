@@ -16,7 +16,6 @@ from .adversarial import compute_all, compute_shard, load_shards
 from .analysis import analyze
 from .config import EvalConfig
 from .images import select_images
-from .plots import write_plots
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -86,6 +85,8 @@ def _finish(cfg, out, bundle, splits, sets, specs, adv, attack_seconds, t0) -> d
         **body,
     }
     if cfg.plots:
+        from .plots import write_plots  # matplotlib only when drawing (the server image has none)
+
         thresholds = {d: info["threshold"] for d, info in body["detectors"].items()}
         report["plots"] = write_plots(out, scores, body["results"], thresholds, [s.label for s in specs])
     report["timing"]["attack_seconds"] = attack_seconds

@@ -1,0 +1,44 @@
+"""The server image (deploy/docker, target ``server``) leaves out torchattacks, torchvision and matplotlib:
+``pathguard serve`` and everything its command line parses must import without them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "default"
+
+# A meta-path finder that refuses the offline-only packages, as if they were not installed.
+BLOCK = """
+import sys
+OFFLINE_ONLY = {"torchattacks", "torchvision", "matplotlib"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in OFFLINE_ONLY:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_offline_packages(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True, timeout=120)
+
+
+def test_serve_command_line_and_server_import_without_offline_packages(tmp_path):
+    proc = run_without_offline_packages(
+        "from detector.cli import build_parser\n"
+        "args = build_parser().parse_args(['serve', '--port', '0'])\n"
+        "assert args.command == 'serve'\n"
+        "import service.server, service.screening\n"
+        "from detector.bundle import load_bundle\n"
+        f"load_bundle({str(DEFAULT_BUNDLE)!r})\n"
+        "print('ok', sorted(m for m in sys.modules if m.split('.')[0] in OFFLINE_ONLY))\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", "[]"]
+
+
+def test_blocker_really_blocks():
+    proc = run_without_offline_packages("from detector.attacks import parse_attack\n"
+                                        "import torch\n"
+                                        "parse_attack('fgsm').build(torch.nn.Flatten())\n")
+    assert proc.returncode != 0
+    assert "ModuleNotFoundError: No module named 'torchattacks' (blocked)" in proc.stderr
