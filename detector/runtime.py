@@ -12,19 +12,36 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def available_cpus() -> int:
-    """CPUs this process may really use: the affinity mask, capped by a cgroup v2 CPU quota.
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs, or None when unlimited or unknown.
 
-    In a container with ``limits.cpu: 2`` on a 64-core node, ``os.cpu_count()`` says 64; letting torch
-    start 64 threads then makes throughput collapse. The quota (``cpu.max``) says 2.
+    cgroup v2 writes it as ``cpu.max`` ("max 100000" or "150000 100000"); cgroup v1, still the default on
+    some nodes and container hosts, as ``cpu/cpu.cfs_quota_us`` (-1: unlimited) over ``cpu.cfs_period_us``.
     """
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
+    for cpu in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota_us = int((cpu / "cpu.cfs_quota_us").read_text())
+            return None if quota_us < 0 else quota_us / int((cpu / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: the affinity mask, capped by the cgroup CPU quota (v2 or v1).
+
+    In a container with ``limits.cpu: 2`` on a 64-core node, ``os.cpu_count()`` says 64; letting torch
+    start 64 threads then makes throughput collapse. The quota says 2.
+    """
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
     return max(1, n)
 
 
