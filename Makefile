@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUNDLE ?= models/default
 
-.PHONY: run test lint protos data tools clean
+.PHONY: run test lint protos data tools image-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ run: $(STAMP)
 
 test: $(STAMP) data tools
 	$(BIN)/python -m pytest -q
+
+# Build the container images (deploy/docker/Dockerfile, targets server and eval) with podman and check the server
+# image end to end: KServe v2 screening of Fashion-MNIST, UID 10001, read-only root, SIGTERM drain under load.
+# Needs root and takes minutes, so it is not part of `make test`. Writes reports/deploy/image-test.json.
+image-test: $(STAMP) data
+	$(SUDO) $(BIN)/python deploy/image_test.py $(IMAGE_TEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check detector service tests bench

@@ -1,0 +1,559 @@
+"""``make image-test``: build PathGuard's container images and check the server image as a user runs it.
+
+Needs root and takes minutes (podman builds), so it is not part of ``make test``. Steps:
+
+1. Host set-up (idempotent): Debian's podman, runc and mmdebstrap; ``default_ulimits = []`` in podman's
+   system containers.conf; a local base image (``mmdebstrap --variant=minbase`` bookworm with python3, imported
+   as localhost/pathguard-base:bookworm) unless ``PYTHON_IMAGE`` names one. pip's local mirrors and CA
+   bundle from the host's pip configuration are handed to the build (mirrors over a loopback HTTP server).
+2. Build deploy/docker/Dockerfile's ``server`` and ``eval`` targets (``podman --runtime runc build
+   --network host``); record build time and image size.
+3. Start the server image as a user would deploy it: read-only root filesystem (a tmpfs on /tmp only),
+   all capabilities dropped, no privilege escalation, 1 CPU, ports published on loopback.
+4. Check it: runs as UID/GID 10001, the root filesystem refuses writes even from root, /tmp is writable,
+   ``OMP_WAIT_POLICY=PASSIVE``, gRPC listens on all interfaces, torch threads follow the CPU quota.
+5. Screen real Fashion-MNIST test images through it with tritonclient.grpc (KServe v2, deploy/image_client.py
+   in a subprocess) and compare with the same bundle run in this process and with the labels.
+6. Put it under load (concurrent KServe clients), SIGTERM it, and check it exits 0 having answered every
+   call it accepted: client records against the server's own drain log.
+7. Write reports/deploy/image-test.json and print a summary; exit 1 if a check failed.
+
+Build arguments can be overridden through the environment: PYTHON_IMAGE, TORCH_SPEC, TORCH_PIP_ARGS,
+EVAL_TORCH_SPEC, EVAL_TORCH_PIP_ARGS, PIP_ARGS (see the Dockerfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = "deploy/docker/Dockerfile"
+CLIENT = ROOT / "deploy" / "image_client.py"
+BASE_IMAGE = "localhost/pathguard-base:bookworm"
+TAGS = {"server": "localhost/pathguard:image-test", "eval": "localhost/pathguard-eval:image-test"}
+CONTAINER = "pathguard-image-test"
+PODMAN = ["podman", "--runtime", "runc"]
+CONTAINERS_CONF = Path("/etc/containers/containers.conf")
+PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+WORK = Path("/var/tmp/pathguard-image-test")  # build logs, the base image's tarball, the mirror's links
+UID = 10001
+
+
+def log(msg: str) -> None:
+    print(f"[image-test {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list[str], *, check: bool = True, timeout: float | None = 600, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc
+
+
+def podman(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run([*PODMAN, *args], **kw)
+
+
+# ---- 1. host set-up ---------------------------------------------------------------------------------------------
+
+def ensure_tools() -> None:
+    missing = [t for t in ("podman", "runc", "mmdebstrap") if shutil.which(t) is None]
+    if missing:
+        log(f"installing {', '.join(missing)} (apt)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-q"], timeout=900, env=env)
+        run(["apt-get", "install", "-y", "-q", *missing], timeout=1800, env=env)
+
+
+def ensure_containers_conf(path: Path = CONTAINERS_CONF) -> None:
+    """``default_ulimits = []`` under ``[containers]``: podman's default nofile ulimit fails on these hosts."""
+    text = path.read_text() if path.exists() else ""
+    if re.search(r"^\s*default_ulimits\s*=", text, re.M):
+        return
+    if re.search(r"^\[containers\]", text, re.M):
+        text = re.sub(r"^\[containers\][^\n]*\n", lambda m: m.group(0) + "default_ulimits = []\n", text, count=1,
+                      flags=re.M)
+    else:
+        text += ("\n" if text and not text.endswith("\n") else "") + "[containers]\ndefault_ulimits = []\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    log(f"set default_ulimits = [] in {path}")
+
+
+def ensure_base_image() -> tuple[str, bool]:
+    """PYTHON_IMAGE if given, else the local bookworm image (built once). Returns (image, built now)."""
+    if os.environ.get("PYTHON_IMAGE"):
+        return os.environ["PYTHON_IMAGE"], False
+    if podman("image", "exists", BASE_IMAGE, check=False).returncode == 0:
+        return BASE_IMAGE, False
+    log(f"building {BASE_IMAGE} with mmdebstrap (minbase bookworm + python3)")
+    WORK.mkdir(parents=True, exist_ok=True)
+    tar = WORK / "base.tar"
+    run(["nice", "-n", "10", "mmdebstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+         "bookworm", str(tar)], timeout=1800)
+    podman("import", str(tar), BASE_IMAGE, timeout=600)
+    tar.unlink()
+    return BASE_IMAGE, True
+
+
+def host_pip_config() -> dict[str, list[str]]:
+    """find-links, extra-index-url, index-url and cert from the host's pip configuration and environment."""
+    out = run([sys.executable, "-m", "pip", "config", "list"], check=False).stdout
+    conf: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        m = re.match(r"^[^=]*\.(find-links|extra-index-url|index-url|cert)='(.*)'$", line.strip())
+        if m:
+            for value in m.group(2).split():
+                if value not in conf.setdefault(m.group(1), []):
+                    conf[m.group(1)].append(value)
+    return conf
+
+
+class Mirror:
+    """Serves the host's local pip mirrors (file:// URLs, folders) to the build over loopback HTTP.
+
+    A fixed port keeps the build arguments, and so podman's layer cache, the same from run to run.
+    """
+
+    def __init__(self, port: int = 8711) -> None:
+        self.port, self.proc, self.links = port, None, WORK / "mirror"
+
+    def pip_args(self, conf: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+        """pip options for the build, and the ``podman build -v`` mounts they need."""
+        args: list[str] = []
+        mounts: list[str] = []
+        for cert in conf.get("cert", [])[:1]:
+            if Path(cert).is_file():
+                mounts += ["-v", f"{cert}:/run/pathguard-build/ca.crt:ro"]
+                args += ["--cert", "/run/pathguard-build/ca.crt"]
+        for opt in ("index-url", "extra-index-url", "find-links"):
+            for loc in conf.get(opt, []):
+                args += [f"--{opt}", self._serve(loc)]
+        return args, mounts
+
+    def _serve(self, loc: str) -> str:
+        path = loc.removeprefix("file://")
+        if not path.startswith("/"):
+            return loc  # a remote index: the build reaches it itself (--network host)
+        if not Path(path).exists():
+            return loc
+        link = self.links / path.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(path)
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self) -> Mirror:
+        if self.links.exists() and any(self.links.iterdir()):
+            self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                          "--directory", str(self.links)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            wait_for(lambda: port_open(self.port), 10, "the local pip mirror")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except Exception:
+        return False
+
+
+def torch_build_args(conf: dict[str, list[str]], python_tag: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Where each image's torch comes from, and why (the choice is reported).
+
+    Server: a CPU-only torch (no CUDA libraries; the server needs no torchvision): a local ``+cpu`` wheel for
+    this Python if pip's find-links has one, else PyTorch's CPU index if reachable, else PyPI's (CUDA) wheel.
+    Evaluation: the Makefile's pin (torch + torchvision) from PyTorch's CPU index, else PyPI / the mirror.
+    """
+    env = os.environ
+    pytorch = reachable(PYTORCH_CPU_INDEX + "/torch/")
+    args: dict[str, str] = {}
+    why: dict[str, str] = {}
+    wheels = sorted(w for d in conf.get("find-links", []) if Path(d.removeprefix("file://")).is_dir()
+                    for w in Path(d.removeprefix("file://")).glob(f"torch-*+cpu-{python_tag}-*.whl"))
+    if "TORCH_SPEC" in env:
+        args["TORCH_SPEC"], why["server"] = env["TORCH_SPEC"], "TORCH_SPEC from the environment"
+    elif wheels:
+        version = wheels[-1].name.split("-")[1]
+        args["TORCH_SPEC"], args["TORCH_PIP_ARGS"] = f"torch=={version}", ""
+        why["server"] = f"local CPU wheel {wheels[-1].name} (pip find-links)"
+    elif pytorch:
+        why["server"] = "PyTorch's CPU index (the Dockerfile's default)"
+    else:
+        args["TORCH_PIP_ARGS"] = ""
+        why["server"] = "PyPI (PyTorch's CPU index unreachable): CUDA wheels, a much larger image"
+    if "EVAL_TORCH_SPEC" in env:
+        args["EVAL_TORCH_SPEC"] = env["EVAL_TORCH_SPEC"]
+    if not pytorch:
+        args["EVAL_TORCH_PIP_ARGS"] = ""
+    why["eval"] = ("PyTorch's CPU index" if pytorch else "PyPI / local mirror (PyTorch's CPU index unreachable): "
+                   "CUDA build of the Makefile's pin")
+    for key in ("TORCH_PIP_ARGS", "EVAL_TORCH_PIP_ARGS"):
+        if key in env:
+            args[key] = env[key]
+    return args, why
+
+
+# ---- 2. build -----------------------------------------------------------------------------------------------------
+
+def build(target: str, base: str, build_args: dict[str, str], mounts: list[str]) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    logfile = WORK / f"build-{target}.log"
+    cmd = ["nice", "-n", "10", *PODMAN, "build", "--network", "host", *mounts, "-f", DOCKERFILE, "--target", target,
+           "-t", TAGS[target], "--build-arg", f"PYTHON_IMAGE={base}"]
+    for key, value in build_args.items():
+        cmd += ["--build-arg", f"{key}={value}"]
+    log(f"building target {target} -> {TAGS[target]} (log: {logfile})")
+    start = time.monotonic()
+    with open(logfile, "w") as f:
+        rc = subprocess.run([*cmd, "."], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=3600).returncode
+    seconds = time.monotonic() - start
+    if rc != 0:
+        raise RuntimeError(f"build of {target} failed ({rc}); last lines of {logfile}:\n"
+                           + "".join(logfile.read_text().splitlines(True)[-30:]))
+    cached = logfile.read_text().count("Using cache")
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", TAGS[target]).stdout.strip())
+    probe = ("import importlib.util as u, json, os, sys, torch; print(json.dumps({'python': sys.version.split()[0], "
+             "'torch': torch.__version__, 'cuda_build': torch.version.cuda is not None, "
+             "'installed': {m: u.find_spec(m) is not None for m in ('torchvision', 'torchattacks', 'matplotlib', "
+             "'sklearn', 'grpc')}, 'fashion_mnist': os.path.isdir('/usr/share/datasets/fashion-mnist')}))")
+    contents = json.loads(podman("run", "--rm", "--entrypoint", "python", TAGS[target], "-c", probe).stdout)
+    venv_kb = int(podman("run", "--rm", "--entrypoint", "du", TAGS[target], "-sk", "/opt/venv").stdout.split()[0])
+    log(f"{target}: {size / 1e6:.0f} MB ({seconds:.0f} s, {cached} cached steps)")
+    return {"tag": TAGS[target], "size_bytes": size, "size_mb": round(size / 1e6, 1),
+            "venv_mb": round(venv_kb * 1024 / 1e6, 1), "build_seconds": round(seconds, 1),
+            "cached_steps": cached, "contents": contents, "build_log": str(logfile)}
+
+
+# ---- 3-6. run and check the server image --------------------------------------------------------------------------
+
+class ServerContainer:
+    """The server image started as deployed: read-only root, /tmp tmpfs, no capabilities, 1 CPU."""
+
+    def __init__(self, image: str, cpus: int = 1) -> None:
+        self.image, self.cpus = image, cpus
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.grpc_port}"
+
+    def __enter__(self) -> ServerContainer:
+        podman("rm", "-f", "--ignore", CONTAINER, check=False)
+        podman("run", "-d", "--name", CONTAINER, "--read-only", "--read-only-tmpfs=false",
+               "--tmpfs", "/tmp:rw,size=64m", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+               "--cpus", str(self.cpus),
+               "-p", f"127.0.0.1:{self.grpc_port}:50051", "-p", f"127.0.0.1:{self.metrics_port}:8002", self.image)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        podman("rm", "-f", "--ignore", CONTAINER, check=False)
+
+    def exec(self, *cmd: str, user: str | None = None) -> subprocess.CompletedProcess:
+        return podman("exec", *(["--user", user] if user else []), CONTAINER, *cmd, check=False)
+
+    def logs(self) -> str:
+        proc = podman("logs", CONTAINER, check=False)
+        return proc.stdout + proc.stderr
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+def listening_addresses(tcp_tables: str, port: int) -> list[str]:
+    """Local addresses of sockets in LISTEN state on ``port`` from /proc/net/tcp and tcp6 text."""
+    found = []
+    for line in tcp_tables.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) > 3 and parts[3] == "0A" and ":" in parts[1]:
+            addr, p = parts[1].rsplit(":", 1)
+            if int(p, 16) == port:
+                found.append("0.0.0.0" if set(addr) == {"0"} else addr)
+    return found
+
+
+def check_container(c: ServerContainer) -> dict:
+    status = c.exec("cat", "/proc/1/status").stdout
+    uid = [int(v) for v in re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()]
+    gid = [int(v) for v in re.search(r"^Gid:\s+(.*)$", status, re.M).group(1).split()]
+    root_write = c.exec("sh", "-c", "echo x > /probe", user="0")
+    tmp_write = c.exec("sh", "-c", "echo x > /tmp/probe && rm /tmp/probe")
+    readonly_flag = podman("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", CONTAINER).stdout.strip()
+    environ = dict(kv.split("=", 1) for kv in c.exec("cat", "/proc/1/environ").stdout.split("\0") if "=" in kv)
+    tcp = c.exec("cat", "/proc/net/tcp").stdout + c.exec("sh", "-c", "tail -n +2 /proc/net/tcp6").stdout
+    threads = re.search(r"(\d+) torch threads", c.logs())
+    return {
+        "uid": uid, "gid": gid, "runs_as_10001": set(uid) == {UID} and set(gid) == {UID},
+        "readonly_rootfs_flag": readonly_flag == "true",
+        "root_write_refused": root_write.returncode != 0 and "Read-only file system" in root_write.stderr,
+        "root_write_error": root_write.stderr.strip(),
+        "tmp_writable": tmp_write.returncode == 0,
+        "omp_wait_policy": environ.get("OMP_WAIT_POLICY"),
+        "grpc_listen_addresses": listening_addresses(tcp, 50051),
+        "cpus": c.cpus, "torch_threads": int(threads.group(1)) if threads else None,
+    }
+
+
+def client(command: str, target: str, images: Path, *extra: str, timeout: float = 600,
+           popen: bool = False):
+    cmd = [sys.executable, str(CLIENT), command, "--target", target, "--images", str(images), *extra]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = run(cmd, timeout=timeout)
+    return json.loads(proc.stdout)
+
+
+def reference(n: int, seed: int, workdir: Path) -> tuple[dict, Path]:
+    """n random Fashion-MNIST test images (seeded), their labels, and the default bundle's answers in-process."""
+    import numpy as np
+    import torch
+
+    from detector.bundle import load_bundle
+    from detector.data import load_dataset
+
+    torch.set_num_threads(1)
+    test = load_dataset("fashion-mnist", "test")
+    idx = torch.from_numpy(np.random.default_rng(seed).choice(len(test), n, replace=False))
+    images = test.images[idx]
+    path = workdir / "images.npy"
+    np.save(path, images.numpy())
+    bundle = load_bundle(ROOT / "models" / "default")
+    res = bundle.screen(images.float().div(255.0))
+    np.save(workdir / "expected.npy", res.predictions)
+    return {"labels": test.labels[idx].numpy(), "predictions": res.predictions, "scores": res.scores,
+            "indices": idx.numpy(), "torch": torch.__version__}, path
+
+
+def check_screening(c: ServerContainer, images: Path, ref: dict, batch: int) -> dict:
+    import numpy as np
+
+    out = client("screen", c.target, images, "--batch", str(batch))
+    pred, score = np.asarray(out["predicted_class"]), np.asarray(out["adversarial_score"])
+    n = len(ref["labels"])
+    metric = re.search(r"^pathguard_images_total (\S+)$", c.metrics(), re.M)
+    return {
+        "images": n, "batch": batch, "calls": out["calls"], "answered": int(len(pred)),
+        "ready_seconds": round(out["ready_seconds"], 2), "seconds": round(out["seconds"], 2),
+        "images_per_second": round(n / out["seconds"], 1),
+        "accuracy": float((pred == ref["labels"]).mean()),
+        "accuracy_in_process": float((ref["predictions"] == ref["labels"]).mean()),
+        "prediction_agreement_with_in_process": float((pred == ref["predictions"]).mean()),
+        "score_max_abs_diff": float(np.abs(score - ref["scores"]).max()),
+        "score_agreement_within_1e-3": float((np.abs(score - ref["scores"]) <= 1e-3).mean()),
+        "metrics_images_total": float(metric.group(1)) if metric else None,
+        "model_platform": out["model_metadata"].get("platform"),
+        "client_rpcs": out["calls"],
+    }
+
+
+def drain_under_load(c: ServerContainer, images: Path, expected: Path, clients: int, batch: int,
+                     load_seconds: float) -> dict:
+    """Concurrent KServe clients; once calls are in flight, SIGTERM; wait for the exit; compare both sides."""
+    proc = client("load", c.target, images, "--expect", str(expected), "--clients", str(clients), "--batch",
+                  str(batch), "--duration", str(load_seconds + 120), popen=True)
+    try:
+        line = proc.stderr.readline()
+        if "LOADED" not in line:
+            raise RuntimeError(f"load client did not start: {line}{proc.stderr.read()}")
+
+        def inflight() -> float:
+            m = re.search(r"^pathguard_inflight_requests (\S+)$", c.metrics(), re.M)
+            return float(m.group(1)) if m else 0.0
+
+        wait_for(lambda: inflight() >= max(1, clients // 2), 60, "calls in flight")
+        time.sleep(load_seconds)  # steady load first
+        inflight_at_signal = inflight()
+        t_signal = time.time()
+        podman("kill", "--signal", "TERM", CONTAINER)
+        exit_code = int(podman("wait", CONTAINER, timeout=120).stdout.strip().splitlines()[-1])
+        t_exit = time.time()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    calls = json.loads(out)["calls"]
+    logs = c.logs()
+    drain = re.search(r"drained in ([\d.]+) s: (\d+) accepted calls finished \((\d+) since start\), (\d+) cut off",
+                      logs)
+    draining = re.search(r"draining: new calls refused, [\d.]+ s grace for (\d+) calls in flight", logs)
+    by_status: dict[str, int] = {}
+    for r in calls:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    ok = [r for r in calls if r["status"] == "OK"]
+    refused = [r for r in calls if r["status"] == "UNAVAILABLE"]
+    other = [r for r in calls if r["status"] not in ("OK", "UNAVAILABLE")]
+    wrong = [r for r in ok if r["answered"] != r["images"]]
+    return {
+        "clients": clients, "batch": batch, "cpus": c.cpus, "load_seconds_before_sigterm": load_seconds,
+        "inflight_metric_at_sigterm": inflight_at_signal,
+        "exit_code": exit_code, "seconds_sigterm_to_exit_seen_by_podman": round(t_exit - t_signal, 2),
+        "client_calls": len(calls), "client_calls_by_status": by_status,
+        "client_ok_calls": len(ok), "client_ok_calls_ending_after_sigterm": sum(r["end"] > t_signal for r in ok),
+        "client_ok_calls_wrong_count": len(wrong),
+        "client_mismatched_predictions": sum(r.get("mismatched", 0) for r in ok),
+        "client_images_answered": sum(r["answered"] for r in ok),
+        "client_refused_messages": sorted({r.get("message", "")[:160] for r in refused}),
+        "client_other_errors": [{k: r.get(k) for k in ("status", "message")} for r in other][:10],
+        "server_inflight_at_drain": int(draining.group(1)) if draining else None,
+        "server_finished_during_drain": int(drain.group(2)) if drain else None,
+        "server_finished_since_start": int(drain.group(3)) if drain else None,
+        "server_cut_off": int(drain.group(4)) if drain else None,
+        "server_drain_seconds": float(drain.group(1)) if drain else None,
+        "server_log_tail": logs.splitlines()[-6:],
+    }
+
+
+# ---- 7. report ------------------------------------------------------------------------------------------------------
+
+def verdicts(report: dict) -> dict[str, bool]:
+    c, s, d = report["container"], report["screening"], report["drain"]
+    answered_everywhere = d["server_finished_since_start"] == s["client_rpcs"] + d["client_ok_calls"]
+    return {
+        "runs as UID/GID 10001": c["runs_as_10001"],
+        "read-only root filesystem (write as root refused)": c["readonly_rootfs_flag"] and c["root_write_refused"],
+        "/tmp writable": c["tmp_writable"],
+        "OMP_WAIT_POLICY=PASSIVE": c["omp_wait_policy"] == "PASSIVE",
+        "gRPC listens on all interfaces": "0.0.0.0" in c["grpc_listen_addresses"],
+        "torch threads = CPU quota": c["torch_threads"] == c["cpus"],
+        "every image answered": s["answered"] == s["images"],
+        "predictions agree with the bundle in-process (>= 99.5%)": s["prediction_agreement_with_in_process"] >= 0.995,
+        "SIGTERM under load: exit 0": d["exit_code"] == 0,
+        "calls in flight at SIGTERM": (d["server_inflight_at_drain"] or 0) > 0,
+        "0 accepted calls lost (none cut off, no error but refusal)": d["server_cut_off"] == 0
+        and not d["client_other_errors"] and d["client_ok_calls_wrong_count"] == 0,
+        "server's count of finished calls = client's answered calls": answered_everywhere,
+    }
+
+
+def summary(report: dict) -> str:
+    lines = ["PathGuard image test"]
+    for target, b in report["images"].items():
+        line = f"  image {target:6s} {b['size_mb']:8.1f} MB"
+        if "contents" in b:
+            k = b["contents"]
+            line += (f"  (venv {b['venv_mb']:.0f} MB, torch {k['torch']}, torchvision {k['installed']['torchvision']}, "
+                     f"torchattacks {k['installed']['torchattacks']}, dataset {k['fashion_mnist']})")
+        lines.append(line)
+    c, s, d = report.get("container"), report.get("screening"), report.get("drain")
+    if c:
+        lines.append(f"  container: uid {c['uid']} gid {c['gid']}, read-only root: {c['root_write_error'] or '?'}; "
+                     f"OMP_WAIT_POLICY={c['omp_wait_policy']}; listens on {c['grpc_listen_addresses']}; "
+                     f"{c['torch_threads']} torch threads on {c['cpus']} CPU")
+    if s:
+        lines.append(f"  screened {s['answered']}/{s['images']} Fashion-MNIST test images over KServe v2 in "
+                     f"{s['seconds']} s ({s['images_per_second']} img/s): accuracy {s['accuracy']:.4f} "
+                     f"(in-process {s['accuracy_in_process']:.4f}), "
+                     f"agreement {s['prediction_agreement_with_in_process']:.4f}, "
+                     f"max |score diff| {s['score_max_abs_diff']:.2e}")
+    if d:
+        lines.append(f"  SIGTERM under load ({d['clients']} clients x {d['batch']} images): exit {d['exit_code']} "
+                     f"({d['server_drain_seconds']} s drain); server: {d['server_inflight_at_drain']} in flight, "
+                     f"{d['server_finished_during_drain']} finished during drain, {d['server_cut_off']} cut off; "
+                     f"client: {d['client_calls_by_status']}, {d['client_ok_calls_ending_after_sigterm']} answered "
+                     f"after SIGTERM; server finished {d['server_finished_since_start']} calls in all")
+    for name, ok in report.get("checks", {}).items():
+        lines.append(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", default="server,eval", help="images to build (the checks run on server)")
+    p.add_argument("--no-build", action="store_true", help="check the images already built")
+    p.add_argument("--images", type=int, default=1000, help="Fashion-MNIST test images to screen")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients during the SIGTERM check")
+    p.add_argument("--load-seconds", type=float, default=10.0, help="seconds of load before SIGTERM")
+    p.add_argument("--out", default=str(ROOT / "reports" / "deploy" / "image-test.json"))
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("make image-test needs root (podman builds and runs containers): run it with sudo", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    targets = [t for t in args.targets.split(",") if t]
+    report: dict = {"command": "make image-test", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "images": {}}
+    ensure_tools()
+    ensure_containers_conf()
+    base, built_base = ensure_base_image()
+    report["base_image"] = {"image": base, "built_now": built_base, "podman": podman("--version").stdout.strip(),
+                            "runtime": "runc"}
+    conf = host_pip_config()
+    python_tag = "cp" + podman("run", "--rm", base, "python3", "-c",
+                               "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')").stdout.strip()
+    torch_args, why = torch_build_args(conf, python_tag)
+    report["torch_source"] = why
+    mirror = Mirror(int(os.environ.get("PATHGUARD_MIRROR_PORT", "8711")))
+    pip_args, mounts = mirror.pip_args(conf)
+    build_args = {"PIP_ARGS": " ".join(pip_args), **torch_args}
+    if "PIP_ARGS" in os.environ:
+        build_args["PIP_ARGS"] = os.environ["PIP_ARGS"]
+    report["build_args"] = build_args
+    with mirror:
+        for target in targets:
+            if args.no_build:
+                continue
+            report["images"][target] = build(target, base, build_args, mounts)
+    if args.no_build:
+        for target in targets:
+            size = int(podman("image", "inspect", "--format", "{{.Size}}", TAGS[target]).stdout.strip())
+            report["images"][target] = {"tag": TAGS[target], "size_bytes": size, "size_mb": round(size / 1e6, 1)}
+    with tempfile.TemporaryDirectory(prefix="pathguard-image-") as tmp:
+        ref, images = reference(args.images, seed=0, workdir=Path(tmp))
+        report["reference"] = {"images": args.images, "seed": 0, "split": "fashion-mnist test",
+                               "in_process_torch": ref["torch"]}
+        with ServerContainer(TAGS["server"]) as c:
+            log(f"started {CONTAINER} from {TAGS['server']} (gRPC {c.target}, metrics :{c.metrics_port})")
+            report["screening"] = check_screening(c, images, ref, batch=32)
+            report["container"] = check_container(c)
+            log(f"screened {args.images} images; SIGTERM under load next")
+            report["drain"] = drain_under_load(c, images, Path(tmp) / "expected.npy", args.clients, batch=64,
+                                               load_seconds=args.load_seconds)
+    report["checks"] = verdicts(report)
+    report["passed"] = all(report["checks"].values())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(summary(report))
+    print(f"written {args.out}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
