@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -235,14 +236,15 @@ def torch_build_args(conf: dict[str, list[str]], python_tag: str) -> tuple[dict[
 
 # ---- 2. build -----------------------------------------------------------------------------------------------------
 
-def build(target: str, base: str, build_args: dict[str, str], mounts: list[str]) -> dict:
+def build(target: str, base: str, build_args: dict[str, str], mounts: list[str], tag: str | None = None) -> dict:
+    tag = tag or TAGS[target]
     WORK.mkdir(parents=True, exist_ok=True)
-    logfile = WORK / f"build-{target}.log"
+    logfile = WORK / f"build-{tag.rsplit(':', 1)[-1]}-{target}.log"
     cmd = ["nice", "-n", "10", *PODMAN, "build", "--network", "host", *mounts, "-f", DOCKERFILE, "--target", target,
-           "-t", TAGS[target], "--build-arg", f"PYTHON_IMAGE={base}"]
+           "-t", tag, "--build-arg", f"PYTHON_IMAGE={base}"]
     for key, value in build_args.items():
         cmd += ["--build-arg", f"{key}={value}"]
-    log(f"building target {target} -> {TAGS[target]} (log: {logfile})")
+    log(f"building target {target} -> {tag} (log: {logfile})")
     start = time.monotonic()
     with open(logfile, "w") as f:
         rc = subprocess.run([*cmd, "."], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=3600).returncode
@@ -251,17 +253,22 @@ def build(target: str, base: str, build_args: dict[str, str], mounts: list[str])
         raise RuntimeError(f"build of {target} failed ({rc}); last lines of {logfile}:\n"
                            + "".join(logfile.read_text().splitlines(True)[-30:]))
     cached = logfile.read_text().count("Using cache")
-    size = int(podman("image", "inspect", "--format", "{{.Size}}", TAGS[target]).stdout.strip())
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
     probe = ("import importlib.util as u, json, os, sys, torch; print(json.dumps({'python': sys.version.split()[0], "
              "'torch': torch.__version__, 'cuda_build': torch.version.cuda is not None, "
              "'installed': {m: u.find_spec(m) is not None for m in ('torchvision', 'torchattacks', 'matplotlib', "
              "'sklearn', 'grpc')}, 'fashion_mnist': os.path.isdir('/usr/share/datasets/fashion-mnist')}))")
-    contents = json.loads(podman("run", "--rm", "--entrypoint", "python", TAGS[target], "-c", probe).stdout)
-    venv_kb = int(podman("run", "--rm", "--entrypoint", "du", TAGS[target], "-sk", "/opt/venv").stdout.split()[0])
+    contents = json.loads(podman("run", "--rm", "--entrypoint", "python", tag, "-c", probe).stdout)
+    venv_kb = int(podman("run", "--rm", "--entrypoint", "du", tag, "-sk", "/opt/venv").stdout.split()[0])
+    # The largest installed distributions (site-packages folders, MB): where the size goes.
+    du = podman("run", "--rm", "--entrypoint", "sh", tag, "-c",
+                "du -sk /opt/venv/lib/python3*/site-packages/* | sort -rn | head -12").stdout
+    largest = {Path(path).name: round(int(kb) * 1024 / 1e6, 1) for kb, path in (ln.split(None, 1) for ln in
+                                                                                du.splitlines())}
     log(f"{target}: {size / 1e6:.0f} MB ({seconds:.0f} s, {cached} cached steps)")
-    return {"tag": TAGS[target], "size_bytes": size, "size_mb": round(size / 1e6, 1),
-            "venv_mb": round(venv_kb * 1024 / 1e6, 1), "build_seconds": round(seconds, 1),
-            "cached_steps": cached, "contents": contents, "build_log": str(logfile)}
+    return {"tag": tag, "target": target, "size_bytes": size, "size_mb": round(size / 1e6, 1),
+            "venv_mb": round(venv_kb * 1024 / 1e6, 1), "largest_packages_mb": largest,
+            "build_seconds": round(seconds, 1), "cached_steps": cached, "contents": contents, "build_log": str(logfile)}
 
 
 # ---- 3-6. run and check the server image --------------------------------------------------------------------------
@@ -493,6 +500,20 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def holding(lock: str | None):
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        log(f"waiting for the lock {lock}")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="server,eval", help="images to build (the checks run on server)")
@@ -500,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1000, help="Fashion-MNIST test images to screen")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients during the SIGTERM check")
     p.add_argument("--load-seconds", type=float, default=10.0, help="seconds of load before SIGTERM")
+    p.add_argument("--lock", help="a file to hold an exclusive flock on while the container runs (its screening "
+                   "speed and drain under load), so that other heavy jobs on a shared machine do not overlap")
     p.add_argument("--out", default=str(ROOT / "reports" / "deploy" / "image-test.json"))
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -538,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         ref, images = reference(args.images, seed=0, workdir=Path(tmp))
         report["reference"] = {"images": args.images, "seed": 0, "split": "fashion-mnist test",
                                "in_process_torch": ref["torch"]}
-        with ServerContainer(TAGS["server"]) as c:
+        with holding(args.lock), ServerContainer(TAGS["server"]) as c:
             log(f"started {CONTAINER} from {TAGS['server']} (gRPC {c.target}, metrics :{c.metrics_port})")
             report["screening"] = check_screening(c, images, ref, batch=32)
             report["container"] = check_container(c)
