@@ -117,7 +117,7 @@ class ServerProcess:
         self.bundle_link = self.workdir / "bundle"
         self.bundle_link.symlink_to(Path(bundle).resolve())
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = [sys.executable, "-m", "detector.cli", "serve", "--bundle", str(self.bundle_link),
+        cmd = [sys.executable, "-m", "pathguard", "serve", "--bundle", str(self.bundle_link),
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--threads", str(threads), *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)

@@ -216,7 +216,7 @@ def run(cfg: BenchConfig, out_dir: Path) -> dict:
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         servers["pathguard"] = Server(
-            "pathguard", [sys.executable, "-m", "detector.cli", "serve", "--bundle", cfg.bundle, "--host", "127.0.0.1",
+            "pathguard", [sys.executable, "-m", "pathguard", "serve", "--bundle", cfg.bundle, "--host", "127.0.0.1",
                           "--port", str(port), "--metrics-port", str(metrics_port), "--threads", str(cfg.threads),
                           "--max-batch-size", str(cfg.max_batch_size),
                           "--max-queue-delay-ms", str(cfg.max_queue_delay_ms), "--engine", cfg.engine],

@@ -27,8 +27,17 @@ FORMAT = "pathguard-bundle"
 VERSION = 1
 META_FILE = "bundle.json"
 MODEL_FILE = "model.safetensors"
+# The bundle this repository ships; the container image sets PATHGUARD_BUNDLE to where it bakes its copy.
+DEFAULT_BUNDLE = str(Path(__file__).resolve().parent.parent / "models" / "default")
+BUNDLE_ENV = "PATHGUARD_BUNDLE"
+BUNDLE_HELP = "bundle directory (default: $PATHGUARD_BUNDLE or models/default)"
 _REQUIRED = {"format": str, "version": int, "name": str, "arch": str, "arch_args": dict, "gated": bool,
              "classes": list, "input_shape": list, "files": dict}
+
+
+def default_bundle() -> str:
+    """``$PATHGUARD_BUNDLE`` when set (as in the container image), else the repository's models/default."""
+    return os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE
 
 
 class BundleError(ValueError):
@@ -144,13 +153,6 @@ def write_part(path: str | Path, part: str, *, tensors: dict[str, Tensor] | None
         else:
             _save_tensors(path / name, payload)
         meta["files"][name] = sha256_file(path / name)
-    _write_json(path / META_FILE, meta)
-
-
-def update_meta(path: str | Path, **fields: Any) -> None:
-    path = Path(path)
-    meta = read_meta(path)
-    meta.update(fields)
     _write_json(path / META_FILE, meta)
 
 

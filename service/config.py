@@ -1,30 +1,21 @@
-"""Typed configuration of ``pathguard serve`` and ``pathguard screen``, from flags, environment and defaults.
+"""Typed configuration of ``pathguard serve`` and ``pathguard screen``: fields, defaults, validation.
 
-Each field is a ``--flag`` and a ``PATHGUARD_<FIELD>`` environment variable (``max_batch_size`` is
-``--max-batch-size`` and ``PATHGUARD_MAX_BATCH_SIZE``). A flag wins over the environment, which wins over
-the default. Nothing is read at import: :func:`config_from` is called inside the command.
+The command line (:mod:`pathguard.options`) makes each field a ``--flag`` and a ``PATHGUARD_<FIELD>``
+environment variable (``max_batch_size`` is ``--max-batch-size`` and ``PATHGUARD_MAX_BATCH_SIZE``); the
+help text of each is in the field's metadata.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from detector.cli import DEFAULT_BUNDLE
+from detector.bundle import DEFAULT_BUNDLE
 
-ENV_PREFIX = "PATHGUARD_"
 # 64 CIFAR-size FP32 images are 64 * 3 * 32 * 32 * 4 B = 0.75 MiB; 16 MiB leaves room for larger inputs and
 # PNG batches while still bounding what one request can make the server allocate.
 DEFAULT_MAX_MESSAGE_MB = 16
-
-T = TypeVar("T")
-
 
 def _opt(help_text: str, default: Any = None) -> Any:
     return field(default=default, metadata={"help": help_text})
@@ -103,46 +94,3 @@ class ScreenConfig:
             raise ValueError(f"client_cert={self.client_cert!r} and client_key={self.client_key!r} "
                              "must be given together")
         return self
-
-
-def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _converter(typ: Any) -> Any:
-    if typ in (int, float, str):
-        return typ
-    if set(typing.get_args(typ)) == {str, type(None)}:
-        return lambda s: s or None
-    raise TypeError(f"unsupported config field type {typ!r}")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field of ``cls``; defaults stay ``None`` so that given flags can be told apart."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
-                            default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata['help']} (env {env_name(f.name)}; default: {f.default})")
-
-
-def config_from(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> T:
-    """Build ``cls`` from flags, then ``PATHGUARD_*`` variables, then defaults; validate it.
-
-    An empty environment variable counts as unset. A malformed value raises ``ValueError`` naming it.
-    """
-    environ = os.environ if environ is None else environ
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None) if args is not None else None
-        if given is not None:
-            values[f.name] = given
-            continue
-        raw = environ.get(env_name(f.name), "")
-        if raw != "":
-            try:
-                values[f.name] = _converter(hints[f.name])(raw)
-            except ValueError:
-                raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {hints[f.name]}") from None
-    return cls(**values).validate()  # type: ignore[attr-defined]

@@ -139,7 +139,7 @@ def selects(selector: dict, labels: dict) -> bool:
 @pytest.fixture(scope="session")
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     """`pathguard`'s subcommand parsers, from the console script's own build_parser()."""
-    from detector.cli import build_parser
+    from pathguard.main import build_parser
 
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(sub.choices)
@@ -662,7 +662,7 @@ def test_dockerignore_sends_only_what_the_image_copies():
         assert not dockerignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
         if not src.startswith("models/"):  # models/default is produced by training, not kept in git here
             assert (ROOT / src).exists(), f"COPY source {src} does not exist"
-    assert not dockerignored("detector/cli.py", patterns)
+    assert not dockerignored("pathguard/main.py", patterns)
     assert not dockerignored("models/default/bundle.json", patterns)
     for junk in (".venv/bin/python", ".git/HEAD", "runs/dense/train_log.jsonl", "tests/test_deploy.py",
                  "detector/__pycache__/cli.cpython-311.pyc", "models/other/bundle.json"):

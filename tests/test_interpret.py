@@ -95,7 +95,7 @@ def test_explain_command_writes_everything(tiny_bundle, tmp_path):
     from PIL import Image
 
     from detector.bundle import write_part
-    from detector.cli import main
+    from pathguard.main import main
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)

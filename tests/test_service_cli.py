@@ -11,10 +11,12 @@ import pytest
 from service_helpers import THREADS, shared_server
 from synthetic import make_images
 
-from detector.cli import DEFAULT_BUNDLE, build_parser, main
+from detector.bundle import DEFAULT_BUNDLE
+from pathguard.main import build_parser, main
+from pathguard.options import config_from, env_name
 from service import codegen
 from service.codec import encode_png
-from service.config import ScreenConfig, ServeConfig, config_from, env_name
+from service.config import ScreenConfig, ServeConfig
 
 README = Path(__file__).resolve().parent.parent / "service" / "README.md"
 

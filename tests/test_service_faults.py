@@ -19,7 +19,7 @@ from service_helpers import THREADS, GatedRunner, config_for, sample, scrape, wa
 from synthetic import make_images
 
 from detector.bundle import sha256_file
-from detector.cli import main
+from pathguard.main import main
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service._proto.pathguard.v1 import pathguard_pb2 as pb

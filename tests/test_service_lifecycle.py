@@ -25,7 +25,7 @@ class ServeProcess:
 
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PATHGUARD_THREADS": str(THREADS)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pathguard", "serve", *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models import DecoupledNet, GatedConv, LayerPath, PathOutput
+from ..models import GATE_THRESHOLD, DecoupledNet, GatedConv, LayerPath, PathOutput
 from ..models.resnet import ResNet
 from ..models.vgg import VGG
 
@@ -257,7 +257,7 @@ class EngineConv(nn.Module):
         h = F.linear(v.mean((2, 3)), self._w1 if chan is None else self._w1.index_select(1, chan), self._b1)
         z = F.linear(h.relu_(), self._w2, self._b2)
         p = torch.sigmoid(z if self.temperature == 1.0 else z / self.temperature)
-        out = (p.view(-1) > 0.5).nonzero().view(-1)
+        out = (p.view(-1) > GATE_THRESHOLD).nonzero().view(-1)
         n_out = out.shape[0]
         if n_out == self.out_channels:
             out = None
@@ -283,7 +283,7 @@ class EngineConv(nn.Module):
             h = F.linear(x.spread(m), acm.fc1.weight, acm.fc1.bias)
         z = F.linear(F.relu_(h), acm.fc2.weight, acm.fc2.bias)
         p = torch.sigmoid(z if self.temperature == 1.0 else z / self.temperature)
-        return p, p > 0.5
+        return p, p > GATE_THRESHOLD
 
     def forward(self, x: Compact) -> tuple[Compact, Tensor | None, Tensor | None]:
         """The layer's output map, its soft gates p and hard gates as bool (N, C_out); None, None if ungated."""
@@ -373,7 +373,7 @@ class EngineConv(nn.Module):
             e = pooled if self.activation else y.spread(y.values.abs().mean(dim=(2, 3)))
             e = e / e.amax(dim=1, keepdim=True).clamp_min(1e-8)
             return LayerPath(name, full, full, e, pooled, torch.full((n,), float(dense), device=pooled.device), dense)
-        g = (p > 0.5).to(p.dtype)
+        g = (p > GATE_THRESHOLD).to(p.dtype)
         per_pair = self.kernel_size[0] * self.kernel_size[1] * oh * ow
         out_active = g.sum(1)
         macs = out_active * float(self.in_channels * per_pair) if in_active is None else \

@@ -18,13 +18,13 @@ from torch import Tensor
 
 from .. import __version__
 from ..attacks import AttackSpec, run_attack
-from ..bundle import Bundle, load_bundle
+from ..bundle import BUNDLE_HELP, Bundle, load_bundle
 from ..detectors import PathDetector
 from ..detectors.scorers import TreeScorer
 from ..evaluation.metrics import detection_metrics
 from ..prototypes import Prototypes
 from ..splits import bundle_splits, correctly_classified
-from .base import CLASSIFIER_LOSSES, AdaptiveAttack
+from .base import CLASSIFIER_LOSSES, GOAL_EPS, AdaptiveAttack
 from .detector_pgd import DetectorPGD
 from .hardening import as_device, base_training_set, harden_detector, rows_of, save_hardened
 from .mimicry import PathMimicry
@@ -50,25 +50,30 @@ class AdaptiveConfig:
         logistic-regression detector is differentiated exactly.
     """
 
-    bundle: str = ""
-    n: int = 500
-    eps: tuple[float, ...] = (0.03, 0.05, 0.1)
-    lambdas: tuple[float, ...] = (0.1, 0.3)
+    bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
+    n: int = field(default=500, metadata={"help": "test images to attack"})
+    eps: tuple[float, ...] = field(default=(0.03, 0.05, 0.1), metadata={"help": "Linf budgets in [0, 1] pixels"})
+    lambdas: tuple[float, ...] = field(default=(0.1, 0.3), metadata={"help": "weights of the evasion term"})
     attacks: tuple[str, ...] = ("detector-pgd", "mimicry")
-    steps: int = 30
-    classifier_loss: str = "margin"
-    kappa: float = 0.0
-    balance: bool = True
-    mimicry_target: str = "runner-up"
-    surrogate: str = "mlp"
-    harden: bool = True
-    n_harden: int = 250
+    steps: int = field(default=30, metadata={"help": "PGD steps of every attack"})
+    classifier_loss: str = field(default="margin", metadata={"choices": CLASSIFIER_LOSSES})
+    kappa: float = field(default=0.0, metadata={"help": "margin of the hinge losses, logit units"})
+    balance: bool = field(default=True, metadata={"help": "do not normalise the two gradients per image",
+                                                  "flag": "--no-balance", "switch": True})
+    mimicry_target: str = field(default="runner-up", metadata={"help": "'runner-up' or a class index"})
+    surrogate: str = field(default="mlp", metadata={"help": "surrogate for tree-ensemble detectors",
+                                                    "choices": SURROGATE_KINDS})
+    harden: bool = field(default=True, metadata={"help": "skip hardening and the second round",
+                                                 "flag": "--no-harden", "switch": True})
+    n_harden: int = field(default=250, metadata={"help": "validation images attacked for hardening"})
     seed: int = 0
     batch_size: int = 250
     data_root: str | None = None
-    cache_dir: str | None = None
-    save_hardened: str | None = None
-    plots: bool = True
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "reuse the attacks that rebuild the detector's training rows"})
+    save_hardened: str | None = field(default=None, metadata={
+        "help": "write a copy of the bundle with the hardened detector", "metavar": "DIR"})
+    plots: bool = field(default=True, metadata={"help": "no plots", "flag": "--no-plots", "switch": True})
 
     def __post_init__(self) -> None:
         self.eps = tuple(float(e) for e in self.eps)
@@ -348,7 +353,6 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     return report
 
 
-GOAL_EPS = 0.1  # issue 9: at this budget an adaptive attacker should beat the hardened pipeline on < half the images
 
 
 def headline(report: dict) -> dict:

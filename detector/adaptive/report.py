@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .experiment import GOAL_EPS  # noqa: E402
+from .base import GOAL_EPS  # noqa: E402
 
 NAMES = {"pgd": "plain PGD (reference)", "detector-pgd": "detector-aware PGD", "mimicry": "path mimicry",
          "any": "any of them"}
