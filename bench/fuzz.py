@@ -13,8 +13,8 @@ decoder can tell (a mutated file). Any other code, or a different one, is a viol
 Between cases the server must stay alive and SERVING; its resident memory is read at the start and the end.
 
     export OMP_WAIT_POLICY=PASSIVE
-    .venv/bin/python bench/fuzz.py --bundle models/default --cases 10000 --json fuzz.json   # starts a server
-    .venv/bin/python bench/fuzz.py --target 127.0.0.1:50051 --cases 2000 --server-pid PID
+    .venv/bin/python -m bench.fuzz --bundle models/default --cases 10000 --json fuzz.json   # starts a server
+    .venv/bin/python -m bench.fuzz --target 127.0.0.1:50051 --cases 2000 --server-pid PID
 
 ``tests/test_service_fuzz.py`` runs the same strategies briefly (bounded examples) in CI. Exit code 0 when
 there was no violation and the server was alive at the end.
@@ -44,13 +44,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.pathguard.v1 import pathguard_pb2 as pb
 
-from load import ServerProcess, rss_bytes  # noqa: E402
-
-from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2  # noqa: E402
-from service._proto.pathguard.v1 import pathguard_pb2 as pb  # noqa: E402
+from .helpers import CHANNEL_OPTIONS, ServerProcess, rss_bytes
 
 log = logging.getLogger("fuzz")
 
@@ -641,8 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     target = server.target if server else args.target
     pid = server.pid if server else args.server_pid
     try:
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        with grpc.insecure_channel(target, options=options) as channel:
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             model = describe_model(channel)
             rss_start, start = rss_bytes(pid) if pid else None, time.monotonic()
             report = fuzz(channel, model, args.cases, seed=args.seed, oversize=not args.no_oversize,

@@ -18,6 +18,7 @@ import torch
 from .attacks import AttackSpec, cached_attack, parse_attacks
 from .bundle import BUNDLE_HELP, load_bundle, write_part
 from .detectors import PathDetector
+from .detectors.record import DetectorRecord
 from .features import GROUPS, extract_path_features
 from .prototypes import compute_prototypes
 from .splits import bundle_splits, correctly_classified
@@ -94,20 +95,18 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
     cal_idx = correctly_classified(model, splits.val, n_calibration, seed=seed, skip=n_fit)
     fit_images = splits.val.float_images(fit_idx)
     X, y, groups, per_attack = adversarial_training_set(
-        model, protos, fit_images, splits.val.labels[fit_idx], attacks, digest=meta["files"]["model.safetensors"],
+        model, protos, fit_images, splits.val.labels[fit_idx], attacks, digest=bundle.model_digest,
         cache_dir=cache_dir, seed=seed, progress=progress)
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
     det = PathDetector(feature_groups=list(feature_groups), classifier=classifier, target_fpr=target_fpr,
                        random_state=seed).fit(X, y, groups=groups, X_calibration=X_cal)
     tensors, info = det.to_state()
-    info.update({
-        "classifier": classifier, "feature_groups": list(feature_groups), "target_fpr": target_fpr,
-        "attacks": [{"label": a.label, "name": a.name, "params": a.params} for a in attacks],
-        "fit_images": {"set": splits.val.name, "n_clean": int(len(fit_idx)), "n_adversarial": int(y.sum()),
-                       "seed": seed},
-        "calibration_images": {"set": splits.val.name, "n": int(len(cal_idx)), "skip": n_fit, "seed": seed},
-        "per_attack": per_attack, "fit_seconds": round(time.perf_counter() - t0, 1),
-    })
+    info.update(DetectorRecord(
+        classifier=classifier, feature_groups=list(feature_groups), target_fpr=target_fpr, attacks=attacks,
+        fit_images={"set": splits.val.name, "n_clean": int(len(fit_idx)), "n_adversarial": int(y.sum()),
+                    "seed": seed},
+        calibration_images={"set": splits.val.name, "n": int(len(cal_idx)), "skip": n_fit, "seed": seed},
+        per_attack=per_attack, fit_seconds=round(time.perf_counter() - t0, 1)).to_info())
     write_part(bundle_path, "detector", tensors=tensors, info=info)
     log.info("fitted %s detector on %d clean + %d adversarial images; threshold %.4f", classifier,
              int((y == 0).sum()), int(y.sum()), det.threshold_)

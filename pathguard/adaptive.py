@@ -10,7 +10,7 @@ from pathlib import Path
 from detector.adaptive.experiment import AdaptiveConfig
 from detector.bundle import default_bundle
 
-from .options import add_config_arguments, config_from, opt, required, switch
+from .options import add_command, config_from, opt, required, switch
 
 
 @dataclass
@@ -43,11 +43,9 @@ def _cmd_adaptive(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("adaptive", help="adaptive white-box attacks on classifier + path detector, and hardening",
+    add_command(sub, "adaptive", _cmd_adaptive, AdaptiveConfig, AdaptiveRun,
+                help="adaptive white-box attacks on classifier + path detector, and hardening",
                        description="Attack correctly classified test images with attacks that know the detector "
                        "(detector-aware PGD, path mimicry) over a sweep of budgets and lambdas; refit the detector "
                        "with adaptive examples made on validation images and attack it again. Writes report.json, "
-                       "report.md and figures to --out. Prints a cost estimate first.")
-    add_config_arguments(p, AdaptiveConfig)
-    add_config_arguments(p, AdaptiveRun)
-    p.set_defaults(func=_cmd_adaptive)
+                "report.md and figures to --out. Prints a cost estimate first.")

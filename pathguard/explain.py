@@ -8,7 +8,7 @@ import json
 from detector.bundle import default_bundle
 from detector.interpret.explainer import ExplainConfig
 
-from .options import add_config_arguments, config_from
+from .options import add_command, config_from
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -25,10 +25,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="path-level pictures: per-class filter usage, class similarity, "
+    add_command(sub, "explain", _cmd_explain, ExplainConfig,
+                help="path-level pictures: per-class filter usage, class similarity, "
                        "class-specific filters, single inputs against their prototype",
                        description="Write per-class filter-usage heatmaps of every gated layer, the class-to-class "
                        "path similarity matrix, class-specific vs shared filters, and chosen inputs' paths against "
                        "their predicted class's prototype to --out, as PNG + JSON, with report.md tying them together.")
-    add_config_arguments(p, ExplainConfig)
-    p.set_defaults(func=_cmd_explain)

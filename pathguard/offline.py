@@ -12,7 +12,7 @@ from detector.evaluation.config import EvalConfig
 from detector.fitting import FitConfig
 from detector.training.config import TrainConfig
 
-from .options import add_config_arguments, config_from, opt, required, switch
+from .options import add_command, config_from, opt, required, switch
 
 
 @dataclass
@@ -181,39 +181,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a decoupled (or dense) model into a bundle directory")
-    add_config_arguments(p, TrainRun)
-    add_config_arguments(p, TrainConfig)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("info", help="describe a bundle")
-    add_config_arguments(p, InfoRun)
-    p.set_defaults(func=_cmd_info)
-
+    add_command(sub, "train", _cmd_train, TrainRun, TrainConfig,
+                help="train a decoupled (or dense) model into a bundle directory")
+    add_command(sub, "info", _cmd_info, InfoRun, help="describe a bundle")
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    f = dsub.add_parser("fetch", help="make Fashion-MNIST available (Debian package or upstream download)")
-    add_config_arguments(f, FetchRun)
-    f.set_defaults(func=_cmd_data_fetch)
-
-    p = sub.add_parser("attack", help="attack correctly classified images of a bundle's dataset; save as .npz")
-    add_config_arguments(p, AttackRun)
-    p.set_defaults(func=_cmd_attack)
-
-    p = sub.add_parser("fit-detector", help="compute class prototypes and fit the bundle's path detector")
-    add_config_arguments(p, FitConfig)
-    add_config_arguments(p, QuietRun)
-    p.set_defaults(func=_cmd_fit_detector)
-
-    p = sub.add_parser("evaluate", help="offline attack-evaluation suite; `evaluate merge` joins shards",
-                       description="Attack test images, fit and calibrate every detector, and write report.json, "
-                       "report.md and figures to --out. With --shard I/N only the adversarial images of shard I are "
-                       "computed; `pathguard evaluate merge --out DIR` then writes the report.")
-    add_config_arguments(p, EvaluateRun)
-    add_config_arguments(p, EvalConfig)
-    p.set_defaults(func=_cmd_evaluate, merge=False)
+    add_command(dsub, "fetch", _cmd_data_fetch, FetchRun,
+                help="make Fashion-MNIST available (Debian package or upstream download)")
+    add_command(sub, "attack", _cmd_attack, AttackRun,
+                help="attack correctly classified images of a bundle's dataset; save as .npz")
+    add_command(sub, "fit-detector", _cmd_fit_detector, FitConfig, QuietRun,
+                help="compute class prototypes and fit the bundle's path detector")
+    p = add_command(sub, "evaluate", _cmd_evaluate, EvaluateRun, EvalConfig,
+                    help="offline attack-evaluation suite; `evaluate merge` joins shards",
+                    description="Attack test images, fit and calibrate every detector, and write report.json, "
+                    "report.md and figures to --out. With --shard I/N only the adversarial images of shard I are "
+                    "computed; `pathguard evaluate merge --out DIR` then writes the report.")
+    p.set_defaults(merge=False)
     msub = p.add_subparsers(dest="evaluate_command")
-    m = msub.add_parser("merge", help="merge DIR/shards/* into the report a single run writes")
-    add_config_arguments(m, MergeRun)
-    add_config_arguments(m, EvalConfig)
-    m.set_defaults(func=_cmd_evaluate, merge=True, shard=None)
+    m = add_command(msub, "merge", _cmd_evaluate, MergeRun, EvalConfig,
+                    help="merge DIR/shards/* into the report a single run writes")
+    m.set_defaults(merge=True, shard=None)

@@ -191,3 +191,13 @@ def switch(help_text: str) -> Any:
 def required(help_text: str, **meta: Any) -> Any:
     """A str field whose flag must be given."""
     return opt("", help_text, required=True, **meta)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+                *configs: type, **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose flags are those of ``configs`` (in order) and which runs ``func(args)``."""
+    parser = sub.add_parser(name, **parser_kwargs)
+    for cls in configs:
+        add_config_arguments(parser, cls)
+    parser.set_defaults(func=func)
+    return parser

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from service.config import ScreenConfig, ServeConfig
 
-from .options import add_config_arguments, config_from, switch
+from .options import add_command, add_config_arguments, config_from, switch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -100,14 +100,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
+    add_command(sub, "serve", _cmd_serve, ServeConfig,
+                help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
                        description="Serve predict-and-screen over gRPC: pathguard.v1.PathGuard, KServe v2 "
                                    "inference.GRPCInferenceService, grpc.health.v1 and reflection; Prometheus "
                                    "metrics at http://HOST:METRICS_PORT/metrics. SIGTERM drains and exits 0; "
                                    "SIGHUP reloads the bundle.")
-    add_config_arguments(p, ServeConfig)
-    p.set_defaults(func=_cmd_serve)
-
     p = sub.add_parser("screen", help="screen image files with a running server and print a table or JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or .npy arrays (C,H,W)/(N,C,H,W)")
     add_config_arguments(p, ScreenRun)

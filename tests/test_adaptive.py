@@ -16,7 +16,6 @@ from detector.attacks import AttackSpec, run_attack
 from detector.detectors import PathDetector
 from detector.features import extract_path_features
 from detector.models import ControllingModule
-from detector.prototypes import Prototypes
 from detector.splits import bundle_splits
 
 EPS = 0.15  # the tiny synthetic task needs about this much to flip a class (its squares differ by ~0.2)
@@ -25,8 +24,8 @@ EPS = 0.15  # the tiny synthetic task needs about this much to flip a class (its
 @pytest.fixture(scope="module")
 def parts(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
-    protos = Prototypes.from_state(*bundle.part("prototypes"))
-    det = PathDetector.from_state(*bundle.part("detector"))
+    protos = bundle.prototypes()
+    det = bundle.detector()
     return bundle, protos, det, Pipeline(bundle.model, protos, det, build_surrogate(det))
 
 

@@ -214,11 +214,8 @@ def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes
     bundle = load_bundle(cfg.bundle, device=device)
     if not bundle.model.gated:
         raise ValueError(f"bundle {cfg.bundle} holds a dense model; adaptive attacks need a gated one")
-    protos, det = bundle.part("prototypes"), bundle.part("detector")
-    if protos is None or det is None:
-        raise ValueError(f"bundle {cfg.bundle} has no fitted detector; run `pathguard fit-detector --bundle "
-                         f"{cfg.bundle}` first")
-    return bundle, as_device(Prototypes.from_state(*protos), device), PathDetector.from_state(*det)
+    protos, det = bundle.fitted()
+    return bundle, as_device(protos, device), det
 
 
 def _attack_round(rnd: Round, cfg: AdaptiveConfig, images: Tensor, labels: Tensor, progress: bool,
@@ -252,10 +249,10 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     trees = isinstance(det.scorer_, TreeScorer)
     need_base = cfg.harden or trees
     base = None
-    info = bundle.part("detector")[1]
-    base_specs = [AttackSpec(a["name"], dict(a["params"]), a["label"]) for a in info.get("attacks", [])]
-
-    n_fit = int(info.get("fit_images", {}).get("n_clean", 0))
+    record = bundle.detector_record()
+    assert record is not None  # _load checked that the bundle has a detector
+    base_specs = record.attacks
+    n_fit = int(record.fit_images.get("n_clean", 0))
     cost = estimate_cost(cfg, measure_step_seconds(Pipeline(model, protos, det, None), x, y), base_specs, n_fit,
                          need_base)
     log.info("estimated cost: at most %.0f min on this machine (%.2f ms per image and gradient step; early "
@@ -331,7 +328,7 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
         "pathguard_version": __version__,
         "config": cfg.to_dict(),
         "bundle": {"path": str(cfg.bundle), "name": bundle.name, "arch": bundle.meta["arch"],
-                   "model_sha256": bundle.meta["files"]["model.safetensors"]},
+                   "model_sha256": bundle.model_digest},
         "device": str(device), "threads": torch.get_num_threads(),
         "detector": {"classifier": det.classifier, "feature_groups": list(det.feature_groups),
                      "target_fpr": det.target_fpr, "threshold": det.threshold_, "surrogate": surrogate_info},

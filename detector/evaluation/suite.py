@@ -51,7 +51,7 @@ def run(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     bundle, splits, sets, specs = _prepare(cfg)
     images, labels = sets.attack_images
-    adv, seconds = compute_all(bundle.model, bundle.meta["files"]["model.safetensors"], images, labels, specs,
+    adv, seconds = compute_all(bundle.model, bundle.model_digest, images, labels, specs,
                                seed=cfg.seed, batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, progress=progress)
     return _finish(cfg, out, bundle, splits, sets, specs, adv, seconds, t0)
 
@@ -78,7 +78,7 @@ def _finish(cfg, out, bundle, splits, sets, specs, adv, attack_seconds, t0) -> d
         "pathguard_version": __version__,
         "config": cfg.to_dict(),
         "bundle": {"path": str(cfg.bundle), "name": bundle.name, "arch": bundle.meta["arch"],
-                   "model_sha256": bundle.meta["files"]["model.safetensors"]},
+                   "model_sha256": bundle.model_digest},
         "clean_accuracy": _accuracy(bundle.model, splits.test),
         "clean_accuracy_n": len(splits.test),
         "images": {"calibration": sets.calibration.describe(), "fit": sets.fit.describe(),

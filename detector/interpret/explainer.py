@@ -103,9 +103,8 @@ def _round(t: Tensor | np.ndarray, digits: int = 4) -> list:
 
 def bundle_prototypes(bundle: Bundle, n_images: int = 5000, data_root: str | None = None) -> tuple[Prototypes, str]:
     """The bundle's prototypes part, or prototypes computed from its training split; and where they came from."""
-    part = bundle.part("prototypes")
-    if part is not None:
-        protos = Prototypes.from_state(*part)
+    protos = bundle.prototypes()
+    if protos is not None:
         return protos, f"the bundle's prototypes part ({int(protos.counts.sum())} correctly classified training images)"
     from ..splits import bundle_splits
 
