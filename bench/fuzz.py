@@ -289,6 +289,11 @@ def image_file(draw, model: Model) -> tuple[bytes, frozenset[str], str]:
     if kind == 7:
         prefix = draw(st.sampled_from((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0")))
         return prefix + draw(st.binary(max_size=512)), frozenset({INVALID}), "magic + garbage"
+    return _hostile_file(draw, kind, h, w)
+
+
+def _hostile_file(draw, kind: int, h: int, w: int) -> tuple[bytes, frozenset[str], str]:
+    """Kinds 8-13 of :func:`image_file`: decompression bombs, other formats, an empty file."""
     if kind == 8:
         width, height = draw(st.sampled_from(((100_000, 100_000), (2**31 - 1, 2**31 - 1), (10_000, 10_000),
                                               (w, 1_000_000), (1, 1))))
@@ -397,6 +402,25 @@ def _mutate_kserve(draw, req: kserve_pb2.ModelInferRequest, model: Model) -> str
     return what
 
 
+def _fill_contents(draw, tensor, model: Model) -> None:
+    """Put a tensor's values in one typed ``contents`` field (sometimes one too many or few, or out of range)."""
+    n = _shape_ok(list(tensor.shape), model) or 1
+    count = n * math.prod(model.input_shape) + draw(st.sampled_from((0, 0, 0, -1, 1)))
+    tensor.contents.SetInParent()
+    target = draw(st.sampled_from(("fp32_contents", "fp64_contents", "uint_contents", "int_contents")))
+    if target == "uint_contents":
+        values = np.random.default_rng(draw(st.integers(0, 2**16))).integers(0, 256, count).tolist()
+        if count and draw(st.booleans()):
+            values[0] = draw(st.sampled_from((256, 2**32 - 1)))
+    elif target == "int_contents":
+        values = [draw(st.integers(-(2**31), 2**31 - 1))] * count
+    else:
+        values = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(0, 1, count).tolist()
+        if count and draw(st.booleans()):
+            values[draw(st.integers(0, count - 1))] = float(draw(st.sampled_from(_SPECIAL)))
+    getattr(tensor.contents, target).extend(values)
+
+
 @st.composite
 def kserve_case(draw, model: Model) -> Case:
     if draw(st.integers(0, 1)) == 0:
@@ -420,21 +444,7 @@ def kserve_case(draw, model: Model) -> Case:
             if how == 5:
                 req.raw_input_contents.append(b"\0" * 4)
         elif how < 9:
-            n = _shape_ok(list(tensor.shape), model) or 1
-            count = n * math.prod(model.input_shape) + draw(st.sampled_from((0, 0, 0, -1, 1)))
-            tensor.contents.SetInParent()
-            target = draw(st.sampled_from(("fp32_contents", "fp64_contents", "uint_contents", "int_contents")))
-            if target == "uint_contents":
-                values = np.random.default_rng(draw(st.integers(0, 2**16))).integers(0, 256, count).tolist()
-                if count and draw(st.booleans()):
-                    values[0] = draw(st.sampled_from((256, 2**32 - 1)))
-            elif target == "int_contents":
-                values = [draw(st.integers(-(2**31), 2**31 - 1))] * count
-            else:
-                values = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(0, 1, count).tolist()
-                if count and draw(st.booleans()):
-                    values[draw(st.integers(0, count - 1))] = float(draw(st.sampled_from(_SPECIAL)))
-            getattr(tensor.contents, target).extend(values)
+            _fill_contents(draw, tensor, model)
             if how == 8:
                 req.raw_input_contents.append(b"\0")
         if i and draw(st.booleans()):

@@ -174,6 +174,8 @@ def _pct(values: list[float], q: float) -> float:
     return float("nan") if value is None else 1000 * value
 
 
+# Over 60 lines on purpose: servers up, then rounds in which every contender is measured back to back (so
+# ratios compare like with like under the same background load), then the medians and ratios.
 def run(cfg: BenchConfig, out_dir: Path) -> dict:
     """Start the servers, then measure in rounds; each round measures every contender back to back, so that
     the ratios compare measurements taken under the same background load (this machine is shared)."""

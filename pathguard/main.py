@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The command line only writes figures to files: no window system, whatever the environment offers. (The
+    # plotting modules leave the backend to whoever owns the process.)
+    import matplotlib
+
+    matplotlib.use("Agg")
     from detector.bundle import BundleError
     from detector.data import DatasetNotFound
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from detector.bundle import DEFAULT_BUNDLE
 
+from .batching import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS, MAX_QUEUE_SIZE
+
 # 64 CIFAR-size FP32 images are 64 * 3 * 32 * 32 * 4 B = 0.75 MiB; 16 MiB leaves room for larger inputs and
 # PNG batches while still bounding what one request can make the server allocate.
 DEFAULT_MAX_MESSAGE_MB = 16
@@ -31,9 +33,9 @@ class ServeConfig:
     metrics_port: int = _opt("Prometheus /metrics HTTP port (0: any free port)", 8002)
     # 0 asks the cgroup CPU quota: a container limited to 2 CPUs on a 64-core node must not start 64 threads.
     threads: int = _opt("torch intra-op threads (0: the CPU quota of this container)", 0)
-    max_batch_size: int = _opt("most images the model computes in one batch", 32)
-    max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", 5.0)
-    max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", 256)
+    max_batch_size: int = _opt("most images the model computes in one batch", MAX_BATCH_SIZE)
+    max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", MAX_QUEUE_DELAY_MS)
+    max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", MAX_QUEUE_SIZE)
     grace_period: float = _opt("seconds accepted calls get to finish after SIGTERM", 20.0)
     max_message_mb: int = _opt("largest request or response message, MiB", DEFAULT_MAX_MESSAGE_MB)
     max_images_per_request: int = _opt("most images in one request", 64)
@@ -45,6 +47,11 @@ class ServeConfig:
 
     def validate(self) -> ServeConfig:
         """Raise ``ValueError`` naming the first field out of range; return self."""
+        self._check_numbers()
+        self._check_security()
+        return self
+
+    def _check_numbers(self) -> None:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 65535]")
@@ -58,6 +65,8 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.engine not in ("skipping", "masked"):
             raise ValueError(f"engine={self.engine!r} must be 'skipping' or 'masked'")
+
+    def _check_security(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r} must be given together")
         if self.tls_client_ca and not self.tls_cert:
@@ -66,7 +75,6 @@ class ServeConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ValueError(f"{name}={value!r} is not a readable file")
-        return self
 
     @property
     def max_message_bytes(self) -> int:

@@ -303,7 +303,6 @@ import pickle, datetime
 pickle.loads(pickle.dumps(datetime.date(2020, 1, 1)))  # control: the hook sees an unpickling
 control, events[:] = list(events), []
 
-sys.path.insert(0, "tests")
 import numpy as np, torch, grpc
 from detector import load_bundle
 from service.client import PathGuardClient

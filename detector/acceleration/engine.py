@@ -222,7 +222,6 @@ class EngineConv(nn.Module):
         self.config = config
         self.acm_macs = 0 if self.acm is None else self.acm.macs()
         self._nan = torch.full((1, self.out_channels), float("nan"), device=w.device)
-        self.last_mode = ""  # how the last batch (N > 1) call ran: dense, union or gather
         # plain references for the batch-1 path, where attribute lookups through nn.Module add up
         self._w, self._b = w, b
         acm = self.acm
@@ -288,7 +287,6 @@ class EngineConv(nn.Module):
     def forward(self, x: Compact) -> tuple[Compact, Tensor | None, Tensor | None]:
         """The layer's output map, its soft gates p and hard gates as bool (N, C_out); None, None if ungated."""
         if self.acm is None:
-            self.last_mode = "dense"
             x = x.shared()
             w = self.weight if x.chan is None else self.weight.index_select(1, x.chan)
             return Compact(self._conv(x.values, w, self.bias), None, self.out_channels), None, None
@@ -297,7 +295,6 @@ class EngineConv(nn.Module):
         mode = "single" if n == 1 else self.config.batch_mode
         if mode == "auto":
             mode = self._choose(x, on)
-        self.last_mode = mode
         y = self._gather(x, on) if mode == "gather" else self._shared(x, on)
         return y, p, on
 
@@ -534,10 +531,6 @@ class SkippingEngine:
     @property
     def layers(self) -> list[EngineConv]:
         return [m for m in self.executor.modules() if isinstance(m, EngineConv)]
-
-    def last_modes(self) -> list[str]:
-        """How each gated layer ran in the last call (dense, single, union or gather), in module order."""
-        return [m.last_mode for m in self.layers]
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.forward(x)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .base import GOAL_EPS  # noqa: E402
+from .base import GOAL_EPS
 
 NAMES = {"pgd": "plain PGD (reference)", "detector-pgd": "detector-aware PGD", "mimicry": "path mimicry",
          "any": "any of them"}
@@ -33,6 +30,8 @@ def write_report(out: Path, report: dict, rounds=None) -> None:
     (out / "report.md").write_text(render_markdown(report))
 
 
+# Over 60 lines on purpose: one Markdown page written top to bottom in the order it reads; split, its
+# sections would lose their order and share half a dozen locals.
 def render_markdown(r: dict) -> str:
     cfg, det, h = r["config"], r["detector"], r["headline"]
     rounds = r["rounds"]
