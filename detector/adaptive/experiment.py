@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import __version__
 from ..attacks import AttackSpec, run_attack
 from ..bundle import BUNDLE_HELP, Bundle, load_bundle
 from ..detectors import PathDetector
 from ..detectors.scorers import TreeScorer
 from ..evaluation.metrics import detection_metrics
 from ..prototypes import Prototypes
+from ..reporting import report_header
 from ..splits import bundle_splits, correctly_classified
 from .base import CLASSIFIER_LOSSES, GOAL_EPS, AdaptiveAttack
 from .detector_pgd import DetectorPGD
@@ -347,10 +347,7 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
                 "per_attack": hardening["per_attack"], "images": hardening["images"]}))
 
     report = {
-        "pathguard_version": __version__,
-        "config": cfg.to_dict(),
-        "bundle": {"path": str(cfg.bundle), "name": bundle.name, "arch": bundle.meta["arch"],
-                   "model_sha256": bundle.model_digest},
+        **report_header(bundle, cfg.bundle, cfg.to_dict()),
         "device": str(device), "threads": torch.get_num_threads(),
         "detector": {"classifier": det.classifier, "feature_groups": list(det.feature_groups),
                      "target_fpr": det.target_fpr, "threshold": det.threshold_, "surrogate": surrogate_info},
