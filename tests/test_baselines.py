@@ -193,7 +193,8 @@ def test_featurizers_are_deterministic_and_name_every_column(tiny, features, key
     fz, X, _, groups = features[key]
     clean = tiny[3]
     assert X.shape[1] == len(groups) and np.isfinite(X).all()
-    np.testing.assert_allclose(fz.transform(clean[:10]), X[:10], rtol=1e-6)  # float32 convs vary with batch size
+    # float32 convs vary with batch size and with the kernel the CPU picks (seen: 1.6e-5 relative)
+    np.testing.assert_allclose(fz.transform(clean[:10]), X[:10], rtol=1e-4, atol=1e-9)
     np.testing.assert_array_equal(fz.transform(clean[:10]), fz.transform(clean[:10]))
 
 
