@@ -25,7 +25,7 @@ def run_without_offline_packages(code: str) -> subprocess.CompletedProcess:
 
 def test_serve_command_line_and_server_import_without_offline_packages(tmp_path):
     proc = run_without_offline_packages(
-        "from detector.cli import build_parser\n"
+        "from pathguard.main import build_parser\n"
         "args = build_parser().parse_args(['serve', '--port', '0'])\n"
         "assert args.command == 'serve'\n"
         "import service.server, service.screening\n"

@@ -17,19 +17,34 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..bundle import Bundle, load_bundle
+from ..bundle import BUNDLE_HELP, Bundle, load_bundle
+from ..models import GATE_THRESHOLD
 from ..prototypes import Prototypes, compute_prototypes
-from . import analysis, plots
+from . import analysis
 from .report import write_report
 
 log = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--indices {text!r} must be comma-separated integers, e.g. 3,17,42") from None
+
+
+def _plots():
+    """The figure module, imported on first drawing: matplotlib is absent where only the server runs."""
+    from . import plots
+
+    return plots
 
 
 @dataclass
@@ -53,15 +68,21 @@ class ExplainConfig:
     data_root : where the bundle's dataset lives, if not where it was trained from.
     """
 
-    bundle: str
-    out: str
-    images: int = 4
-    indices: tuple[int, ...] = ()
-    image_files: tuple[str, ...] = ()
-    attack_file: str | None = None
-    split: str = "test"
-    threshold: float = 0.5
-    prototype_images: int = 5000
+    bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
+    out: str = field(default="", metadata={"help": "output directory", "required": True})
+    images: int = field(default=4, metadata={"help": "how many random images of --split to explain"})
+    indices: tuple[int, ...] = field(default=(), metadata={"help": "explain these positions of --split instead, "
+                                                                  "e.g. 3,17,42", "parse": _ints})
+    image_files: tuple[str, ...] = field(default=(), metadata={"help": "explain these image files instead",
+                                                               "nargs": "+", "metavar": "FILE"})
+    attack_file: str | None = field(default=None, metadata={
+        "help": "explain the first --images adversarial images of an .npz written by `pathguard attack` instead",
+        "metavar": "NPZ"})
+    split: str = field(default="test", metadata={"choices": ("test", "val")})
+    threshold: float = field(default=GATE_THRESHOLD, metadata={
+        "help": "frequency above which a filter is in a class's prototype path"})
+    prototype_images: int = field(default=5000, metadata={
+        "help": "training images to compute prototypes from if the bundle has none"})
     seed: int = 0
     data_root: str | None = None
 
@@ -89,9 +110,8 @@ def _round(t: Tensor | np.ndarray, digits: int = 4) -> list:
 
 def bundle_prototypes(bundle: Bundle, n_images: int = 5000, data_root: str | None = None) -> tuple[Prototypes, str]:
     """The bundle's prototypes part, or prototypes computed from its training split; and where they came from."""
-    part = bundle.part("prototypes")
-    if part is not None:
-        protos = Prototypes.from_state(*part)
+    protos = bundle.prototypes()
+    if protos is not None:
         return protos, f"the bundle's prototypes part ({int(protos.counts.sum())} correctly classified training images)"
     from ..splits import bundle_splits
 
@@ -183,7 +203,7 @@ def _usage(out: Path, protos: Prototypes, classes: list[str], layers: list[str])
     for name, freq in analysis.layer_frequencies(protos).items():
         order = analysis.filter_order(freq)
         stem = f"usage/{_safe(name)}"
-        plots.layer_usage(out / f"{stem}.png", freq[:, order].numpy(), classes, name)
+        _plots().layer_usage(out / f"{stem}.png", freq[:, order].numpy(), classes, name)
         _write_json(out / f"{stem}.json", {
             "layer": name, "classes": classes, "filters": freq.shape[1],
             "frequency": _round(freq), "frequency_doc": "frequency[k][j]: fraction of class k's (correctly "
@@ -192,7 +212,7 @@ def _usage(out: Path, protos: Prototypes, classes: list[str], layers: list[str])
         files.append({"layer": name, "png": f"{stem}.png", "json": f"{stem}.json"})
         density.append(freq.mean(1))
     dens = torch.stack(density, dim=1)  # (K, L)
-    plots.usage_overview(out / "usage_overview.png", dens.numpy(), classes, layers)
+    _plots().usage_overview(out / "usage_overview.png", dens.numpy(), classes, layers)
     _write_json(out / "usage_overview.json", {"classes": classes, "layers": layers, "density": _round(dens),
                                               "density_doc": "density[k][l]: mean over layer l's filters of how "
                                               "often they are on for class k"})
@@ -209,7 +229,7 @@ def _similarity(out: Path, protos: Prototypes, classes: list[str], layers: list[
     sims = analysis.similarities(protos, threshold)
     jac, cos = sims["jaccard"]["path"], sims["cosine"]["path"]
     per_layer = [_off_diagonal_mean(sims["jaccard"]["layers"][n]) for n in layers]
-    plots.similarity_figure(out / "similarity.png", jac.numpy(), cos.numpy(), np.array(per_layer), classes, layers)
+    _plots().similarity_figure(out / "similarity.png", jac.numpy(), cos.numpy(), np.array(per_layer), classes, layers)
     k = len(classes)
     pairs = sorted(((float(jac[a, b]), classes[a], classes[b]) for a in range(k) for b in range(a + 1, k)),
                    reverse=True)
@@ -247,7 +267,7 @@ def _specificity(out: Path, protos: Prototypes, classes: list[str], layers: list
                                  "frequency": round(float(protos.frequency[spec.owner[g], g]), 4),
                                  "selectivity": round(float(spec.selectivity[g]), 4)})
     per_class = [sum(1 for s in specific if s["class"] == c) for c in classes]
-    plots.specificity_figure(out / "specificity.png", counts, layers, per_class, classes, selectivity)
+    _plots().specificity_figure(out / "specificity.png", counts, layers, per_class, classes, selectivity)
     summary = {"filters": int(len(kinds)), **{kind: kinds.count(kind) for kind in analysis.KINDS},
                "specific_per_class": dict(zip(classes, per_class))}
     _write_json(out / "specificity.json", {
@@ -284,7 +304,7 @@ def _inputs(out: Path, model, protos: Prototypes, classes: list[str], layers: li
         title = f"{name}\npredicted {classes[pred]} ({float(probs[i, pred]):.2f})" + \
             ("" if label is None else f", true {classes[label]}")
         stem = f"inputs/input_{i:03d}"
-        plots.input_figure(out / f"{stem}.png", images[i].numpy(), title, protos.frequency[pred].numpy(),
+        _plots().input_figure(out / f"{stem}.png", images[i].numpy(), title, protos.frequency[pred].numpy(),
                            hard[i].numpy(), bounds, layers, dep.hamming.numpy(), reference)
         worst = int(dep.hamming.argmax())
         summary = {"input": name, "png": f"{stem}.png", "json": f"{stem}.json", "predicted": classes[pred],
