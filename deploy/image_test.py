@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -161,7 +162,10 @@ class Mirror:
             self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
                                           "--directory", str(self.links)], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
-            wait_for(lambda: port_open(self.port), 10, "the local pip mirror")
+            wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "the local pip mirror")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the local pip mirror could not listen on 127.0.0.1:{self.port} "
+                                   "(in use? set PATHGUARD_MIRROR_PORT)")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -578,5 +582,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so that the container and the mirror are cleaned up.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import adaptive, explain, offline, serving
@@ -25,10 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The command line only writes figures to files: no window system, whatever the environment offers. (The
-    # plotting modules leave the backend to whoever owns the process.)
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # plotting modules leave the backend to whoever owns the process.) Set through the environment, which
+    # matplotlib reads when first imported: the server image has no matplotlib at all.
+    os.environ["MPLBACKEND"] = "Agg"
     from detector.bundle import BundleError
     from detector.data import DatasetNotFound
 
