@@ -509,21 +509,33 @@ def dockerfile_stages() -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
     return global_args, stages
 
 
-def final_stage() -> list[tuple[str, str]]:
-    return dockerfile_stages()[1][-1]
+def stage_names() -> dict[str, list[tuple[str, str]]]:
+    """Named stages (``FROM ... AS name``) and their instructions."""
+    return {stage[0][1].split()[-1]: stage for stage in dockerfile_stages()[1]
+            if len(stage[0][1].split()) == 3 and stage[0][1].split()[1].upper() == "AS"}
+
+
+def target(name: str = "server") -> list[tuple[str, str]]:
+    """The instructions of a build target (``server``: the Deployment's image; ``eval``: the Jobs')."""
+    stages = stage_names()
+    assert name in stages, f"no stage {name!r} in the Dockerfile"
+    return stages[name]
 
 
 def exec_form(stage: list[tuple[str, str]], op: str) -> list[str]:
     values = [rest for o, rest in stage if o == op]
-    assert values, f"no {op} in the final stage"
+    assert values, f"no {op} in the stage"
     parsed = json.loads(values[-1])
     assert isinstance(parsed, list), f"{op} must use the exec (JSON) form so pathguard gets SIGTERM as PID 1"
     return parsed
 
 
-def dockerfile_env() -> dict[str, str]:
-    env = {}
-    for op, rest in final_stage():
+def dockerfile_env(name: str = "server") -> dict[str, str]:
+    """ENV of a target, including what it inherits from the stages it is built FROM."""
+    stages = stage_names()
+    parent = target(name)[0][1].split()[0]
+    env = dockerfile_env(parent) if parent in stages else {}
+    for op, rest in target(name):
         if op == "ENV":
             for token in shlex.split(rest):
                 key, _, value = token.partition("=")
@@ -531,9 +543,9 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
-def dockerfile_user() -> tuple[int, int]:
-    users = [rest for op, rest in final_stage() if op == "USER"]
-    assert users, "the image must not run as root: no USER in the final stage"
+def dockerfile_user(name: str = "server") -> tuple[int, int]:
+    users = [rest for op, rest in target(name) if op == "USER"]
+    assert users, f"the image must not run as root: no USER in the {name} stage"
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit(), "USER must be numeric so that Kubernetes can verify runAsNonRoot"
     return int(uid), int(gid or uid)
@@ -554,32 +566,43 @@ def test_dockerfile_is_multistage_with_a_supported_python():
     global_args, stages = dockerfile_stages()
     assert len(stages) >= 2, "build tools and pip caches stay in a builder stage"
     requires = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    names = stage_names()
     for stage in stages:
         image = stage[0][1].split()[0]
+        if image in names:
+            continue  # built on an earlier stage
         image = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args[m[1]], image)
         m = re.match(r"python:(\d+\.\d+)", image)
         assert m, f"base image {image} is not an official python image"
         assert m[1] + ".0" in requires, f"{image} does not satisfy requires-python {requires}"
-    # The final stage takes the environment from the builder, not the network.
-    assert any(opts.get("from") for _, _, opts in copies(stages[-1]))
+    # Each image takes its environment from a builder stage, not the network.
+    for name in ("server", "eval"):
+        assert any(opts.get("from") for _, _, opts in copies(target(name))), name
 
 
 def test_dockerfile_installs_cpu_torch_as_the_makefile_pins_it():
     runs = " ".join(rest for stage in dockerfile_stages()[1] for op, rest in stage if op == "RUN")
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu \$\{?TORCH_SPEC", runs)
+    assert re.search(r"\$\{?TORCH_PIP_ARGS\}? \$\{?TORCH_SPEC", runs)
+    assert re.search(r"\$\{?EVAL_TORCH_PIP_ARGS\}? \$\{?EVAL_TORCH_SPEC", runs)
     builder_args = {r.partition("=")[0]: r.partition("=")[2].strip('"')
                     for stage in dockerfile_stages()[1] for op, r in stage if op == "ARG"}
+    assert builder_args["TORCH_PIP_ARGS"] == builder_args["EVAL_TORCH_PIP_ARGS"] == \
+        "--index-url https://download.pytorch.org/whl/cpu"
     makefile = (ROOT / "Makefile").read_text()
     (make_spec,) = re.findall(r"(?m)^TORCH_SPEC \?= (.+)$", makefile)
-    assert builder_args["TORCH_SPEC"] == make_spec.strip()
+    assert builder_args["EVAL_TORCH_SPEC"] == make_spec.strip()
+    # The server gets the same torch without torchvision, which it never imports.
+    assert builder_args["TORCH_SPEC"] == make_spec.split()[0]
+    assert set(builder_args["OFFLINE_ONLY"].split()) == {"torchvision", "torchattacks", "matplotlib"}
 
 
 def test_dockerfile_runs_the_console_script_as_non_root(subcommands):
-    uid, gid = dockerfile_user()
-    assert uid != 0 and gid != 0
-    stage = final_stage()
+    for name in ("server", "eval"):
+        uid, gid = dockerfile_user(name)
+        assert uid != 0 and gid != 0
+        assert exec_form(target(name), "ENTRYPOINT") == ["pathguard"], name
+    stage = target("server")
     entrypoint = exec_form(stage, "ENTRYPOINT")
-    assert entrypoint == ["pathguard"]
     # The entrypoint is the console script pyproject declares, and its target exists.
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts[entrypoint[0]].partition(":")
@@ -598,21 +621,24 @@ def test_dockerfile_runs_the_console_script_as_non_root(subcommands):
 
 
 def test_dockerfile_ports_and_env_match_the_server(server_defaults):
-    stage = final_stage()
+    stage = target("server")
     exposed = {int(p.split("/")[0]) for op, rest in stage if op == "EXPOSE" for p in rest.split()}
     assert exposed == {server_defaults["port"], server_defaults["metrics_port"]}
-    env = dockerfile_env()
+    env = dockerfile_env("server")
     assert int(env["PATHGUARD_PORT"]) == server_defaults["port"]
     assert int(env["PATHGUARD_METRICS_PORT"]) == server_defaults["metrics_port"]
     assert float(env["PATHGUARD_GRACE_PERIOD"]) == server_defaults["grace_period"]
     assert env["PATHGUARD_HOST"] == "0.0.0.0"
-    # With a read-only root filesystem, only /tmp is writable.
-    assert env["HOME"].startswith("/tmp") and env["MPLCONFIGDIR"].startswith("/tmp")
+    for name in ("server", "eval"):
+        env = dockerfile_env(name)
+        # With a read-only root filesystem, only /tmp is writable.
+        assert env["HOME"].startswith("/tmp") and env["MPLCONFIGDIR"].startswith("/tmp"), name
+        assert env["OMP_WAIT_POLICY"] == "PASSIVE", name
 
 
 def test_default_bundle_is_baked_where_the_config_points():
     bundle = dockerfile_env()["PATHGUARD_BUNDLE"]
-    bundle_copies = [(srcs, dest) for srcs, dest, opts in copies(final_stage()) if "from" not in opts]
+    bundle_copies = [(srcs, dest) for srcs, dest, opts in copies(target("server")) if "from" not in opts]
     assert (["models/default"], bundle) in [(s, d.rstrip("/")) for s, d in bundle_copies]
     # The Makefile serves the same bundle locally.
     assert re.search(r"(?m)^BUNDLE \?= models/default$", (ROOT / "Makefile").read_text())
