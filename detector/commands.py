@@ -54,9 +54,9 @@ def _cmd_fit_detector(args: argparse.Namespace) -> int:
                                n_calibration=args.n_calibration, classifier=args.classifier,
                                feature_groups=args.features.split(","), target_fpr=args.target_fpr, seed=args.seed,
                                data_root=args.data_root, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                               progress=not args.quiet)
+                               n_reference=args.n_reference, progress=not args.quiet)
     print(json.dumps({k: info[k] for k in ("classifier", "feature_groups", "threshold", "target_fpr", "per_attack",
-                                            "fit_images", "fit_seconds")}, indent=2))
+                                            "fit_images", "fit_seconds", "weights") if k in info}, indent=2))
     return 0
 
 
@@ -123,8 +123,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("fit-detector", help="compute class prototypes and fit the bundle's path detector")
     p.add_argument("--bundle", default=_default_bundle())
-    p.add_argument("--attacks", default="fgsm,pgd,cw", help="attacks whose examples the detector learns from")
-    p.add_argument("--classifier", default="logreg", choices=("logreg", "rf", "gb"))
+    p.add_argument("--attacks", default="fgsm,pgd,pgdl2,cw,deepfool,square",
+                   help="attacks on validation images: what the ensemble's weights are chosen on (worst family), "
+                   "or what a supervised classifier learns from")
+    p.add_argument("--classifier", default="ensemble", choices=("ensemble", "logreg", "rf", "gb"),
+                   help="ensemble: clean-only path scores combined with non-negative weights (default)")
+    p.add_argument("--n-reference", type=int, default=20000,
+                   help="clean training images the ensemble's clean-only components are fitted on")
     p.add_argument("--features", default="soft,hard,density,proto,confidence", help="feature groups")
     p.add_argument("--n-fit", type=int, default=1000, help="validation images to attack for fitting")
     p.add_argument("--n-calibration", type=int, default=1000, help="clean validation images for the threshold")

@@ -19,8 +19,8 @@ from torch import Tensor
 from .. import __version__
 from ..attacks import AttackSpec, run_attack
 from ..bundle import Bundle, load_bundle
-from ..detectors import PathDetector
-from ..detectors.scorers import TreeScorer
+from ..detectors import FeatureDetector, detector_from_state
+from ..detectors.scorers import IdentityScorer, LinearScorer
 from ..evaluation.metrics import detection_metrics
 from ..prototypes import Prototypes
 from ..splits import bundle_splits, correctly_classified
@@ -205,7 +205,7 @@ def estimate_cost(cfg: AdaptiveConfig, rate: float, base_attacks: list[AttackSpe
             "total_upper_bound": round(sum(parts.values()), 1)}
 
 
-def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes, PathDetector]:
+def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes, FeatureDetector]:
     bundle = load_bundle(cfg.bundle, device=device)
     if not bundle.model.gated:
         raise ValueError(f"bundle {cfg.bundle} holds a dense model; adaptive attacks need a gated one")
@@ -213,7 +213,7 @@ def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes
     if protos is None or det is None:
         raise ValueError(f"bundle {cfg.bundle} has no fitted detector; run `pathguard fit-detector --bundle "
                          f"{cfg.bundle}` first")
-    return bundle, as_device(Prototypes.from_state(*protos), device), PathDetector.from_state(*det)
+    return bundle, as_device(Prototypes.from_state(*protos), device), detector_from_state(*det)
 
 
 def _attack_round(rnd: Round, cfg: AdaptiveConfig, images: Tensor, labels: Tensor, progress: bool,
@@ -244,7 +244,8 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     splits = bundle_splits(bundle.meta, cfg.data_root)
     eval_idx = correctly_classified(model, splits.test, cfg.n, seed=cfg.seed)
     x, y = splits.test.float_images(eval_idx), splits.test.labels[eval_idx]
-    trees = isinstance(det.scorer_, TreeScorer)
+    # a detector that is not linear in the features (trees, the ensemble) is attacked through a fitted surrogate
+    trees = not isinstance(getattr(det, "scorer_", None), (LinearScorer, IdentityScorer))
     need_base = cfg.harden or trees
     base = None
     info = bundle.part("detector")[1]
