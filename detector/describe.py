@@ -29,7 +29,9 @@ def describe_bundle(bundle: Bundle) -> str:
     det = bundle.part("detector")
     if det is not None:
         info = det[1]
-        lines.append(f"detector    {info.get('classifier', '?')} on {info.get('feature_groups', '?')}, "
-                     f"threshold {info.get('threshold', float('nan')):.4f} at FPR {info.get('target_fpr', '?')}")
+        what = (f"ensemble, weights {info['weights']}" if info.get("weights") else
+                f"{info.get('classifier', '?')} on {info.get('feature_groups', '?')}")
+        lines.append(f"detector    {what}, threshold {info.get('threshold', float('nan')):.4f} at FPR "
+                     f"{info.get('target_fpr', '?')}")
     lines.append("files       " + ", ".join(sorted(m["files"])))
     return "\n".join(lines)

@@ -134,12 +134,12 @@ def forward_seconds_per_image(model, images: Tensor, batch: int = 500) -> float:
 
 
 def _heldout(est_factory, feats, outcomes, plans: dict[str, list[str]], fit_kw: dict,
-             held_attacks: dict[str, list[str]]) -> dict:
+             held_attacks: dict[str, list[str]], reuse=None) -> dict:
     """AUROC / TPR on each held-out key's attacks, the detector refitted on ``plans[key]`` only."""
     out = {}
     for key, fitted_on in plans.items():
         try:
-            est, record = fit_estimator(est_factory(), feats, outcomes, fitted_on, **fit_kw)
+            est, record = fit_estimator(est_factory(), feats, outcomes, fitted_on, reuse=reuse, **fit_kw)
         except NoAdversarialExamples as exc:
             out[key] = {a: {"auroc": None, "tpr_at_fpr": None, "note": str(exc)} for a in held_attacks[key]}
             continue
@@ -227,12 +227,13 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
                         "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s}
         if name != "bundle" and not getattr(est, "clean_only", False) and len(attacks) > 1:
             make = lambda e=entries[name]: e.make(cfg.target_fpr, cfg.seed)  # noqa: E731
+            reuse = est if hasattr(est, "components") else None
             if cfg.leave_one_out:
                 loo[name] = {a: per[a] for a, per in _heldout(make, feats, outcomes, plans["attack"], fit_kw,
-                                                              {a: [a] for a in attacks}).items()}
+                                                              {a: [a] for a in attacks}, reuse).items()}
             if cfg.leave_one_family_out:
                 held = {f: [a for a in attacks if families[a] == f] for f in plans["family"]}
-                lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held)
+                lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse)
 
     ablation = {}
     if cfg.ablation and "path" in features:

@@ -8,6 +8,7 @@ attacks to *exclude*; the record is what the tests check: no held-out attack's r
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,13 +78,15 @@ def noisy_like(clean, adversarial, seed: int):
 
 
 def fit_estimator(est, feats, outcomes: dict, attacks: list[str], *, families: dict[str, str],
-                  layer_sizes: list[int], clean_set: str, reference_set: str):
+                  layer_sizes: list[int], clean_set: str, reference_set: str, reuse=None):
     """Fit ``est`` on the rows ``attacks`` allow; returns (estimator, :class:`FitRecord`).
 
     Clean-only estimators (``est.clean_only``) get the clean reference rows; the ensemble with weights to
     choose gets them plus, as validation, the clean fitting rows and the successful adversarial rows of
     ``attacks`` grouped by family; supervised estimators get clean fitting rows (plus noisy ones when
-    ``feats.fit_noisy`` holds them) against the successful adversarial rows of ``attacks``.
+    ``feats.fit_noisy`` holds them) against the successful adversarial rows of ``attacks``. ``reuse``: an
+    ensemble already fitted on the same clean rows, whose clean-only components are kept (they never depend
+    on ``attacks``); only its weights are chosen again.
     """
     if getattr(est, "clean_only", False):
         est.fit(feats.reference, groups=feats.groups, layer_sizes=layer_sizes, X_calibration=feats.calibration)
@@ -96,8 +99,13 @@ def fit_estimator(est, feats, outcomes: dict, attacks: list[str], *, families: d
         for a, r in rows.items():
             by_family.setdefault(families[a], []).append(feats.fit_adv[a][r])
         validation = (feats.fit_clean, {f: np.concatenate(b) for f, b in by_family.items()})
-        est.fit(feats.reference, groups=feats.groups, layer_sizes=layer_sizes, X_calibration=feats.calibration,
-                validation=validation)
+        if reuse is not None and reuse.weights is None:
+            est = copy.copy(reuse)
+            est.weights_, est.selection_ = est._select(*validation)
+            est.calibrate(feats.calibration)
+        else:
+            est.fit(feats.reference, groups=feats.groups, layer_sizes=layer_sizes, X_calibration=feats.calibration,
+                    validation=validation)
         return est, FitRecord("clean-only + weights on validation", len(feats.fit_clean), clean_set, rows)
     negatives = [feats.fit_clean]
     n_noisy = 0
