@@ -14,18 +14,24 @@ from detector.splits import bundle_splits
 CLEAN_ONLY = sorted(n for n, e in DETECTORS.items() if getattr(e.make(0.05, 0), "clean_only", False))
 
 
-@pytest.fixture(scope="module")
-def paths(tiny_bundle):
-    """Path features of clean training, validation and test images of the tiny bundle."""
-    bundle = load_bundle(tiny_bundle)
+def _bundle_paths(path, sizes=None):
+    """Path features of correctly classified (as the evaluation uses) training, validation and test images:
+    ``sizes`` of each split, all of them by default."""
+    bundle = load_bundle(path)
     protos = Prototypes.from_state(*bundle.part("prototypes"))
     splits = bundle_splits(bundle.meta, None)
     out = {}
     for name, data in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-        f = extract_path_features(bundle.model, protos, data.float_images(torch.arange(len(data))))
-        keep = (f.logits.argmax(1) == data.labels).numpy()  # correctly classified, as the evaluation uses
-        out[name] = (f.X[keep], data.labels.numpy()[keep])
+        n = (sizes or {}).get(name, len(data))
+        f = extract_path_features(bundle.model, protos, data.float_images(torch.arange(n)))
+        keep = (f.logits.argmax(1) == data.labels[:n]).numpy()
+        out[name] = (f.X[keep], data.labels[:n].numpy()[keep])
     return out, f.groups, f.names, protos
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_bundle):
+    return _bundle_paths(tiny_bundle)
 
 
 def _layer_columns(names, protos, layer):
@@ -78,16 +84,8 @@ def test_clean_only_detector_flags_a_late_switch_on_the_tiny_model(paths, name):
 
 @pytest.fixture(scope="module")
 def default_paths(default_bundle):
-    """Path features of the default bundle (Fashion-MNIST): 3000 training, 500 validation, 500 test images."""
-    bundle = load_bundle(default_bundle)
-    protos = Prototypes.from_state(*bundle.part("prototypes"))
-    splits = bundle_splits(bundle.meta, None)
-    out = {}
-    for name, data, n in (("train", splits.train, 3000), ("val", splits.val, 500), ("test", splits.test, 500)):
-        f = extract_path_features(bundle.model, protos, data.float_images(torch.arange(n)))
-        keep = (f.logits.argmax(1) == data.labels[:n]).numpy()
-        out[name] = (f.X[keep], data.labels[:n].numpy()[keep])
-    return out, f.groups, f.names, protos
+    """The default bundle (Fashion-MNIST): 3000 training, 500 validation, 500 test images."""
+    return _bundle_paths(default_bundle, {"train": 3000, "val": 500, "test": 500})
 
 
 # On the default model the class shows mostly in the last gated layer too (measured: splicing at the middle gives
