@@ -216,24 +216,11 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
         decide_s = (time.perf_counter() - t0) / (len(feats.eval_clean) * (1 + len(attacks)))
         detectors[name] = {"description": entry_desc, "featurizer": fkey, "threshold": float(est.threshold_),
                            "n_features": int(est.n_features_in_), "fitting": fitting,
-                           "clean_only": bool(getattr(est, "clean_only", False))}
-        if getattr(est, "selection_", None):
-            detectors[name]["selection"] = {k: v for k, v in est.selection_.items()}
-            detectors[name]["weights"] = dict(zip(est.components, est.weights_.tolist()))
-        if hasattr(est, "selected_"):
-            detectors[name]["squeezers"] = list(est.selected_)
-            detectors[name]["selection_auroc_on_fitting_rows"] = est.selection_auroc_
+                           "clean_only": bool(getattr(est, "clean_only", False)), **_choices(est)}
         timing[name] = {"fit_seconds": round(fit_s, 2),
                         "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s}
         if name != "bundle" and not getattr(est, "clean_only", False) and len(attacks) > 1:
-            make = lambda e=entries[name]: e.make(cfg.target_fpr, cfg.seed)  # noqa: E731
-            reuse = est if hasattr(est, "components") else None
-            if cfg.leave_one_out:
-                loo[name] = {a: per[a] for a, per in _heldout(make, feats, outcomes, plans["attack"], fit_kw,
-                                                              {a: [a] for a in attacks}, reuse).items()}
-            if cfg.leave_one_family_out:
-                held = {f: [a for a in attacks if families[a] == f] for f in plans["family"]}
-                lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse)
+            _holdout_tables(cfg, entries[name], est, feats, outcomes, plans, fit_kw, families, loo, lofo, name)
 
     ablation = {}
     if cfg.ablation and "path" in features:
@@ -256,6 +243,35 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
         "timing": {"forward_seconds_per_image": forward_s, "detectors": timing},
     }
     return report, plot_scores
+
+
+def _holdout_tables(cfg: EvalConfig, entry, est, feats, outcomes, plans, fit_kw, families, loo, lofo,
+                    name: str) -> None:
+    """Fill ``loo[name]`` (leave one attack out) and ``lofo[name]`` (leave one family out) as ``cfg`` asks."""
+    attacks = list(families)
+
+    def make():
+        return entry.make(cfg.target_fpr, cfg.seed)
+
+    reuse = est if hasattr(est, "components") else None
+    if cfg.leave_one_out:
+        loo[name] = {a: per[a] for a, per in _heldout(make, feats, outcomes, plans["attack"], fit_kw,
+                                                      {a: [a] for a in attacks}, reuse).items()}
+    if cfg.leave_one_family_out:
+        held = {f: [a for a in attacks if families[a] == f] for f in plans["family"]}
+        lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse)
+
+
+def _choices(est) -> dict:
+    """What a detector chose on the fitting images: the ensemble's weights, the squeezers picked."""
+    out: dict = {}
+    if getattr(est, "selection_", None):
+        out["selection"] = dict(est.selection_)
+        out["weights"] = dict(zip(est.components, est.weights_.tolist()))
+    if hasattr(est, "selected_"):
+        out["squeezers"] = list(est.selected_)
+        out["selection_auroc_on_fitting_rows"] = est.selection_auroc_
+    return out
 
 
 def _uses_reference(est) -> bool:

@@ -65,21 +65,7 @@ def render_markdown(r: dict) -> str:
     lines += ["", "Actual false-positive rate on the evaluation's clean images at each calibrated threshold: "
               + ", ".join(f"{d} {_pct(next(iter(per.values()))['fpr_at_threshold'])}" for d, per in results.items())
               + "."]
-    if r.get("leave_one_attack_out"):
-        lines += ["", "## Leave one attack out: AUROC on the attack held out of fitting", "",
-                  "| detector | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
-        for det, per in r["leave_one_attack_out"].items():
-            lines.append(f"| {det} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
-    if r.get("leave_one_family_out"):
-        fams = list(next(iter(r["leave_one_family_out"].values())))
-        lines += ["", "## Leave one family out: AUROC / TPR on the attacks of the family held out of fitting", "",
-                  "| detector | " + " | ".join(f"{a} ({r['attacks'][a].get('family')})" for a in attacks) + " |",
-                  "|---|" + "---|" * len(attacks)]
-        for det, per in r["leave_one_family_out"].items():
-            cells = {a: m for f in fams for a, m in per.get(f, {}).items()}
-            lines.append(f"| {det} | " + " | ".join(
-                f"{_f(cells[a]['auroc'])} / {_pct(cells[a]['tpr_at_fpr'])}" if a in cells else "–"
-                for a in attacks) + " |")
+    lines += _holdout_sections(r, attacks)
     lines += _baseline_notes(r)
     if r.get("ablation"):
         lines += ["", "## Which path features carry the signal (logistic regression, AUROC)", "",
@@ -98,6 +84,26 @@ def render_markdown(r: dict) -> str:
     if r.get("plots"):
         lines += ["## Figures", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
     return "\n".join(lines)
+
+
+def _holdout_sections(r: dict, attacks: list[str]) -> list[str]:
+    lines = []
+    if r.get("leave_one_attack_out"):
+        lines += ["", "## Leave one attack out: AUROC on the attack held out of fitting", "",
+                  "| detector | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+        for det, per in r["leave_one_attack_out"].items():
+            lines.append(f"| {det} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
+    if r.get("leave_one_family_out"):
+        fams = list(next(iter(r["leave_one_family_out"].values())))
+        lines += ["", "## Leave one family out: AUROC / TPR on the attacks of the family held out of fitting", "",
+                  "| detector | " + " | ".join(f"{a} ({r['attacks'][a].get('family')})" for a in attacks) + " |",
+                  "|---|" + "---|" * len(attacks)]
+        for det, per in r["leave_one_family_out"].items():
+            cells = {a: m for f in fams for a, m in per.get(f, {}).items()}
+            lines.append(f"| {det} | " + " | ".join(
+                f"{_f(cells[a]['auroc'])} / {_pct(cells[a]['tpr_at_fpr'])}" if a in cells else "–"
+                for a in attacks) + " |")
+    return lines
 
 
 def _unseen_section(r: dict, fpr: float) -> list[str]:
