@@ -26,12 +26,11 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(f"paths       q(y|path) accuracy {test.get('path_head_accuracy', float('nan')):.4f}; "
                      f"Hamming same class {test.get('hamming_same_class', float('nan')):.3f}, "
                      f"other class {test.get('hamming_other_class', float('nan')):.3f}")
-    det = bundle.part("detector")
-    if det is not None:
-        info = det[1]
-        what = (f"ensemble, weights {info['weights']}" if info.get("weights") else
-                f"{info.get('classifier', '?')} on {info.get('feature_groups', '?')}")
-        lines.append(f"detector    {what}, threshold {info.get('threshold', float('nan')):.4f} at FPR "
-                     f"{info.get('target_fpr', '?')}")
+    record, det = bundle.detector_record(), bundle.part("detector")
+    if record is not None and det is not None:
+        what = (f"ensemble, weights {det[1]['weights']}" if det[1].get("weights") else
+                f"{record.classifier} on {record.feature_groups}")
+        lines.append(f"detector    {what}, threshold {det[1].get('threshold', float('nan')):.4f} at FPR "
+                     f"{record.target_fpr}")
     lines.append("files       " + ", ".join(sorted(m["files"])))
     return "\n".join(lines)

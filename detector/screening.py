@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .detectors import FeatureDetector, detector_from_state
+from .detectors import FeatureDetector
 from .features import path_features
 from .models import DecoupledNet
 from .prototypes import Prototypes
@@ -105,12 +105,8 @@ class Screener:
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> Screener:
-        protos, det = bundle.part("prototypes"), bundle.part("detector")
-        if protos is None or det is None:
-            raise ValueError(f"bundle {bundle.path} has no fitted detector; run "
-                             f"`pathguard fit-detector --bundle {bundle.path}` first")
-        return cls(bundle.model, Prototypes.from_state(*protos), detector_from_state(*det),
-                   bundle.classes, **kwargs)
+        protos, det = bundle.fitted()
+        return cls(bundle.model, protos, det, bundle.classes, **kwargs)
 
     @property
     def threshold(self) -> float:

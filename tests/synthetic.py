@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.attacks import parse_attacks
-from detector.fitting import fit_bundle_detector
+from detector.fitting import FitConfig, fit_bundle_detector
 from detector.models import GateConfig
 from detector.training import TrainConfig, train
 
@@ -46,6 +45,6 @@ def make_bundle(root: Path, *, fit_detector: bool = True, gated: bool = True) ->
     train(cfg, bundle, progress=False)
     if fit_detector and gated:
         # logistic regression: the adaptive tests need its exact gradient; the ensemble has its own tests
-        fit_bundle_detector(bundle, parse_attacks("fgsm:eps=0.15,pgd:eps=0.15;steps=5"), n_fit=60,
-                            n_calibration=60, classifier="logreg", prototype_images=400, progress=False)
+        fit_bundle_detector(FitConfig(str(bundle), "fgsm:eps=0.15,pgd:eps=0.15;steps=5", classifier="logreg", n_fit=60,
+                                      n_calibration=60, prototype_images=400), progress=False)
     return bundle

@@ -68,14 +68,13 @@ def test_screening_with_the_ensemble_detector(tiny_bundle, tmp_path):
     """A bundle shipping the ensemble screens like any other: scores are the detector's on the path features."""
     import shutil
 
-    from detector.attacks import parse_attacks
     from detector.features import extract_path_features
-    from detector.fitting import fit_bundle_detector
+    from detector.fitting import FitConfig, fit_bundle_detector
 
     copy = tmp_path / "ensemble"
     shutil.copytree(tiny_bundle, copy)
-    info = fit_bundle_detector(copy, parse_attacks("fgsm:eps=0.15,deepfool:steps=5"), n_fit=60, n_calibration=60,
-                               classifier="ensemble", prototype_images=400, progress=False)
+    info = fit_bundle_detector(FitConfig(str(copy), "fgsm:eps=0.15,deepfool:steps=5", n_fit=60, n_calibration=60,
+                                         classifier="ensemble", prototype_images=400), progress=False)
     assert info["estimator"] == "PathEnsembleDetector" and min(info["weights"].values()) >= 0
     bundle = load_bundle(copy)
     screener = bundle.screener()

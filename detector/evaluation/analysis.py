@@ -12,9 +12,8 @@ from torch import Tensor
 
 from ..attacks import AttackSpec
 from ..bundle import Bundle
-from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, detector_from_state, get_detector
+from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, get_detector
 from ..features import GROUPS
-from ..prototypes import Prototypes
 from .config import EvalConfig
 from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans, noisy_like
 from .images import ImageSets
@@ -156,13 +155,15 @@ def _heldout(est_factory, feats, outcomes, plans: dict[str, list[str]], fit_kw: 
     return out
 
 
+# Over 60 lines on purpose: featurize once per featurizer, then fit/score every detector; the two loops
+# share the feature cache and timings, and the per-detector work is already in helpers.
 def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[AttackSpec],
             adv: dict[str, Tensor]) -> tuple[dict, dict]:
     """Fit and score every detector of ``cfg``; returns (report sections, scores for plots)."""
     model = bundle.model.eval()
     attacks = [s.label for s in specs]
     outcomes = attack_outcomes(model, sets, adv, specs)
-    protos = Prototypes.from_state(*bundle.part("prototypes")) if bundle.part("prototypes") else None
+    protos = bundle.prototypes()
     ctx = FeaturizerContext(model, protos, sets.reference.images, sets.reference.labels, cfg.seed)
     forward_s = forward_seconds_per_image(model, sets.eval.images)
     families = family_of(specs)
@@ -196,11 +197,11 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
     results, plot_scores, detectors, loo, lofo, timing = {}, {}, {}, {}, {}, {}
     for name in cfg.detectors:
         if name == "bundle":
-            part = bundle.part("detector")
-            if part is None:
+            est, record = bundle.detector(), bundle.detector_record()
+            if est is None or record is None:
                 raise ValueError(f"detector 'bundle' asked for, but {bundle.path} has no fitted detector")
-            est, feats, fit_s, fkey = detector_from_state(*part), features["path"], 0.0, "path"
-            info = part[1]
+            feats, fit_s, fkey = features["path"], 0.0, "path"
+            info = bundle.part("detector")[1]
             fitting = {"kind": "as shipped", "text": _shipped_fitting(info)}
             entry_desc = f"the bundle's own detector ({info.get('estimator')}, as fitted by fit-detector; not refitted)"
             seen = {a for a in attacks if families[a] in _shipped_families(info)}
