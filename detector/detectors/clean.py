@@ -24,6 +24,12 @@ from .base import FeatureDetector, threshold_at_fpr
 TAIL_QUANTILE = 0.9  # above this quantile of the null, p-values follow a fitted exponential tail
 
 
+def _half(X: np.ndarray) -> np.ndarray:
+    """Reference rows rounded to float16 precision (kept as float32): what a bundle stores, so that a detector
+    scores the same before and after a save/load (kNN reference sets are the bulk of a bundle's detector)."""
+    return X.astype(np.float16).astype(np.float32)
+
+
 class NullDistribution:
     """p-values of raw anomaly scores under clean scores: empirical below the 90% quantile ``u``, an
     exponential tail ``p(u) exp(-(s - u) / beta)`` above it (``beta`` the mean excess over ``u``), so that
@@ -133,6 +139,8 @@ class CleanDetector(FeatureDetector):
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         check_is_fitted(self, ["null_", "threshold_"])
         tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k + "_"))) for k in self._STATE}
+        if "reference" in tensors:  # stored as float16: the values already are (see _half), half the bytes
+            tensors["reference"] = tensors["reference"].to(torch.float16)
         tensors.update({"columns": torch.from_numpy(self.columns_.astype(np.int64)),
                         "logit_columns": torch.from_numpy(self.logit_columns_.astype(np.int64)),
                         "layer_sizes": torch.from_numpy(self.layer_sizes_), "null": self.null_.to_tensor()})
@@ -150,7 +158,7 @@ class CleanDetector(FeatureDetector):
         if missing:
             raise ValueError(f"{cls.__name__} state lacks tensors {sorted(missing)}")
         for k in det._STATE:
-            setattr(det, k + "_", tensors[k].numpy())
+            setattr(det, k + "_", tensors[k].float().numpy() if k == "reference" else tensors[k].numpy())
         det.columns_, det.logit_columns_ = tensors["columns"].numpy(), tensors["logit_columns"].numpy()
         det.layer_sizes_ = tensors["layer_sizes"].numpy()
         det.null_ = NullDistribution(tensors["null"].numpy())
@@ -242,7 +250,7 @@ class PathLikelihoodDetector(CleanDetector):
         else:
             rng = np.random.default_rng(self.random_state)
             keep = np.concatenate([rng.permutation(np.flatnonzero(pred == c))[:self.max_reference] for c in range(K)])
-            self.reference_, self.reference_class_ = X[keep].astype(np.float32), pred[keep].astype(np.int64)
+            self.reference_, self.reference_class_ = _half(X[keep]), pred[keep].astype(np.int64)
 
     def _raw(self, X: np.ndarray, pred: np.ndarray) -> np.ndarray:
         X = self._transform(X)
@@ -323,7 +331,7 @@ class LayerConsistencyDetector(CleanDetector):
             raise ValueError(f"layer_sizes sum to {int(self.layer_sizes_.sum())}, but the soft path has {G} columns")
         if self.method == "knn":
             keep = np.random.default_rng(self.random_state).permutation(len(X))[:self.max_reference]
-            self.reference_, self.reference_class_ = X[keep].astype(np.float32), pred[keep].astype(np.int64)
+            self.reference_, self.reference_class_ = _half(X[keep]), pred[keep].astype(np.int64)
             return
         from sklearn.linear_model import LogisticRegression
 

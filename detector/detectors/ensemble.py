@@ -171,14 +171,16 @@ class PathEnsembleDetector(FeatureDetector):
     # -- persistence ------------------------------------------------------------------------------
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         check_is_fitted(self, ["components_", "threshold_"])
-        tensors, parts = {"weights": torch.from_numpy(self.weights_.copy())}, []
-        for i, c in enumerate(self.components_):
-            t, info = c.to_state()
-            tensors.update({f"c{i}.{k}": v for k, v in t.items()})
+        used = np.flatnonzero(self.weights_ > 0)  # a component with weight 0 never scores: not stored
+        tensors, parts = {"weights": torch.from_numpy(self.weights_[used].copy())}, []
+        for j, i in enumerate(used):
+            t, info = self.components_[i].to_state()
+            tensors.update({f"c{j}.{k}": v for k, v in t.items()})
             parts.append(info)
         params = self.get_params()
-        params["components"], params["grid"] = list(params["components"]), list(params["grid"])
-        params["weights"] = None if params["weights"] is None else list(params["weights"])
+        params["components"] = [self.components[i] for i in used]
+        params["grid"] = list(params["grid"])
+        params["weights"] = None if params["weights"] is None else [float(params["weights"][i]) for i in used]
         return tensors, {"estimator": type(self).__name__, "params": params, "components": parts,
                          "threshold": self.threshold_, "n_features_in": int(self.n_features_in_),
                          "selection": self.selection_}
