@@ -43,3 +43,13 @@ def test_blocker_really_blocks():
                                         "parse_attack('fgsm').build(torch.nn.Flatten())\n")
     assert proc.returncode != 0
     assert "ModuleNotFoundError: No module named 'torchattacks' (blocked)" in proc.stderr
+
+
+def test_every_registered_attack_names_a_class_that_exists():
+    import importlib
+
+    from detector.attacks.registry import ATTACKS
+
+    for name, info in ATTACKS.items():
+        module, _, cls = info.cls.rpartition(".")
+        assert isinstance(getattr(importlib.import_module(module), cls), type), name

@@ -97,10 +97,11 @@ def _finish(cfg: EvalConfig, out: Path, p: Prepared, adv: dict[str, Tensor], att
         **body,
     }
     if cfg.plots:
-        from .plots import write_plots  # matplotlib only when drawing (the server image has none)
+        from .plots import write_heatmap, write_plots  # matplotlib only when drawing (the server image has none)
 
         thresholds = {d: info["threshold"] for d, info in body["detectors"].items()}
-        report["plots"] = write_plots(out, scores, body["results"], thresholds, [s.label for s in specs])
+        report["plots"] = [write_heatmap(out, {**report, "results": body["results"]})] + write_plots(
+            out, scores, body["results"], thresholds, [s.label for s in specs])
     report["timing"]["attack_seconds"] = attack_seconds
     report["timing"]["total_seconds"] = time.perf_counter() - t0
     write_report(out, report)
