@@ -23,7 +23,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load_input(path: str):
-    """A PNG/JPEG file is sent encoded; a .npy file (C, H, W) or (N, C, H, W) as a raw tensor."""
+    """A PNG/JPEG file's bytes (sent encoded); a .npy file (C, H, W) or (N, C, H, W) as an array (raw tensor)."""
     p = Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES | {".npy"}:
         raise ValueError(f"{path}: expected a .png, .jpg/.jpeg or .npy file")
@@ -33,7 +33,50 @@ def _load_input(path: str):
         import numpy as np
 
         return np.load(p, allow_pickle=False)
-    return [p.read_bytes()]
+    return p.read_bytes()
+
+
+def _calls(paths: list[str], per_call: int, rows: dict[int, list[dict]]) -> list[list[tuple[int, str, object]]]:
+    """Inputs grouped into calls: consecutive image files, up to ``per_call`` a call; each .npy on its own.
+    A file that cannot be read gets its error row in ``rows`` and no call."""
+    calls: list[list[tuple[int, str, object]]] = []
+    group: list[tuple[int, str, object]] = []
+    for i, path in enumerate(paths):
+        try:
+            data = _load_input(path)
+        except (ValueError, OSError) as exc:
+            rows[i] = [_error_row(path, "FILE", str(exc))]
+            continue
+        if isinstance(data, bytes):
+            group.append((i, path, data))
+            if len(group) == per_call:
+                calls.append(group)
+                group = []
+        else:
+            calls.append([(i, path, data)])
+    return calls + ([group] if group else [])
+
+
+def _error_row(path: str, code: str, message: str) -> dict:
+    return {"image": path, "error": {"code": code, "message": message}}
+
+
+def _result_rows(path: str, results: list, many: bool) -> list[dict]:
+    rows = []
+    for i, r in enumerate(results):
+        row = {"image": f"{path}[{i}]" if many else path, "class_index": r.class_index,
+               "class_name": r.class_name, "confidence": r.confidence,
+               "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
+               "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
+               "flops_fraction": r.flops_fraction}
+        if r.top_classes:
+            row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability} for c in r.top_classes]
+        rows.append(row)
+    return rows
+
+
+# The server is out of reach or refuses this caller: no later call can do better.
+_FATAL = {"UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED", "DEADLINE_EXCEEDED"}
 
 
 def _cmd_screen(args: argparse.Namespace) -> int:
@@ -43,32 +86,47 @@ def _cmd_screen(args: argparse.Namespace) -> int:
 
     cfg = config_from(ScreenConfig, args)
     token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
-    rows: list[dict] = []
-    failed = False
-    with PathGuardClient(cfg.target, token=token, tls_ca=cfg.tls_ca, client_cert=cfg.client_cert,
-                         client_key=cfg.client_key, timeout=cfg.timeout) as client:
-        for path in args.images:
-            try:
-                results = client.screen(_load_input(path), top_k=cfg.top_k)
-            except grpc.RpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
-                    print(f"pathguard screen: {cfg.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                    return 1
-                rows.append({"image": path, "error": {"code": exc.code().name, "message": exc.details()}})
-                failed = True
-                continue
-            for i, r in enumerate(results):
-                row = {"image": path if len(results) == 1 else f"{path}[{i}]", "class_index": r.class_index,
-                       "class_name": r.class_name, "confidence": r.confidence,
-                       "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
-                       "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
-                       "flops_fraction": r.flops_fraction}
-                if r.top_classes:
-                    row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability}
-                                          for c in r.top_classes]
-                rows.append(row)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return 1 if failed else 0
+    rows: dict[int, list[dict]] = {}  # input position -> its rows
+    fatal = None
+
+    def screen(call: list[tuple[int, str, object]]) -> None:
+        """One call for ``call``'s files; a refused group is retried file by file to mark the bad ones."""
+        data = [d for _, _, d in call] if isinstance(call[0][2], bytes) else call[0][2]
+        try:
+            results = client.screen(data, top_k=cfg.top_k)
+        except grpc.RpcError as exc:
+            if exc.code().name in _FATAL:
+                raise
+            if len(call) > 1 and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                for one in call:
+                    screen([one])
+                return
+            for i, path, _ in call:
+                rows[i] = [_error_row(path, exc.code().name, exc.details())]
+            return
+        if isinstance(call[0][2], bytes):
+            for (i, path, _), result in zip(call, results, strict=True):
+                rows[i] = _result_rows(path, [result], many=False)
+        else:
+            i, path, _ = call[0]
+            rows[i] = _result_rows(path, results, many=len(results) > 1)
+
+    try:
+        with PathGuardClient(cfg.target, token=token, tls=cfg.tls, tls_ca=cfg.tls_ca, client_cert=cfg.client_cert,
+                             client_key=cfg.client_key, timeout=cfg.timeout,
+                             insecure_token=cfg.insecure_token) as client:
+            per_call = cfg.batch or client.describe().max_images_per_request
+            for call in _calls(args.images, per_call, rows):
+                screen(call)
+    except grpc.RpcError as exc:
+        fatal = f"pathguard screen: {cfg.target}: {exc.code().name}: {exc.details()}"
+    done = [row for i in sorted(rows) for row in rows[i]]
+    if done:  # what was screened before a fatal error is still shown
+        print(json.dumps(done, indent=2) if args.json else format_table(done))
+    if fatal:
+        print(fatal, file=sys.stderr)
+        return 1
+    return 1 if any("error" in row for row in done) else 0
 
 
 def format_table(rows: list[dict]) -> str:

@@ -19,9 +19,13 @@ from typing import Any, TypeVar
 from detector.cli import DEFAULT_BUNDLE
 
 ENV_PREFIX = "PATHGUARD_"
-# 64 CIFAR-size FP32 images are 64 * 3 * 32 * 32 * 4 B = 0.75 MiB; 16 MiB leaves room for larger inputs and
-# PNG batches while still bounding what one request can make the server allocate.
+# The client's message limits (and the server's send limit): 16 MiB holds any answer and any request a
+# server accepts. The server's receive limit is derived from the model instead: see receive_limit().
 DEFAULT_MAX_MESSAGE_MB = 16
+# Room for one encoded image beyond its raw FP64 size (PNG/JPEG headers, metadata chunks), and for the
+# request's envelope (ids, shape, options).
+ENCODED_ROOM_PER_IMAGE = 16 << 10
+ENVELOPE_ROOM = 64 << 10
 
 T = TypeVar("T")
 
@@ -35,22 +39,37 @@ class ServeConfig:
     """``pathguard serve``: what the server loads, where it listens and how it batches."""
 
     bundle: str = _opt("bundle directory to serve", DEFAULT_BUNDLE)
-    host: str = _opt("address to listen on (gRPC and metrics)", "0.0.0.0")
+    # Loopback unless told otherwise: the image and the manifests set 0.0.0.0 (PATHGUARD_HOST).
+    host: str = _opt("address to listen on (gRPC, metrics and probes); 0.0.0.0 for all interfaces", "127.0.0.1")
     port: int = _opt("gRPC port (0: any free port)", 50051)
-    metrics_port: int = _opt("Prometheus /metrics HTTP port (0: any free port)", 8002)
+    metrics_port: int = _opt("HTTP port of Prometheus /metrics and the plaintext probes /healthz, /readyz "
+                             "(0: any free port)", 8002)
     # 0 asks the cgroup CPU quota: a container limited to 2 CPUs on a 64-core node must not start 64 threads.
     threads: int = _opt("torch intra-op threads (0: the CPU quota of this container)", 0)
     max_batch_size: int = _opt("most images the model computes in one batch", 32)
     max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", 5.0)
     max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", 256)
+    max_queue_images: int = _opt("most images waiting for the model; more get RESOURCE_EXHAUSTED", 1024)
     grace_period: float = _opt("seconds accepted calls get to finish after SIGTERM", 20.0)
-    max_message_mb: int = _opt("largest request or response message, MiB", DEFAULT_MAX_MESSAGE_MB)
+    max_message_mb: int = _opt("largest request message, MiB (0: derived from the model's input shape and "
+                               "max_images_per_request)", 0)
     max_images_per_request: int = _opt("most images in one request", 64)
     engine: str = _opt("how the model runs: skipping (only filters whose gate is on; faster) or masked", "skipping")
     tls_cert: str | None = _opt("PEM server certificate (chain); enables TLS")
     tls_key: str | None = _opt("PEM private key of --tls-cert")
     tls_client_ca: str | None = _opt("PEM CA bundle; clients must present a certificate it signed (mTLS)")
-    auth_token_file: str | None = _opt("file holding the bearer token callers must send (health is exempt)")
+    auth_token_file: str | None = _opt("file of bearer tokens callers may send, one a line (health is exempt); "
+                                       "re-read on SIGHUP")
+    # Clients keep one HTTP/2 connection for as long as it lives; a maximum age makes them reconnect (and
+    # re-resolve), so new pods behind a headless Service get traffic after a scale-out.
+    max_connection_age: float = _opt("seconds before a connection is asked to close (GOAWAY; 0: never)", 300.0)
+    max_connection_age_grace: float = _opt("seconds calls on an aged connection get to finish", 30.0)
+    keepalive_min_interval: float = _opt("shortest interval between client keepalive pings; faster pingers "
+                                         "are disconnected", 10.0)
+    watchdog_seconds: float = _opt("health NOT_SERVING (readiness) once the worker makes no progress this long",
+                                   30.0)
+    liveness_seconds: float = _opt("the `liveness` health service NOT_SERVING once the worker makes no progress "
+                                   "this long (the liveness probe restarts the pod)", 120.0)
 
     def validate(self) -> ServeConfig:
         """Raise ``ValueError`` naming the first field out of range; return self."""
@@ -59,12 +78,19 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 65535]")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0 (0: the CPU quota)")
-        for name in ("max_batch_size", "max_queue_size", "max_message_mb", "max_images_per_request"):
+        for name in ("max_batch_size", "max_queue_size", "max_queue_images", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_queue_delay_ms", "grace_period"):
+        if self.max_queue_images < self.max_batch_size:
+            raise ValueError(f"max_queue_images={self.max_queue_images} must be >= "
+                             f"max_batch_size={self.max_batch_size}")
+        for name in ("max_queue_delay_ms", "grace_period", "max_message_mb", "max_connection_age",
+                     "max_connection_age_grace", "keepalive_min_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("watchdog_seconds", "liveness_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.engine not in ("skipping", "masked"):
             raise ValueError(f"engine={self.engine!r} must be 'skipping' or 'masked'")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -77,9 +103,14 @@ class ServeConfig:
                 raise ValueError(f"{name}={value!r} is not a readable file")
         return self
 
-    @property
-    def max_message_bytes(self) -> int:
-        return self.max_message_mb * 1024 * 1024
+    def receive_limit(self, input_shape: tuple[int, int, int]) -> int:
+        """Largest request message in bytes: ``max_message_mb`` when set, else the largest request the model
+        accepts -- ``max_images_per_request`` FP64 images (the widest pixel type; typed FP64 values take
+        8 bytes each too) -- plus room per image for PNG/JPEG framing and for the envelope."""
+        if self.max_message_mb:
+            return self.max_message_mb << 20
+        c, h, w = input_shape
+        return self.max_images_per_request * (c * h * w * 8 + ENCODED_ROOM_PER_IMAGE) + ENVELOPE_ROOM
 
 
 @dataclass
@@ -87,18 +118,23 @@ class ScreenConfig:
     """``pathguard screen``: where the server is and how to reach it."""
 
     target: str = _opt("server address HOST:PORT", "localhost:50051")
-    token_file: str | None = _opt("file holding the bearer token to send")
+    token_file: str | None = _opt("file holding the bearer token to send (needs TLS, or --insecure-token)")
+    tls: bool = _opt("use TLS, verifying the server with the system's CA roots", False)
     tls_ca: str | None = _opt("PEM CA bundle to verify the server with; enables TLS")
+    insecure_token: bool = _opt("send the bearer token over a plaintext channel anyway (it travels in clear)",
+                                False)
     client_cert: str | None = _opt("PEM client certificate, for a server that requires mTLS")
     client_key: str | None = _opt("PEM private key of --client-cert")
     timeout: float = _opt("seconds to wait for the answer", 30.0)
     top_k: int = _opt("show the k most probable classes (0: just the prediction)", 0)
+    batch: int = _opt("image files per call (0: the server's max_images_per_request)", 0)
 
     def validate(self) -> ScreenConfig:
         if self.timeout <= 0:
             raise ValueError(f"timeout={self.timeout} must be > 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        for name in ("top_k", "batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if bool(self.client_cert) != bool(self.client_key):
             raise ValueError(f"client_cert={self.client_cert!r} and client_key={self.client_key!r} "
                              "must be given together")
@@ -109,7 +145,18 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in _BOOLS:
+        raise ValueError(f"{text!r} is not a boolean (use one of {sorted(_BOOLS)})")
+    return _BOOLS[text.lower()]
+
+
 def _converter(typ: Any) -> Any:
+    if typ is bool:
+        return _parse_bool
     if typ in (int, float, str):
         return typ
     if set(typing.get_args(typ)) == {str, type(None)}:
@@ -121,9 +168,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--flag`` per field of ``cls``; defaults stay ``None`` so that given flags can be told apart."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
-                            default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata['help']} (env {env_name(f.name)}; default: {f.default})")
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (env {env_name(f.name)}; " \
+            f"default: {f.default})"
+        if hints[f.name] is bool:  # a switch: --tls; the environment takes 1/0, true/false
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+            continue
+        parser.add_argument(flag, dest=f.name, type=_converter(hints[f.name]), default=None,
+                            metavar=f.name.upper(), help=help_text)
 
 
 def config_from(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> T:

@@ -57,6 +57,14 @@ class NotReady(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class BatchFailed(ServiceError):
+    """Computing or delivering the batch this request was part of raised; the server logged the traceback.
+
+    Only the requests of that batch get it; the worker goes on with the next batch."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class Cancelled(ServiceError):
     """The caller went away; nothing is sent back."""
 

@@ -4,7 +4,12 @@ It wraps the RPCs of the services it is given (PathGuard and KServe); health and
 (no token, no admission limit, not in the request metrics), so probes need no secret, do not crowd the
 request metrics and stay answerable however many screening calls are open. For each wrapped call it:
 
-1. checks ``authorization: Bearer <token>`` when a token is configured (constant-time compare);
+1. before a byte of the request body is read (in ``intercept_service``, from the call's metadata): checks
+   ``authorization: Bearer <token>`` when tokens are configured (constant-time compare; during a rotation
+   the token file holds the old and the new token, both valid) and refuses the call when ``max_active``
+   calls are already open. A refused call gets a handler that never reads its request: an unauthenticated
+   16 MiB message is answered UNAUTHENTICATED without being received or parsed
+   (``pathguard_request_bytes_parsed_total`` counts what was parsed);
 2. refuses a request whose bytes are not the method's protobuf message with INVALID_ARGUMENT (gRPC itself
    would answer UNKNOWN with the parser's exception and log a traceback for every such call);
 3. admits at most ``max_active`` calls at once (RESOURCE_EXHAUSTED beyond: an open stream counts for as
@@ -20,7 +25,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 
 import grpc
@@ -49,12 +54,15 @@ class _Malformed:
         self.reason = reason
 
 
-def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
-    """``deserializer`` that returns :class:`_Malformed` instead of raising."""
+def _tolerant(deserializer: Callable[[bytes], object] | None,
+              count: bool = False) -> Callable[[bytes], object] | None:
+    """``deserializer`` that returns :class:`_Malformed` instead of raising (and counts the bytes it parses)."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> object:
+        if count:
+            metrics.REQUEST_BYTES_PARSED.inc(len(data))
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8 in a string field...
@@ -76,9 +84,9 @@ async def _checked_stream(requests: AsyncIterator) -> AsyncIterator:
 class ServiceInterceptor(aio.ServerInterceptor):
     """See the module docstring. ``max_active`` None: no admission limit."""
 
-    def __init__(self, services: Collection[str], token: str | None = None, max_active: int | None = None) -> None:
+    def __init__(self, services: Collection[str], tokens: Iterable[str] = (), max_active: int | None = None) -> None:
         self._services = frozenset(services)
-        self._token = token.encode() if token else None
+        self.set_tokens(tokens)
         self._max_active = max_active
         self.active = 0  # admitted calls not finished yet
         self.finished = 0  # admitted calls finished, whatever their status
@@ -92,7 +100,10 @@ class ServiceInterceptor(aio.ServerInterceptor):
         if service not in self._services:
             return self._probe(handler)
         method = details.method.lstrip("/")
-        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
+        refusal = self._refusal(details.invocation_metadata)
+        if refusal is not None:
+            return self._refused(handler, method, *refusal)
+        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer, count=True),
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
@@ -117,10 +128,48 @@ class ServiceInterceptor(aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_tolerant(handler.request_deserializer),
                                                    response_serializer=handler.response_serializer)
 
+    def set_tokens(self, tokens: Iterable[str]) -> None:
+        """Accept these bearer tokens from now on (none: no authentication). Calls already admitted go on."""
+        self._tokens = tuple(t.encode() for t in tokens if t)
+
+    def _refusal(self, metadata) -> tuple[grpc.StatusCode, str] | None:
+        """Why a call must be refused before its request is read (auth, admission), or None."""
+        try:
+            self._authenticate(metadata)
+        except Unauthenticated as exc:
+            return exc.code, exc.reason
+        if self._max_active is not None and self.active >= self._max_active:
+            return Overloaded.code, self._overloaded_message()
+        return None
+
+    def _refused(self, handler, method: str, code: grpc.StatusCode, message: str):
+        """A handler for ``handler``'s method that answers ``code`` without reading the request: it takes the
+        request as a stream and never iterates it, so gRPC never receives or parses the message."""
+        def record() -> None:
+            metrics.REQUESTS.labels(method=method, code=code.name).inc()
+            metrics.REQUEST_DURATION.labels(method=method).observe(0.0)
+
+        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer, count=True),
+                  "response_serializer": handler.response_serializer}
+        if handler.unary_unary or handler.stream_unary:
+            async def refuse(request_iterator, context: aio.ServicerContext):
+                record()
+                await context.abort(code, message)
+            return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+
+        async def refuse_stream(request_iterator, context: aio.ServicerContext):
+            record()
+            await context.abort(code, message)
+            yield  # pragma: no cover  (makes this an async generator; abort raised above)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+
+    def _overloaded_message(self) -> str:
+        return f"too many concurrent calls (at most {self._max_active}); retry later"
+
     @contextmanager
     def _admitted(self) -> Iterator[None]:
         if self._max_active is not None and self.active >= self._max_active:
-            raise Overloaded(f"too many concurrent calls (at most {self._max_active}); retry later")
+            raise Overloaded(self._overloaded_message())
         self.active += 1
         try:
             yield
@@ -128,13 +177,16 @@ class ServiceInterceptor(aio.ServerInterceptor):
             self.active -= 1
             self.finished += 1
 
-    def _authenticate(self, context: aio.ServicerContext) -> None:
-        if self._token is None:
+    def _authenticate(self, metadata) -> None:
+        tokens = self._tokens
+        if not tokens:
             return
-        token = _token_from(context.invocation_metadata())
+        token = _token_from(metadata)
         if token is None:
             raise Unauthenticated("missing bearer token: send metadata `authorization: Bearer <token>`")
-        if not hmac.compare_digest(token.encode(), self._token):
+        sent = token.encode()
+        # every configured token is compared (no early exit), each in constant time
+        if not any([hmac.compare_digest(sent, t) for t in tokens]):
             raise Unauthenticated("invalid bearer token")
 
     # Metrics are recorded before the status goes out, so that a caller who has its answer also sees it counted.
@@ -142,7 +194,6 @@ class ServiceInterceptor(aio.ServerInterceptor):
         async def wrapper(request, context: aio.ServicerContext):
             start = self._begin()
             try:
-                self._authenticate(context)
                 request = _checked(request)
                 with self._admitted():
                     response = await behavior(request, context)
@@ -159,7 +210,6 @@ class ServiceInterceptor(aio.ServerInterceptor):
         async def wrapper(request_or_iterator, context: aio.ServicerContext):
             start = self._begin()
             try:
-                self._authenticate(context)
                 if hasattr(request_or_iterator, "__aiter__"):
                     request_or_iterator = _checked_stream(request_or_iterator)
                 else:
