@@ -54,6 +54,8 @@ class ServeConfig:
     max_message_mb: int = _opt("largest request message, MiB (0: derived from the model's input shape and "
                                "max_images_per_request)", 0)
     max_images_per_request: int = _opt("most images in one request", 64)
+    max_request_memory_mb: int = _opt("memory the requests in flight may take, MiB (charged per message before "
+                                      "it is parsed; beyond it RESOURCE_EXHAUSTED)", 384)
     engine: str = _opt("how the model runs: skipping (only filters whose gate is on; faster) or masked", "skipping")
     tls_cert: str | None = _opt("PEM server certificate (chain); enables TLS")
     tls_key: str | None = _opt("PEM private key of --tls-cert")
@@ -78,7 +80,8 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 65535]")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0 (0: the CPU quota)")
-        for name in ("max_batch_size", "max_queue_size", "max_queue_images", "max_images_per_request"):
+        for name in ("max_batch_size", "max_queue_size", "max_queue_images", "max_images_per_request",
+                     "max_request_memory_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_queue_images < self.max_batch_size:

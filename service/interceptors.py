@@ -14,7 +14,9 @@ request metrics and stay answerable however many screening calls are open. For e
    would answer UNKNOWN with the parser's exception and log a traceback for every such call);
 3. admits at most ``max_active`` calls at once (RESOURCE_EXHAUSTED beyond: an open stream counts for as
    long as it is open), and counts admitted and finished calls (:attr:`active`, :attr:`finished`; the
-   drain at shutdown reports them);
+   drain at shutdown reports them); each request message is charged to a :class:`RequestBudget` when it
+   arrives, before it is parsed, and released when its call ends (a stream's message: when the next one
+   arrives): past the budget the call gets RESOURCE_EXHAUSTED and its bytes are dropped unparsed;
 4. runs the servicer and maps a raised exception to a status through :func:`service.errors.status_of`
    (anything that is not a :class:`~service.errors.ServiceError` is logged with its traceback, INTERNAL);
 5. records ``pathguard_requests_total{method,code}``, the duration histogram and the in-flight gauge.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -54,25 +57,103 @@ class _Malformed:
         self.reason = reason
 
 
-def _tolerant(deserializer: Callable[[bytes], object] | None,
-              count: bool = False) -> Callable[[bytes], object] | None:
-    """``deserializer`` that returns :class:`_Malformed` instead of raising (and counts the bytes it parses)."""
+class _OverBudget:
+    """Stands in for a request refused by the memory budget before it was parsed."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class RequestBudget:
+    """Memory that the requests in flight may take, in bytes.
+
+    A message of n bytes is charged ``COPIES * n + decoded`` before it is parsed: while it is handled it
+    exists as wire bytes, as the parsed message, as Python ``bytes`` of its fields and in the decoders'
+    temporaries (the flood test in tests/test_service_limits.py measures about 3.5 such copies for
+    maximal PNG requests), plus its decoded float32 images (at most ``decoded`` bytes).
+    """
+
+    COPIES = 4
+
+    def __init__(self, limit: int, decoded: int) -> None:
+        self.limit, self.decoded = limit, decoded
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, nbytes: int) -> int | None:
+        """Reserve the charge of an ``nbytes`` message; None (nothing reserved) when it does not fit."""
+        charge = self.COPIES * nbytes + self.decoded
+        with self._lock:
+            if self.used + charge > self.limit and self.used > 0:  # a lone request always fits
+                return None
+            self.used += charge
+        return charge
+
+    def release(self, charge: int) -> None:
+        with self._lock:
+            self.used -= charge
+
+
+class _Ticket:
+    """One open call, counted from the moment its metadata arrived until its handler is released (however
+    the call ends, even if it never reached the handler)."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: ServiceInterceptor) -> None:
+        self._owner = owner
+        owner.open_calls += 1
+
+    def __del__(self) -> None:
+        self._owner.open_calls -= 1
+
+
+class _Charged:
+    """A parsed request holding its budget charge; the charge is released when this holder goes away."""
+
+    __slots__ = ("message", "_budget", "_charge")
+
+    def __init__(self, message: object, budget: RequestBudget, charge: int) -> None:
+        self.message, self._budget, self._charge = message, budget, charge
+
+    def __del__(self) -> None:
+        self._budget.release(self._charge)
+
+
+def _tolerant(deserializer: Callable[[bytes], object] | None, count: bool = False,
+              budget: RequestBudget | None = None, ticket: _Ticket | None = None) -> Callable[[bytes], object] | None:
+    """``deserializer`` that returns :class:`_Malformed` instead of raising, counts the bytes it parses and
+    charges them to ``budget`` (:class:`_OverBudget` when they do not fit: dropped unparsed)."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> object:
+        _ = ticket  # the handler holds this function, this function holds the call's ticket
+        charge = None
+        if budget is not None:
+            charge = budget.charge(len(data))
+            if charge is None:
+                return _OverBudget(f"the server is at its memory budget for requests in flight "
+                                   f"({budget.limit >> 20} MiB); retry later")
         if count:
             metrics.REQUEST_BYTES_PARSED.inc(len(data))
         try:
-            return deserializer(data)
+            message = deserializer(data)
         except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8 in a string field...
-            return _Malformed(f"the request is not a well-formed protobuf message ({exc})")
+            message = _Malformed(f"the request is not a well-formed protobuf message ({exc})")
+        return message if charge is None else _Charged(message, budget, charge)
     return deserialize
 
 
 def _checked(request: object) -> object:
+    if isinstance(request, _Charged):
+        request = request.message
     if isinstance(request, _Malformed):
         raise InvalidInput(request.reason)
+    if isinstance(request, _OverBudget):
+        raise Overloaded(request.reason)
     return request
 
 
@@ -84,10 +165,16 @@ async def _checked_stream(requests: AsyncIterator) -> AsyncIterator:
 class ServiceInterceptor(aio.ServerInterceptor):
     """See the module docstring. ``max_active`` None: no admission limit."""
 
-    def __init__(self, services: Collection[str], tokens: Iterable[str] = (), max_active: int | None = None) -> None:
+    def __init__(self, services: Collection[str], tokens: Iterable[str] = (), max_active: int | None = None,
+                 budget: RequestBudget | None = None, max_open: int | None = None) -> None:
         self._services = frozenset(services)
         self.set_tokens(tokens)
         self._max_active = max_active
+        self.budget = budget
+        # Calls open at once, counted from their metadata (so before their message is received): bounds the
+        # memory of messages being received, which the budget only sees once they are complete.
+        self._max_open = max_open
+        self.open_calls = 0
         self.active = 0  # admitted calls not finished yet
         self.finished = 0  # admitted calls finished, whatever their status
 
@@ -103,8 +190,8 @@ class ServiceInterceptor(aio.ServerInterceptor):
         refusal = self._refusal(details.invocation_metadata)
         if refusal is not None:
             return self._refused(handler, method, *refusal)
-        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer, count=True),
-                  "response_serializer": handler.response_serializer}
+        deserializer = _tolerant(handler.request_deserializer, count=True, budget=self.budget, ticket=_Ticket(self))
+        kwargs = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
         if handler.stream_stream:
@@ -140,6 +227,8 @@ class ServiceInterceptor(aio.ServerInterceptor):
             return exc.code, exc.reason
         if self._max_active is not None and self.active >= self._max_active:
             return Overloaded.code, self._overloaded_message()
+        if self._max_open is not None and self.open_calls >= self._max_open:
+            return Overloaded.code, f"too many calls arriving at once (at most {self._max_open}); retry later"
         return None
 
     def _refused(self, handler, method: str, code: grpc.StatusCode, message: str):
@@ -193,6 +282,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
     def _unary(self, behavior, method: str):
         async def wrapper(request, context: aio.ServicerContext):
             start = self._begin()
+            held = request  # noqa: F841  (holds the request's budget charge until the call ends)
             try:
                 request = _checked(request)
                 with self._admitted():

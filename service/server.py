@@ -43,7 +43,7 @@ from ._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from ._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from .config import DEFAULT_MAX_MESSAGE_MB, ServeConfig
 from .http_endpoint import Probes, start_http_endpoint
-from .interceptors import ServiceInterceptor
+from .interceptors import RequestBudget, ServiceInterceptor
 from .runtime import ModelInfo
 from .screening import Limits, ScreeningService
 from .servicers import KSERVE_SERVICE, PATHGUARD_SERVICE, InferenceServicer, PathGuardServicer
@@ -105,6 +105,21 @@ def read_tokens(path: str | None) -> list[str]:
     return tokens
 
 
+def request_budget(config: ServeConfig, input_shape: tuple[int, int, int]) -> RequestBudget:
+    """The memory budget of the requests in flight: ``max_request_memory_mb``, each message charged for its
+    copies and for the decoded float32 images of a largest request (see :class:`RequestBudget`)."""
+    c, h, w = input_shape
+    return RequestBudget(config.max_request_memory_mb << 20, config.max_images_per_request * c * h * w * 4)
+
+
+def request_memory_bound(config: ServeConfig, input_shape: tuple[int, int, int]) -> int:
+    """Most bytes that requests can hold in the server at once, on top of its resident memory when idle:
+    the budget of parsed requests (or one largest request, which is always taken) plus as much again for
+    messages still being received (the open-call limit keeps those within the budget)."""
+    budget = request_budget(config, input_shape)
+    return 2 * max(budget.limit, budget.COPIES * config.receive_limit(input_shape) + budget.decoded)
+
+
 def grpc_options(config: ServeConfig, receive_limit: int) -> list[tuple[str, int]]:
     """Channel arguments of the server: message limits, connection age, keepalive and its enforcement."""
     options = [("grpc.max_receive_message_length", receive_limit),
@@ -146,9 +161,15 @@ class PathGuardServer:
         threads = set_threads(cfg.threads)
         tokens = read_tokens(cfg.auth_token_file)
         # The receive limit is fixed when the port opens: derive it from the bundle's declared input shape.
-        self.receive_limit = cfg.receive_limit(tuple(read_meta(cfg.bundle)["input_shape"]))
+        input_shape = tuple(read_meta(cfg.bundle)["input_shape"])
+        self.receive_limit = cfg.receive_limit(input_shape)
         max_active = cfg.max_queue_size + EXTRA_CONCURRENT_RPCS
-        self._interceptor = ServiceInterceptor(SERVICES, tokens, max_active=max_active)
+        budget = request_budget(cfg, input_shape)
+        # messages being received are not charged yet: at most as many at once as fit the budget twice
+        # (their wire bytes, then their Python copy)
+        max_open = max(1, budget.limit // (2 * self.receive_limit))
+        self._interceptor = ServiceInterceptor(SERVICES, tokens, max_active=max_active, budget=budget,
+                                               max_open=max_open)
         server = aio.server(interceptors=[self._interceptor], options=grpc_options(cfg, self.receive_limit),
                             maximum_concurrent_rpcs=max_active + PROBE_HEADROOM)
         pb_grpc.add_PathGuardServicer_to_server(PathGuardServicer(self.service), server)
@@ -167,11 +188,11 @@ class PathGuardServer:
         self.metrics_port = self._metrics_http.server_address[1]
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (%s%s), metrics and probes on :%d, %d torch threads, requests up to %d "
-                 "bytes; loading %s", cfg.host, self.port,
+        log.info("listening on %s:%d (%s%s), metrics on :%d/metrics (probes /healthz, /readyz), %d torch threads, "
+                 "requests up to %d bytes (all requests in flight: at most %.0f MiB); loading %s", cfg.host, self.port,
                  "mTLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
                  f", {len(tokens)} bearer token(s)" if tokens else "", self.metrics_port, threads,
-                 self.receive_limit, cfg.bundle)
+                 self.receive_limit, request_memory_bound(cfg, input_shape) / 2**20, cfg.bundle)
         if tokens and not cfg.tls_cert:
             log.warning("bearer-token auth without TLS sends the token in clear text")
         try:
