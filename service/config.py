@@ -39,6 +39,8 @@ class ServeConfig:
     """``pathguard serve``: what the server loads, where it listens and how it batches."""
 
     bundle: str = _opt("bundle directory to serve", DEFAULT_BUNDLE)
+    # KServe names the model after its InferenceService: --model-name={{.Name}} in the ServingRuntime.
+    model_name: str | None = _opt("name the model is served under (KServe model_name; default: the bundle's)")
     # Loopback unless told otherwise: the image and the manifests set 0.0.0.0 (PATHGUARD_HOST).
     host: str = _opt("address to listen on (gRPC, metrics and probes); 0.0.0.0 for all interfaces", "127.0.0.1")
     port: int = _opt("gRPC port (0: any free port)", 50051)

@@ -7,6 +7,7 @@ use :class:`ScreeningService` directly. It raises :mod:`service.errors` exceptio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -39,6 +40,7 @@ class Limits:
     max_queue_images: int = 1024
     max_images_per_request: int = 64
     engine: str = "skipping"  # how the model runs: see ModelRuntime.load
+    model_name: str | None = None  # served under this name instead of the bundle's
 
 
 class ScreeningService:
@@ -63,6 +65,8 @@ class ScreeningService:
         the swap. Raises :class:`detector.BundleError` (the old model stays) when the bundle is broken."""
         with self._load_lock:
             runtime = ModelRuntime.load(path, self.limits.engine)
+            if self.limits.model_name:
+                runtime.info = dataclasses.replace(runtime.info, name=self.limits.model_name)
             sizes = tuple(sorted({1, min(self.limits.max_batch_size, self.limits.max_images_per_request)}))
             runtime.warmup(sizes)
             previous = self.swap(runtime)

@@ -142,7 +142,8 @@ class PathGuardServer:
         self.service = ScreeningService(Limits(
             max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_size=config.max_queue_size, max_queue_images=config.max_queue_images,
-            max_images_per_request=config.max_images_per_request, engine=config.engine))
+            max_images_per_request=config.max_images_per_request, engine=config.engine,
+            model_name=config.model_name))
         self.health = health.aio.HealthServicer()
         self.probes = Probes()
         self.port: int | None = None

@@ -4,17 +4,12 @@ enforcement. The flood runs against ``pathguard serve`` in a subprocess (its mem
 
 from __future__ import annotations
 
-import io
 import sys
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
 from service_helpers import THREADS, config_for, wait_until
 from synthetic import make_images
 
@@ -26,37 +21,11 @@ from service.config import ServeConfig
 from service.server import BackgroundServer, request_memory_bound
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from load import ServerProcess, rss_bytes  # noqa: E402
+from flood import flood, maximal_request  # noqa: E402
 
 BUDGET_MB = 48  # memory budget of the requests in flight (~10 maximal requests of the tiny bundle)
 FLOOD_CALLERS = 64  # far more maximal requests at once than the budget takes
 CALLS_EACH = 3
-# Beyond the bound: the allocator's and gRPC's own buffers, thread stacks, the interpreter's caches.
-SLACK = 64 << 20
-
-
-def padded_png(image: np.ndarray, size: int) -> bytes:
-    """A valid PNG of ``image`` (H, W) uint8 grown to exactly ``size`` bytes with a text chunk."""
-    def png(text: str) -> bytes:
-        info = PngImagePlugin.PngInfo()
-        info.add_text("pad", text)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
-        return buf.getvalue()
-    base = len(png("x"))
-    out = png("x" * (size - base + 1))
-    assert len(out) == size
-    return out
-
-
-def maximal_request(shape: tuple[int, int, int], receive_limit: int, max_images: int, seed: int = 0) -> bytes:
-    """A valid own-API request of ``max_images`` PNG files just under ``receive_limit`` bytes."""
-    rng = np.random.default_rng(seed)
-    per_file = (receive_limit - 4096) // max_images - 8  # 8: each file's field tag and length
-    files = [padded_png(rng.integers(0, 256, shape[1:], dtype=np.uint8), per_file) for _ in range(max_images)]
-    data = pb.ScreenRequest(encoded=pb.EncodedImages(images=files)).SerializeToString()
-    assert receive_limit - 8192 < len(data) <= receive_limit
-    return data
 
 
 def test_receive_limit_is_derived_from_the_model(tiny_bundle):
@@ -86,55 +55,15 @@ def test_flood_of_maximal_requests_stays_within_the_memory_bound(tiny_bundle):
     """Far more callers than the budget takes, each sending requests of the largest size the server accepts:
     resident memory stays within request_memory_bound() (+ slack) above the idle server's, and no call
     is INTERNAL (the excess gets RESOURCE_EXHAUSTED)."""
+    report = flood(str(tiny_bundle), FLOOD_CALLERS, CALLS_EACH, THREADS,
+                   ["--max-request-memory-mb", str(BUDGET_MB)])
     shape = tuple(load_bundle(tiny_bundle).input_shape)
-    cfg = ServeConfig(max_request_memory_mb=BUDGET_MB)
-    bound = request_memory_bound(cfg, shape)
-    server = ServerProcess(tiny_bundle, threads=THREADS, args=["--max-request-memory-mb", str(BUDGET_MB)])
-    try:
-        payload = maximal_request(shape, cfg.receive_limit(shape), cfg.max_images_per_request)
-        with grpc.insecure_channel(server.target) as channel:
-            call = channel.unary_unary("/pathguard.v1.PathGuard/ScreenImages",
-                                       response_deserializer=pb.ScreenResponse.FromString)
-            assert len(call(payload, timeout=60).results) == cfg.max_images_per_request  # warm
-            idle = rss_bytes(server.pid)
-            peak, done = [idle], threading.Event()
-
-            def watch() -> None:
-                while not done.is_set():
-                    peak.append(rss_bytes(server.pid) or 0)
-                    time.sleep(0.02)
-
-            codes: Counter[str] = Counter()
-            lock = threading.Lock()
-
-            def caller() -> None:
-                for _ in range(CALLS_EACH):
-                    try:
-                        call(payload, timeout=120)
-                        code = "OK"
-                    except grpc.RpcError as exc:
-                        code = exc.code().name
-                    with lock:
-                        codes[code] += 1
-
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            callers = [threading.Thread(target=caller) for _ in range(FLOOD_CALLERS)]
-            for t in callers:
-                t.start()
-            for t in callers:
-                t.join(600)
-            done.set()
-            watcher.join(10)
-        growth = max(peak) - idle
-        print(f"flood: {dict(codes)}; idle RSS {idle / 2**20:.0f} MiB, peak {max(peak) / 2**20:.0f} MiB "
-              f"(+{growth / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB + slack {SLACK >> 20} MiB)")
-        assert sum(codes.values()) == FLOOD_CALLERS * CALLS_EACH
-        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes["OK"] > 0, codes
-        assert growth <= bound + SLACK
-        assert server.proc.poll() is None
-    finally:
-        server.kill()
+    assert report["bound_mb"] * 2**20 == request_memory_bound(ServeConfig(max_request_memory_mb=BUDGET_MB), shape)
+    codes = report["codes"]
+    assert sum(codes.values()) == FLOOD_CALLERS * CALLS_EACH
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes.get("OK", 0) > 0, codes
+    assert report["growth_mb"] <= report["bound_mb"] + report["slack_mb"], report
+    assert report["within_bound"] and report["server_alive"]
 
 
 def test_connections_are_aged_so_clients_reconnect(tiny_bundle):
