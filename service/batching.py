@@ -139,8 +139,11 @@ class DynamicBatcher:
         """Seconds the worker has made no progress: the age of the batch computing now or of the oldest
         queued request, whichever is older; 0 when idle. A watchdog compares it with its limit."""
         now = time.monotonic()
-        busy, queue = self._busy_since, self._queue
-        oldest = queue[0].enqueued if queue else now
+        busy = self._busy_since
+        try:
+            oldest = self._queue[0].enqueued  # read without the lock: the worker may pop it meanwhile
+        except IndexError:
+            oldest = now
         return max(0.0, now - min(oldest, busy if busy is not None else now))
 
     # -- callers --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ plaintext only. Like the metrics, they carry no secret and need no token.
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
@@ -52,7 +53,9 @@ def start_http_endpoint(host: str, port: int, probes: Probes) -> ThreadingHTTPSe
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` at ``http://host:port`` from a daemon thread; port 0
     picks a free one (``server.server_address[1]``). Stop it with ``shutdown()`` and ``server_close()``."""
     handler = type("PathGuardHTTPHandler", (_Handler,), {"probes": probes})
-    server = ThreadingHTTPServer((host, port), handler)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::" and IPv6 hosts too
+    server_class = type("PathGuardHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
+    server = server_class((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="pathguard-http", daemon=True).start()
     return server
