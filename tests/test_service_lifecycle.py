@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import THREADS, config_for, sample, scrape, wait_until
 from synthetic import make_images
@@ -117,3 +118,36 @@ def test_reload_swaps_the_bundle_and_a_broken_one_is_refused(tiny_bundle, tmp_pa
         after = client.screen(x)
         assert client.health() == "SERVING"
     np.testing.assert_allclose([r.adversarial_score for r in after], [r.adversarial_score for r in before], atol=1e-6)
+
+
+def test_sighup_rereads_the_token_file_of_a_running_server(tiny_bundle, tmp_path):
+    """`pathguard serve` itself: SIGHUP re-reads the token file (old + new during a rotation, then new only);
+    bare `serve` (no --host) listens on loopback."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("first\n")
+    server = ServeProcess("--bundle", str(tiny_bundle), "--port", "0", "--metrics-port", "0",
+                          "--auth-token-file", str(tokens))
+    try:
+        assert re.search(r"listening on 127\.0\.0\.1:", "".join(server.lines))
+        x, _ = make_images(1, seed=42)
+        first = PathGuardClient(server.target, token="first", insecure_token=True)
+        second = PathGuardClient(server.target, token="second", insecure_token=True)
+        assert len(first.screen(x)) == 1
+
+        def rotate(text: str) -> None:
+            tokens.write_text(text)
+            seen = len(server.lines)
+            server.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: any("credentials re-read" in line for line in server.lines[seen:]), 30)
+
+        rotate("first\nsecond\n")
+        assert len(first.screen(x)) == 1 and len(second.screen(x)) == 1
+        rotate("second\n")
+        assert len(second.screen(x)) == 1
+        with pytest.raises(grpc.RpcError) as info:
+            first.screen(x)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        first.close()
+        second.close()
+    finally:
+        server.kill()
