@@ -8,12 +8,15 @@ import threading
 
 import numpy as np
 import pytest
-from service_helpers import sample, scrape, shared_server
+from service_helpers import config_for, sample, scrape, shared_server
 from synthetic import make_images
 
 from detector.cli import main
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import DEFAULT_STREAM_TIMEOUT, PathGuardClient
 from service.codec import encode_png
+from service.server import BackgroundServer
 
 SCREEN = "pathguard.v1.PathGuard/ScreenImages"
 X, _ = make_images(5, seed=91)
@@ -79,3 +82,14 @@ def test_encoded_images_are_decoded_off_the_event_loop(request, tiny_bundle):
     finally:
         del service.images_from_encoded
     assert len(seen) == 1 and seen[0].startswith("pathguard-decode"), seen
+
+
+def test_model_name_overrides_the_bundles_name(tiny_bundle):
+    """--model-name (KServe passes the InferenceService's name): the model is served and described under it."""
+    with BackgroundServer(config_for(tiny_bundle, model_name="fraud-screen")) as bg, \
+            PathGuardClient(bg.target) as client:
+        assert client.describe().name == "fraud-screen"
+        stub = kserve_grpc.GRPCInferenceServiceStub(client._channel)
+        assert stub.ModelReady(kserve_pb2.ModelReadyRequest(name="fraud-screen"), timeout=10).ready
+        assert stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name="fraud-screen"), timeout=10).name == \
+            "fraud-screen"
