@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ import grpc
 from grpc import aio
 
 from . import metrics
+from .admission import Charged, RequestBudget, Ticket
 from .errors import InvalidInput, Overloaded, Unauthenticated, status_of
 
 log = logging.getLogger(__name__)
@@ -66,64 +66,8 @@ class _OverBudget:
         self.reason = reason
 
 
-class RequestBudget:
-    """Memory that the requests in flight may take, in bytes.
-
-    A message of n bytes is charged ``COPIES * n + decoded`` before it is parsed: while it is handled it
-    exists as wire bytes, as the parsed message, as Python ``bytes`` of its fields and in the decoders'
-    temporaries (the flood test in tests/test_service_limits.py measures about 3.5 such copies for
-    maximal PNG requests), plus its decoded float32 images (at most ``decoded`` bytes).
-    """
-
-    COPIES = 4
-
-    def __init__(self, limit: int, decoded: int) -> None:
-        self.limit, self.decoded = limit, decoded
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def charge(self, nbytes: int) -> int | None:
-        """Reserve the charge of an ``nbytes`` message; None (nothing reserved) when it does not fit."""
-        charge = self.COPIES * nbytes + self.decoded
-        with self._lock:
-            if self.used + charge > self.limit and self.used > 0:  # a lone request always fits
-                return None
-            self.used += charge
-        return charge
-
-    def release(self, charge: int) -> None:
-        with self._lock:
-            self.used -= charge
-
-
-class _Ticket:
-    """One open call, counted from the moment its metadata arrived until its handler is released (however
-    the call ends, even if it never reached the handler)."""
-
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner: ServiceInterceptor) -> None:
-        self._owner = owner
-        owner.open_calls += 1
-
-    def __del__(self) -> None:
-        self._owner.open_calls -= 1
-
-
-class _Charged:
-    """A parsed request holding its budget charge; the charge is released when this holder goes away."""
-
-    __slots__ = ("message", "_budget", "_charge")
-
-    def __init__(self, message: object, budget: RequestBudget, charge: int) -> None:
-        self.message, self._budget, self._charge = message, budget, charge
-
-    def __del__(self) -> None:
-        self._budget.release(self._charge)
-
-
 def _tolerant(deserializer: Callable[[bytes], object] | None, count: bool = False,
-              budget: RequestBudget | None = None, ticket: _Ticket | None = None) -> Callable[[bytes], object] | None:
+              budget: RequestBudget | None = None, ticket: Ticket | None = None) -> Callable[[bytes], object] | None:
     """``deserializer`` that returns :class:`_Malformed` instead of raising, counts the bytes it parses and
     charges them to ``budget`` (:class:`_OverBudget` when they do not fit: dropped unparsed)."""
     if deserializer is None:
@@ -143,12 +87,12 @@ def _tolerant(deserializer: Callable[[bytes], object] | None, count: bool = Fals
             message = deserializer(data)
         except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8 in a string field...
             message = _Malformed(f"the request is not a well-formed protobuf message ({exc})")
-        return message if charge is None else _Charged(message, budget, charge)
+        return message if charge is None else Charged(message, budget, charge)
     return deserialize
 
 
 def _checked(request: object) -> object:
-    if isinstance(request, _Charged):
+    if isinstance(request, Charged):
         request = request.message
     if isinstance(request, _Malformed):
         raise InvalidInput(request.reason)
@@ -190,7 +134,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
         refusal = self._refusal(details.invocation_metadata)
         if refusal is not None:
             return self._refused(handler, method, *refusal)
-        deserializer = _tolerant(handler.request_deserializer, count=True, budget=self.budget, ticket=_Ticket(self))
+        deserializer = _tolerant(handler.request_deserializer, count=True, budget=self.budget, ticket=Ticket(self))
         kwargs = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
