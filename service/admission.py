@@ -10,6 +10,8 @@ way -- answered, cancelled, never dispatched -- gives back what it held. The int
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 
@@ -54,20 +56,44 @@ class Ticket:
     __slots__ = ("_owner",)
 
     def __init__(self, owner: _Counts) -> None:
-        self._owner = owner
+        self._owner: _Counts | None = owner
         owner.open_calls += 1
 
+    def release(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.open_calls -= 1
+
     def __del__(self) -> None:
-        self._owner.open_calls -= 1
+        self.release()
 
 
 class Charged:
-    """A parsed request holding its budget charge; the charge is released when this holder goes away."""
+    """A parsed request holding its budget charge: :meth:`release` gives it back (once) when its call ends,
+    and dropping the holder does too, should the call never get that far."""
 
     __slots__ = ("message", "_budget", "_charge")
 
     def __init__(self, message: object, budget: RequestBudget, charge: int) -> None:
         self.message, self._budget, self._charge = message, budget, charge
 
+    def release(self) -> None:
+        charge, self._charge = self._charge, 0
+        if charge:
+            self._budget.release(charge)
+
     def __del__(self) -> None:
-        self._budget.release(self._charge)
+        self.release()
+
+
+@contextmanager
+def releasing(*held: object) -> Iterator[None]:
+    """Release each :class:`Charged` request and :class:`Ticket` in ``held`` when the block ends, however it
+    ends: a finished call's frame and handler can outlive it in reference cycles (an abort's traceback),
+    so ``__del__`` alone would give them back only at the next garbage collection."""
+    try:
+        yield
+    finally:
+        for item in held:
+            if isinstance(item, (Charged, Ticket)):
+                item.release()

@@ -34,7 +34,7 @@ import grpc
 from grpc import aio
 
 from . import metrics
-from .admission import Charged, RequestBudget, Ticket
+from .admission import Charged, RequestBudget, Ticket, releasing
 from .errors import InvalidInput, Overloaded, Unauthenticated, status_of
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ def _checked(request: object) -> object:
 
 async def _checked_stream(requests: AsyncIterator) -> AsyncIterator:
     async for request in requests:
-        yield _checked(request)
+        with releasing(request):  # a stream's message holds its charge until the next one is asked for
+            yield _checked(request)
 
 
 class ServiceInterceptor(aio.ServerInterceptor):
@@ -134,15 +135,18 @@ class ServiceInterceptor(aio.ServerInterceptor):
         refusal = self._refusal(details.invocation_metadata)
         if refusal is not None:
             return self._refused(handler, method, *refusal)
-        deserializer = _tolerant(handler.request_deserializer, count=True, budget=self.budget, ticket=Ticket(self))
+        ticket = Ticket(self)
+        deserializer = _tolerant(handler.request_deserializer, count=True, budget=self.budget, ticket=ticket)
         kwargs = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method, ticket), **kwargs)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **kwargs)
+            return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method, ticket),
+                                                         **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._streaming(handler.unary_stream, method), **kwargs)
-        return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(self._streaming(handler.unary_stream, method, ticket),
+                                                        **kwargs)
+        return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method, ticket), **kwargs)
 
     @staticmethod
     def _probe(handler):
@@ -223,40 +227,42 @@ class ServiceInterceptor(aio.ServerInterceptor):
             raise Unauthenticated("invalid bearer token")
 
     # Metrics are recorded before the status goes out, so that a caller who has its answer also sees it counted.
-    def _unary(self, behavior, method: str):
+    def _unary(self, behavior, method: str, ticket: Ticket | None = None):
         async def wrapper(request, context: aio.ServicerContext):
             start = self._begin()
-            held = request  # noqa: F841  (holds the request's budget charge until the call ends)
-            try:
-                request = _checked(request)
-                with self._admitted():
-                    response = await behavior(request, context)
-            except BaseException as exc:
-                status = self._record_failure(exc, context, method, start)
-                if status is None:
-                    raise
-                await context.abort(*status)
-            self._end(method, grpc.StatusCode.OK, start)
-            return response
+            with releasing(request, ticket):  # the request's budget charge and the open call, when it ends
+                try:
+                    request = _checked(request)
+                    with self._admitted():
+                        response = await behavior(request, context)
+                except BaseException as exc:
+                    status = self._record_failure(exc, context, method, start)
+                    if status is None:
+                        raise
+                    await context.abort(*status)
+                self._end(method, grpc.StatusCode.OK, start)
+                return response
         return wrapper
 
-    def _streaming(self, behavior, method: str):
+    def _streaming(self, behavior, method: str, ticket: Ticket | None = None):
         async def wrapper(request_or_iterator, context: aio.ServicerContext):
             start = self._begin()
-            try:
-                if hasattr(request_or_iterator, "__aiter__"):
-                    request_or_iterator = _checked_stream(request_or_iterator)
-                else:
-                    request_or_iterator = _checked(request_or_iterator)
-                with self._admitted():
-                    async for response in behavior(request_or_iterator, context):
-                        yield response
-            except BaseException as exc:
-                status = self._record_failure(exc, context, method, start)
-                if status is None:
-                    raise
-                await context.abort(*status)
-            self._end(method, grpc.StatusCode.OK, start)
+            # a unary request's charge (a stream's messages: _checked_stream) and the open call, when it ends
+            with releasing(request_or_iterator, ticket):
+                try:
+                    if hasattr(request_or_iterator, "__aiter__"):
+                        request_or_iterator = _checked_stream(request_or_iterator)
+                    else:
+                        request_or_iterator = _checked(request_or_iterator)
+                    with self._admitted():
+                        async for response in behavior(request_or_iterator, context):
+                            yield response
+                except BaseException as exc:
+                    status = self._record_failure(exc, context, method, start)
+                    if status is None:
+                        raise
+                    await context.abort(*status)
+                self._end(method, grpc.StatusCode.OK, start)
         return wrapper
 
     def _record_failure(self, exc: BaseException, context: aio.ServicerContext, method: str,

@@ -4,6 +4,7 @@ enforcement. The flood runs against ``pathguard serve`` in a subprocess (its mem
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from service.server import BackgroundServer, request_memory_bound
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from flood import flood, maximal_request  # noqa: E402
 
+SCREEN = "/pathguard.v1.PathGuard/ScreenImages"
 BUDGET_MB = 48  # memory budget of the requests in flight (~10 maximal requests of the tiny bundle)
 FLOOD_CALLERS = 64  # far more maximal requests at once than the budget takes
 CALLS_EACH = 3
@@ -101,3 +103,24 @@ def test_a_client_pinging_too_often_is_disconnected(tiny_bundle):
         x, _ = make_images(1, seed=82)
         with PathGuardClient(bg.target) as polite:
             assert len(polite.screen(x)) == 1
+
+
+def test_failed_calls_give_back_their_budget_and_open_call_at_once(tiny_bundle):
+    """Charges and open-call tickets are released when a call ends, refused or not, without waiting for the
+    garbage collector (an aborted call's frame lives on in reference cycles until then)."""
+    bad = pb.ScreenRequest(encoded=pb.EncodedImages(images=[b"\0" * 50_000])).SerializeToString()
+    gc.disable()
+    try:
+        with BackgroundServer(config_for(tiny_bundle)) as bg, grpc.insecure_channel(bg.target) as channel:
+            unary = channel.unary_unary(SCREEN, response_deserializer=pb.ScreenResponse.FromString)
+            stream = channel.stream_stream("/pathguard.v1.PathGuard/ScreenStream",
+                                           response_deserializer=pb.ScreenResponse.FromString)
+            interceptor = bg.server._interceptor
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError):
+                    unary(bad, timeout=30)
+                answers = list(stream(iter([bad] * 3), timeout=30))
+                assert [a.error.code_name for a in answers] == ["INVALID_ARGUMENT"] * 3
+            wait_until(lambda: interceptor.open_calls == 0 and interceptor.budget.used == 0, 10)
+    finally:
+        gc.enable()
