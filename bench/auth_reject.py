@@ -7,7 +7,7 @@ as INVALID_ARGUMENT (not decodable images): the like-for-like cost of reading th
 the median and p90 time of each kind and ``pathguard_request_bytes_parsed_total`` before and after the
 unauthenticated calls (its change must be 0).
 
-    flock /work/brief/heavy.lock .venv/bin/python bench/auth_reject.py --json reports/service/auth.json
+    flock /work/brief/heavy.lock .venv/bin/python -m bench.auth_reject --json reports/service/auth.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import ServerProcess, scrape  # noqa: E402
-
-from service._proto.pathguard.v1 import pathguard_pb2 as pb  # noqa: E402
+from bench.helpers import ServerProcess, scrape
+from service._proto.pathguard.v1 import pathguard_pb2 as pb
 
 SIZE = 16 << 20
 SCREEN = "/pathguard.v1.PathGuard/ScreenImages"

@@ -8,7 +8,7 @@ flood, the bound (``service.server.request_memory_bound``: twice ``max_request_m
 codes. The flood passes when the growth stays within bound + 64 MiB slack and no call is INTERNAL.
 
     export OMP_WAIT_POLICY=PASSIVE
-    flock /work/brief/heavy.lock .venv/bin/python bench/flood.py --bundle models/default \\
+    flock /work/brief/heavy.lock .venv/bin/python -m bench.flood --bundle models/default \\
         --json reports/service/flood.json
 """
 
@@ -27,13 +27,11 @@ import grpc
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import ServerProcess, rss_bytes  # noqa: E402
-
-from detector.bundle import read_meta  # noqa: E402
-from service._proto.pathguard.v1 import pathguard_pb2 as pb  # noqa: E402
-from service.config import ServeConfig  # noqa: E402
-from service.server import request_memory_bound  # noqa: E402
+from bench.helpers import ServerProcess, rss_bytes
+from detector.bundle import read_meta
+from service._proto.pathguard.v1 import pathguard_pb2 as pb
+from service.config import ServeConfig
+from service.server import request_memory_bound
 
 SLACK = 64 << 20  # the allocator's and gRPC's own buffers, thread stacks, caches
 SCREEN = "/pathguard.v1.PathGuard/ScreenImages"

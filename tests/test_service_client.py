@@ -11,7 +11,7 @@ import pytest
 from service_helpers import config_for, sample, scrape, shared_server
 from synthetic import make_images
 
-from detector.cli import main
+from pathguard.main import main
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import DEFAULT_STREAM_TIMEOUT, PathGuardClient

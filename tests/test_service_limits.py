@@ -5,24 +5,20 @@ enforcement. The flood runs against ``pathguard serve`` in a subprocess (its mem
 from __future__ import annotations
 
 import gc
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from service_helpers import THREADS, config_for, wait_until
 from synthetic import make_images
 
+from bench.flood import flood, maximal_request
 from detector import load_bundle
 from service._proto.pathguard.v1 import pathguard_pb2 as pb
 from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from service.client import PathGuardClient
 from service.config import ServeConfig
 from service.server import BackgroundServer, request_memory_bound
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from flood import flood, maximal_request  # noqa: E402
 
 SCREEN = "/pathguard.v1.PathGuard/ScreenImages"
 BUDGET_MB = 48  # memory budget of the requests in flight (~10 maximal requests of the tiny bundle)

@@ -1,23 +1,23 @@
-"""``pathguard serve`` and ``pathguard screen`` (registered into the main CLI).
-
-Flags are generated from :class:`~service.config.ServeConfig` / :class:`~service.config.ScreenConfig`;
-each is also read from ``PATHGUARD_<NAME>`` (a flag wins over the environment, which wins over the default).
-"""
+"""``pathguard serve`` and ``pathguard screen``: flags and ``PATHGUARD_*`` variables from
+:class:`~service.config.ServeConfig` / :class:`~service.config.ScreenConfig`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ScreenConfig, ServeConfig, add_config_arguments, config_from
+from service.config import ScreenConfig, ServeConfig
+
+from .options import add_command, add_config_arguments, config_from, switch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from service.server import serve
 
     return serve(config_from(ServeConfig, args))
 
@@ -61,68 +61,73 @@ def _error_row(path: str, code: str, message: str) -> dict:
     return {"image": path, "error": {"code": code, "message": message}}
 
 
-def _result_rows(path: str, results: list, many: bool) -> list[dict]:
-    rows = []
-    for i, r in enumerate(results):
-        row = {"image": f"{path}[{i}]" if many else path, "class_index": r.class_index,
-               "class_name": r.class_name, "confidence": r.confidence,
-               "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
-               "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
-               "flops_fraction": r.flops_fraction}
-        if r.top_classes:
-            row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability} for c in r.top_classes]
-        rows.append(row)
-    return rows
-
-
 # The server is out of reach or refuses this caller: no later call can do better.
 _FATAL = {"UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED", "DEADLINE_EXCEEDED"}
+
+
+def _row(path: str, i: int, n: int, r) -> dict:
+    row = {"image": path if n == 1 else f"{path}[{i}]", "class_index": r.class_index,
+           "class_name": r.class_name, "confidence": r.confidence,
+           "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
+           "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
+           "flops_fraction": r.flops_fraction}
+    if r.top_classes:
+        row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability} for c in r.top_classes]
+    return row
+
+
+@dataclass
+class ScreenRun:
+    json: bool = switch("print JSON instead of a table")
+
+
+def _screen_call(client, call: list[tuple[int, str, object]], top_k: int, rows: dict[int, list[dict]]) -> None:
+    """One call for ``call``'s inputs, their rows into ``rows``; a refused group of files is retried file by
+    file to mark the bad ones. Raises the ``grpc.RpcError`` of a failure no later call can avoid."""
+    import grpc
+
+    data = [d for _, _, d in call] if isinstance(call[0][2], bytes) else call[0][2]
+    try:
+        results = client.screen(data, top_k=top_k)
+    except grpc.RpcError as exc:
+        if exc.code().name in _FATAL:
+            raise
+        if len(call) > 1 and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            for one in call:
+                _screen_call(client, [one], top_k, rows)
+            return
+        for i, path, _ in call:
+            rows[i] = [_error_row(path, exc.code().name, exc.details())]
+        return
+    if isinstance(call[0][2], bytes):
+        for (i, path, _), result in zip(call, results, strict=True):
+            rows[i] = [_row(path, 0, 1, result)]
+    else:
+        i, path, _ = call[0]
+        rows[i] = [_row(path, j, len(results), r) for j, r in enumerate(results)]
 
 
 def _cmd_screen(args: argparse.Namespace) -> int:
     import grpc
 
-    from .client import PathGuardClient
+    from service.client import PathGuardClient
 
     cfg = config_from(ScreenConfig, args)
     token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
     rows: dict[int, list[dict]] = {}  # input position -> its rows
     fatal = None
-
-    def screen(call: list[tuple[int, str, object]]) -> None:
-        """One call for ``call``'s files; a refused group is retried file by file to mark the bad ones."""
-        data = [d for _, _, d in call] if isinstance(call[0][2], bytes) else call[0][2]
-        try:
-            results = client.screen(data, top_k=cfg.top_k)
-        except grpc.RpcError as exc:
-            if exc.code().name in _FATAL:
-                raise
-            if len(call) > 1 and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                for one in call:
-                    screen([one])
-                return
-            for i, path, _ in call:
-                rows[i] = [_error_row(path, exc.code().name, exc.details())]
-            return
-        if isinstance(call[0][2], bytes):
-            for (i, path, _), result in zip(call, results, strict=True):
-                rows[i] = _result_rows(path, [result], many=False)
-        else:
-            i, path, _ = call[0]
-            rows[i] = _result_rows(path, results, many=len(results) > 1)
-
     try:
         with PathGuardClient(cfg.target, token=token, tls=cfg.tls, tls_ca=cfg.tls_ca, client_cert=cfg.client_cert,
                              client_key=cfg.client_key, timeout=cfg.timeout,
                              insecure_token=cfg.insecure_token) as client:
             per_call = cfg.batch or client.describe().max_images_per_request
             for call in _calls(args.images, per_call, rows):
-                screen(call)
+                _screen_call(client, call, cfg.top_k, rows)
     except grpc.RpcError as exc:
         fatal = f"pathguard screen: {cfg.target}: {exc.code().name}: {exc.details()}"
     done = [row for i in sorted(rows) for row in rows[i]]
     if done:  # what was screened before a fatal error is still shown
-        print(json.dumps(done, indent=2) if args.json else format_table(done))
+        print(json.dumps(done, indent=2) if config_from(ScreenRun, args).json else format_table(done))
     if fatal:
         print(fatal, file=sys.stderr)
         return 1
@@ -151,16 +156,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
+    add_command(sub, "serve", _cmd_serve, ServeConfig,
+                help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
                        description="Serve predict-and-screen over gRPC: pathguard.v1.PathGuard, KServe v2 "
                                    "inference.GRPCInferenceService, grpc.health.v1 and reflection; Prometheus "
                                    "metrics at http://HOST:METRICS_PORT/metrics. SIGTERM drains and exits 0; "
                                    "SIGHUP reloads the bundle.")
-    add_config_arguments(p, ServeConfig)
-    p.set_defaults(func=_cmd_serve)
-
     p = sub.add_parser("screen", help="screen image files with a running server and print a table or JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or .npy arrays (C,H,W)/(N,C,H,W)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_config_arguments(p, ScreenRun)
     add_config_arguments(p, ScreenConfig)
     p.set_defaults(func=_cmd_screen)
