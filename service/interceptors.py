@@ -236,10 +236,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
                     with self._admitted():
                         response = await behavior(request, context)
                 except BaseException as exc:
-                    status = self._record_failure(exc, context, method, start)
-                    if status is None:
-                        raise
-                    await context.abort(*status)
+                    await self._fail(exc, context, method, start)
                 self._end(method, grpc.StatusCode.OK, start)
                 return response
         return wrapper
@@ -258,12 +255,17 @@ class ServiceInterceptor(aio.ServerInterceptor):
                         async for response in behavior(request_or_iterator, context):
                             yield response
                 except BaseException as exc:
-                    status = self._record_failure(exc, context, method, start)
-                    if status is None:
-                        raise
-                    await context.abort(*status)
+                    await self._fail(exc, context, method, start)
                 self._end(method, grpc.StatusCode.OK, start)
         return wrapper
+
+    async def _fail(self, exc: BaseException, context: aio.ServicerContext, method: str, start: float) -> None:
+        """End a failed call: abort with the status ``exc`` maps to, or re-raise it (cancellation, a deadline,
+        an abort already sent). Never returns."""
+        status = self._record_failure(exc, context, method, start)
+        if status is None:
+            raise exc
+        await context.abort(*status)
 
     def _record_failure(self, exc: BaseException, context: aio.ServicerContext, method: str,
                         start: float) -> tuple[grpc.StatusCode, str] | None:
