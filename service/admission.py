@@ -24,7 +24,7 @@ class RequestBudget:
 
     A message of n bytes is charged ``COPIES * n + decoded`` before it is parsed: while it is handled it
     exists as wire bytes, as the parsed message, as Python ``bytes`` of its fields and in the decoders'
-    temporaries (bench/flood.py measured about 3.5 such copies for
+    temporaries (an exploratory flood without the budget measured about 3.5 such copies for
     maximal PNG requests), plus its decoded float32 images (at most ``decoded`` bytes).
     """
 
