@@ -10,7 +10,13 @@ the delay, while under load batches fill up instead of splitting into fragments.
 
 Before computing, the worker drops requests whose caller cancelled (their future was cancelled) and
 answers those whose deadline has passed with :class:`DeadlineExpired`: neither costs model time.
-A full queue answers :class:`Overloaded` at once.
+A full queue (``max_queue_size`` requests or ``max_queue_images`` images) answers :class:`Overloaded` at once.
+
+Faults heal: an exception while computing a batch or delivering its results fails exactly that batch's
+requests with :class:`BatchFailed` (INTERNAL, with a message; the traceback is logged) and the worker goes
+on with the next batch. :meth:`DynamicBatcher.stalled_for` tells a watchdog how long the worker has been
+stuck (a batch computing, or the oldest request waiting), and :attr:`DynamicBatcher.alive` whether its
+thread runs. :attr:`DynamicBatcher.fault_hook` is the test hook that injects those faults.
 
 :meth:`DynamicBatcher.set_runner` swaps the model between two batches (bundle reload): a batch runs
 entirely on the runner it started with.
@@ -22,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +40,7 @@ from torch import Tensor
 from detector.screening import ScreenResult
 
 from . import metrics
-from .errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from .errors import BatchFailed, DeadlineExpired, InvalidInput, NotReady, Overloaded, ServiceError
 from .runtime import slice_result
 
 log = logging.getLogger(__name__)
@@ -71,7 +77,8 @@ class DynamicBatcher:
     """Queue + worker thread around a :class:`Runner`. Start with :meth:`start`, end with :meth:`stop`."""
 
     def __init__(self, runner: Runner | None = None, *, max_batch_size: int = MAX_BATCH_SIZE,
-                 max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
+                 max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000, max_queue_size: int = MAX_QUEUE_SIZE,
+                 max_queue_images: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_queue_size < 1:
@@ -81,6 +88,10 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queue_size = max_queue_size
+        # Requests are bounded in count and in images: 256 requests of 64 images each would be 16k images.
+        self.max_queue_images = max_queue_images or max_queue_size * max_batch_size
+        if self.max_queue_images < max_batch_size:
+            raise ValueError(f"max_queue_images={self.max_queue_images} must be >= max_batch_size={max_batch_size}")
         self._runner = runner
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
@@ -90,6 +101,10 @@ class DynamicBatcher:
         self._peak_at = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None  # when the batch computing now started
+        # Test hook (fault injection): called with "compute" before each batch runs and "deliver" before its
+        # results go out, on the worker thread; whatever it raises or however long it blocks is a fault.
+        self.fault_hook: Callable[[str], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> DynamicBatcher:
@@ -120,6 +135,22 @@ class DynamicBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before start and after stop)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the worker has made no progress: the age of the batch computing now or of the oldest
+        queued request, whichever is older; 0 when idle. A watchdog compares it with its limit."""
+        now = time.monotonic()
+        busy = self._busy_since
+        try:
+            oldest = self._queue[0].enqueued  # read without the lock: the worker may pop it meanwhile
+        except IndexError:
+            oldest = now
+        return max(0.0, now - min(oldest, busy if busy is not None else now))
+
     # -- callers --------------------------------------------------------------------------------
     @contextmanager
     def arriving(self) -> Iterator[None]:
@@ -146,6 +177,8 @@ class DynamicBatcher:
                 raise NotReady("no model is loaded yet")
             if len(self._queue) >= self.max_queue_size:
                 raise Overloaded(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
+            if self._queued_images() + len(images) > self.max_queue_images:
+                raise Overloaded(f"the queue is full (at most {self.max_queue_images} images waiting); retry later")
             self._queue.append(request)
             self._note_load(self._queued_images() + self._computing)
             metrics.QUEUE_DEPTH.set(len(self._queue))
@@ -165,6 +198,7 @@ class DynamicBatcher:
                 self._wait_for_batch(free_since)
                 batch, runner = self._take(), self._runner
                 self._computing = sum(len(r) for r in batch)
+                self._busy_since = time.monotonic()
                 metrics.QUEUE_DEPTH.set(len(self._queue))
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("batch of %d requests after %.1f ms idle + %.1f ms waiting; %d left queued, %d arriving",
@@ -172,9 +206,13 @@ class DynamicBatcher:
                               len(self._queue), self._arriving)
             try:
                 self._compute(batch, runner)
+            except Exception as exc:  # a bug outside compute and delivery: still fail only this batch
+                log.exception("a batch of %d requests failed; the worker goes on", len(batch))
+                _fail(batch, exc)
             finally:
                 with self._cond:
                     self._computing = 0
+                    self._busy_since = None
 
     def _queued_images(self) -> int:
         return sum(len(r) for r in self._queue)
@@ -234,15 +272,35 @@ class DynamicBatcher:
         images = live[0].images if len(live) == 1 else torch.cat([r.images for r in live])
         assert runner is not None  # every request was refused above when there is none
         try:
+            self._hook("compute")
             result = runner.screen(images)
         except Exception as exc:
             log.exception("screening a batch of %d images failed", len(images))
-            for request in live:
-                request.future.set_exception(exc)
+            _fail(live, exc, "computing")
             return
-        metrics.BATCH_SIZE.observe(len(images))
-        metrics.observe_results(result.scores, result.flags, result.active_ratio)
-        start = 0
-        for request in live:
-            request.future.set_result(slice_result(result, start, start + len(request)))
-            start += len(request)
+        try:
+            self._hook("deliver")
+            metrics.BATCH_SIZE.observe(len(images))
+            metrics.observe_results(result.scores, result.flags, result.active_ratio)
+            start = 0
+            for request in live:
+                request.future.set_result(slice_result(result, start, start + len(request)))
+                start += len(request)
+        except Exception as exc:
+            log.exception("delivering the results of a batch of %d images failed", len(images))
+            _fail(live, exc, "delivering the results of")
+
+    def _hook(self, stage: str) -> None:
+        hook = self.fault_hook
+        if hook is not None:
+            hook(stage)
+
+
+def _fail(batch: list[_Request], exc: Exception, doing: str = "handling") -> None:
+    """Answer every request of ``batch`` not answered yet with :class:`BatchFailed` (a domain error the runner
+    raised on purpose keeps its own status)."""
+    error = exc if isinstance(exc, ServiceError) else BatchFailed(
+        f"{doing} the batch this request was part of failed ({type(exc).__name__}); the server log has the details")
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(error)

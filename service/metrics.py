@@ -2,15 +2,13 @@
 
 Base units (seconds), ``_total`` counters, and only low-cardinality labels: the RPC method (a fixed set)
 and the status code name. Request data (ids, images, model outputs) never becomes a label.
-Served over HTTP by :func:`start_metrics_server` at ``/metrics``.
+Served over HTTP at ``/metrics`` by :mod:`service.http_endpoint`.
 """
 
 from __future__ import annotations
 
-from http.server import ThreadingHTTPServer
-
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds...: what a soak test watches.
@@ -36,6 +34,9 @@ ADVERSARIAL_SCORE = Histogram("pathguard_adversarial_score", "Adversarial score 
                               buckets=(0.01, 0.05, *_UNIT_BUCKETS[:-1], 0.95, 0.99, 1.0), registry=REGISTRY)
 ACTIVE_FILTER_RATIO = Histogram("pathguard_active_filter_ratio", "Fraction of gated filters each image ran.",
                                 buckets=_UNIT_BUCKETS, registry=REGISTRY)
+REQUEST_BYTES_PARSED = Counter("pathguard_request_bytes_parsed",
+                               "Bytes of PathGuard and KServe request messages parsed (refused calls add none).",
+                               registry=REGISTRY)
 INFLIGHT = Gauge("pathguard_inflight_requests", "RPCs being handled now (queued or computing included).",
                  registry=REGISTRY)
 MODEL_INFO = Info("pathguard_model", "The loaded model: name, version, architecture and detector threshold.",
@@ -54,9 +55,3 @@ def observe_results(scores: np.ndarray, flags: np.ndarray, active_ratio: np.ndar
 def set_model_info(name: str, version: str, arch: str, threshold: float) -> None:
     MODEL_INFO.info({"name": name, "version": version, "arch": arch, "threshold": f"{threshold:.6g}"})
 
-
-def start_metrics_server(host: str, port: int) -> ThreadingHTTPServer:
-    """Serve :data:`REGISTRY` at ``http://host:port/metrics`` from a daemon thread; port 0 picks a free one
-    (``server.server_address[1]``). Stop it with ``shutdown()`` and ``server_close()``."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    return server
