@@ -102,7 +102,9 @@ class LayerPath:
         divided per input by its maximum over filters.
     pooled : Tensor (N, C), global-average-pooled output of the layer after gating.
     macs : Tensor (N,), multiply-accumulates this layer executed per input (conv on active
-        input and output channels, plus the controlling module).
+        input and output channels, plus the controlling module). Its value counts hard gates; while
+        training it carries their straight-through gradient, so a loss on executed FLOPs can be
+        minimised directly (``TrainConfig.target_flops``).
     dense_macs : int, what the same conv costs in the dense twin.
     """
 
@@ -155,7 +157,7 @@ class GatedConv(nn.Module):
         """Return ``(y, g)``; g is None for a dense layer.
 
         in_active : Tensor (N,) or None, how many input channels are nonzero for each input (None:
-            all of them). Only used to count executed MACs.
+            all of them). Only used to count executed MACs (its gradient, if any, flows into them).
         path : when given, a :class:`LayerPath` is appended to it.
         """
         a = self.bn(self.conv(x))
@@ -174,7 +176,7 @@ class GatedConv(nn.Module):
         y = a * g[:, :, None, None]
         if path is not None:
             mean = a.mean(dim=(2, 3))
-            out_active = g.detach().sum(1)
+            out_active = g.sum(1)  # straight-through gradient while training (FLOPs target)
             cin = self.conv.in_channels
             active_in = torch.full_like(out_active, float(cin)) if in_active is None else in_active.to(out_active)
             per_pair = self.conv.kernel_size[0] * self.conv.kernel_size[1] * a.shape[-2] * a.shape[-1]
