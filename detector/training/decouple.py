@@ -2,9 +2,16 @@
 
 The gated network of the same architecture gets the dense bundle's conv, BN and head weights; its
 controlling modules and path head are new. The last Linear of every controlling module starts with zero
-weights and the positive ``init_bias``, so every gate is on for every input and the gated net computes
-exactly what the dense one does: fine-tuning starts at the dense accuracy and the FLOPs target, ramped
-in, switches filters off from there. The dense model stays the teacher of the distillation term.
+weights and a positive bias, so every gate is on for every input and the gated net computes exactly what
+the dense one does: fine-tuning starts at the dense accuracy, and the FLOPs target, ramped in, switches
+filters off from there. The dense model stays the teacher of the distillation term.
+
+The biases are not all equal (choice): with equal biases and zero weights every gate of a layer gets the
+same push and, under Adam's per-parameter step, all cross zero at the same step, switching the whole
+layer off at once. Each filter's bias is instead ``init_bias * (0.5 + rank)``, rank in [0, 1] of the
+filter's expected output in the dense model, ``E[relu(N(beta, gamma^2))] = gamma phi(beta/gamma) +
+beta Phi(beta/gamma)`` from its BatchNorm (its output is roughly N(beta, gamma^2) over the data), so
+the weakest filters are switched off first and the input-dependent part (the weights) grows from there.
 """
 
 from __future__ import annotations
@@ -12,13 +19,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..bundle import load_bundle
-from ..models import ControllingModule, DecoupledNet, create_model
+from ..models import DecoupledNet, create_model
 from .config import TrainConfig
 
 _NEW_PARTS = (".acm.", "path_head.")
+
+
+def importance_rank(bn: nn.BatchNorm2d) -> Tensor:
+    """Rank in [0, 1] (0: weakest) of each channel's expected post-ReLU output, from BN's affine parameters."""
+    gamma, beta = bn.weight.detach().abs().clamp_min(1e-8), bn.bias.detach()
+    z = beta / gamma
+    normal = torch.distributions.Normal(0.0, 1.0)
+    expected = gamma * normal.log_prob(z).exp() + beta * normal.cdf(z)
+    rank = expected.argsort().argsort().to(gamma.dtype)
+    return rank / max(len(rank) - 1, 1)
 
 
 def decouple_from(cfg: TrainConfig,
@@ -54,10 +71,9 @@ def decouple_from(cfg: TrainConfig,
     if unfilled:
         raise ValueError(f"{where} lacks weights of the gated {cfg.arch}: {unfilled[:5]}")
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, ControllingModule):
-                m.fc2.weight.zero_()
-                m.fc2.bias.fill_(cfg.gate.init_bias)
+        for _, layer in model.gated_layers():
+            layer.acm.fc2.weight.zero_()
+            layer.acm.fc2.bias.copy_(cfg.gate.init_bias * (0.5 + importance_rank(layer.bn)))
     teacher = bundle.model.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
