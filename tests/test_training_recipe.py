@@ -142,3 +142,38 @@ def test_corrupted_or_foreign_checkpoint_is_refused(data, tmp_path):
     meta.write_text(meta.read_text()[:-40])
     with pytest.raises(CheckpointError, match="not valid JSON"):
         train(cfg, run, progress=False, resume=True)
+
+
+def test_tradeoff_report_from_tiny_bundles(data, dense, tiny_bundle, tmp_path):
+    from detector.bundle import BundleError
+    from detector.training.report import tradeoff_report
+
+    half = tmp_path / "half"
+    train(_cfg(data, epochs=1, train_subset=128, target_flops=0.5), half, progress=False)
+    meta = {b: json.loads((b / "bundle.json").read_text()) for b in (dense, half, tiny_bundle)}
+    evaluation = tmp_path / "eval.json"  # the two fields the report reads from `pathguard evaluate`'s report.json
+    evaluation.write_text(json.dumps({"bundle": {"model_sha256": meta[half]["files"]["model.safetensors"]},
+                                      "results": {"path": {"fgsm": {"auroc": 0.9}, "pgd": {"auroc": 0.8}}}}))
+    out = tmp_path / "reports"
+    rep = tradeoff_report([half, tiny_bundle], out, dense=dense, evaluations=[evaluation])
+    assert {f.name for f in out.iterdir()} == {"tradeoff.json", "tradeoff.md", "tradeoff.png"}
+    assert json.loads((out / "tradeoff.json").read_text()) == rep
+    assert (out / "tradeoff.png").stat().st_size > 10_000
+    by_name = {p["name"]: p for p in rep["points"]}
+    dense_acc = meta[dense]["metrics"]["test"]["accuracy"]
+    for b in (half, tiny_bundle):
+        p, test = by_name[b.name], meta[b]["metrics"]["test"]
+        assert p["accuracy"] == test["accuracy"] and p["flops_ratio"] == test["flops_ratio"]
+        assert p["gap_to_dense_points"] == round(100 * (dense_acc - test["accuracy"]), 3)
+        assert p["hamming_separation"] == test["hamming_other_class"] - test["hamming_same_class"]
+        assert p["path_head_accuracy"] == test["path_head_accuracy"]
+    assert by_name["half"]["detection"]["auroc"] == {"fgsm": 0.9, "pgd": 0.8}
+    assert "detection" not in by_name[tiny_bundle.name]
+    assert [p["flops_ratio"] for p in rep["points"]] == sorted((p["flops_ratio"] for p in rep["points"]), reverse=True)
+    md = (out / "tradeoff.md").read_text()
+    assert "| half |" in md and "(dense)" in md and "0.900" in md
+    with pytest.raises(ValueError, match="reference must be the dense twin"):
+        tradeoff_report([half], out, dense=tiny_bundle)
+    (half / "model.safetensors").write_bytes((half / "model.safetensors").read_bytes()[:-8])
+    with pytest.raises(BundleError, match="SHA-256"):
+        tradeoff_report([half], out, dense=dense)
