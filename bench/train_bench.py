@@ -13,6 +13,7 @@ fields; values are JSON, or plain strings). Every repetition times both, in alte
 models with the same seed; the ratio reported is the median over repetitions of the paired ratio
 gated / dense, in wall time and in process CPU time (which waiting for a shared core does not inflate),
 and the ratio of the fastest CPU times (least disturbed by neighbours on a shared machine).
+With ``--distill`` the step of ``pathguard decouple`` (gated + the dense teacher's forward + KD) is timed too.
 Full-epoch seconds are extrapolated per image to the training split (``--epoch-images``, 55,000 for
 Fashion-MNIST with 5,000 held out for validation).
 """
@@ -47,18 +48,26 @@ def _value(text: str):
         return text
 
 
-def time_pass(cfg: TrainConfig, data, device: torch.device) -> tuple[float, float, dict]:
-    """Wall and CPU seconds of one training pass over ``data`` from a fresh model; also the mean loss terms."""
+def time_pass(cfg: TrainConfig, data, device: torch.device, distill: bool = False) -> tuple[float, float, dict]:
+    """Wall and CPU seconds of one training pass over ``data`` from a fresh model; also the mean loss terms.
+
+    ``distill``: the step of ``pathguard decouple``, with a dense teacher's forward pass and the KD term
+    (the teacher's weights are random: the time does not depend on their values).
+    """
     torch.manual_seed(cfg.seed)
     model, _ = T.build_for(cfg, data)
     model.to(device)
+    teacher = None
+    if distill:
+        teacher = T.build_for(TrainConfig.from_dict({**cfg.to_dict(), "gated": False, "init_from": None,
+                                                     "distill": 0.0}), data)[0].to(device).eval()
     steps = (len(data) + cfg.batch_size - 1) // cfg.batch_size
     opt = T._optimizer(model, cfg)
     sched = T._scheduler(opt, cfg, max(steps * cfg.epochs, steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     w0, c0 = time.perf_counter(), time.process_time()
     _, means = T.train_epoch(model, data, cfg, opt=opt, sched=sched, gen=gen, step=0, total_steps=steps * cfg.epochs,
-                             device=device)
+                             device=device, teacher=teacher)
     return time.perf_counter() - w0, time.process_time() - c0, means
 
 
@@ -76,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epoch-images", type=int, default=55000, help="images of a full epoch, for extrapolation")
+    ap.add_argument("--distill", action="store_true",
+                    help="also time the decouple step (gated + dense teacher forward + KD), as 'decouple'")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field")
     ap.add_argument("--out", help="JSON file to write (printed either way)")
     args = ap.parse_args(argv)
@@ -92,12 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     data = full.subset(torch.arange(min(args.images, len(full))), ":bench")
     configs = {"dense": TrainConfig.from_dict({**base.to_dict(), "gated": False, "init_from": None, "distill": 0.0}),
                "gated": TrainConfig.from_dict({**base.to_dict(), "gated": True})}
-    runs: dict[str, list[tuple[float, float]]] = {"dense": [], "gated": []}
+    if args.distill:
+        configs["decouple"] = TrainConfig.from_dict({**base.to_dict(), "gated": True, "distill": base.distill or 0.5,
+                                                     "init_from": base.init_from or "(bench: random dense teacher)"})
+    runs: dict[str, list[tuple[float, float]]] = {n: [] for n in configs}
     terms = {}
     for r in range(args.repeats):
-        order = ("dense", "gated") if r % 2 == 0 else ("gated", "dense")
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
         for name in order:
-            wall, cpu, terms[name] = time_pass(configs[name], data, device)
+            wall, cpu, terms[name] = time_pass(configs[name], data, device, distill=name == "decouple")
             runs[name].append((wall, cpu))
             print(f"repeat {r + 1}: {name} {wall:.2f} s wall, {cpu:.2f} s cpu", file=sys.stderr)
     per_image = {n: statistics.median(w for w, _ in v) / len(data) for n, v in runs.items()}
@@ -109,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_wall": round(statistics.median(g[0] / d[0] for g, d in zip(runs["gated"], runs["dense"])), 3),
         "ratio_cpu": round(statistics.median(g[1] / d[1] for g, d in zip(runs["gated"], runs["dense"])), 3),
         "ratio_cpu_min": round(min(c for _, c in runs["gated"]) / min(c for _, c in runs["dense"]), 3),
+        **({"decouple_ratio_cpu_min": round(min(c for _, c in runs["decouple"]) / min(c for _, c in runs["dense"]), 3)}
+           if "decouple" in runs else {}),
+        "epoch_cpu_seconds_estimate": {n: round(min(c for _, c in v) / len(data) * args.epoch_images, 1)
+                                       for n, v in runs.items()},
         "epoch_seconds_estimate": {n: round(v * args.epoch_images, 1) for n, v in per_image.items()},
         "epoch_images": args.epoch_images,
         "final_terms": {n: {k: round(v, 4) for k, v in t.items()} for n, t in terms.items()},
