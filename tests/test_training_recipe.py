@@ -138,6 +138,8 @@ def test_corrupted_or_foreign_checkpoint_is_refused(data, tmp_path):
     with pytest.raises(CheckpointError, match="SHA-256"):
         train(cfg, run, progress=False, resume=True)
     tensors.write_bytes(original)
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        train(cfg, run, progress=False)  # starting over would discard it
     meta = checkpoint_dir(run) / "checkpoint.json"
     meta.write_text(meta.read_text()[:-40])
     with pytest.raises(CheckpointError, match="not valid JSON"):

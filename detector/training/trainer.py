@@ -204,6 +204,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resum
         log_path.write_text("".join(ln + "\n" for ln in kept))
         log.info("resuming %s after epoch %d (step %d)", out_dir, meta["epoch"], step)
     else:
+        if checkpoint.has_checkpoint(out_dir):
+            raise checkpoint.CheckpointError(
+                f"{out_dir} holds the checkpoint of an unfinished run ({checkpoint.checkpoint_dir(out_dir)}): "
+                "resume it (--resume), or delete that folder to start over")
         log_path.write_text("")
     train_s, val = 0.0, {}
     for epoch in range(first, cfg.epochs + 1):
