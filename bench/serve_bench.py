@@ -15,7 +15,7 @@ throughput. The load generator (grpc.aio, one channel per server) runs in this p
 
     # once: KServe in its own venv (its protobuf pin conflicts with PathGuard's)
     python3 -m venv /tmp/kserve-venv && /tmp/kserve-venv/bin/pip install kserve
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_bench.py --bundle models/default --threads 2 \
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.serve_bench --bundle models/default --threads 2 \
         --kserve-python /tmp/kserve-venv/bin/python --json bench/results.json
     # no bundle at hand: --tiny DIR trains the small synthetic test bundle into DIR first
 """
@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -39,15 +38,13 @@ import grpc
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from detector import load_bundle
+from detector.runtime import set_threads
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 
-from detector import load_bundle  # noqa: E402
-from detector.runtime import set_threads  # noqa: E402
-from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2  # noqa: E402
-from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc  # noqa: E402
-from service._proto.pathguard.v1 import pathguard_pb2 as pb  # noqa: E402
-from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc  # noqa: E402
+from .helpers import REPO, ServerProcess, free_port, kserve_request, own_request, percentile, scrape
 
 log = logging.getLogger("serve_bench")
 
@@ -64,12 +61,6 @@ class BenchConfig:
     max_queue_delay_ms: float = 5.0
     engine: str = "skipping"  # how the model runs, the same in process and in every server
     kserve_python: str | None = None  # interpreter with the kserve package; None skips KServe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_images(bundle, n: int) -> np.ndarray:
@@ -107,17 +98,6 @@ def in_process_throughput(screener, batch: torch.Tensor, seconds: float) -> floa
     return done / elapsed
 
 
-def own_request(images: np.ndarray) -> pb.ScreenRequest:
-    return pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(images.shape), data=images.tobytes()))
-
-
-def kserve_request(model: str, images: np.ndarray) -> kserve_pb2.ModelInferRequest:
-    req = kserve_pb2.ModelInferRequest(model_name=model)
-    req.inputs.add(name="images", datatype="FP32", shape=list(images.shape))
-    req.raw_input_contents.append(images.tobytes())
-    return req
-
-
 async def _drive(target: str, method: str, requests: list, callers: int, duration: float,
                  warmup: float) -> tuple[float, list[float], int]:
     """``callers`` closed-loop callers for warmup + duration seconds: (calls/s, latencies of the measured
@@ -149,19 +129,13 @@ async def _drive(target: str, method: str, requests: list, callers: int, duratio
 
 def batch_totals(metrics_url: str) -> tuple[float, float]:
     """(sum, count) of pathguard_batch_size from the server's /metrics."""
-    import urllib.request
-
-    values = {}
-    for line in urllib.request.urlopen(metrics_url, timeout=10).read().decode().splitlines():
-        if line.startswith(("pathguard_batch_size_sum", "pathguard_batch_size_count")):
-            key, _, value = line.partition(" ")
-            values[key] = float(value)
+    values = scrape(metrics_url)
     return values.get("pathguard_batch_size_sum", 0.0), values.get("pathguard_batch_size_count", 0.0)
 
 
 # -- servers ------------------------------------------------------------------------------------------
-class Server:
-    """A server subprocess; waits for KServe ServerReady (both servers speak v2)."""
+class KServeProcess:
+    """KServe's Python model server (``bench/kserve_model.py``) in a subprocess; waits for ServerReady."""
 
     def __init__(self, name: str, cmd: list[str], port: int, log_path: Path) -> None:
         self.name, self.port = name, port
@@ -196,9 +170,12 @@ class Server:
 
 # -- the run ------------------------------------------------------------------------------------------
 def _pct(values: list[float], q: float) -> float:
-    return 1000 * float(np.percentile(values, q)) if values else float("nan")
+    value = percentile(values, q)
+    return float("nan") if value is None else 1000 * value
 
 
+# Over 60 lines on purpose: servers up, then rounds in which every contender is measured back to back (so
+# ratios compare like with like under the same background load), then the medians and ratios.
 def run(cfg: BenchConfig, out_dir: Path) -> dict:
     """Start the servers, then measure in rounds; each round measures every contender back to back, so that
     the ratios compare measurements taken under the same background load (this machine is shared)."""
@@ -209,21 +186,17 @@ def run(cfg: BenchConfig, out_dir: Path) -> dict:
     name = bundle.meta["name"]
     one, batch = torch.from_numpy(images[:1]), torch.from_numpy(images[:cfg.callers])
     own_reqs = [own_request(images[i:i + 1]) for i in range(len(images))]
-    kserve_reqs = [kserve_request(name, images[i:i + 1]) for i in range(len(images))]
+    kserve_reqs = [kserve_request(images[i:i + 1], name) for i in range(len(images))]
 
-    servers: dict[str, Server] = {}
-    port, metrics_port = free_port(), free_port()
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    servers: dict[str, ServerProcess | KServeProcess] = {}
     try:
-        servers["pathguard"] = Server(
-            "pathguard", [sys.executable, "-m", "detector.cli", "serve", "--bundle", cfg.bundle, "--host", "127.0.0.1",
-                          "--port", str(port), "--metrics-port", str(metrics_port), "--threads", str(cfg.threads),
-                          "--max-batch-size", str(cfg.max_batch_size),
-                          "--max-queue-delay-ms", str(cfg.max_queue_delay_ms), "--engine", cfg.engine],
-            port, out_dir / "pathguard.log")
+        pathguard = servers["pathguard"] = ServerProcess(
+            cfg.bundle, cfg.threads, ["--max-batch-size", str(cfg.max_batch_size),
+                                      "--max-queue-delay-ms", str(cfg.max_queue_delay_ms), "--engine", cfg.engine])
+        metrics_url = pathguard.metrics_url
         if cfg.kserve_python:
             port = free_port()
-            servers["kserve"] = Server(
+            servers["kserve"] = KServeProcess(
                 "kserve", [cfg.kserve_python, str(REPO / "bench" / "kserve_model.py"), "--bundle", cfg.bundle,
                            "--grpc-port", str(port), "--http-port", str(free_port()), "--threads", str(cfg.threads),
                            "--engine", cfg.engine, "--repo", str(REPO),
@@ -354,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     bundle = args.bundle or str(REPO / "models" / "default")
     if args.tiny:
-        sys.path.insert(0, str(REPO / "tests"))
-        from synthetic import make_bundle
+        from tests.synthetic import make_bundle  # python -m bench.serve_bench runs from the repository root
 
         bundle_dir = Path(args.tiny) / "bundle"
         bundle = str(bundle_dir if (bundle_dir / "bundle.json").is_file() else make_bundle(Path(args.tiny)))

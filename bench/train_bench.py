@@ -2,7 +2,7 @@
 
 Usage (always under the shared lock, one thread as the bundled models were trained)::
 
-    flock /work/brief/heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python bench/train_bench.py \\
+    flock /work/brief/heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_bench \\
         --images 2048 --repeats 3 --set target_flops=0.25 --set align_mode=onesided \\
         --out reports/training/epoch_time.json
 
@@ -32,13 +32,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(REPO))
+from detector.data import load_dataset
+from detector.training import TrainConfig
+from detector.training import trainer as T
 
-from detector.data import load_dataset  # noqa: E402
-from detector.training import TrainConfig  # noqa: E402
-from detector.training import trainer as T  # noqa: E402
+from .helpers import REPO
 
 
 def _value(text: str):

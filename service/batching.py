@@ -40,6 +40,10 @@ from .runtime import slice_result
 log = logging.getLogger(__name__)
 
 # How long a peak of concurrent images is remembered when deciding whether to wait for more.
+# Defaults of the batcher, of screening.Limits and of `pathguard serve` (ServeConfig): defined once, here.
+MAX_BATCH_SIZE = 32
+MAX_QUEUE_DELAY_MS = 5.0
+MAX_QUEUE_SIZE = 256
 PEAK_WINDOW = 1.0
 
 
@@ -66,8 +70,8 @@ class _Request:
 class DynamicBatcher:
     """Queue + worker thread around a :class:`Runner`. Start with :meth:`start`, end with :meth:`stop`."""
 
-    def __init__(self, runner: Runner | None = None, *, max_batch_size: int = 32, max_queue_delay: float = 0.005,
-                 max_queue_size: int = 256) -> None:
+    def __init__(self, runner: Runner | None = None, *, max_batch_size: int = MAX_BATCH_SIZE,
+                 max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_queue_size < 1:
@@ -228,6 +232,7 @@ class DynamicBatcher:
         if not live:
             return
         images = live[0].images if len(live) == 1 else torch.cat([r.images for r in live])
+        assert runner is not None  # every request was refused above when there is none
         try:
             result = runner.screen(images)
         except Exception as exc:

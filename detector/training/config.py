@@ -63,6 +63,10 @@ class TrainConfig:
         if isinstance(self.gate, dict):
             self.gate = GateConfig(**self.gate)
         self.augment = tuple(self.augment)
+        self._check_choices()
+        self._check_ranges()
+
+    def _check_choices(self) -> None:
         choices = {"optimizer": ("adamw", "sgd"), "schedule": ("onecycle", "cosine", "constant"),
                    "mi_input": ("hard", "soft"), "align_distance": ("mse", "bce"),
                    "align_mode": ("max", "onesided", "rescaled")}
@@ -72,6 +76,12 @@ class TrainConfig:
         for a in self.augment:
             if a not in ("hflip", "shift"):
                 raise ValueError(f"augment={a!r} must be 'hflip' or 'shift'")
+        if self.distill > 0 and not self.init_from:
+            raise ValueError("distill > 0 needs a teacher: set init_from to a dense bundle")
+        if self.init_from and not self.gated:
+            raise ValueError("init_from decouples a dense bundle into a gated model: gated must be true")
+
+    def _check_ranges(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -86,10 +96,6 @@ class TrainConfig:
             raise ValueError(f"distill_temperature={self.distill_temperature} must be > 0")
         if not 0 <= self.freeze_gates_epochs < self.epochs:
             raise ValueError(f"freeze_gates_epochs={self.freeze_gates_epochs} must be in [0, epochs)")
-        if self.distill > 0 and not self.init_from:
-            raise ValueError("distill > 0 needs a teacher: set init_from to a dense bundle")
-        if self.init_from and not self.gated:
-            raise ValueError("init_from decouples a dense bundle into a gated model: gated must be true")
 
     def to_dict(self) -> dict:
         d = asdict(self)
