@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..bundle import _save_tensors, _write_json, sha256_file
+from ..bundle import _save_tensors, _write_json, read_document, sha256_file
 from .config import TrainConfig
 
 FORMAT = "pathguard-checkpoint"
@@ -82,24 +82,16 @@ def save_checkpoint(run_dir: str | Path, *, epoch: int, step: int, cfg: TrainCon
     return d / META
 
 
+_NEED = {"format": str, "version": int, "epoch": int, "step": int, "train_config": dict, "optimizer": dict,
+         "scheduler": dict, "extra": dict, "tensors": str, "sha256": str}
+
+
 def _read_meta(d: Path) -> dict:
     path = d / META
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from: {path} not found")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {path} is not valid JSON ({exc}): the file is corrupt") from None
-    need = {"format": str, "version": int, "epoch": int, "step": int, "train_config": dict, "optimizer": dict,
-            "scheduler": dict, "extra": dict, "tensors": str, "sha256": str}
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint {path} must hold a JSON object")
-    for key, typ in need.items():
-        if not isinstance(meta.get(key), typ):
-            raise CheckpointError(f"checkpoint {path}: field {key!r} missing or not a {typ.__name__}")
-    if meta["format"] != FORMAT or meta["version"] > VERSION:
-        raise CheckpointError(f"checkpoint {path}: format {meta['format']!r} v{meta['version']} is not supported "
-                              f"(this PathGuard reads {FORMAT!r} up to v{VERSION})")
+    meta = read_document(path, required=_NEED, fmt=FORMAT, version=VERSION, error=CheckpointError,
+                         where=f"checkpoint {path}")
     if Path(meta["tensors"]).name != meta["tensors"]:
         raise CheckpointError(f"checkpoint {path}: tensor file name {meta['tensors']!r} must not contain a path")
     return meta
