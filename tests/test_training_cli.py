@@ -33,6 +33,7 @@ def test_decouple_takes_data_from_the_dense_bundle_stops_and_resumes(dense, tmp_
     dense_cfg = json.loads((dense / "bundle.json").read_text())["train_config"]
     cfg = meta["train_config"]
     assert meta["gated"] and cfg["init_from"] == str(dense)
+    assert "; resumed after epoch 1: " in meta["command"]  # how the run started, and how it continued
     assert cfg["dataset"] == "npz" and cfg["data_root"] == dense_cfg["data_root"] and cfg["seed"] == dense_cfg["seed"]
     assert cfg["distill"] == 0.5 and cfg["target_flops"] == 0.25 and cfg["align_mode"] == "onesided"
     assert cfg["gate"]["init_bias"] == 0.5 and cfg["epochs"] == 2  # the flags given at the start, kept on resume

@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resum
     if cfg.train_subset:
         tr_idx = tr_idx[: cfg.train_subset]
     train_set, val_set = full.subset(tr_idx, ":train"), full.subset(va_idx, ":val")
-    teacher, extra = None, {}
+    teacher, extra = None, {"command": " ".join(["pathguard", *sys.argv[1:]])}
     if cfg.init_from:
         model, arch_args, teacher, digest = decouple_from(cfg, full.fingerprint())
         teacher.to(device)
@@ -199,6 +199,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resum
             raise checkpoint.CheckpointError(f"checkpoint in {out_dir} was distilled from another teacher than "
                                              f"{cfg.init_from} (its weights changed)")
         first, step = meta["epoch"] + 1, meta["step"]
+        # the bundle names the command that started the run, and each that continued it
+        started = meta["extra"].get("command", "?")
+        extra["command"] = f"{started}; resumed after epoch {meta['epoch']}: {extra['command']}"
         kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= meta["epoch"]] \
             if log_path.is_file() else []
         log_path.write_text("".join(ln + "\n" for ln in kept))
@@ -238,6 +241,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resum
                "val_images": len(val_set), "split_seed": cfg.seed}
     save_bundle(out_dir, model.cpu(), arch=cfg.arch, arch_args=arch_args, classes=train_set.classes,
                 train_config=cfg.to_dict(), dataset=dataset, metrics={"test": test_metrics, "val": val},
-                command=" ".join(["pathguard", *sys.argv[1:]]))
+                command=extra["command"])
     checkpoint.remove_checkpoint(out_dir)
     return test_metrics
