@@ -106,25 +106,33 @@ def save_bundle(out_dir: str | Path, model: DecoupledNet, *, arch: str, arch_arg
     return out
 
 
+def read_document(path: Path, *, required: dict[str, type], fmt: str, version: int,
+                  error: type[ValueError] = ValueError, where: str = "") -> dict:
+    """A self-describing JSON file (a bundle's or a checkpoint's): parsed, its fields' types and its
+    format/version checked; anything else raises ``error`` with ``where`` as the message's prefix."""
+    where = where or str(path)
+    if not path.is_file():
+        raise error(f"{where}: {path.name} not found")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: {path.name} is not valid JSON ({exc}): the file is corrupt") from None
+    if not isinstance(meta, dict):
+        raise error(f"{where}: {path.name} must hold a JSON object")
+    for key, typ in required.items():
+        if not isinstance(meta.get(key), typ):
+            raise error(f"{where}: {path.name} field {key!r} missing or not a {typ.__name__}")
+    if meta["format"] != fmt or meta["version"] > version:
+        raise error(f"{where}: format {meta['format']!r} v{meta['version']} is not supported "
+                    f"(this PathGuard reads {fmt!r} up to v{version})")
+    return meta
+
+
 def read_meta(path: str | Path) -> dict:
     """``bundle.json`` of a bundle, checked for the fields every bundle has."""
     path = Path(path)
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise BundleError(f"bundle {path}: {META_FILE} not found")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"bundle {path}: {META_FILE} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise BundleError(f"bundle {path}: {META_FILE} must hold a JSON object")
-    for key, typ in _REQUIRED.items():
-        if not isinstance(meta.get(key), typ):
-            raise BundleError(f"bundle {path}: {META_FILE} field {key!r} missing or not a {typ.__name__}")
-    if meta["format"] != FORMAT or meta["version"] > VERSION:
-        raise BundleError(f"bundle {path}: format {meta['format']!r} v{meta['version']} is not supported "
-                          f"(this PathGuard reads {FORMAT!r} up to v{VERSION})")
-    return meta
+    return read_document(path / META_FILE, required=_REQUIRED, fmt=FORMAT, version=VERSION, error=BundleError,
+                         where=f"bundle {path}")
 
 
 def verify_files(path: Path, meta: dict) -> None:

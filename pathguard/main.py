@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from . import adaptive, explain, offline, serving
+from . import adaptive, explain, offline, serving, training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "by the calculation paths of a decoupled CNN.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (offline, explain, adaptive, serving):
+    for module in (offline, training, explain, adaptive, serving):
         module.register(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""The offline subcommands: train, info, data fetch, attack, fit-detector, evaluate."""
+"""The offline subcommands: train, info, data fetch, attack, fit-detector, evaluate (decouple: training.py)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,23 @@ from .options import add_command, config_from, opt, required, switch
 class TrainRun:
     out: str = required("bundle directory to write")
     config: str | None = opt(None, "JSON file of TrainConfig fields; flags override it")
+    resume: bool = switch("continue the run in --out from its last checkpoint (its config, unless --config)")
+    stop_after: int | None = opt(None, "stop once this epoch is checkpointed (continue later with --resume)")
     quiet: bool = switch("no progress bar")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from detector.training import train
+    from detector.training.checkpoint import read_config
 
     run = config_from(TrainRun, args)
-    base = TrainConfig.from_dict(json.loads(Path(run.config).read_text())) if run.config else None
+    base = None
+    if run.config:
+        base = TrainConfig.from_dict(json.loads(Path(run.config).read_text()))
+    elif run.resume:
+        base = read_config(run.out)
     cfg = config_from(TrainConfig, args, base=base)
-    metrics = train(cfg, run.out, progress=not run.quiet)
+    metrics = train(cfg, run.out, progress=not run.quiet, resume=run.resume, stop_after=run.stop_after)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -35,3 +35,39 @@ def test_mi_variational_is_cross_entropy_of_path_head():
     good = losses.mi_variational_loss(logits, torch.tensor([0, 1]))
     bad = losses.mi_variational_loss(logits, torch.tensor([1, 0]))
     assert good < 0.01 < bad
+
+
+def test_onesided_align_only_asks_switched_off_filters_to_be_silent():
+    e = torch.tensor([[1.0, 0.4, 0.0]])
+    # a gate on for every responding filter costs nothing, whatever the filters' strength (no pull to the max)
+    assert float(losses.onesided_align_loss(e, torch.tensor([[1.0, 1.0, 0.0]]))) == 0.0
+    assert float(losses.onesided_align_loss(e, torch.tensor([[1.0, 1.0, 1.0]]))) == 0.0
+    # switching off a responding filter costs its response
+    off = float(losses.onesided_align_loss(e, torch.tensor([[1.0, 0.0, 0.0]])))
+    assert math.isclose(off, 0.4 / 3, rel_tol=1e-6)
+    # the symmetric MSE would pull the 0.4 filter's gate down to 0.4: the one-sided term does not
+    p = torch.tensor([[1.0, 1.0, 0.0]], requires_grad=True)
+    losses.onesided_align_loss(e, p).backward()
+    assert float(p.grad[0, 1]) <= 0  # never pushes an on gate of a responding filter down
+
+
+def test_rescaled_encoding_has_the_asked_mean():
+    e = torch.tensor([[1.0, 0.5, 0.1, 0.0], [0.2, 0.2, 0.2, 0.2]])
+    r = losses.rescale_encoding(e, 0.25)
+    assert torch.allclose(r.mean(1), torch.tensor([0.25, 0.25]), atol=1e-6)
+    assert float(r.max()) <= 1.0
+
+
+def test_flops_target_is_zero_at_target_and_pulls_towards_it():
+    r = torch.tensor([0.2, 0.4], requires_grad=True)
+    loss = losses.flops_target_loss(r, 0.3)
+    assert float(loss.detach()) < 1e-12
+    r2 = torch.tensor([0.6, 0.8], requires_grad=True)
+    losses.flops_target_loss(r2, 0.3).backward()
+    assert bool((r2.grad > 0).all())  # gradient descent lowers executed FLOPs that exceed the target
+
+
+def test_distillation_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    t = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.1, 0.0]])
+    assert abs(float(losses.distill_loss(t, t, 4.0))) < 1e-6
+    assert float(losses.distill_loss(t.flip(1), t, 4.0)) > 0.01

@@ -123,3 +123,30 @@ def test_straight_through_in_eval_changes_gradients_not_values():
         st.hard_path.sum().backward()
     assert model.features[0].acm.fc2.weight.grad.abs().sum() > 0
     assert not model.features[0].acm.straight_through, "the flag is restored on exit"
+
+
+def test_gate_and_pool_gradients_match_two_separate_ops():
+    from detector.models.gates import GateAndPool
+
+    torch.manual_seed(0)
+    for use_y, use_mean in ((1, 1), (1, 0), (0, 1)):
+        a = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        g = (torch.rand(3, 4, dtype=torch.float64) > 0.5).double().requires_grad_()
+        wy, wm = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+        y, m = GateAndPool.apply(a, g)
+        assert torch.equal(y, a * g[:, :, None, None]) and torch.allclose(m, a.mean((2, 3)))
+        got = torch.autograd.grad(use_y * (y * wy).sum() + use_mean * (m * wm).sum(), (a, g), allow_unused=True)
+        a2, g2 = a.detach().requires_grad_(), g.detach().requires_grad_()
+        two_ops = use_y * (a2 * g2[:, :, None, None] * wy).sum() + use_mean * (a2.mean((2, 3)) * wm).sum()
+        ref = torch.autograd.grad(two_ops, (a2, g2))
+        assert torch.allclose(got[0], ref[0])
+        assert torch.allclose(got[1] if got[1] is not None else torch.zeros_like(ref[1]), ref[1])
+
+
+def test_executed_flops_carry_the_straight_through_gradient_while_training():
+    model = create_model("vgg8", gated=True, num_classes=4, in_channels=1, input_size=16, mean=[0.5], std=[0.5])
+    model.train()
+    out = model.forward_path(torch.rand(2, 1, 16, 16))
+    out.flops_ratio.mean().backward()
+    acm_grads = [m.acm.fc2.bias.grad for _, m in model.gated_layers()]
+    assert all(g is not None and bool((g > 0).all()) for g in acm_grads)  # more gates on, more FLOPs

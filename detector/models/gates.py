@@ -105,7 +105,9 @@ class LayerPath:
         divided per input by its maximum over filters.
     pooled : Tensor (N, C), global-average-pooled output of the layer after gating.
     macs : Tensor (N,), multiply-accumulates this layer executed per input (conv on active
-        input and output channels, plus the controlling module).
+        input and output channels, plus the controlling module). Its value counts hard gates; while
+        training it carries their straight-through gradient, so a loss on executed FLOPs can be
+        minimised directly (``TrainConfig.target_flops``).
     dense_macs : int, what the same conv costs in the dense twin.
     """
 
@@ -116,6 +118,41 @@ class LayerPath:
     pooled: Tensor
     macs: Tensor
     dense_macs: int
+
+
+class GateAndPool(torch.autograd.Function):
+    """``(a * g[:, :, None, None], a.mean((2, 3)))`` in one autograd node, for a (N, C, H, W) and g (N, C).
+
+    The gated output and the pooled response (the alignment encoding) both read ``a``; as two autograd
+    nodes their backward passes write two full-size gradients of ``a`` (a multiply, and an expand plus a
+    divide by H*W) and add them. Here the gradient of ``a`` is one multiply with an in-place broadcast
+    add, and the gradient of ``g`` (the straight-through path) one multiply-and-sum, which keeps the
+    gated training step closer to the dense one's cost (``bench/train_bench.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(a, g)
+        ctx.set_materialize_grads(False)  # an output no loss reads passes None: no full-size zeros
+        return a * g[:, :, None, None], a.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, grad_mean: Tensor | None):  # type: ignore[override]
+        a, g = ctx.saved_tensors
+        n, c, h, w = a.shape
+        grad_a = grad_g = None
+        if grad_y is None and grad_mean is None:
+            return None, None
+        if ctx.needs_input_grad[0]:
+            if grad_y is None:
+                grad_a = (grad_mean / (h * w))[:, :, None, None].expand_as(a).contiguous()
+            else:
+                grad_a = grad_y * g[:, :, None, None]
+                if grad_mean is not None:
+                    grad_a += (grad_mean / (h * w))[:, :, None, None]
+        if ctx.needs_input_grad[1] and grad_y is not None:
+            grad_g = (grad_y * a).sum(dim=(2, 3))
+        return grad_a, grad_g
 
 
 class GatedConv(nn.Module):
@@ -158,7 +195,7 @@ class GatedConv(nn.Module):
         """Return ``(y, g)``; g is None for a dense layer.
 
         in_active : Tensor (N,) or None, how many input channels are nonzero for each input (None:
-            all of them). Only used to count executed MACs.
+            all of them). Only used to count executed MACs (its gradient, if any, flows into them).
         path : when given, a :class:`LayerPath` is appended to it.
         """
         a = self.bn(self.conv(x))
@@ -174,17 +211,17 @@ class GatedConv(nn.Module):
                                       torch.full((n,), float(dense), device=a.device), dense))
             return a, None
         p, g = self.acm(x)
-        y = a * g[:, :, None, None]
-        if path is not None:
-            mean = a.mean(dim=(2, 3))
-            out_active = g.detach().sum(1)
-            cin = self.conv.in_channels
-            active_in = torch.full_like(out_active, float(cin)) if in_active is None else in_active.to(out_active)
-            per_pair = self.conv.kernel_size[0] * self.conv.kernel_size[1] * a.shape[-2] * a.shape[-1]
-            macs = active_in * out_active * per_pair + self.acm.macs()
-            # GAP is linear and g is constant per channel, so GAP(y) = g * GAP(a): no second pass over y.
-            path.append(LayerPath(name, p, g, self._encode(a, mean), g * mean, macs,
-                                  self.conv_macs(a.shape[-2:])))
+        if path is None:
+            return a * g[:, :, None, None], g
+        y, mean = GateAndPool.apply(a, g)
+        out_active = g.sum(1)  # straight-through gradient while training (FLOPs target)
+        cin = self.conv.in_channels
+        active_in = torch.full_like(out_active, float(cin)) if in_active is None else in_active.to(out_active)
+        per_pair = self.conv.kernel_size[0] * self.conv.kernel_size[1] * a.shape[-2] * a.shape[-1]
+        macs = active_in * out_active * per_pair + self.acm.macs()
+        # GAP is linear and g is constant per channel, so GAP(y) = g * GAP(a): no second pass over y.
+        path.append(LayerPath(name, p, g, self._encode(a, mean), g * mean, macs,
+                              self.conv_macs(a.shape[-2:])))
         return y, g
 
     def _encode(self, a: Tensor, mean: Tensor) -> Tensor:

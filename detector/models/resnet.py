@@ -29,7 +29,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor, path: list[LayerPath] | None, name: str) -> Tensor:
         h, g1 = self.conv1(x, path=path, name=f"{name}.conv1")
-        y, _ = self.conv2(h, in_active=None if g1 is None else g1.detach().sum(1), path=path,
+        y, _ = self.conv2(h, in_active=None if g1 is None else g1.sum(1), path=path,
                           name=f"{name}.conv2")
         return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
 

@@ -46,7 +46,7 @@ class VGG(DecoupledNet):
         in_active = None
         for i, layer in enumerate(self.features):
             x, g = layer(x, in_active=in_active, path=path, name=f"features.{i}")
-            in_active = None if g is None else g.detach().sum(1)
+            in_active = None if g is None else g.sum(1)
             if i in self.stage_ends:
                 x = F.max_pool2d(x, 2)
         h = x.flatten(1)

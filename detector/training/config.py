@@ -12,7 +12,12 @@ class TrainConfig:
     """Everything that decides a training run. Defaults are those of the bundled default model.
 
     Loss weights follow METHOD.md section 2:
-    ``L = CE + w_mi * CE(q(path), y) + w_infomax * L_infomax + w_sparsity * mean(p) + w_align * L_align``.
+    ``L = (1 - distill) * CE + distill * KD + r(t) * (w_mi * CE(q(path), y) + w_infomax * L_infomax
+    + w_sparsity * mean(p) + w_flops * (flops - target_flops)^2 + w_align * L_align)``,
+    where ``r(t)`` ramps every auxiliary term in together over the first ``aux_warmup`` of training
+    and KD is the distillation term of a run initialised from a dense bundle (``init_from``).
+    The new fields default to the recipe of the bundled default model (no FLOPs target, max-normalised
+    alignment, no ramp), so an old bundle's ``train_config`` still means what it meant.
     """
 
     arch: str = "vgg8"
@@ -39,7 +44,24 @@ class TrainConfig:
     w_align: float = 0.5  # distance between the layer's own encoding e and p
     mi_input: str = "hard"  # path fed to q: "hard" (straight-through) or "soft"
     align_distance: str = "mse"  # mse | bce
-    sparsity_warmup: float = 0.0  # fraction of training over which w_sparsity ramps up from 0
+    sparsity_warmup: float = 0.0  # fraction of training over which w_sparsity alone ramps up from 0 (legacy)
+    # density you can ask for: executed FLOPs relative to the dense twin, as the bundle reports them
+    target_flops: float = field(default=0.0, metadata={"help": "executed-FLOPs ratio to train towards, e.g. 0.25 "
+                                                      "(controlling modules included; 0: no target)"})
+    w_flops: float = field(default=20.0, metadata={"help": "weight of (flops_ratio - target_flops)^2"})
+    align_mode: str = field(default="max", metadata={
+        "help": "max: MSE to e / max e (first recipe); onesided: only switched-off filters must be silent; "
+                "rescaled: e rescaled to the density sqrt(target_flops) implies"})
+    aux_warmup: float = field(default=0.0, metadata={
+        "help": "fraction of training over which every auxiliary loss term ramps up from 0, together"})
+    # decoupling a trained dense model (pathguard decouple)
+    init_from: str | None = field(default=None, metadata={
+        "help": "dense bundle of the same arch whose weights start the gated net (every gate on)"})
+    distill: float = field(default=0.0, metadata={
+        "help": "weight of distillation from the init_from model (CE gets 1 - distill)"})
+    distill_temperature: float = field(default=4.0, metadata={"help": "temperature T of the distillation KL"})
+    freeze_gates_epochs: int = field(default=0, metadata={
+        "help": "the last N epochs train with the controlling modules frozen"})
     head_hidden: int = -1  # VGG head width; -1 keeps the architecture's default
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -47,21 +69,39 @@ class TrainConfig:
         if isinstance(self.gate, dict):
             self.gate = GateConfig(**self.gate)
         self.augment = tuple(self.augment)
+        self._check_choices()
+        self._check_ranges()
+
+    def _check_choices(self) -> None:
         choices = {"optimizer": ("adamw", "sgd"), "schedule": ("onecycle", "cosine", "constant"),
-                   "mi_input": ("hard", "soft"), "align_distance": ("mse", "bce")}
+                   "mi_input": ("hard", "soft"), "align_distance": ("mse", "bce"),
+                   "align_mode": ("max", "onesided", "rescaled")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         for a in self.augment:
             if a not in ("hflip", "shift"):
                 raise ValueError(f"augment={a!r} must be 'hflip' or 'shift'")
+        if self.distill > 0 and not self.init_from:
+            raise ValueError("distill > 0 needs a teacher: set init_from to a dense bundle")
+        if self.init_from and not self.gated:
+            raise ValueError("init_from decouples a dense bundle into a gated model: gated must be true")
+
+    def _check_ranges(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
-        if not 0 <= self.sparsity_warmup <= 1:
-            raise ValueError(f"sparsity_warmup={self.sparsity_warmup} must be in [0, 1]")
+        for name in ("sparsity_warmup", "aux_warmup", "distill"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if not 0 <= self.target_flops <= 1:
+            raise ValueError(f"target_flops={self.target_flops} must be in (0, 1], or 0 for no target")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature={self.distill_temperature} must be > 0")
+        if not 0 <= self.freeze_gates_epochs < self.epochs:
+            raise ValueError(f"freeze_gates_epochs={self.freeze_gates_epochs} must be in [0, epochs)")
 
     def to_dict(self) -> dict:
         d = asdict(self)

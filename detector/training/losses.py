@@ -36,13 +36,47 @@ def align_loss(encoding: Tensor, p: Tensor, distance: str = "mse") -> Tensor:
     """Distance between a layer's own normalised response e and its gate p (both (N, C) in [0, 1]).
 
     Pulls switched-off filters towards being silent on their own, and the gate towards the filters
-    that do respond, so the path explains the computation instead of masking it.
+    that do respond, so the path explains the computation instead of masking it. Symmetric: it also
+    pulls the gate of a weakly responding filter down, so the layer's density drifts to the mean of e.
     """
     if distance == "mse":
         return F.mse_loss(p, encoding)
     if distance == "bce":
         return F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), encoding.clamp(0, 1))
     raise ValueError(f"distance={distance!r} must be 'mse' or 'bce'")
+
+
+def onesided_align_loss(encoding: Tensor, p: Tensor) -> Tensor:
+    """``mean((1 - p) * e)``: the response that switched-off filters still carry (N, C in [0, 1]).
+
+    Its gradient silences a filter in proportion to how firmly its gate is off, and pushes a gate up
+    in proportion to how strongly its filter responds, but nothing asks a switched-on filter to reach
+    the layer's maximum or a gate to sit at any particular density: the FLOPs target decides how many
+    filters run, this term decides that the ones that do not run are the silent ones.
+    """
+    return ((1 - p) * encoding).mean()
+
+
+def rescale_encoding(encoding: Tensor, density: float) -> Tensor:
+    """e rescaled per input so that its mean over filters is ``density`` (values clipped to [0, 1])."""
+    return (encoding * (density / encoding.mean(dim=1, keepdim=True).clamp_min(_EPS))).clamp(0, 1)
+
+
+def flops_target_loss(flops_ratio: Tensor, target: float) -> Tensor:
+    """``(mean_x flops(x) - target)^2`` on the batch's executed-FLOPs ratio (N,).
+
+    The ratio counts hard gates and carries their straight-through gradient, so this pulls exactly the
+    figure the bundle reports. Each layer's gates are pulled in proportion to the FLOPs they control,
+    so a cheap first layer is not forced sparse. Only the batch mean is constrained: inputs may differ.
+    """
+    return (flops_ratio.mean() - target) ** 2
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton's distillation term: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
 
 
 def mi_variational_loss(path_logits: Tensor, labels: Tensor) -> Tensor:

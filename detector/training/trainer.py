@@ -10,15 +10,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..bundle import save_bundle
 from ..data import ImageDataset, load_dataset, train_val_split
-from ..models import DecoupledNet, PathOutput, create_model
+from ..models import ControllingModule, DecoupledNet, PathOutput, create_model
 from ..runtime import select_device, set_threads
-from . import losses
+from . import checkpoint, losses
 from .config import TrainConfig
+from .decouple import decouple_from
 from .metrics import model_metrics
 
 log = logging.getLogger(__name__)
@@ -42,22 +43,49 @@ def augment(x: Tensor, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
     return x
 
 
-def objective(model: DecoupledNet, out: PathOutput, y: Tensor, cfg: TrainConfig,
-              sparsity_scale: float = 1.0) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its terms (as floats, for the log)."""
+def aux_scale(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """r(t): every auxiliary term's weight ramps linearly from 0 to 1 over ``aux_warmup`` of training."""
+    warm = cfg.aux_warmup * total_steps
+    return min(1.0, step / warm) if warm > 0 else 1.0
+
+
+def _align_term(out: PathOutput, cfg: TrainConfig) -> Tensor:
+    if cfg.align_mode == "onesided":
+        return losses.mean_over_layers([losses.onesided_align_loss(layer.encoding, layer.soft) for layer in out.layers])
+    terms = []
+    for layer in out.layers:
+        e = layer.encoding
+        if cfg.align_mode == "rescaled":
+            # the density a uniform per-layer density d implies for a FLOPs target t: d * d ~ t (conv on
+            # active input x active output channels); without a target e keeps the max-normalised mean
+            e = losses.rescale_encoding(e, cfg.target_flops ** 0.5) if cfg.target_flops > 0 else e
+        terms.append(losses.align_loss(e, layer.soft, cfg.align_distance))
+    return losses.mean_over_layers(terms)
+
+
+def objective(model: DecoupledNet, out: PathOutput, y: Tensor, cfg: TrainConfig, sparsity_scale: float = 1.0,
+              aux: float = 1.0, teacher_logits: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Total loss and its terms (as floats, for the log). ``aux`` scales every auxiliary term (the ramp)."""
     ce = F.cross_entropy(out.logits, y)
     terms = {"ce": ce}
     total = ce
+    if teacher_logits is not None and cfg.distill > 0:
+        terms["distill"] = losses.distill_loss(out.logits, teacher_logits, cfg.distill_temperature)
+        total = (1 - cfg.distill) * ce + cfg.distill * terms["distill"]
     if model.gated:
         soft = out.soft_path
         mi_in = soft if cfg.mi_input == "soft" else out.hard_path
         terms["mi"] = losses.mi_variational_loss(model.path_logits(mi_in), y)
         terms["infomax"] = losses.mean_over_layers([losses.infomax_loss(layer.soft) for layer in out.layers])
         terms["sparsity"] = losses.sparsity_loss(soft)
-        terms["align"] = losses.mean_over_layers(
-            [losses.align_loss(layer.encoding, layer.soft, cfg.align_distance) for layer in out.layers])
-        total = (ce + cfg.w_mi * terms["mi"] + cfg.w_infomax * terms["infomax"]
-                 + cfg.w_sparsity * sparsity_scale * terms["sparsity"] + cfg.w_align * terms["align"])
+        terms["align"] = _align_term(out, cfg)
+        side = (cfg.w_mi * terms["mi"] + cfg.w_infomax * terms["infomax"]
+                + cfg.w_sparsity * sparsity_scale * terms["sparsity"] + cfg.w_align * terms["align"])
+        terms["flops"] = out.flops_ratio.mean()
+        if cfg.target_flops > 0:
+            terms["flops_target"] = losses.flops_target_loss(out.flops_ratio, cfg.target_flops)
+            side = side + cfg.w_flops * terms["flops_target"]
+        total = total + aux * side
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -82,10 +110,60 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-# Over 60 lines on purpose: the training loop, read top to bottom as in nanoGPT (setup, epochs, evaluation,
-# bundle); the loss terms, schedule and metrics live in their own modules.
-def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Train per ``cfg``; write the bundle (with ``train_log.jsonl``) to ``out_dir``; return test metrics."""
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def freeze_gates(model: nn.Module, frozen: bool) -> None:
+    """Stop (or restart) training every controlling module; the rest of the network keeps learning."""
+    for m in model.modules():
+        if isinstance(m, ControllingModule):
+            m.requires_grad_(not frozen)
+
+
+def train_epoch(model: DecoupledNet, train_set: ImageDataset, cfg: TrainConfig, *, opt: torch.optim.Optimizer,
+                sched, gen: torch.Generator, step: int, total_steps: int, device: torch.device,
+                teacher: nn.Module | None = None, desc: str = "", progress: bool = False) -> tuple[int, dict]:
+    """One pass over ``train_set`` in the order ``gen`` draws; returns (step after it, mean loss terms)."""
+    model.train()
+    steps = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
+    sums: dict[str, float] = {}
+    order = torch.randperm(len(train_set), generator=gen)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr, leave=False)
+    for b in bar:
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        x = augment(train_set.float_images(idx).to(device), cfg, gen)
+        y = train_set.labels[idx].to(device)
+        warm = cfg.sparsity_warmup * total_steps
+        scale = min(1.0, step / warm) if warm > 0 else 1.0
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+        loss, terms = objective(model, model.forward_path(x), y, cfg, scale, aux_scale(cfg, step, total_steps),
+                                teacher_logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(ce=f"{terms['ce']:.3f}")
+    return step, {k: v / steps for k, v in sums.items()}
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
+          stop_after: int | None = None) -> dict:
+    """Train per ``cfg``; write the bundle (with ``train_log.jsonl``) to ``out_dir``; return test metrics.
+
+    A checkpoint is written to ``out_dir/checkpoint/`` after every epoch and removed once the bundle is
+    written. ``resume=True`` continues from it (the config must be the one it was written with) and ends
+    with the weights an uninterrupted run would have. ``stop_after=N`` stops once epoch N is checkpointed
+    (a run split over several sessions) and returns ``{"stopped_after_epoch": N}``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -97,60 +175,72 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> di
     if cfg.train_subset:
         tr_idx = tr_idx[: cfg.train_subset]
     train_set, val_set = full.subset(tr_idx, ":train"), full.subset(va_idx, ":val")
-    model, arch_args = build_for(cfg, train_set)
-    model.to(device)
-    log.info("training %s (%s) on %d images, %d threads, %s", cfg.arch, "gated" if cfg.gated else "dense",
-             len(train_set), threads, device)
-
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher, extra = None, {"command": " ".join(["pathguard", *sys.argv[1:]])}
+    if cfg.init_from:
+        model, arch_args, teacher, digest = decouple_from(cfg, full.fingerprint())
+        teacher.to(device)
+        extra["teacher_sha256"] = digest
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                              nesterov=True)
+        model, arch_args = build_for(cfg, train_set)
+    model.to(device)
+    log.info("training %s (%s%s) on %d images, %d threads, %s", cfg.arch, "gated" if cfg.gated else "dense",
+             f", from {cfg.init_from}" if cfg.init_from else "", len(train_set), threads, device)
+
+    opt = _optimizer(model, cfg)
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
     sched = _scheduler(opt, cfg, total_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     log_path = out_dir / "train_log.jsonl"
-    log_path.write_text("")
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
+    first, step = 1, 0
+    if resume:
+        meta = checkpoint.load_checkpoint(out_dir, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen)
+        if meta["extra"].get("teacher_sha256") != extra.get("teacher_sha256"):
+            raise checkpoint.CheckpointError(f"checkpoint in {out_dir} was distilled from another teacher than "
+                                             f"{cfg.init_from} (its weights changed)")
+        first, step = meta["epoch"] + 1, meta["step"]
+        # the bundle names the command that started the run, and each that continued it
+        started = meta["extra"].get("command", "?")
+        extra["command"] = f"{started}; resumed after epoch {meta['epoch']}: {extra['command']}"
+        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= meta["epoch"]] \
+            if log_path.is_file() else []
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+        log.info("resuming %s after epoch %d (step %d)", out_dir, meta["epoch"], step)
+    else:
+        if checkpoint.has_checkpoint(out_dir):
+            raise checkpoint.CheckpointError(
+                f"{out_dir} holds the checkpoint of an unfinished run ({checkpoint.checkpoint_dir(out_dir)}): "
+                "resume it (--resume), or delete that folder to start over")
+        log_path.write_text("")
+    train_s, val = 0.0, {}
+    for epoch in range(first, cfg.epochs + 1):
+        freeze_gates(model, epoch > cfg.epochs - cfg.freeze_gates_epochs)
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        order = torch.randperm(len(train_set), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
-                   file=sys.stderr, leave=False)
-        for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = augment(train_set.float_images(idx).to(device), cfg, gen)
-            y = train_set.labels[idx].to(device)
-            warm = cfg.sparsity_warmup * total_steps
-            scale = min(1.0, step / warm) if warm > 0 else 1.0
-            loss, terms = objective(model, model.forward_path(x), y, cfg, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(ce=f"{terms['ce']:.3f}")
+        step, means = train_epoch(model, train_set, cfg, opt=opt, sched=sched, gen=gen, step=step,
+                                  total_steps=total_steps, device=device, teacher=teacher,
+                                  desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
         train_s = time.perf_counter() - t0
         val = model_metrics(model, val_set, device)
-        record = {"epoch": epoch, "train_seconds": round(train_s, 1),
-                  "train": {k: v / steps_per_epoch for k, v in sums.items()}, "val": val}
+        record = {"epoch": epoch, "train_seconds": round(train_s, 1), "train": means, "val": val}
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        checkpoint.save_checkpoint(out_dir, epoch=epoch, step=step, cfg=cfg, model=model, opt=opt, sched=sched,
+                                   gen=gen, extra=extra)
         log.info("epoch %d: val acc %.4f density %s flops %.3f (%.0f s)", epoch, val["accuracy"],
                  f"{val.get('gate_density', 1.0):.3f}", val["flops_ratio"], train_s)
+        if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+            log.info("stopping after epoch %d; continue with --resume", epoch)
+            return {"stopped_after_epoch": epoch}
 
     model.eval()
+    if not val:
+        val = model_metrics(model, val_set, device)
     test_metrics = model_metrics(model, test, device)
     test_metrics["epoch_seconds"] = round(train_s, 1)
+    dataset = {"name": cfg.dataset, "fingerprint": full.fingerprint(), "train_images": len(train_set),
+               "val_images": len(val_set), "split_seed": cfg.seed}
     save_bundle(out_dir, model.cpu(), arch=cfg.arch, arch_args=arch_args, classes=train_set.classes,
-                train_config=cfg.to_dict(), dataset={"name": cfg.dataset, "fingerprint": full.fingerprint(),
-                                                     "train_images": len(train_set), "val_images": len(val_set),
-                                                     "split_seed": cfg.seed},
-                metrics={"test": test_metrics, "val": val}, command=" ".join(["pathguard", *sys.argv[1:]]))
+                train_config=cfg.to_dict(), dataset=dataset, metrics={"test": test_metrics, "val": val},
+                command=extra["command"])
+    checkpoint.remove_checkpoint(out_dir)
     return test_metrics
