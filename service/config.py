@@ -39,7 +39,11 @@ class ServeConfig:
     port: int = _opt("gRPC port (0: any free port)", 50051)
     metrics_port: int = _opt("Prometheus /metrics HTTP port (0: any free port)", 8002)
     # 0 asks the cgroup CPU quota: a container limited to 2 CPUs on a 64-core node must not start 64 threads.
-    threads: int = _opt("torch intra-op threads (0: the CPU quota of this container)", 0)
+    threads: int = _opt("torch intra-op threads per worker (0: the CPU quota of this container shared out over "
+                        "the workers)", 0)
+    # One process runs Python on one core at a time; more cores serve more calls with more processes.
+    workers: int = _opt("server processes sharing the port (SO_REUSEPORT), each with its own model copy "
+                        "(0: one per CPU of the quota)", 1)
     max_batch_size: int = _opt("most images the model computes in one batch", 32)
     max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", 5.0)
     max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", 256)
@@ -57,6 +61,8 @@ class ServeConfig:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 65535]")
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers} must be >= 0 (0: one per CPU)")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be >= 0 (0: the CPU quota)")
         for name in ("max_batch_size", "max_queue_size", "max_message_mb", "max_images_per_request"):

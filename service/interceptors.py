@@ -13,6 +13,11 @@ request metrics and stay answerable however many screening calls are open. For e
 4. runs the servicer and maps a raised exception to a status through :func:`service.errors.status_of`
    (anything that is not a :class:`~service.errors.ServiceError` is logged with its traceback, INTERNAL);
 5. records ``pathguard_requests_total{method,code}``, the duration histogram and the in-flight gauge.
+
+The wrapped handlers take and give bytes: the message is parsed inside the wrapper (after the token check)
+and the answer serialized there, so the duration histogram covers parsing and serialization too. The
+wrapped handler of each method is built once and reused (this runs for every call), and the metric children
+of each (method, code) are looked up once.
 """
 
 from __future__ import annotations
@@ -62,15 +67,43 @@ def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes
     return deserialize
 
 
-def _checked(request: object) -> object:
-    if isinstance(request, _Malformed):
-        raise InvalidInput(request.reason)
-    return request
+def _parse(deserializer: Callable[[bytes], object] | None, data: object) -> object:
+    """The method's message from its bytes; :class:`InvalidInput` when they are not one."""
+    if deserializer is None or not isinstance(data, bytes):
+        return data
+    try:
+        return deserializer(data)
+    except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8 in a string field...
+        raise InvalidInput(f"the request is not a well-formed protobuf message ({exc})") from None
 
 
-async def _checked_stream(requests: AsyncIterator) -> AsyncIterator:
-    async for request in requests:
-        yield _checked(request)
+async def _parsed_stream(deserializer: Callable[[bytes], object] | None, requests: AsyncIterator) -> AsyncIterator:
+    async for data in requests:
+        yield _parse(deserializer, data)
+
+
+def _serializer(serializer: Callable[[object], bytes] | None) -> Callable[[object], object]:
+    return serializer if serializer is not None else (lambda message: message)
+
+
+class _CallMetrics:
+    """The metric children of one method, per status code, looked up once."""
+
+    __slots__ = ("method", "_children")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self._children: dict[grpc.StatusCode, tuple] = {}
+
+    def record(self, code: grpc.StatusCode, seconds: float) -> None:
+        children = self._children.get(code)
+        if children is None:
+            children = self._children[code] = (
+                metrics.REQUESTS.labels(method=self.method, code=code.name),
+                metrics.REQUEST_DURATION.labels(method=self.method, code=code.name))
+        metrics.INFLIGHT.dec()
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class ServiceInterceptor(aio.ServerInterceptor):
@@ -80,6 +113,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
         self._services = frozenset(services)
         self._token = token.encode() if token else None
         self._max_active = max_active
+        self._wrapped: dict[str, tuple[object, object]] = {}  # method -> (its handler, the wrapped handler)
         self.active = 0  # admitted calls not finished yet
         self.finished = 0  # admitted calls finished, whatever their status
 
@@ -88,19 +122,27 @@ class ServiceInterceptor(aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        service = details.method.lstrip("/").split("/")[0]
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler, full_method: str):
+        service = full_method.lstrip("/").split("/")[0]
         if service not in self._services:
             return self._probe(handler)
-        method = details.method.lstrip("/")
-        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
-                  "response_serializer": handler.response_serializer}
+        calls = _CallMetrics(full_method.lstrip("/"))
+        parse, serialize = handler.request_deserializer, _serializer(handler.response_serializer)
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, calls, parse, serialize))
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **kwargs)
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(handler.stream_stream, calls, parse, serialize))
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._streaming(handler.unary_stream, method), **kwargs)
-        return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(self._streaming(handler.unary_stream, calls, parse, serialize))
+        return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, calls, parse, serialize))
 
     @staticmethod
     def _probe(handler):
@@ -138,57 +180,63 @@ class ServiceInterceptor(aio.ServerInterceptor):
             raise Unauthenticated("invalid bearer token")
 
     # Metrics are recorded before the status goes out, so that a caller who has its answer also sees it counted.
-    def _unary(self, behavior, method: str):
+    def _unary(self, behavior, calls: _CallMetrics, parse, serialize):
         async def wrapper(request, context: aio.ServicerContext):
-            start = self._begin()
+            metrics.INFLIGHT.inc()
+            start = time.perf_counter()
             try:
                 self._authenticate(context)
-                request = _checked(request)
+                if hasattr(request, "__aiter__"):
+                    request = _parsed_stream(parse, request)
+                else:
+                    request = _parse(parse, request)
                 with self._admitted():
-                    response = await behavior(request, context)
+                    response = serialize(await behavior(request, context))
             except BaseException as exc:
-                status = self._record_failure(exc, context, method, start)
+                status = self._record_failure(exc, context, calls, start)
                 if status is None:
                     raise
                 await context.abort(*status)
-            self._end(method, grpc.StatusCode.OK, start)
+            calls.record(grpc.StatusCode.OK, time.perf_counter() - start)
             return response
         return wrapper
 
-    def _streaming(self, behavior, method: str):
+    def _streaming(self, behavior, calls: _CallMetrics, parse, serialize):
         async def wrapper(request_or_iterator, context: aio.ServicerContext):
-            start = self._begin()
+            metrics.INFLIGHT.inc()
+            start = time.perf_counter()
             try:
                 self._authenticate(context)
                 if hasattr(request_or_iterator, "__aiter__"):
-                    request_or_iterator = _checked_stream(request_or_iterator)
+                    request_or_iterator = _parsed_stream(parse, request_or_iterator)
                 else:
-                    request_or_iterator = _checked(request_or_iterator)
+                    request_or_iterator = _parse(parse, request_or_iterator)
                 with self._admitted():
                     async for response in behavior(request_or_iterator, context):
-                        yield response
+                        yield serialize(response)
             except BaseException as exc:
-                status = self._record_failure(exc, context, method, start)
+                status = self._record_failure(exc, context, calls, start)
                 if status is None:
                     raise
                 await context.abort(*status)
-            self._end(method, grpc.StatusCode.OK, start)
+            calls.record(grpc.StatusCode.OK, time.perf_counter() - start)
         return wrapper
 
-    def _record_failure(self, exc: BaseException, context: aio.ServicerContext, method: str,
+    def _record_failure(self, exc: BaseException, context: aio.ServicerContext, calls: _CallMetrics,
                         start: float) -> tuple[grpc.StatusCode, str] | None:
         """Count a failed call; return the status to abort with, or None to let ``exc`` propagate
         (cancellation, a deadline, an abort already sent)."""
+        elapsed = time.perf_counter() - start
         if isinstance(exc, aio.AbortError):
-            self._end(method, context.code() or grpc.StatusCode.UNKNOWN, start)
+            calls.record(context.code() or grpc.StatusCode.UNKNOWN, elapsed)
             return None
         if not isinstance(exc, Exception):  # CancelledError, GeneratorExit: the caller is gone
-            self._end(method, self._cancelled_code(context), start)
+            calls.record(self._cancelled_code(context), elapsed)
             return None
         code, message = status_of(exc)
         if code is grpc.StatusCode.INTERNAL:
-            log.error("%s failed", method, exc_info=exc)
-        self._end(method, code, start)
+            log.error("%s failed", calls.method, exc_info=exc)
+        calls.record(code, elapsed)
         return code, message
 
     @staticmethod
@@ -196,14 +244,3 @@ class ServiceInterceptor(aio.ServerInterceptor):
         remaining = context.time_remaining()
         return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
             grpc.StatusCode.CANCELLED
-
-    @staticmethod
-    def _begin() -> float:
-        metrics.INFLIGHT.inc()
-        return time.perf_counter()
-
-    @staticmethod
-    def _end(method: str, code: grpc.StatusCode, start: float) -> None:
-        metrics.INFLIGHT.dec()
-        metrics.REQUESTS.labels(method=method, code=code.name).inc()
-        metrics.REQUEST_DURATION.labels(method=method).observe(time.perf_counter() - start)

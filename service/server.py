@@ -78,8 +78,11 @@ def read_token(path: str | None) -> str | None:
 class PathGuardServer:
     """One PathGuard server process's worth of state. Use from a single asyncio event loop."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, worker: bool = False) -> None:
+        """``worker``: one of several processes of ``pathguard serve --workers N`` (service.workers): the port is
+        shared (SO_REUSEPORT) and the supervisor serves the metrics."""
         self.config = config.validate()
+        self.worker = worker
         self.service = ScreeningService(Limits(
             max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_size=config.max_queue_size, max_images_per_request=config.max_images_per_request,
@@ -99,7 +102,7 @@ class PathGuardServer:
         token = read_token(cfg.auth_token_file)
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if self.worker else 0)]
         max_active = cfg.max_queue_size + EXTRA_CONCURRENT_RPCS
         self._interceptor = ServiceInterceptor(SERVICES, token, max_active=max_active)
         server = aio.server(interceptors=[self._interceptor], options=options,
@@ -112,13 +115,16 @@ class PathGuardServer:
         credentials = server_credentials(cfg)
         self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._metrics_http = metrics.start_metrics_server(cfg.host, cfg.metrics_port)
-        self.metrics_port = self._metrics_http.server_address[1]
+        if not self.worker:
+            self._metrics_http = metrics.start_metrics_server(cfg.host, cfg.metrics_port)
+            self.metrics_port = self._metrics_http.server_address[1]
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (%s%s), metrics on :%d/metrics, %d torch threads; loading %s",
+        log.info("listening on %s:%d (%s%s), %s, %d torch threads; loading %s",
                  cfg.host, self.port, "mTLS" if cfg.tls_client_ca else "TLS" if credentials else "plaintext",
-                 ", bearer token" if token else "", self.metrics_port, threads, cfg.bundle)
+                 ", bearer token" if token else "",
+                 "metrics from the supervisor" if self.worker else f"metrics on :{self.metrics_port}/metrics",
+                 threads, cfg.bundle)
         if token and not credentials:
             log.warning("bearer-token auth without TLS sends the token in clear text")
         try:
@@ -133,12 +139,17 @@ class PathGuardServer:
     async def reload(self, path: str | None = None) -> ModelInfo | None:
         """Load ``path`` (default: the configured bundle) and swap it in; on failure keep the current model."""
         path = path or self.config.bundle
+        start = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
+            info = await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
         except (BundleError, OSError, ValueError) as exc:  # a broken bundle: its message names the file
             log.error("reload of %s failed: %s; still serving the previous model", path, exc)
         except Exception:
             log.exception("reload of %s failed; still serving the previous model", path)
+        else:
+            metrics.record_reload(time.perf_counter() - start, ok=True)
+            return info
+        metrics.record_reload(time.perf_counter() - start, ok=False)
         return None
 
     async def stop(self, grace: float | None = None) -> None:
@@ -179,8 +190,8 @@ class PathGuardServer:
             await self.health.set(name, status)
 
 
-async def _serve(config: ServeConfig) -> None:
-    server = PathGuardServer(config)
+async def _serve(config: ServeConfig, worker: bool) -> None:
+    server = PathGuardServer(config, worker=worker)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
 
@@ -202,9 +213,16 @@ async def _serve(config: ServeConfig) -> None:
     await server.stop()
 
 
-def serve(config: ServeConfig) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain (``pathguard serve``). Returns the exit code."""
-    asyncio.run(_serve(config))
+def serve(config: ServeConfig, worker: bool = False) -> int:
+    """Run the server until SIGTERM or SIGINT, then drain (``pathguard serve``). Returns the exit code.
+
+    ``config.workers`` other than 1 runs that many processes under a supervisor (:mod:`service.workers`).
+    """
+    if config.workers != 1 and not worker:
+        from .workers import serve_workers
+
+        return serve_workers(config)
+    asyncio.run(_serve(config, worker))
     return 0
 
 
