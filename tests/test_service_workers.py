@@ -1,0 +1,124 @@
+"""`pathguard serve --workers 2`: both processes answer, metrics add up across them, SIGHUP reloads every
+worker, SIGTERM drains both and the supervisor exits 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from service_helpers import sample, scrape, wait_until
+from synthetic import make_images
+
+from service.client import PathGuardClient
+
+METHOD = "pathguard.v1.PathGuard/ScreenImages"
+
+
+class WorkersProcess:
+    """``pathguard serve --workers N`` in a subprocess; learns its ports from the supervisor's log."""
+
+    def __init__(self, workers: int, *args: str) -> None:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        self.workers = workers
+        self.proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--workers", str(workers),
+                                      "--threads", "1", *args], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_until(lambda: self.count("ready:") == workers or self.proc.poll() is not None, 120)
+        log = self.log
+        match = re.search(r"workers on [^ ]+:(\d+), .*metrics on :(\d+)/metrics", log)
+        assert match and self.proc.poll() is None, log
+        self.port, self.metrics_port = int(match[1]), int(match[2])
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _one_call_per_connection(target: str, images, n: int) -> list[int]:
+    """n calls, each on a channel (connection) of its own, so SO_REUSEPORT spreads them over the workers."""
+    def call(i: int) -> int:
+        with PathGuardClient(target, timeout=60) as client:
+            return client.screen(images[i % len(images)][None])[0].class_index
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(call, range(n)))
+
+
+def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
+    server = WorkersProcess(2, "--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0",
+                            "--metrics-port", "0", "--max-batch-size", "1", "--grace-period", "60")
+    try:
+        x, _ = make_images(64, seed=51)
+        before = scrape(server.metrics_url)
+        assert sample(before, "pathguard_workers") == 2
+        answers = _one_call_per_connection(server.target, x, 32)
+        after = scrape(server.metrics_url)
+        assert len(answers) == 32
+        # the supervisor's /metrics is the sum over both workers
+        assert sample(after, "pathguard_requests_total", method=METHOD, code="OK") == 32
+        assert sample(after, "pathguard_images_total") == 32
+        per_class = [v for k, v in after.items() if k.startswith("pathguard_predictions_total{")]
+        assert sum(per_class) == 32
+        assert sample(after, "pathguard_request_duration_seconds_count", method=METHOD, code="OK") == 32
+        assert all(sample(after, "pathguard_worker_cpu_seconds_total", worker=str(i)) > 0 for i in range(2))
+
+        server.proc.send_signal(signal.SIGHUP)  # every worker reloads
+        wait_until(lambda: server.count("reloaded: now serving") == 2, 60)
+        assert sample(scrape(server.metrics_url), "pathguard_reloads_total", result="success") == 2
+
+        # SIGTERM while both workers have accepted calls in flight (64 images each, batches of one)
+        with ThreadPoolExecutor(12) as pool:
+            def big_call(_: int) -> int:
+                with PathGuardClient(server.target, timeout=120) as client:
+                    return len(client.screen(x))
+            calls = [pool.submit(big_call, i) for i in range(12)]
+            wait_until(lambda: sample(scrape(server.metrics_url), "pathguard_inflight_requests") >= 12, 60)
+            server.proc.send_signal(signal.SIGTERM)
+            results = [call.result(120) for call in calls]
+        assert results == [len(x)] * 12
+        assert server.proc.wait(90) == 0, server.log
+        log = server.log
+        drained = {int(w): (int(f), int(total), int(cut)) for w, f, total, cut in re.findall(
+            r"\[worker (\d)\] service.server: drained in [\d.]+ s: (\d+) accepted calls finished \((\d+) since "
+            r"start\), (\d+) cut off", log)}
+        assert set(drained) == {0, 1}, log
+        assert all(total > 0 for _, total, _ in drained.values()), f"a worker answered nothing: {drained}"
+        assert sum(total for _, total, _ in drained.values()) == 32 + 12
+        assert all(cut == 0 for _, _, cut in drained.values())
+        assert "all workers stopped" in log
+    finally:
+        server.kill()
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--workers", "2", "--threads", "1",
+                           "--bundle", str(tmp_path / "missing"), "--host", "127.0.0.1", "--port", "0",
+                           "--metrics-port", "0"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "stopping" in proc.stdout + proc.stderr
