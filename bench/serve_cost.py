@@ -77,6 +77,7 @@ class CostConfig:
     kserve_python: str | None = None  # python of a venv with kserve; None skips KServe
     py_spy: str | None = None  # py-spy executable; None skips the stage profile
     workers: int = 2  # the multi-worker contender (0 skips it)
+    one_process_both_cores: bool = True  # also 1 worker with 2 torch threads on both cores (choosing the default)
 
 
 # -- images, ports, processes ---------------------------------------------------------------------------
@@ -266,9 +267,11 @@ def run(cfg: CostConfig, out: Path) -> dict:
     x = torch.from_numpy(images)
     name = bundle.meta["name"]
     contenders: dict[str, Contender] = {}
-    pg_args = ["--bundle", cfg.bundle, "--host", "127.0.0.1", "--threads", str(cfg.threads),
-               "--max-batch-size", str(cfg.max_batch_size), "--max-queue-delay-ms", str(cfg.max_queue_delay_ms),
-               "--engine", cfg.engine]
+    def pathguard_args(threads: int) -> list[str]:
+        return ["--bundle", cfg.bundle, "--host", "127.0.0.1", "--threads", str(threads),
+                "--max-batch-size", str(cfg.max_batch_size), "--max-queue-delay-ms", str(cfg.max_queue_delay_ms),
+                "--engine", cfg.engine]
+    pg_args = pathguard_args(cfg.threads)
     try:
         port, mport = free_port(), free_port()
         contenders["pathguard"] = Contender(
@@ -281,6 +284,13 @@ def run(cfg: CostConfig, out: Path) -> dict:
                 "pathguard_workers", [sys.executable, "-m", "detector.cli", "serve", *pg_args, "--port", str(port),
                                       "--metrics-port", str(free_port()), "--workers", str(cfg.workers)],
                 port, f"{SERVER_CORE},{CLIENT_CORE}", out / "pathguard_workers.log", ready_servers=cfg.workers)
+        if cfg.one_process_both_cores:
+            port = free_port()
+            contenders["pathguard_threads2"] = Contender(
+                "pathguard_threads2", [sys.executable, "-m", "detector.cli", "serve", *pathguard_args(2),
+                                       "--port", str(port),
+                                       "--metrics-port", str(free_port())],
+                port, f"{SERVER_CORE},{CLIENT_CORE}", out / "pathguard_threads2.log")
         if cfg.mlserver:
             contenders["mlserver"] = _start_mlserver(cfg, out)
         if cfg.kserve_python:
@@ -326,10 +336,10 @@ def run(cfg: CostConfig, out: Path) -> dict:
                     c = contenders[key]
                     rnd[key] = drive(c.target, name, images_path, cfg.callers, cfg.duration, c.server_pids(),
                                      str(CLIENT_CORE))
-            if "pathguard_workers" in contenders:
-                c = contenders["pathguard_workers"]
-                rnd["pathguard_workers"] = drive(c.target, name, images_path, cfg.callers, cfg.duration,
-                                                 c.server_pids(), None)
+            for key in ("pathguard_workers", "pathguard_threads2"):  # both cores, shared with the client
+                if key in contenders:
+                    c = contenders[key]
+                    rnd[key] = drive(c.target, name, images_path, cfg.callers, cfg.duration, c.server_pids(), None)
             rounds.append(rnd)
             log.info("round %d: %s", r + 1, json.dumps({k: v.get("images_per_s") if isinstance(v, dict) else v
                                                         for k, v in rnd.items()}))
@@ -370,7 +380,8 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
         values = [f(r) for r in rounds]
         return {"median": _median(values), "min": float(min(values)), "max": float(max(values))}
 
-    servers = [k for k in ("pathguard", "pathguard_workers", "mlserver", "kserve") if k in rounds[0]]
+    servers = [k for k in ("pathguard", "pathguard_workers", "pathguard_threads2", "mlserver", "kserve")
+               if k in rounds[0]]
     load = {k: {"images_per_s": med(lambda r, k=k: r[k]["images_per_s"]),
                 "p50_ms": med(lambda r, k=k: r[k]["p50_ms"]), "p99_ms": med(lambda r, k=k: r[k]["p99_ms"]),
                 "server_cpu_us_per_call": med(lambda r, k=k: r[k]["server_cpu_us_per_call"]),
@@ -407,6 +418,9 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
     if "pathguard_workers" in load:
         result["ratios"]["workers_vs_one_worker"] = spread(
             lambda r: r["pathguard_workers"]["images_per_s"] / r["pathguard"]["images_per_s"])
+    if "pathguard_threads2" in load:
+        result["ratios"]["threads2_vs_one_worker"] = spread(
+            lambda r: r["pathguard_threads2"]["images_per_s"] / r["pathguard"]["images_per_s"])
     if "mlserver" in load:
         result["ratios"]["throughput_vs_mlserver"] = spread(
             lambda r: r["pathguard"]["images_per_s"] / r["mlserver"]["images_per_s"])
@@ -419,7 +433,8 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
 
 
 LABELS = {"pathguard": "PathGuard, 1 worker, core 0 (dynamic batching)",
-          "pathguard_workers": "PathGuard, 2 workers, cores 0+1 shared with the client (dynamic batching)",
+          "pathguard_workers": "PathGuard, 2 workers x 1 thread, cores 0+1 shared with the client",
+          "pathguard_threads2": "PathGuard, 1 worker x 2 threads, cores 0+1 shared with the client",
           "mlserver": "Seldon MLServer, core 0 (adaptive batching)",
           "kserve": "KServe Python server, core 0 (no batching)"}
 
@@ -450,7 +465,9 @@ def report(r: dict) -> str:
               f"/ in-process batch {ip['mean_batch']:.0f}: {fmt(ratios['throughput_vs_in_process_mean_batch'], True)}",
               f"server CPU per one-image call {r['per_call']['server_cpu_us']:.0f} µs = model "
               f"{r['per_call']['model_cpu_us']:.0f} µs + {r['per_call']['beyond_model_cpu_us']:.0f} µs beyond it"]
-    for key, label in (("workers_vs_one_worker", "2 workers / 1 worker"), ("throughput_vs_mlserver", "/ MLServer"),
+    for key, label in (("workers_vs_one_worker", "2 workers / 1 worker"),
+                       ("threads2_vs_one_worker", "1 worker x 2 threads / 1 worker on 1 core"),
+                       ("throughput_vs_mlserver", "/ MLServer"),
                        ("throughput_vs_kserve", "/ KServe")):
         if key in ratios:
             lines.append(f"PathGuard {label}: {fmt(ratios[key])}")
