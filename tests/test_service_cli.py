@@ -45,7 +45,7 @@ def test_contract_flags_and_env_names_are_documented():
     """Deployments rely on these exact flags and variables: every one is in the README's table."""
     readme = README.read_text()
     section = readme[readme.index("## Configuration"):readme.index("## The own API")]
-    contract = ["bundle", "host", "port", "metrics_port", "threads", "max_batch_size", "max_queue_delay_ms",
+    contract = ["bundle", "host", "port", "metrics_port", "threads", "workers", "max_batch_size", "max_queue_delay_ms",
                 "max_queue_size", "grace_period", "max_message_mb", "max_images_per_request", "engine", "tls_cert",
                 "tls_key", "tls_client_ca", "auth_token_file"]
     assert [f.name for f in dataclasses.fields(ServeConfig)] == contract
