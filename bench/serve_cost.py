@@ -222,6 +222,10 @@ STAGE_RULES: list[tuple[str, callable]] = [
 
 
 def classify(stack: list[str], thread: str) -> str:
+    """The stage of one sample; "idle" for a thread waiting in select/poll (py-spy's idle detection misses
+    some of those on a loaded machine)."""
+    if stack and stack[-1].startswith(("EpollSelector.select ", "_PollLikeSelector.select ", "Condition.wait ")):
+        return "idle"
     for frame in reversed(stack):
         for stage, test in STAGE_RULES:
             if test(frame):
@@ -234,11 +238,12 @@ def classify(stack: list[str], thread: str) -> str:
 
 
 def profile_stages(py_spy: str, target: str, pid: int, images_path: Path, cfg: CostConfig, out: Path) -> dict:
-    """Sample the server with py-spy (non-blocking: it does not pause the server) under the load; the share
-    of samples per stage."""
+    """Sample the server with py-spy under the load (in a window that is not timed: py-spy pauses the server
+    briefly for every sample, so that the stack and thread state it reads are consistent); the share of
+    working samples per stage."""
     raw = out / "pathguard.pyspy.txt"
-    spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(cfg.duration + 2)), "-r", "250",
-                            "--threads", "--nonblocking", "--format", "raw", "-o", str(raw)],
+    spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(cfg.duration + 2)), "-r", "200",
+                            "--threads", "--format", "raw", "-o", str(raw)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     drive(target, "pathguard", images_path, cfg.callers, cfg.duration, [pid], str(CLIENT_CORE))
     spy.wait(60)
@@ -247,8 +252,9 @@ def profile_stages(py_spy: str, target: str, pid: int, images_path: Path, cfg: C
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
         counts[classify(frames[1:], frames[0])] += int(n)
+    idle = counts.pop("idle", 0)
     total = sum(counts.values())
-    return {"samples": total, "share": {k: v / total for k, v in counts.most_common()}}
+    return {"samples": total, "idle_samples_dropped": idle, "share": {k: v / total for k, v in counts.most_common()}}
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -372,6 +378,10 @@ def _start_mlserver(cfg: CostConfig, out: Path) -> Contender:
                      out / "mlserver.log", env=env, cwd=model_dir)
 
 
+def _per_cpu_second(load: dict) -> float:
+    return load["images"] / max(load["server_cpu_s"], 1e-9)
+
+
 def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, load_before) -> dict:
     def med(f) -> float:
         return _median([f(r) for r in rounds])
@@ -412,6 +422,10 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
             "throughput_vs_in_process_mean_batch": spread(
                 lambda r: r["pathguard"]["images_per_s"] / r["in_process_mean_batch"]["images_per_s"]),
             "single_latency_vs_in_process": spread(lambda r: r["pathguard_single_ms"] / r["in_process_single_ms"]),
+            # Images per CPU-second of the server's process vs of in-process screening: what the server would do
+            # with its core to itself (other programs on a shared machine take wall-clock time, not CPU time).
+            "cpu_normalized_vs_in_process_batch_32": spread(
+                lambda r: _per_cpu_second(r["pathguard"]) * r["in_process_32"]["cpu_us_per_image"] / 1e6),
         },
         "rounds": rounds,
     }
@@ -424,6 +438,8 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
     if "mlserver" in load:
         result["ratios"]["throughput_vs_mlserver"] = spread(
             lambda r: r["pathguard"]["images_per_s"] / r["mlserver"]["images_per_s"])
+        result["ratios"]["cpu_normalized_vs_mlserver"] = spread(
+            lambda r: _per_cpu_second(r["pathguard"]) / _per_cpu_second(r["mlserver"]))
     if "kserve" in load:
         result["ratios"]["throughput_vs_kserve"] = spread(
             lambda r: r["pathguard"]["images_per_s"] / r["kserve"]["images_per_s"])
@@ -461,13 +477,15 @@ def report(r: dict) -> str:
 
     lines += ["", f"one image, sequential: in process {ip['single_ms']:.2f} ms, PathGuard over loopback "
                   f"{r['single']['pathguard_ms']:.2f} ms = {fmt(ratios['single_latency_vs_in_process'])}",
-              f"32 callers / in-process batch 32: {fmt(ratios['throughput_vs_in_process_batch_32'], True)}; "
+              f"32 callers / in-process batch 32: {fmt(ratios['throughput_vs_in_process_batch_32'], True)} "
+              f"(per CPU-second: {fmt(ratios['cpu_normalized_vs_in_process_batch_32'], True)}); "
               f"/ in-process batch {ip['mean_batch']:.0f}: {fmt(ratios['throughput_vs_in_process_mean_batch'], True)}",
               f"server CPU per one-image call {r['per_call']['server_cpu_us']:.0f} µs = model "
               f"{r['per_call']['model_cpu_us']:.0f} µs + {r['per_call']['beyond_model_cpu_us']:.0f} µs beyond it"]
     for key, label in (("workers_vs_one_worker", "2 workers / 1 worker"),
                        ("threads2_vs_one_worker", "1 worker x 2 threads / 1 worker on 1 core"),
                        ("throughput_vs_mlserver", "/ MLServer"),
+                       ("cpu_normalized_vs_mlserver", "/ MLServer, images per server CPU-second"),
                        ("throughput_vs_kserve", "/ KServe")):
         if key in ratios:
             lines.append(f"PathGuard {label}: {fmt(ratios[key])}")
