@@ -44,11 +44,11 @@ async def drive(args: argparse.Namespace) -> dict:
         inp = tc.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         inputs.append(inp)
-    # One connection per caller, as independent callers have (a local subchannel pool per channel: grpc would
+    # --connections connections, callers spread over them (a local subchannel pool per channel: grpc would
     # otherwise share one connection between channels to the same target). SO_REUSEPORT spreads connections,
-    # not calls, over the workers of `pathguard serve --workers N`.
+    # not calls, over the workers of `pathguard serve --workers N`, so that comparison needs many.
     clients = [tc.InferenceServerClient(args.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
-               for _ in range(args.callers)]
+               for _ in range(args.connections)]
     latencies: list[float] = []
     errors: dict[str, int] = {}
     measuring, stop = False, False
@@ -60,7 +60,7 @@ async def drive(args: argparse.Namespace) -> dict:
         while not stop:
             start = time.perf_counter()
             try:
-                await clients[i].infer(args.model, [inputs[k % len(inputs)]], client_timeout=60)
+                await clients[i % len(clients)].infer(args.model, [inputs[k % len(inputs)]], client_timeout=60)
             except Exception as exc:  # InferenceServerException: count by its status
                 status = exc.status() if hasattr(exc, "status") else None
                 key = status or type(exc).__name__
@@ -101,6 +101,7 @@ def main() -> int:
     parser.add_argument("--images", required=True, help=".npy (N, C, H, W) float32 in [0, 1]")
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--per-call", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=1, help="connections the callers share (1: one channel)")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--pid", type=int, nargs="*", default=[], help="server processes whose CPU time to read")

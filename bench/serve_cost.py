@@ -157,11 +157,11 @@ class Contender:
 
 
 def drive(target: str, model: str, images_path: Path, callers: int, duration: float, pids: list[int],
-          cores: str | None) -> dict:
+          cores: str | None, connections: int = 1) -> dict:
     """``bench/kserve_driver.py`` in its own process (pinned to ``cores`` when given)."""
     cmd = [sys.executable, str(REPO / "bench" / "kserve_driver.py"), "--target", target, "--model", model,
            "--images", str(images_path), "--callers", str(callers), "--duration", str(duration),
-           "--pid", *map(str, pids)]
+           "--connections", str(connections), "--pid", *map(str, pids)]
     if cores is not None:
         cmd = ["taskset", "-c", cores, *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300,
@@ -342,10 +342,17 @@ def run(cfg: CostConfig, out: Path) -> dict:
                     c = contenders[key]
                     rnd[key] = drive(c.target, name, images_path, cfg.callers, cfg.duration, c.server_pids(),
                                      str(CLIENT_CORE))
-            for key in ("pathguard_workers", "pathguard_threads2"):  # both cores, shared with the client
+            # Scaling over cores: one connection per caller (SO_REUSEPORT spreads connections over the workers),
+            # the base measured the same way on one core; both-core servers share the cores with the client.
+            if "pathguard_workers" in contenders or "pathguard_threads2" in contenders:
+                pg = contenders["pathguard"]
+                rnd["pathguard_conns"] = drive(pg.target, name, images_path, cfg.callers, cfg.duration,
+                                               pg.server_pids(), str(CLIENT_CORE), connections=cfg.callers)
+            for key in ("pathguard_workers", "pathguard_threads2"):
                 if key in contenders:
                     c = contenders[key]
-                    rnd[key] = drive(c.target, name, images_path, cfg.callers, cfg.duration, c.server_pids(), None)
+                    rnd[key] = drive(c.target, name, images_path, cfg.callers, cfg.duration, c.server_pids(), None,
+                                     connections=cfg.callers)
             rounds.append(rnd)
             log.info("round %d: %s", r + 1, json.dumps({k: v.get("images_per_s") if isinstance(v, dict) else v
                                                         for k, v in rnd.items()}))
@@ -390,8 +397,8 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
         values = [f(r) for r in rounds]
         return {"median": _median(values), "min": float(min(values)), "max": float(max(values))}
 
-    servers = [k for k in ("pathguard", "pathguard_workers", "pathguard_threads2", "mlserver", "kserve")
-               if k in rounds[0]]
+    servers = [k for k in ("pathguard", "mlserver", "kserve", "pathguard_conns", "pathguard_workers",
+                           "pathguard_threads2") if k in rounds[0]]
     load = {k: {"images_per_s": med(lambda r, k=k: r[k]["images_per_s"]),
                 "p50_ms": med(lambda r, k=k: r[k]["p50_ms"]), "p99_ms": med(lambda r, k=k: r[k]["p99_ms"]),
                 "server_cpu_us_per_call": med(lambda r, k=k: r[k]["server_cpu_us_per_call"]),
@@ -431,10 +438,10 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
     }
     if "pathguard_workers" in load:
         result["ratios"]["workers_vs_one_worker"] = spread(
-            lambda r: r["pathguard_workers"]["images_per_s"] / r["pathguard"]["images_per_s"])
+            lambda r: r["pathguard_workers"]["images_per_s"] / r["pathguard_conns"]["images_per_s"])
     if "pathguard_threads2" in load:
         result["ratios"]["threads2_vs_one_worker"] = spread(
-            lambda r: r["pathguard_threads2"]["images_per_s"] / r["pathguard"]["images_per_s"])
+            lambda r: r["pathguard_threads2"]["images_per_s"] / r["pathguard_conns"]["images_per_s"])
     if "mlserver" in load:
         result["ratios"]["throughput_vs_mlserver"] = spread(
             lambda r: r["pathguard"]["images_per_s"] / r["mlserver"]["images_per_s"])
@@ -449,8 +456,11 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
 
 
 LABELS = {"pathguard": "PathGuard, 1 worker, core 0 (dynamic batching)",
-          "pathguard_workers": "PathGuard, 2 workers x 1 thread, cores 0+1 shared with the client",
-          "pathguard_threads2": "PathGuard, 1 worker x 2 threads, cores 0+1 shared with the client",
+          "pathguard_conns": "PathGuard, 1 worker, core 0, one connection per caller",
+          "pathguard_workers": "PathGuard, 2 workers x 1 thread, cores 0+1 shared with the client, one connection "
+                               "per caller",
+          "pathguard_threads2": "PathGuard, 1 worker x 2 threads, cores 0+1 shared with the client, one connection "
+                                "per caller",
           "mlserver": "Seldon MLServer, core 0 (adaptive batching)",
           "kserve": "KServe Python server, core 0 (no batching)"}
 
@@ -459,7 +469,8 @@ def report(r: dict) -> str:
     c, ip, ratios = r["config"], r["in_process"], r["ratios"]
     lines = [f"bundle {r['bundle']['path']} ({r['bundle']['arch']}), engine {r['bundle']['engine']}, "
              f"{c['threads']} torch thread(s) per process; {r['images']}; {c['rounds']} rounds of {c['duration']} s; "
-             f"client: tritonclient.grpc.aio, {c['callers']} callers, 1 image per call, pinned to core "
+             f"client: tritonclient.grpc.aio, {c['callers']} callers on one connection (unless said), 1 image "
+             f"per call, pinned to core "
              f"{r['cores']['client']}; load average {r['machine']['load_average_start'][0]:.1f} -> "
              f"{r['machine']['load_average_end'][0]:.1f}", "",
              "| contender | images/s | p50 ms | p99 ms | server CPU µs/call |", "|---|---|---|---|---|",
@@ -482,7 +493,7 @@ def report(r: dict) -> str:
               f"/ in-process batch {ip['mean_batch']:.0f}: {fmt(ratios['throughput_vs_in_process_mean_batch'], True)}",
               f"server CPU per one-image call {r['per_call']['server_cpu_us']:.0f} µs = model "
               f"{r['per_call']['model_cpu_us']:.0f} µs + {r['per_call']['beyond_model_cpu_us']:.0f} µs beyond it"]
-    for key, label in (("workers_vs_one_worker", "2 workers / 1 worker"),
+    for key, label in (("workers_vs_one_worker", "2 workers / 1 worker on 1 core (one connection per caller)"),
                        ("threads2_vs_one_worker", "1 worker x 2 threads / 1 worker on 1 core"),
                        ("throughput_vs_mlserver", "/ MLServer"),
                        ("cpu_normalized_vs_mlserver", "/ MLServer, images per server CPU-second"),

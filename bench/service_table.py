@@ -44,7 +44,8 @@ def cost_rows(r: dict) -> list[str]:
         f"{pg['images_per_s']:.0f} images/s, p50 {pg['p50_ms']:.0f} ms, p99 {pg['p99_ms']:.0f} ms; "
         f"**{_pct(ratios['throughput_vs_in_process_batch_32'])}** of in-process batches of 32 "
         f"({ip['batch_32_images_per_s']:.0f}/s), {_pct(ratios['throughput_vs_in_process_mean_batch'])} of "
-        f"batches of {ip['mean_batch']:.0f}, the mean batch it formed ({ip['mean_batch_images_per_s']:.0f}/s) |",
+        f"batches of {ip['mean_batch']:.0f}, the mean batch it formed ({ip['mean_batch_images_per_s']:.0f}/s); "
+        f"per CPU-second {_pct(ratios['cpu_normalized_vs_in_process_batch_32'])} of batches of 32 |",
         f"| server CPU per one-image call | {r['per_call']['server_cpu_us']:.0f} µs: model "
         f"{r['per_call']['model_cpu_us']:.0f} µs + **{r['per_call']['beyond_model_cpu_us']:.0f} µs** beyond it |",
     ]
@@ -52,13 +53,21 @@ def cost_rows(r: dict) -> list[str]:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"]["cpu_us_per_call"].items())
         rows.append(f"| the same by stage (py-spy samples, µs per call) | {stages} |")
     if "pathguard_workers" in load:
-        w = load["pathguard_workers"]
-        rows.append(f"| `--workers 2` on both cores (the client shares them) | {w['images_per_s']:.0f} images/s, "
-                    f"p99 {w['p99_ms']:.0f} ms: {_x(ratios['workers_vs_one_worker'])} one worker on one core |")
+        w, one = load["pathguard_workers"], load["pathguard_conns"]
+        rows.append(f"| `--workers 2` on both cores (the client shares them), one connection per caller | "
+                    f"{w['images_per_s']:.0f} images/s, p99 {w['p99_ms']:.0f} ms: "
+                    f"{_x(ratios['workers_vs_one_worker'])} one worker on one core ({one['images_per_s']:.0f}/s, "
+                    f"client on the other core, same connections) |")
+    if "pathguard_threads2" in load:
+        t = load["pathguard_threads2"]
+        rows.append(f"| one worker with 2 torch threads on both cores, same client | {t['images_per_s']:.0f} "
+                    f"images/s, p99 {t['p99_ms']:.0f} ms: {_x(ratios['threads2_vs_one_worker'])} one worker on one "
+                    f"core |")
     if "mlserver" in load:
         m = load["mlserver"]
         rows.append(f"| Seldon MLServer, adaptive batching, same screener, core 0 | {m['images_per_s']:.0f} "
-                    f"images/s, p99 {m['p99_ms']:.0f} ms; PathGuard {_x(ratios['throughput_vs_mlserver'])} |")
+                    f"images/s, p99 {m['p99_ms']:.0f} ms; PathGuard {_x(ratios['throughput_vs_mlserver'])} "
+                    f"(per server CPU-second {_x(ratios['cpu_normalized_vs_mlserver'])}) |")
     if "kserve" in load:
         k = load["kserve"]
         rows.append(f"| KServe Python server (**no batching**), same screener, core 0 | {k['images_per_s']:.0f} "

@@ -136,8 +136,8 @@ class Supervisor:
             port = port_holder.getsockname()[1]
             http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
             worker_cfg = replace(cfg, port=port, threads=threads, workers=1)
-            log.info("supervisor %d: %d workers on %s:%d, %d torch threads each; metrics on :%d/metrics",
-                     os.getpid(), self.workers, cfg.host, port, threads, http.server_address[1])
+            log.info("supervisor %d listening on %s:%d (%d workers, %d torch threads each), metrics on :%d/metrics",
+                     os.getpid(), cfg.host, port, self.workers, threads, http.server_address[1])
             self._install_signals()
             try:
                 for index in range(self.workers):

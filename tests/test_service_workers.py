@@ -32,7 +32,7 @@ class WorkersProcess:
         threading.Thread(target=self._read, daemon=True).start()
         wait_until(lambda: self.count("ready:") == workers or self.proc.poll() is not None, 120)
         log = self.log
-        match = re.search(r"workers on [^ ]+:(\d+), .*metrics on :(\d+)/metrics", log)
+        match = re.search(r"supervisor \d+ listening on [^ ]+:(\d+) .*metrics on :(\d+)/metrics", log)
         assert match and self.proc.poll() is None, log
         self.port, self.metrics_port = int(match[1]), int(match[2])
 
