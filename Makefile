@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUNDLE ?= models/default
 
-.PHONY: run test lint protos data tools clean
+.PHONY: run test lint format protos data tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,21 @@ run: $(STAMP)
 	$(BIN)/pathguard serve --bundle $(BUNDLE)
 
 test: $(STAMP) data tools
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# The public API of the two libraries: what the CLI, the benchmarks and users import.
+TYPED_API := detector/__init__.py detector/bundle.py detector/screening.py detector/fitting.py \
+	detector/detectors/base.py detector/detectors/record.py detector/attacks/registry.py \
+	service/config.py service/client.py service/errors.py service/batching.py service/server.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check detector service tests bench
+	$(BIN)/ruff check .
+	$(BIN)/python -m mypy $(TYPED_API)
+
+# Reformats the tree with ruff's formatter ([tool.ruff.format]).
+format: $(STAMP)
+	$(BIN)/ruff format .
 
 # Regenerate the gRPC code in service/_proto from protos/ (never edit the generated files).
 protos: $(STAMP)

@@ -2,9 +2,9 @@
 
 Usage::
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/accel_bench.py --bundle models/default --out accel.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.accel_bench --bundle models/default --out accel.json
     # before a trained bundle exists: a random vgg8 with gates set to realistic densities
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/accel_bench.py --random-arch vgg8 --density 0.3,0.6
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m bench.accel_bench --random-arch vgg8 --density 0.3,0.6
 
 What is timed, per image, on real test images of the bundle's dataset (cycled, so gates vary):
 
@@ -49,12 +49,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(REPO))
+from detector.acceleration import build_engine, set_gate_densities
+from detector.models import DecoupledNet, create_model
 
-from detector.acceleration import build_engine, set_gate_densities  # noqa: E402
-from detector.models import DecoupledNet, create_model  # noqa: E402
+from .helpers import REPO
 
 log = logging.getLogger("accel_bench")
 

@@ -13,8 +13,8 @@ decoder can tell (a mutated file). Any other code, or a different one, is a viol
 Between cases the server must stay alive and SERVING; its resident memory is read at the start and the end.
 
     export OMP_WAIT_POLICY=PASSIVE
-    .venv/bin/python bench/fuzz.py --bundle models/default --cases 10000 --json fuzz.json   # starts a server
-    .venv/bin/python bench/fuzz.py --target 127.0.0.1:50051 --cases 2000 --server-pid PID
+    .venv/bin/python -m bench.fuzz --bundle models/default --cases 10000 --json fuzz.json   # starts a server
+    .venv/bin/python -m bench.fuzz --target 127.0.0.1:50051 --cases 2000 --server-pid PID
 
 ``tests/test_service_fuzz.py`` runs the same strategies briefly (bounded examples) in CI. Exit code 0 when
 there was no violation and the server was alive at the end.
@@ -44,13 +44,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.pathguard.v1 import pathguard_pb2 as pb
 
-from load import ServerProcess, rss_bytes  # noqa: E402
-
-from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2  # noqa: E402
-from service._proto.pathguard.v1 import pathguard_pb2 as pb  # noqa: E402
+from .helpers import CHANNEL_OPTIONS, ServerProcess, rss_bytes
 
 log = logging.getLogger("fuzz")
 
@@ -292,6 +289,11 @@ def image_file(draw, model: Model) -> tuple[bytes, frozenset[str], str]:
     if kind == 7:
         prefix = draw(st.sampled_from((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0")))
         return prefix + draw(st.binary(max_size=512)), frozenset({INVALID}), "magic + garbage"
+    return _hostile_file(draw, kind, h, w)
+
+
+def _hostile_file(draw, kind: int, h: int, w: int) -> tuple[bytes, frozenset[str], str]:
+    """Kinds 8-13 of :func:`image_file`: decompression bombs, other formats, an empty file."""
     if kind == 8:
         width, height = draw(st.sampled_from(((100_000, 100_000), (2**31 - 1, 2**31 - 1), (10_000, 10_000),
                                               (w, 1_000_000), (1, 1))))
@@ -400,6 +402,25 @@ def _mutate_kserve(draw, req: kserve_pb2.ModelInferRequest, model: Model) -> str
     return what
 
 
+def _fill_contents(draw, tensor, model: Model) -> None:
+    """Put a tensor's values in one typed ``contents`` field (sometimes one too many or few, or out of range)."""
+    n = _shape_ok(list(tensor.shape), model) or 1
+    count = n * math.prod(model.input_shape) + draw(st.sampled_from((0, 0, 0, -1, 1)))
+    tensor.contents.SetInParent()
+    target = draw(st.sampled_from(("fp32_contents", "fp64_contents", "uint_contents", "int_contents")))
+    if target == "uint_contents":
+        values = np.random.default_rng(draw(st.integers(0, 2**16))).integers(0, 256, count).tolist()
+        if count and draw(st.booleans()):
+            values[0] = draw(st.sampled_from((256, 2**32 - 1)))
+    elif target == "int_contents":
+        values = [draw(st.integers(-(2**31), 2**31 - 1))] * count
+    else:
+        values = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(0, 1, count).tolist()
+        if count and draw(st.booleans()):
+            values[draw(st.integers(0, count - 1))] = float(draw(st.sampled_from(_SPECIAL)))
+    getattr(tensor.contents, target).extend(values)
+
+
 @st.composite
 def kserve_case(draw, model: Model) -> Case:
     if draw(st.integers(0, 1)) == 0:
@@ -423,21 +444,7 @@ def kserve_case(draw, model: Model) -> Case:
             if how == 5:
                 req.raw_input_contents.append(b"\0" * 4)
         elif how < 9:
-            n = _shape_ok(list(tensor.shape), model) or 1
-            count = n * math.prod(model.input_shape) + draw(st.sampled_from((0, 0, 0, -1, 1)))
-            tensor.contents.SetInParent()
-            target = draw(st.sampled_from(("fp32_contents", "fp64_contents", "uint_contents", "int_contents")))
-            if target == "uint_contents":
-                values = np.random.default_rng(draw(st.integers(0, 2**16))).integers(0, 256, count).tolist()
-                if count and draw(st.booleans()):
-                    values[0] = draw(st.sampled_from((256, 2**32 - 1)))
-            elif target == "int_contents":
-                values = [draw(st.integers(-(2**31), 2**31 - 1))] * count
-            else:
-                values = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(0, 1, count).tolist()
-                if count and draw(st.booleans()):
-                    values[draw(st.integers(0, count - 1))] = float(draw(st.sampled_from(_SPECIAL)))
-            getattr(tensor.contents, target).extend(values)
+            _fill_contents(draw, tensor, model)
             if how == 8:
                 req.raw_input_contents.append(b"\0")
         if i and draw(st.booleans()):
@@ -641,8 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     target = server.target if server else args.target
     pid = server.pid if server else args.server_pid
     try:
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        with grpc.insecure_channel(target, options=options) as channel:
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             model = describe_model(channel)
             rss_start, start = rss_bytes(pid) if pid else None, time.monotonic()
             report = fuzz(channel, model, args.cases, seed=args.seed, oversize=not args.no_oversize,

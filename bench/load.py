@@ -22,14 +22,14 @@ The server is either started here (``--bundle``: ``pathguard serve`` in a subpro
 answers it in its log (``reloaded: ...`` or ``reload of ... failed: <reason>``), which the report quotes.
 
     export OMP_WAIT_POLICY=PASSIVE
-    .venv/bin/python bench/load.py --bundle models/default --threads 1 --callers 64 --duration 60 --json load.json
+    .venv/bin/python -m bench.load --bundle models/default --threads 1 --callers 64 --duration 60 --json load.json
     # SIGTERM after 20 s: accepted calls must all finish and the server must exit 0
-    .venv/bin/python bench/load.py --bundle models/default --callers 64 --duration 30 --sigterm-at 20
+    .venv/bin/python -m bench.load --bundle models/default --callers 64 --duration 30 --sigterm-at 20
     # reloads after 10 and 20 s (SIGHUP), first to another bundle, then back
-    .venv/bin/python bench/load.py --bundle models/default --callers 64 --duration 30 --reload-at 10 20 \\
+    .venv/bin/python -m bench.load --bundle models/default --callers 64 --duration 30 --reload-at 10 20 \\
         --reload-bundle /tmp/other-bundle models/default
     # a running server
-    .venv/bin/python bench/load.py --target 127.0.0.1:50051 --metrics-url http://127.0.0.1:8002/metrics
+    .venv/bin/python -m bench.load --target 127.0.0.1:50051 --metrics-url http://127.0.0.1:8002/metrics
 
 Exit code 0 when there were no errors, no lost calls and (with ``--max-rss-growth``) memory grew less
 than that fraction; 1 otherwise.
@@ -48,10 +48,7 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,14 +58,23 @@ import numpy as np
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from service._proto.pathguard.v1 import pathguard_pb2 as pb
+from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
+from service.codec import encode_png
 
-from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2  # noqa: E402
-from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc  # noqa: E402
-from service._proto.pathguard.v1 import pathguard_pb2 as pb  # noqa: E402
-from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc  # noqa: E402
-from service.codec import encode_png  # noqa: E402
+from .helpers import (
+    CHANNEL_OPTIONS,
+    ServerProcess,
+    kserve_request,
+    mb,
+    ms,
+    own_request,
+    percentile,
+    random_images,
+    rss_bytes,
+    scrape,
+)
 
 log = logging.getLogger("load")
 
@@ -106,94 +112,8 @@ class LoadConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# the server under test
+# what the server says
 # ----------------------------------------------------------------------------------------------------
-class ServerProcess:
-    """``pathguard serve`` on loopback in a subprocess, its log collected; its bundle is a symlink we own."""
-
-    def __init__(self, bundle: str | Path, threads: int = 1, args: list[str] | tuple[str, ...] = (),
-                 start_timeout: float = 180.0) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="pathguard-load-"))
-        self.bundle_link = self.workdir / "bundle"
-        self.bundle_link.symlink_to(Path(bundle).resolve())
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = [sys.executable, "-m", "detector.cli", "serve", "--bundle", str(self.bundle_link),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--threads", str(threads), *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + start_timeout
-        while not self.find("ready:") and self.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        match = re.search(r"listening on [^ ]+:(\d+) .*metrics on :(\d+)/metrics", self.log)
-        if not self.find("ready:") or match is None:
-            self.kill()
-            raise RuntimeError(f"pathguard serve did not become ready (exit {self.proc.poll()}):\n{self.log}")
-        self.port, self.metrics_port = int(match[1]), int(match[2])
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._lock:
-                self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        with self._lock:
-            return "".join(self.lines)
-
-    def find(self, text: str, after: int = 0) -> str | None:
-        with self._lock:
-            return next((line for line in self.lines[after:] if text in line), None)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def point_to(self, bundle: str | Path) -> None:
-        """Swap the bundle the server reloads from, atomically (as a mounted volume's symlink swap does)."""
-        tmp = self.workdir / "bundle.new"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(Path(bundle).resolve())
-        os.replace(tmp, self.bundle_link)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process from /proc/<pid>/status (None once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
-    """Prometheus text as {"name{labels}": value}."""
-    text = urllib.request.urlopen(url, timeout=timeout).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
 def answered_by_server(metrics: dict[str, float]) -> int:
     """Calls of the PathGuard and KServe services the server has answered (``pathguard_requests_total``)."""
     return int(sum(v for k, v in metrics.items() if k.startswith("pathguard_requests_total{")))
@@ -223,26 +143,14 @@ class Request:
         return not self.kind.startswith("invalid")
 
 
-def own_tensor(images: np.ndarray) -> pb.ScreenRequest:
-    return pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(images.shape), data=images.tobytes()))
-
-
-def kserve_request(model: str, images: np.ndarray, datatype: str = "FP32", name: str = "images",
-                   raw: bytes | None = None) -> kserve_pb2.ModelInferRequest:
-    req = kserve_pb2.ModelInferRequest(model_name=model)
-    req.inputs.add(name=name, datatype=datatype, shape=list(images.shape))
-    req.raw_input_contents.append(images.tobytes() if raw is None else raw)
-    return req
-
-
 def build_requests(images: np.ndarray, model: str, per_request: int) -> dict[str, list[Request]]:
     """Pools of valid requests (own tensor, own PNG, KServe) and of invalid ones, from images (N, C, H, W)."""
     n = len(images) // per_request
     groups = [np.ascontiguousarray(images[i * per_request:(i + 1) * per_request], dtype=np.float32) for i in range(n)]
     c, h, w = images.shape[1:]
     pools: dict[str, list[Request]] = {
-        "own": [Request("own", "tensor", i, own_tensor(g)) for i, g in enumerate(groups)],
-        "kserve": [Request("kserve", "tensor", i, kserve_request(model, g)) for i, g in enumerate(groups)],
+        "own": [Request("own", "tensor", i, own_request(g)) for i, g in enumerate(groups)],
+        "kserve": [Request("kserve", "tensor", i, kserve_request(g, model)) for i, g in enumerate(groups)],
         "png": [],
     }
     if c in (1, 3):
@@ -253,33 +161,25 @@ def build_requests(images: np.ndarray, model: str, per_request: int) -> dict[str
     nan.flat[0] = np.nan
     wrong = np.zeros((len(one), c, h + 1, w), np.float32)
     pools["invalid_own"] = [
-        Request("own", "invalid:nan", -1, own_tensor(nan)),
-        Request("own", "invalid:shape", -1, own_tensor(wrong)),
+        Request("own", "invalid:nan", -1, own_request(nan)),
+        Request("own", "invalid:shape", -1, own_request(wrong)),
         Request("own", "invalid:bytes", -1, pb.ScreenRequest(tensor=pb.Tensor(
             dtype=pb.FLOAT32, shape=list(one.shape), data=one.tobytes()[:-3]))),
         Request("own", "invalid:png", -1, pb.ScreenRequest(encoded=pb.EncodedImages(images=[b"\x89PNG\r\n junk"]))),
         Request("own", "invalid:empty", -1, pb.ScreenRequest()),
     ]
     pools["invalid_kserve"] = [
-        Request("kserve", "invalid:datatype", -1, kserve_request(model, one, datatype="INT32")),
-        Request("kserve", "invalid:name", -1, kserve_request(model, one, name="input__0")),
-        Request("kserve", "invalid:bytes", -1, kserve_request(model, one, raw=one.tobytes()[:-1])),
-        Request("kserve", "invalid:range", -1, kserve_request(model, one * 0 + 2.0)),
+        Request("kserve", "invalid:datatype", -1, kserve_request(one, model, datatype="INT32")),
+        Request("kserve", "invalid:name", -1, kserve_request(one, model, name="input__0")),
+        Request("kserve", "invalid:bytes", -1, kserve_request(one, model, raw=one.tobytes()[:-1])),
+        Request("kserve", "invalid:range", -1, kserve_request(one * 0 + 2.0, model)),
     ]
     return pools
-
-
-def random_images(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0, 1, (n, *shape)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
 class Tally:
     """Every call's outcome, aggregated as it happens (the load runs on one event loop: no locks)."""
 
@@ -365,162 +265,191 @@ async def run_load(cfg: LoadConfig, images: np.ndarray | None = None) -> dict:
     """Run the load described by ``cfg`` and return the report (see the module docstring)."""
     server = ServerProcess(cfg.bundle, cfg.threads, cfg.server_args) if cfg.target is None else None
     try:
-        return await _run(cfg, server, images)
+        run = LoadRun(cfg, server)
+        async with aio.insecure_channel(run.target, options=CHANNEL_OPTIONS) as channel:
+            pools = await run.setup(channel, images)
+            await run.drive(channel, pools)
+        await asyncio.get_running_loop().run_in_executor(None, run.wait_for_exit)
+        return run.report(run.accounting())
     finally:
         if server is not None:
             server.kill()
 
 
-async def _run(cfg: LoadConfig, server: ServerProcess | None, images: np.ndarray | None) -> dict:
-    target = server.target if server else cfg.target
-    metrics_url = server.metrics_url if server else cfg.metrics_url
-    pid = server.pid if server else cfg.server_pid
-    metadata = ()
-    if cfg.token_file:
-        metadata = (("authorization", f"Bearer {Path(cfg.token_file).read_text().strip()}"),)
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+class LoadRun:
+    """One load run in four steps: :meth:`setup` (describe the model, build the requests, baseline scrape),
+    :meth:`drive` (callers, memory sampler, faults and health probe until ``duration``), :meth:`accounting`
+    (what the server answered vs. what the callers got) and :meth:`report`."""
 
-    def memory() -> int | None:
-        if pid is not None:
-            return rss_bytes(pid)
-        if metrics_url:
+    def __init__(self, cfg: LoadConfig, server: ServerProcess | None) -> None:
+        self.cfg, self.server = cfg, server
+        self.target = server.target if server else cfg.target
+        self.metrics_url = server.metrics_url if server else cfg.metrics_url
+        self.pid = server.pid if server else cfg.server_pid
+        self.metadata: tuple = ()
+        if cfg.token_file:
+            self.metadata = (("authorization", f"Bearer {Path(cfg.token_file).read_text().strip()}"),)
+        self.tally, self.sigterm = Tally(), asyncio.Event()
+        self.events: list[dict] = []
+        self.rss_timeline: list[tuple[float, int]] = []
+        self.rss: dict[str, int | None] = {}
+        self.health: dict = {"answers": Counter(), "latencies": []}
+        self.baseline: dict[str, float] = {}
+        self.final: dict[str, float] = {}
+        self.exit_code: int | str | None = None
+        self.drain: dict | None = None
+
+    def memory(self) -> int | None:
+        if self.pid is not None:
+            return rss_bytes(self.pid)
+        if self.metrics_url:
             try:
-                return int(scrape(metrics_url).get("process_resident_memory_bytes", 0)) or None
+                return int(scrape(self.metrics_url, timeout=5).get("process_resident_memory_bytes", 0)) or None
             except OSError:
                 return None
         return None
 
-    report: dict = {"config": asdict(cfg), "target": target}
-    async with aio.insecure_channel(target, options=options) as channel:
-        own, kserve = pb_grpc.PathGuardStub(channel), kserve_grpc.GRPCInferenceServiceStub(channel)
-        described = await own.DescribeModel(pb.DescribeModelRequest(), timeout=30, metadata=metadata)
-        shape = tuple(described.input_shape)
+    # -- setup ---------------------------------------------------------------------------------------------
+    async def setup(self, channel: aio.Channel, images: np.ndarray | None) -> dict[str, list[Request]]:
+        stub = pb_grpc.PathGuardStub(channel)
+        self.described = await stub.DescribeModel(pb.DescribeModelRequest(), timeout=30, metadata=self.metadata)
+        self.shape = tuple(self.described.input_shape)
         if images is None:
-            images = random_images(shape, 32 * cfg.images_per_request, cfg.seed)
-        pools = build_requests(images, described.name, cfg.images_per_request)
-        baseline = scrape(metrics_url) if metrics_url else {}
+            images = random_images(self.shape, 32 * self.cfg.images_per_request, self.cfg.seed)
+        self.baseline = scrape(self.metrics_url, timeout=5) if self.metrics_url else {}
+        return build_requests(images, self.described.name, self.cfg.images_per_request)
 
-        tally, sigterm = Tally(), asyncio.Event()
-        events: list[dict] = []
-        rss_timeline: list[tuple[float, int]] = []
-        health = {"answers": Counter(), "latencies": []}
-        rss_start = memory()
-        t0 = time.monotonic()
-        until = t0 + cfg.duration
-
-        def pick(rng: random.Random) -> Request:
-            api = "kserve" if rng.random() < cfg.kserve_fraction else "own"
-            if rng.random() < cfg.invalid_fraction:
-                return rng.choice(pools[f"invalid_{api}"])
-            if api == "own" and pools["png"] and rng.random() < cfg.encoded_fraction:
-                return rng.choice(pools["png"])
-            return rng.choice(pools[api])
-
-        async def caller(i: int) -> None:
-            rng = random.Random(cfg.seed * 1000 + i)
-            while time.monotonic() < until:
-                req = pick(rng)
-                call = own.ScreenImages if req.api == "own" else kserve.ModelInfer
-                sent = time.monotonic() - t0
-                try:
-                    response = await call(req.message, timeout=cfg.timeout, metadata=metadata)
-                    code, details = grpc.StatusCode.OK, ""
-                except grpc.RpcError as exc:
-                    response, code, details = None, exc.code(), exc.details() or ""
-                tally.record(req, code, details, sent, time.monotonic() - t0, response, sigterm.is_set())
-                if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    await asyncio.sleep(0.005)  # back off a little, as a well-behaved client would
-                elif code is grpc.StatusCode.UNAVAILABLE:
-                    await asyncio.sleep(0.05)
-
-        async def sample_memory() -> None:
-            while time.monotonic() < until:
-                value = await asyncio.get_running_loop().run_in_executor(None, memory)
-                if value:
-                    rss_timeline.append((round(time.monotonic() - t0, 2), value))
-                await asyncio.sleep(1.0)
-
-        async def faults() -> None:
-            schedule = sorted([(t, "reload") for t in cfg.reload_at]
-                              + ([(cfg.sigterm_at, "sigterm")] if cfg.sigterm_at is not None else []))
-            reloads = 0
-            for at, what in schedule:
-                await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
-                if what == "sigterm":
-                    events.append(await _sigterm(pid, sigterm, t0))
-                else:
-                    bundle = cfg.reload_bundles[reloads] if reloads < len(cfg.reload_bundles) else None
-                    events.append(await _reload(server, pid, bundle, t0))
-                    reloads += 1
-
-        tasks = [asyncio.ensure_future(caller(i)) for i in range(cfg.callers)]
-        helpers = [asyncio.ensure_future(sample_memory()), asyncio.ensure_future(faults()),
-                   asyncio.ensure_future(_health_probe(channel, until, cfg.health_interval, health, sigterm))]
+    # -- drive ---------------------------------------------------------------------------------------------
+    async def drive(self, channel: aio.Channel, pools: dict[str, list[Request]]) -> None:
+        cfg = self.cfg
+        self.rss["start"] = self.memory()
+        self.t0 = time.monotonic()
+        self.until = self.t0 + cfg.duration
+        callers = [asyncio.ensure_future(self._caller(i, channel, pools)) for i in range(cfg.callers)]
+        helpers = [asyncio.ensure_future(self._sample_memory()), asyncio.ensure_future(self._faults()),
+                   asyncio.ensure_future(_health_probe(channel, self.until, cfg.health_interval, self.health,
+                                                       self.sigterm))]
         await asyncio.sleep(min(cfg.warmup, cfg.duration))
-        rss_warm = memory()
-        await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - t0
-        rss_end = memory()
-        final = scrape(metrics_url) if metrics_url and not sigterm.is_set() else {}
+        self.rss["warm"] = self.memory()
+        await asyncio.gather(*callers)
+        self.elapsed = time.monotonic() - self.t0
+        self.rss["end"] = self.memory()
+        self.final = scrape(self.metrics_url, timeout=5) if self.metrics_url and not self.sigterm.is_set() else {}
         for h in helpers:
             h.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
 
-    exit_code, drain = None, None
-    if sigterm.is_set() and server is not None:
+    def _pick(self, rng: random.Random, pools: dict[str, list[Request]]) -> Request:
+        api = "kserve" if rng.random() < self.cfg.kserve_fraction else "own"
+        if rng.random() < self.cfg.invalid_fraction:
+            return rng.choice(pools[f"invalid_{api}"])
+        if api == "own" and pools["png"] and rng.random() < self.cfg.encoded_fraction:
+            return rng.choice(pools["png"])
+        return rng.choice(pools[api])
+
+    async def _caller(self, i: int, channel: aio.Channel, pools: dict[str, list[Request]]) -> None:
+        own, kserve = pb_grpc.PathGuardStub(channel), kserve_grpc.GRPCInferenceServiceStub(channel)
+        rng = random.Random(self.cfg.seed * 1000 + i)
+        while time.monotonic() < self.until:
+            req = self._pick(rng, pools)
+            call = own.ScreenImages if req.api == "own" else kserve.ModelInfer
+            sent = time.monotonic() - self.t0
+            try:
+                response = await call(req.message, timeout=self.cfg.timeout, metadata=self.metadata)
+                code, details = grpc.StatusCode.OK, ""
+            except grpc.RpcError as exc:
+                response, code, details = None, exc.code(), exc.details() or ""
+            self.tally.record(req, code, details, sent, time.monotonic() - self.t0, response, self.sigterm.is_set())
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                await asyncio.sleep(0.005)  # back off a little, as a well-behaved client would
+            elif code is grpc.StatusCode.UNAVAILABLE:
+                await asyncio.sleep(0.05)
+
+    async def _sample_memory(self) -> None:
+        while time.monotonic() < self.until:
+            value = await asyncio.get_running_loop().run_in_executor(None, self.memory)
+            if value:
+                self.rss_timeline.append((round(time.monotonic() - self.t0, 2), value))
+            await asyncio.sleep(1.0)
+
+    async def _faults(self) -> None:
+        cfg = self.cfg
+        schedule = sorted([(t, "reload") for t in cfg.reload_at]
+                          + ([(cfg.sigterm_at, "sigterm")] if cfg.sigterm_at is not None else []))
+        reloads = 0
+        for at, what in schedule:
+            await asyncio.sleep(max(0.0, self.t0 + at - time.monotonic()))
+            if what == "sigterm":
+                self.events.append(await _sigterm(self.pid, self.sigterm, self.t0))
+            else:
+                bundle = cfg.reload_bundles[reloads] if reloads < len(cfg.reload_bundles) else None
+                self.events.append(await _reload(self.server, self.pid, bundle, self.t0))
+                reloads += 1
+
+    def wait_for_exit(self) -> None:
+        """After a SIGTERM, the started server's exit code and its drain log line."""
+        if not self.sigterm.is_set() or self.server is None:
+            return
         try:
-            exit_code = server.proc.wait(120)
+            self.exit_code = self.server.proc.wait(120)
         except subprocess.TimeoutExpired:
-            exit_code = "still running after 120 s"
-        drain = parse_drain(server.log)
+            self.exit_code = "still running after 120 s"
+        self.drain = parse_drain(self.server.log)
 
-    # Accounting: what the server says it answered vs. the answers the callers got. After SIGTERM the drain
-    # log counts the calls it admitted (+1: our DescribeModel); while it runs, /metrics counts every answer
-    # of its handlers (admitted calls and refusals at admission) since our baseline scrape.
-    if drain is not None:
-        accepted, answers = drain["finished_since_start"] + drain["cut_off"], tally.admitted_answers + 1
-        source = "server drain log (admitted calls)"
-    elif final:
-        accepted, answers = answered_by_server(final) - answered_by_server(baseline), tally.app_answers
-        source = "server /metrics (pathguard_requests_total)"
-    else:
-        accepted, answers, source = None, tally.admitted_answers, "unknown (no metrics, no drain log)"
-    lost = None if accepted is None else max(0, accepted - answers)  # cut-off calls are in accepted, unanswered
+    # -- accounting ----------------------------------------------------------------------------------------
+    def accounting(self) -> dict:
+        """What the server says it answered vs. the answers the callers got. After SIGTERM the drain log
+        counts the calls it admitted (+1: our DescribeModel); while it runs, /metrics counts every answer of
+        its handlers (admitted calls and refusals at admission) since our baseline scrape."""
+        tally, drain = self.tally, self.drain
+        if drain is not None:
+            accepted, answers = drain["finished_since_start"] + drain["cut_off"], tally.admitted_answers + 1
+            source = "server drain log (admitted calls)"
+        elif self.final:
+            accepted = answered_by_server(self.final) - answered_by_server(self.baseline)
+            answers, source = tally.app_answers, "server /metrics (pathguard_requests_total)"
+        else:
+            accepted, answers, source = None, tally.admitted_answers, "unknown (no metrics, no drain log)"
+        lost = None if accepted is None else max(0, accepted - answers)  # cut-off calls: accepted, unanswered
+        return {"source": source, "answered_by_server": accepted, "answered_to_callers": answers,
+                "cut_off": drain["cut_off"] if drain else None, "lost": lost}
 
-    ok = tally.codes.get("OK", 0)
-    inconsistent = {f"{api}/{kind}/input{key}/v{version}": sorted(map(list, seen))
-                    for (api, kind, key, version), seen in tally.answers.items() if len(seen) > 1}
-    rss = {"start_mb": _mb(rss_start), "after_warmup_mb": _mb(rss_warm), "end_mb": _mb(rss_end),
-           "max_mb": _mb(max((v for _, v in rss_timeline), default=None)),
-           "growth_from_start": _growth(rss_start, rss_end), "growth_after_warmup": _growth(rss_warm, rss_end),
-           "timeline_mb": [(t, _mb(v)) for t, v in rss_timeline]}
-    report.update({
-        "model": {"name": described.name, "version": described.version, "arch": described.arch,
-                  "input_shape": list(shape)},
-        "elapsed_s": round(elapsed, 2),
-        "calls": sum(tally.codes.values()),
-        "throughput_ok_per_s": round(ok / elapsed, 1),
-        "images_ok_per_s": round(tally.images_ok / elapsed, 1),
-        "latency_ok_ms": {name: _ms(percentile(tally.latencies_ok, q))
-                          for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
-        "codes": dict(tally.codes),
-        "codes_by_kind": {k: dict(v) for k, v in sorted(tally.by_kind.items())},
-        "errors": {"count": sum(tally.errors.values()),
-                   "kinds": [{"api": a, "kind": k, "outcome": m, "count": n} for (a, k, m), n in
-                             tally.errors.most_common(20)]},
-        "unavailable_details": dict(tally.unavailable.most_common(10)),
-        "accounting": {"source": source, "answered_by_server": accepted, "answered_to_callers": answers,
-                       "cut_off": drain["cut_off"] if drain else None, "lost": lost},
-        "server": {"pid": pid, "started_here": server is not None, "exit_code": exit_code, "drain": drain},
-        "events": events,
-        "model_versions": {v: {k: round(x, 3) for k, x in seen.items()} for v, seen in tally.versions.items()},
-        "label_inconsistencies": inconsistent,
-        "health": {"answers": dict(health["answers"]),
-                   "p99_ms": _ms(percentile(health["latencies"], 99)),
-                   "max_ms": _ms(max(health["latencies"], default=None))},
-        "rss": rss,
-    })
-    return report
+    # -- report --------------------------------------------------------------------------------------------
+    def report(self, accounting: dict) -> dict:
+        tally, d, elapsed = self.tally, self.described, self.elapsed
+        inconsistent = {f"{api}/{kind}/input{key}/v{version}": sorted(map(list, seen))
+                        for (api, kind, key, version), seen in tally.answers.items() if len(seen) > 1}
+        start, warm, end = self.rss.get("start"), self.rss.get("warm"), self.rss.get("end")
+        rss = {"start_mb": mb(start), "after_warmup_mb": mb(warm), "end_mb": mb(end),
+               "max_mb": mb(max((v for _, v in self.rss_timeline), default=None)),
+               "growth_from_start": _growth(start, end), "growth_after_warmup": _growth(warm, end),
+               "timeline_mb": [(t, mb(v)) for t, v in self.rss_timeline]}
+        return {
+            "config": asdict(self.cfg), "target": self.target,
+            "model": {"name": d.name, "version": d.version, "arch": d.arch, "input_shape": list(self.shape)},
+            "elapsed_s": round(elapsed, 2),
+            "calls": sum(tally.codes.values()),
+            "throughput_ok_per_s": round(tally.codes.get("OK", 0) / elapsed, 1),
+            "images_ok_per_s": round(tally.images_ok / elapsed, 1),
+            "latency_ok_ms": {name: ms(percentile(tally.latencies_ok, q))
+                              for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
+            "codes": dict(tally.codes),
+            "codes_by_kind": {k: dict(v) for k, v in sorted(tally.by_kind.items())},
+            "errors": {"count": sum(tally.errors.values()),
+                       "kinds": [{"api": a, "kind": k, "outcome": m, "count": n} for (a, k, m), n in
+                                 tally.errors.most_common(20)]},
+            "unavailable_details": dict(tally.unavailable.most_common(10)),
+            "accounting": accounting,
+            "server": {"pid": self.pid, "started_here": self.server is not None, "exit_code": self.exit_code,
+                       "drain": self.drain},
+            "events": self.events,
+            "model_versions": {v: {k: round(x, 3) for k, x in seen.items()} for v, seen in tally.versions.items()},
+            "label_inconsistencies": inconsistent,
+            "health": {"answers": dict(self.health["answers"]),
+                       "p99_ms": ms(percentile(self.health["latencies"], 99)),
+                       "max_ms": ms(max(self.health["latencies"], default=None))},
+            "rss": rss,
+        }
 
 
 async def _sigterm(pid: int | None, flag: asyncio.Event, t0: float) -> dict:
@@ -554,14 +483,6 @@ async def _reload(server: ServerProcess | None, pid: int | None, bundle: str | N
         await asyncio.sleep(0.05)
     event.update(ok=False, log="no reload verdict in the server log within 120 s")
     return event
-
-
-def _mb(value: int | None) -> float | None:
-    return None if value is None else round(value / 2**20, 1)
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(1000 * value, 2)
 
 
 def _growth(before: int | None, after: int | None) -> float | None:

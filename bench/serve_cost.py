@@ -23,7 +23,7 @@ gRPC/asyncio's own work) in proportion to the samples.
     python3 -m venv /tmp/mlserver-venv && /tmp/mlserver-venv/bin/pip install mlserver
     python3 -m venv /tmp/kserve-venv && /tmp/kserve-venv/bin/pip install kserve
     python3 -m venv /tmp/pyspy-venv && /tmp/pyspy-venv/bin/pip install py-spy
-    flock /work/brief/heavy.lock .venv/bin/python bench/serve_cost.py --bundle models/default \
+    flock /work/brief/heavy.lock .venv/bin/python -m bench.serve_cost --bundle models/default \
         --mlserver /tmp/mlserver-venv/bin/mlserver --kserve-python /tmp/kserve-venv/bin/python \
         --py-spy /tmp/pyspy-venv/bin/py-spy --json reports/service/serve_cost.json
 """
@@ -40,7 +40,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,14 +47,11 @@ import grpc
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from detector import load_bundle  # noqa: E402
-from detector.runtime import set_threads  # noqa: E402
-from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2  # noqa: E402
-from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc  # noqa: E402
+from bench.helpers import REPO, free_port, kserve_request, sample, scrape
+from detector import load_bundle
+from detector.runtime import set_threads
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 log = logging.getLogger("serve_cost")
 
@@ -90,14 +86,6 @@ def test_images(bundle, n: int) -> np.ndarray:
     return load_dataset(cfg["dataset"], "test", cfg.get("data_root")).float_images(slice(0, n)).numpy()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -117,6 +105,7 @@ class Contender:
     def __init__(self, name: str, cmd: list[str], port: int, cores: str, log_path: Path,
                  env: dict | None = None, cwd: Path = REPO, ready_servers: int = 1) -> None:
         self.name, self.port, self.target = name, port, f"127.0.0.1:{port}"
+        self.metrics_url: str | None = None  # PathGuard's /metrics, when known
         self._log = open(log_path, "w")
         full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(["taskset", "-c", cores, *cmd], env=full_env, stdout=self._log,
@@ -172,12 +161,9 @@ def drive(target: str, model: str, images_path: Path, callers: int, duration: fl
 
 
 def batch_totals(metrics_url: str) -> tuple[float, float]:
-    values = {}
-    for line in urllib.request.urlopen(metrics_url, timeout=10).read().decode().splitlines():
-        if line.startswith(("pathguard_batch_size_sum", "pathguard_batch_size_count")):
-            key, _, value = line.partition(" ")
-            values[key] = float(value)
-    return values.get("pathguard_batch_size_sum", 0.0), values.get("pathguard_batch_size_count", 0.0)
+    """(sum, count) of pathguard_batch_size from the server's /metrics."""
+    metrics = scrape(metrics_url)
+    return sample(metrics, "pathguard_batch_size_sum"), sample(metrics, "pathguard_batch_size_count")
 
 
 # -- in process -----------------------------------------------------------------------------------------
@@ -262,41 +248,27 @@ def _median(values: list[float]) -> float:
     return float(np.median(values))
 
 
-def run(cfg: CostConfig, out: Path) -> dict:
-    set_threads(cfg.threads)
-    os.sched_setaffinity(0, {SERVER_CORE})
-    bundle = load_bundle(cfg.bundle)
-    screener = bundle.screener(engine=cfg.engine)
-    images = test_images(bundle, 512)
-    images_path = out / "images.npy"
-    np.save(images_path, images)
-    x = torch.from_numpy(images)
-    name = bundle.meta["name"]
+def start_contenders(cfg: CostConfig, out: Path) -> dict[str, Contender]:
+    """Every server of the run, each pinned to its cores, all ready (stopped by the caller)."""
+    def pathguard(key: str, threads: int, cores: str, *extra: str, workers: int = 1) -> Contender:
+        port, metrics_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "pathguard", "serve", "--bundle", cfg.bundle, "--host", "127.0.0.1",
+               "--threads", str(threads), "--max-batch-size", str(cfg.max_batch_size), "--max-queue-delay-ms",
+               str(cfg.max_queue_delay_ms), "--engine", cfg.engine, "--port", str(port), "--metrics-port",
+               str(metrics_port), *extra]
+        contender = Contender(key, cmd, port, cores, out / f"{key}.log", ready_servers=workers)
+        contender.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        return contender
+
     contenders: dict[str, Contender] = {}
-    def pathguard_args(threads: int) -> list[str]:
-        return ["--bundle", cfg.bundle, "--host", "127.0.0.1", "--threads", str(threads),
-                "--max-batch-size", str(cfg.max_batch_size), "--max-queue-delay-ms", str(cfg.max_queue_delay_ms),
-                "--engine", cfg.engine]
-    pg_args = pathguard_args(cfg.threads)
     try:
-        port, mport = free_port(), free_port()
-        contenders["pathguard"] = Contender(
-            "pathguard", [sys.executable, "-m", "detector.cli", "serve", *pg_args, "--port", str(port),
-                          "--metrics-port", str(mport)], port, str(SERVER_CORE), out / "pathguard.log")
-        metrics_url = f"http://127.0.0.1:{mport}/metrics"
+        contenders["pathguard"] = pathguard("pathguard", cfg.threads, str(SERVER_CORE))
+        both = f"{SERVER_CORE},{CLIENT_CORE}"
         if cfg.workers:
-            port = free_port()
-            contenders["pathguard_workers"] = Contender(
-                "pathguard_workers", [sys.executable, "-m", "detector.cli", "serve", *pg_args, "--port", str(port),
-                                      "--metrics-port", str(free_port()), "--workers", str(cfg.workers)],
-                port, f"{SERVER_CORE},{CLIENT_CORE}", out / "pathguard_workers.log", ready_servers=cfg.workers)
+            contenders["pathguard_workers"] = pathguard("pathguard_workers", cfg.threads, both, "--workers",
+                                                        str(cfg.workers), workers=cfg.workers)
         if cfg.one_process_both_cores:
-            port = free_port()
-            contenders["pathguard_threads2"] = Contender(
-                "pathguard_threads2", [sys.executable, "-m", "detector.cli", "serve", *pathguard_args(2),
-                                       "--port", str(port),
-                                       "--metrics-port", str(free_port())],
-                port, f"{SERVER_CORE},{CLIENT_CORE}", out / "pathguard_threads2.log")
+            contenders["pathguard_threads2"] = pathguard("pathguard_threads2", 2, both)
         if cfg.mlserver:
             contenders["mlserver"] = _start_mlserver(cfg, out)
         if cfg.kserve_python:
@@ -307,60 +279,81 @@ def run(cfg: CostConfig, out: Path) -> dict:
                            str(cfg.threads), "--engine", cfg.engine, "--repo", str(REPO),
                            "--extra-site", sysconfig.get_paths()["purelib"]],
                 port, str(SERVER_CORE), out / "kserve.log")
+    except BaseException:
+        for c in contenders.values():
+            c.stop()
+        raise
+    return contenders
+
+
+class Round:
+    """One round: every contender measured back to back."""
+
+    def __init__(self, cfg: CostConfig, contenders: dict[str, Contender], screener, images: np.ndarray,
+                 images_path: Path, model: str) -> None:
+        self.cfg, self.contenders, self.screener = cfg, contenders, screener
+        self.x, self.images_path, self.model = torch.from_numpy(images), images_path, model
+        self.requests = [kserve_request(images[i:i + 1], model=model) for i in range(64)]
+        self.metrics_url = contenders["pathguard"].metrics_url
+
+    def _drive(self, key: str, cores: str | None, connections: int = 1) -> dict:
+        c = self.contenders[key]
+        return drive(c.target, self.model, self.images_path, self.cfg.callers, self.cfg.duration, c.server_pids(),
+                     cores, connections)
+
+    def run(self) -> dict:
+        cfg, x, rnd = self.cfg, self.x, {}
+        os.sched_setaffinity(0, {SERVER_CORE})
+        rnd["in_process_single_ms"] = 1000 * _median(single_latencies(
+            lambda i: self.screener.screen(x[i % 64:i % 64 + 1]), cfg.single_calls))
+        rnd["in_process_32"] = in_process(self.screener, x, 32, cfg.duration)
+        os.sched_setaffinity(0, {CLIENT_CORE})
+        with grpc.insecure_channel(self.contenders["pathguard"].target) as channel:
+            stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+            rnd["pathguard_single_ms"] = 1000 * _median(single_latencies(
+                lambda i: stub.ModelInfer(self.requests[i % 64], timeout=30), cfg.single_calls))
+        before = batch_totals(self.metrics_url)
+        rnd["pathguard"] = self._drive("pathguard", str(CLIENT_CORE))
+        after = batch_totals(self.metrics_url)
+        rnd["pathguard"]["mean_batch"] = mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+        os.sched_setaffinity(0, {SERVER_CORE})
+        rnd["in_process_mean_batch"] = in_process(self.screener, x, max(1, round(mean_batch)), cfg.duration)
+        os.sched_setaffinity(0, {CLIENT_CORE})
+        for key in ("mlserver", "kserve"):
+            if key in self.contenders:
+                rnd[key] = self._drive(key, str(CLIENT_CORE))
+        # Scaling over cores: one connection per caller (SO_REUSEPORT spreads connections over the workers),
+        # the base measured the same way on one core; both-core servers share the cores with the client.
+        scaling = [k for k in ("pathguard_workers", "pathguard_threads2") if k in self.contenders]
+        if scaling:
+            rnd["pathguard_conns"] = self._drive("pathguard", str(CLIENT_CORE), connections=cfg.callers)
+        for key in scaling:
+            rnd[key] = self._drive(key, None, connections=cfg.callers)
+        return rnd
+
+
+def run(cfg: CostConfig, out: Path) -> dict:
+    set_threads(cfg.threads)
+    os.sched_setaffinity(0, {SERVER_CORE})
+    bundle = load_bundle(cfg.bundle)
+    screener = bundle.screener(engine=cfg.engine)
+    images = test_images(bundle, 512)
+    images_path = out / "images.npy"
+    np.save(images_path, images)
+    contenders = start_contenders(cfg, out)
+    try:
         load_before = os.getloadavg()
+        one_round = Round(cfg, contenders, screener, images, images_path, bundle.meta["name"])
         rounds = []
-        channel = grpc.insecure_channel(contenders["pathguard"].target)
-        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-        requests = []
-        for i in range(64):
-            req = kserve_pb2.ModelInferRequest(model_name=name)
-            req.inputs.add(name="images", datatype="FP32", shape=[1, *images.shape[1:]])
-            req.raw_input_contents.append(images[i:i + 1].tobytes())
-            requests.append(req)
         for r in range(cfg.rounds):
             log.info("round %d/%d", r + 1, cfg.rounds)
-            rnd: dict = {}
-            os.sched_setaffinity(0, {SERVER_CORE})
-            rnd["in_process_single_ms"] = 1000 * _median(single_latencies(
-                lambda i: screener.screen(x[i % 64:i % 64 + 1]), cfg.single_calls))
-            rnd["in_process_32"] = in_process(screener, x, 32, cfg.duration)
-            os.sched_setaffinity(0, {CLIENT_CORE})
-            rnd["pathguard_single_ms"] = 1000 * _median(single_latencies(
-                lambda i: stub.ModelInfer(requests[i % 64], timeout=30), cfg.single_calls))
-            pg = contenders["pathguard"]
-            before = batch_totals(metrics_url)
-            rnd["pathguard"] = drive(pg.target, name, images_path, cfg.callers, cfg.duration, pg.server_pids(),
-                                     str(CLIENT_CORE))
-            after = batch_totals(metrics_url)
-            mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-            rnd["pathguard"]["mean_batch"] = mean_batch
-            os.sched_setaffinity(0, {SERVER_CORE})
-            rnd["in_process_mean_batch"] = in_process(screener, x, max(1, round(mean_batch)), cfg.duration)
-            os.sched_setaffinity(0, {CLIENT_CORE})
-            for key in ("mlserver", "kserve"):
-                if key in contenders:
-                    c = contenders[key]
-                    rnd[key] = drive(c.target, name, images_path, cfg.callers, cfg.duration, c.server_pids(),
-                                     str(CLIENT_CORE))
-            # Scaling over cores: one connection per caller (SO_REUSEPORT spreads connections over the workers),
-            # the base measured the same way on one core; both-core servers share the cores with the client.
-            if "pathguard_workers" in contenders or "pathguard_threads2" in contenders:
-                pg = contenders["pathguard"]
-                rnd["pathguard_conns"] = drive(pg.target, name, images_path, cfg.callers, cfg.duration,
-                                               pg.server_pids(), str(CLIENT_CORE), connections=cfg.callers)
-            for key in ("pathguard_workers", "pathguard_threads2"):
-                if key in contenders:
-                    c = contenders[key]
-                    rnd[key] = drive(c.target, name, images_path, cfg.callers, cfg.duration, c.server_pids(), None,
-                                     connections=cfg.callers)
-            rounds.append(rnd)
+            rounds.append(one_round.run())
             log.info("round %d: %s", r + 1, json.dumps({k: v.get("images_per_s") if isinstance(v, dict) else v
-                                                        for k, v in rnd.items()}))
+                                                        for k, v in rounds[-1].items()}))
         stages = None
         if cfg.py_spy:
             pg = contenders["pathguard"]
             stages = profile_stages(cfg.py_spy, pg.target, pg.proc.pid, images_path, cfg, out)
-        channel.close()
     finally:
         for c in contenders.values():
             c.stop()

@@ -15,20 +15,34 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .models import DecoupledNet, create_model
+from .prototypes import Prototypes
+
+if TYPE_CHECKING:
+    from .detectors import PathDetector
+    from .detectors.record import DetectorRecord
 
 FORMAT = "pathguard-bundle"
 VERSION = 1
 META_FILE = "bundle.json"
 MODEL_FILE = "model.safetensors"
+# The bundle this repository ships; the container image sets PATHGUARD_BUNDLE to where it bakes its copy.
+DEFAULT_BUNDLE = str(Path(__file__).resolve().parent.parent / "models" / "default")
+BUNDLE_ENV = "PATHGUARD_BUNDLE"
+BUNDLE_HELP = "bundle directory (default: $PATHGUARD_BUNDLE or models/default)"
 _REQUIRED = {"format": str, "version": int, "name": str, "arch": str, "arch_args": dict, "gated": bool,
              "classes": list, "input_shape": list, "files": dict}
+
+
+def default_bundle() -> str:
+    """``$PATHGUARD_BUNDLE`` when set (as in the container image), else the repository's models/default."""
+    return os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE
 
 
 class BundleError(ValueError):
@@ -147,18 +161,12 @@ def write_part(path: str | Path, part: str, *, tensors: dict[str, Tensor] | None
     _write_json(path / META_FILE, meta)
 
 
-def update_meta(path: str | Path, **fields: Any) -> None:
-    path = Path(path)
-    meta = read_meta(path)
-    meta.update(fields)
-    _write_json(path / META_FILE, meta)
-
-
 @dataclass
 class Bundle:
     """A loaded bundle. ``model`` maps (N, C, H, W) images in [0, 1] to logits.
 
-    ``parts`` holds each optional part as ``(tensors, info)``; see :meth:`part`.
+    ``parts`` holds each optional part as ``(tensors, info)``; :meth:`prototypes`, :meth:`detector` and
+    :meth:`detector_record` return them typed.
     """
 
     path: Path
@@ -178,8 +186,40 @@ class Bundle:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["input_shape"])  # type: ignore[return-value]
 
+    @property
+    def model_digest(self) -> str:
+        """SHA-256 of ``model.safetensors``: what caches of attacks on this model are keyed by."""
+        return self.meta["files"][MODEL_FILE]
+
     def part(self, name: str) -> tuple[dict[str, Tensor], dict] | None:
         return self.parts.get(name)
+
+    def prototypes(self) -> Prototypes | None:
+        """The class prototype paths, or None when the bundle has none (before ``fit-detector``)."""
+        part = self.parts.get("prototypes")
+        return None if part is None else Prototypes.from_state(*part)
+
+    def detector(self) -> PathDetector | None:
+        """The fitted path detector, or None when the bundle has none."""
+        from .detectors import PathDetector
+
+        part = self.parts.get("detector")
+        return None if part is None else PathDetector.from_state(*part)
+
+    def detector_record(self) -> DetectorRecord | None:
+        """How the detector was fitted (``detector.json``), or None when the bundle has no detector."""
+        from .detectors.record import DetectorRecord
+
+        part = self.parts.get("detector")
+        return None if part is None else DetectorRecord.from_info(part[1])
+
+    def fitted(self) -> tuple[Prototypes, PathDetector]:
+        """Prototypes and detector; ``ValueError`` saying how to fit them when the bundle has none."""
+        protos, det = self.prototypes(), self.detector()
+        if protos is None or det is None:
+            raise ValueError(f"bundle {self.path} has no fitted detector; run "
+                             f"`pathguard fit-detector --bundle {self.path}` first")
+        return protos, det
 
     def screener(self, **kwargs: Any):
         """The :class:`~detector.screening.Screener` of this bundle (model + fitted detector)."""

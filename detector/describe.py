@@ -26,10 +26,9 @@ def describe_bundle(bundle: Bundle) -> str:
         lines.append(f"paths       q(y|path) accuracy {test.get('path_head_accuracy', float('nan')):.4f}; "
                      f"Hamming same class {test.get('hamming_same_class', float('nan')):.3f}, "
                      f"other class {test.get('hamming_other_class', float('nan')):.3f}")
-    det = bundle.part("detector")
-    if det is not None:
-        info = det[1]
-        lines.append(f"detector    {info.get('classifier', '?')} on {info.get('feature_groups', '?')}, "
-                     f"threshold {info.get('threshold', float('nan')):.4f} at FPR {info.get('target_fpr', '?')}")
+    record, det = bundle.detector_record(), bundle.part("detector")
+    if record is not None and det is not None:
+        lines.append(f"detector    {record.classifier} on {record.feature_groups}, threshold "
+                     f"{det[1].get('threshold', float('nan')):.4f} at FPR {record.target_fpr}")
     lines.append("files       " + ", ".join(sorted(m["files"])))
     return "\n".join(lines)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .attacks import AttackSpec, cached_attack
-from .bundle import load_bundle, write_part
+from .attacks import AttackSpec, cached_attack, parse_attacks
+from .bundle import BUNDLE_HELP, load_bundle, write_part
 from .detectors import PathDetector
+from .detectors.record import DetectorRecord
 from .features import GROUPS, extract_path_features
 from .prototypes import compute_prototypes
 from .splits import bundle_splits, correctly_classified
@@ -43,12 +45,43 @@ def adversarial_training_set(model, protos, clean_images, labels, attacks: list[
     return np.concatenate(blocks), np.concatenate(ys), clean.groups, per_attack
 
 
-def fit_bundle_detector(bundle_path: str | Path, attacks: list[AttackSpec], *, n_fit: int = 1000,
-                        n_calibration: int = 1000, classifier: str = "logreg", feature_groups=GROUPS,
-                        target_fpr: float = 0.05, seed: int = 0, data_root: str | None = None,
-                        cache_dir: Path | None = None, prototype_images: int = 20000,
-                        progress: bool = True) -> dict:
-    """Fit prototypes and the detector of the bundle at ``bundle_path`` and write them into it."""
+@dataclass
+class FitConfig:
+    """What ``pathguard fit-detector`` fits: which attacks, which classifier on which path features, on how
+    many validation images, calibrated to which false-positive rate."""
+
+    bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
+    attacks: str = field(default="fgsm,pgd,cw", metadata={"help": "attacks whose examples the detector learns from"})
+    classifier: str = field(default="logreg", metadata={"choices": ("logreg", "rf", "gb")})
+    features: str = field(default=",".join(GROUPS), metadata={"help": "feature groups"})
+    n_fit: int = field(default=1000, metadata={"help": "validation images to attack for fitting"})
+    n_calibration: int = field(default=1000, metadata={"help": "clean validation images for the threshold"})
+    target_fpr: float = 0.05
+    seed: int = 0
+    data_root: str | None = None
+    cache_dir: str | None = field(default=None, metadata={"help": "reuse attacks computed before"})
+    prototype_images: int = field(default=20000, metadata={"help": "training images the prototypes come from"})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.feature_groups) - set(GROUPS)
+        if unknown or not self.feature_groups:
+            raise ValueError(f"features={self.features!r} must name some of {list(GROUPS)}")
+        for name in ("n_fit", "n_calibration", "prototype_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def feature_groups(self) -> list[str]:
+        return [g for g in self.features.split(",") if g]
+
+
+def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
+    """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
+    bundle_path, attacks = cfg.bundle, parse_attacks(cfg.attacks)
+    n_fit, n_calibration, classifier, target_fpr, seed = (cfg.n_fit, cfg.n_calibration, cfg.classifier,
+                                                          cfg.target_fpr, cfg.seed)
+    feature_groups, prototype_images, data_root = cfg.feature_groups, cfg.prototype_images, cfg.data_root
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_path)
     model, meta = bundle.model, bundle.meta
@@ -62,20 +95,18 @@ def fit_bundle_detector(bundle_path: str | Path, attacks: list[AttackSpec], *, n
     cal_idx = correctly_classified(model, splits.val, n_calibration, seed=seed, skip=n_fit)
     fit_images = splits.val.float_images(fit_idx)
     X, y, groups, per_attack = adversarial_training_set(
-        model, protos, fit_images, splits.val.labels[fit_idx], attacks, digest=meta["files"]["model.safetensors"],
+        model, protos, fit_images, splits.val.labels[fit_idx], attacks, digest=bundle.model_digest,
         cache_dir=cache_dir, seed=seed, progress=progress)
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
     det = PathDetector(feature_groups=list(feature_groups), classifier=classifier, target_fpr=target_fpr,
                        random_state=seed).fit(X, y, groups=groups, X_calibration=X_cal)
     tensors, info = det.to_state()
-    info.update({
-        "classifier": classifier, "feature_groups": list(feature_groups), "target_fpr": target_fpr,
-        "attacks": [{"label": a.label, "name": a.name, "params": a.params} for a in attacks],
-        "fit_images": {"set": splits.val.name, "n_clean": int(len(fit_idx)), "n_adversarial": int(y.sum()),
-                       "seed": seed},
-        "calibration_images": {"set": splits.val.name, "n": int(len(cal_idx)), "skip": n_fit, "seed": seed},
-        "per_attack": per_attack, "fit_seconds": round(time.perf_counter() - t0, 1),
-    })
+    info.update(DetectorRecord(
+        classifier=classifier, feature_groups=list(feature_groups), target_fpr=target_fpr, attacks=attacks,
+        fit_images={"set": splits.val.name, "n_clean": int(len(fit_idx)), "n_adversarial": int(y.sum()),
+                    "seed": seed},
+        calibration_images={"set": splits.val.name, "n": int(len(cal_idx)), "skip": n_fit, "seed": seed},
+        per_attack=per_attack, fit_seconds=round(time.perf_counter() - t0, 1)).to_info())
     write_part(bundle_path, "detector", tensors=tensors, info=info)
     log.info("fitted %s detector on %d clean + %d adversarial images; threshold %.4f", classifier,
              int((y == 0).sum()), int(y.sum()), det.threshold_)

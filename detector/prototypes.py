@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .data import ImageDataset
-from .models import DecoupledNet
+from .models import GATE_THRESHOLD, DecoupledNet
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Prototypes:
     @property
     def hard(self) -> Tensor:
         """Tensor (K, G) in {0, 1}: the prototype path of each class (filters on for most inputs)."""
-        return (self.frequency > 0.5).float()
+        return (self.frequency > GATE_THRESHOLD).float()
 
     def layer_slices(self) -> list[slice]:
         bounds = torch.tensor([0, *self.layer_sizes]).cumsum(0).tolist()

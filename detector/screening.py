@@ -105,12 +105,8 @@ class Screener:
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs) -> Screener:
-        protos, det = bundle.part("prototypes"), bundle.part("detector")
-        if protos is None or det is None:
-            raise ValueError(f"bundle {bundle.path} has no fitted detector; run "
-                             f"`pathguard fit-detector --bundle {bundle.path}` first")
-        return cls(bundle.model, Prototypes.from_state(*protos), PathDetector.from_state(*det),
-                   bundle.classes, **kwargs)
+        protos, det = bundle.fitted()
+        return cls(bundle.model, protos, det, bundle.classes, **kwargs)
 
     @property
     def threshold(self) -> float:

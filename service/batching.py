@@ -47,6 +47,10 @@ from .runtime import slice_result
 log = logging.getLogger(__name__)
 
 # How long a peak of concurrent images is remembered when deciding whether to wait for more.
+# Defaults of the batcher, of screening.Limits and of `pathguard serve` (ServeConfig): defined once, here.
+MAX_BATCH_SIZE = 32
+MAX_QUEUE_DELAY_MS = 5.0
+MAX_QUEUE_SIZE = 256
 PEAK_WINDOW = 1.0
 
 
@@ -75,9 +79,12 @@ class _Request:
     def claim(self) -> bool:
         """False if the caller has cancelled (then the request is dropped); else it may no longer cancel
         a concurrent future (an asyncio one can still be cancelled: its answer is then discarded)."""
-        if self.loop is None:
+        if isinstance(self.future, Future):
             return self.future.set_running_or_notify_cancel()
         return not self.future.done()
+
+
+_Outcome = tuple["_Request", object, BaseException | None]  # a request and its result or its error
 
 
 def _settle(outcomes: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
@@ -94,8 +101,8 @@ def _settle(outcomes: list[tuple[asyncio.Future, object, BaseException | None]])
 class DynamicBatcher:
     """Queue + worker thread around a :class:`Runner`. Start with :meth:`start`, end with :meth:`stop`."""
 
-    def __init__(self, runner: Runner | None = None, *, max_batch_size: int = 32, max_queue_delay: float = 0.005,
-                 max_queue_size: int = 256) -> None:
+    def __init__(self, runner: Runner | None = None, *, max_batch_size: int = MAX_BATCH_SIZE,
+                 max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_queue_size < 1:
@@ -259,7 +266,7 @@ class DynamicBatcher:
     def _compute(self, batch: list[_Request], runner: Runner | None) -> None:
         now = time.monotonic()
         live: list[_Request] = []
-        outcomes: list[tuple[_Request, object, BaseException | None]] = []
+        outcomes: list[_Outcome] = []
         for request in batch:
             if not request.claim():
                 continue  # the caller cancelled or went away
@@ -272,12 +279,13 @@ class DynamicBatcher:
             else:
                 live.append(request)
         if live:
+            assert runner is not None  # every request was refused above when there is none
             metrics.observe_many(metrics.QUEUE_DURATION, np.array([now - r.enqueued for r in live]))
             outcomes.extend(self._screen(live, runner))
         self._deliver(outcomes)
 
     @staticmethod
-    def _screen(live: list[_Request], runner: Runner) -> list[tuple[_Request, object, BaseException | None]]:
+    def _screen(live: list[_Request], runner: Runner) -> list[_Outcome]:
         images = live[0].images if len(live) == 1 else torch.cat([r.images for r in live])
         start = time.perf_counter()
         try:
@@ -293,14 +301,15 @@ class DynamicBatcher:
                                 result.threshold, classes)
         if len(live) == 1:
             return [(live[0], result, None)]
-        out, start = [], 0
+        out: list[_Outcome] = []
+        start = 0
         for request in live:
             out.append((request, slice_result(result, start, start + request.size), None))
             start += request.size
         return out
 
     @staticmethod
-    def _deliver(outcomes: list[tuple[_Request, object, BaseException | None]]) -> None:
+    def _deliver(outcomes: list[_Outcome]) -> None:
         """Resolve the callers' futures: concurrent ones here, asyncio ones with one hop per event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for request, result, exc in outcomes:

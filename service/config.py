@@ -1,30 +1,23 @@
-"""Typed configuration of ``pathguard serve`` and ``pathguard screen``, from flags, environment and defaults.
+"""Typed configuration of ``pathguard serve`` and ``pathguard screen``: fields, defaults, validation.
 
-Each field is a ``--flag`` and a ``PATHGUARD_<FIELD>`` environment variable (``max_batch_size`` is
-``--max-batch-size`` and ``PATHGUARD_MAX_BATCH_SIZE``). A flag wins over the environment, which wins over
-the default. Nothing is read at import: :func:`config_from` is called inside the command.
+The command line (:mod:`pathguard.options`) makes each field a ``--flag`` and a ``PATHGUARD_<FIELD>``
+environment variable (``max_batch_size`` is ``--max-batch-size`` and ``PATHGUARD_MAX_BATCH_SIZE``); the
+help text of each is in the field's metadata.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from detector.cli import DEFAULT_BUNDLE
+from detector.bundle import DEFAULT_BUNDLE
 
-ENV_PREFIX = "PATHGUARD_"
+from .batching import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS, MAX_QUEUE_SIZE
+
 # 64 CIFAR-size FP32 images are 64 * 3 * 32 * 32 * 4 B = 0.75 MiB; 16 MiB leaves room for larger inputs and
 # PNG batches while still bounding what one request can make the server allocate.
 DEFAULT_MAX_MESSAGE_MB = 16
-
-T = TypeVar("T")
-
 
 def _opt(help_text: str, default: Any = None) -> Any:
     return field(default=default, metadata={"help": help_text})
@@ -44,9 +37,9 @@ class ServeConfig:
     # One process runs Python on one core at a time; more cores serve more calls with more processes.
     workers: int = _opt("server processes sharing the port (SO_REUSEPORT), each with its own model copy "
                         "(0: one per CPU of the quota)", 1)
-    max_batch_size: int = _opt("most images the model computes in one batch", 32)
-    max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", 5.0)
-    max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", 256)
+    max_batch_size: int = _opt("most images the model computes in one batch", MAX_BATCH_SIZE)
+    max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", MAX_QUEUE_DELAY_MS)
+    max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", MAX_QUEUE_SIZE)
     grace_period: float = _opt("seconds accepted calls get to finish after SIGTERM", 20.0)
     max_message_mb: int = _opt("largest request or response message, MiB", DEFAULT_MAX_MESSAGE_MB)
     max_images_per_request: int = _opt("most images in one request", 64)
@@ -58,6 +51,11 @@ class ServeConfig:
 
     def validate(self) -> ServeConfig:
         """Raise ``ValueError`` naming the first field out of range; return self."""
+        self._check_numbers()
+        self._check_security()
+        return self
+
+    def _check_numbers(self) -> None:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 65535]")
@@ -73,6 +71,8 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.engine not in ("skipping", "masked"):
             raise ValueError(f"engine={self.engine!r} must be 'skipping' or 'masked'")
+
+    def _check_security(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r} must be given together")
         if self.tls_client_ca and not self.tls_cert:
@@ -81,7 +81,6 @@ class ServeConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ValueError(f"{name}={value!r} is not a readable file")
-        return self
 
     @property
     def max_message_bytes(self) -> int:
@@ -109,46 +108,3 @@ class ScreenConfig:
             raise ValueError(f"client_cert={self.client_cert!r} and client_key={self.client_key!r} "
                              "must be given together")
         return self
-
-
-def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _converter(typ: Any) -> Any:
-    if typ in (int, float, str):
-        return typ
-    if set(typing.get_args(typ)) == {str, type(None)}:
-        return lambda s: s or None
-    raise TypeError(f"unsupported config field type {typ!r}")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field of ``cls``; defaults stay ``None`` so that given flags can be told apart."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
-                            default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata['help']} (env {env_name(f.name)}; default: {f.default})")
-
-
-def config_from(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> T:
-    """Build ``cls`` from flags, then ``PATHGUARD_*`` variables, then defaults; validate it.
-
-    An empty environment variable counts as unset. A malformed value raises ``ValueError`` naming it.
-    """
-    environ = os.environ if environ is None else environ
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None) if args is not None else None
-        if given is not None:
-            values[f.name] = given
-            continue
-        raw = environ.get(env_name(f.name), "")
-        if raw != "":
-            try:
-                values[f.name] = _converter(hints[f.name])(raw)
-            except ValueError:
-                raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {hints[f.name]}") from None
-    return cls(**values).validate()  # type: ignore[attr-defined]

@@ -57,12 +57,6 @@ class NotReady(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class Cancelled(ServiceError):
-    """The caller went away; nothing is sent back."""
-
-    code = grpc.StatusCode.CANCELLED
-
-
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 # Messages quote what the caller sent (a model name, a datatype, a shape), and a status message travels in
 # an HTTP/2 trailer, percent-encoded: past the client's metadata limit (8 KiB by default) the caller would

@@ -20,7 +20,7 @@ from torch import Tensor
 from detector.screening import ScreenResult
 
 from . import codec, metrics
-from .batching import DynamicBatcher
+from .batching import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS, MAX_QUEUE_SIZE, DynamicBatcher
 from .errors import ModelNotFound, NotReady
 from .runtime import ModelInfo, ModelRuntime
 
@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 class Limits:
     """Batching and request limits (the relevant part of :class:`service.config.ServeConfig`)."""
 
-    max_batch_size: int = 32
-    max_queue_delay_ms: float = 5.0
-    max_queue_size: int = 256
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_queue_delay_ms: float = MAX_QUEUE_DELAY_MS
+    max_queue_size: int = MAX_QUEUE_SIZE
     max_images_per_request: int = 64
     engine: str = "skipping"  # how the model runs: see ModelRuntime.load
 
@@ -135,7 +135,3 @@ class ScreeningService:
         deadline = None if timeout is None else time.monotonic() + timeout
         return await self._batcher.submit(images, deadline, asyncio.get_running_loop())
 
-    def screen_sync(self, images: Tensor, timeout: float | None = None) -> ScreenResult:
-        """Blocking :meth:`screen`, for plain Python callers."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return self._batcher.submit(images, deadline).result()

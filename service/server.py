@@ -22,6 +22,7 @@ import logging
 import signal
 import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -92,7 +93,7 @@ class PathGuardServer:
         self.metrics_port: int | None = None
         self._server: aio.Server | None = None
         self._interceptor: ServiceInterceptor | None = None
-        self._metrics_http = None
+        self._metrics_http: ThreadingHTTPServer | None = None
         self._stopping = False
 
     async def start(self) -> ModelInfo:
@@ -169,6 +170,7 @@ class PathGuardServer:
 
     async def _drain(self, server: aio.Server, grace: float) -> None:
         calls = self._interceptor
+        assert calls is not None  # set by start(), which _drain follows
         finished_before, start = calls.finished, time.monotonic()
         stopping = asyncio.ensure_future(server.stop(grace))
         await asyncio.sleep(0)  # the stop has begun: the port is closed and new calls are refused
@@ -253,15 +255,20 @@ class BackgroundServer:
         self._thread.join(10)
 
     def reload(self, path: str | None = None) -> ModelInfo | None:
-        return self._call(self.server.reload(path))
+        return self._call(self._started().reload(path))
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+        return f"127.0.0.1:{self._started().port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+        return f"http://127.0.0.1:{self._started().metrics_port}/metrics"
+
+    def _started(self) -> PathGuardServer:
+        if self.server is None:
+            raise RuntimeError("the server is not started; call start() first")
+        return self.server
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

@@ -1,11 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; the test process owns the backend choice
 torch.set_num_threads(int(os.environ.get("PATHGUARD_TEST_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
-import re
+import shutil
 import threading
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
+from bench.helpers import sample, scrape  # noqa: F401  (re-exported for the tests)
+from detector.bundle import sha256_file
 from service.config import ServeConfig
 from service.server import BackgroundServer
 
@@ -37,25 +40,22 @@ def shared_server(request: pytest.FixtureRequest, bundle: Path | str) -> Backgro
     return servers[key]
 
 
-def scrape(url: str) -> dict[str, float]:
-    """/metrics over HTTP as {"name{labels}": value} (labels as exposed, sorted by the client)."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
-def sample(metrics: dict[str, float], name: str, **labels: str) -> float:
-    """Value of one sample; 0 when absent. Labels must match exactly (in any order)."""
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    for key, value in metrics.items():
-        base, _, rest = key.partition("{")
-        if base == name and set(filter(None, re.split(r",(?=[a-z_]+=)", rest.rstrip("}")))) == want:
-            return value
-    return 0.0
+def permuted_bundle(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` as model version 2 whose classifier rows are rotated by one, with the class names
+    rotated to match: the same images get other class indices but the same class names."""
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    k = state["classifier.weight"].shape[0]
+    order = [(j - 1) % k for j in range(k)]  # new class j is old class order[j]
+    for name in ("classifier.weight", "classifier.bias"):
+        state[name] = state[name][order].contiguous()
+    save_file(state, str(dst / "model.safetensors"))
+    meta = json.loads((dst / "bundle.json").read_text())
+    meta["files"]["model.safetensors"] = sha256_file(dst / "model.safetensors")
+    meta["classes"] = [meta["classes"][i] for i in order]
+    meta["model_version"] = "2"
+    (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return dst
 
 
 class GatedRunner:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.attacks import parse_attacks
-from detector.fitting import fit_bundle_detector
+from detector.fitting import FitConfig, fit_bundle_detector
 from detector.models import GateConfig
 from detector.training import TrainConfig, train
 
@@ -45,6 +44,6 @@ def make_bundle(root: Path, *, fit_detector: bool = True, gated: bool = True) ->
     bundle = root / ("bundle" if gated else "dense")
     train(cfg, bundle, progress=False)
     if fit_detector and gated:
-        fit_bundle_detector(bundle, parse_attacks("fgsm:eps=0.15,pgd:eps=0.15;steps=5"), n_fit=60,
-                            n_calibration=60, prototype_images=400, progress=False)
+        fit_bundle_detector(FitConfig(str(bundle), "fgsm:eps=0.15,pgd:eps=0.15;steps=5", n_fit=60, n_calibration=60,
+                                      prototype_images=400), progress=False)
     return bundle

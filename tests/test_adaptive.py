@@ -16,7 +16,6 @@ from detector.attacks import AttackSpec, run_attack
 from detector.detectors import PathDetector
 from detector.features import extract_path_features
 from detector.models import ControllingModule
-from detector.prototypes import Prototypes
 from detector.splits import bundle_splits
 
 EPS = 0.15  # the tiny synthetic task needs about this much to flip a class (its squares differ by ~0.2)
@@ -25,8 +24,8 @@ EPS = 0.15  # the tiny synthetic task needs about this much to flip a class (its
 @pytest.fixture(scope="module")
 def parts(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
-    protos = Prototypes.from_state(*bundle.part("prototypes"))
-    det = PathDetector.from_state(*bundle.part("detector"))
+    protos = bundle.prototypes()
+    det = bundle.detector()
     return bundle, protos, det, Pipeline(bundle.model, protos, det, build_surrogate(det))
 
 
@@ -165,7 +164,7 @@ def test_hardening_starts_from_the_shipped_training_rows_and_helps(parts, tiny_b
 
 
 def test_cli_writes_a_complete_report(tiny_bundle, tmp_path):
-    from detector.cli import main
+    from pathguard.main import main
 
     out, saved = tmp_path / "adaptive", tmp_path / "hardened"
     rc = main(["adaptive", "--bundle", str(tiny_bundle), "--n", "20", "--eps", "0.1,0.15", "--lambdas", "0.3",
@@ -209,14 +208,13 @@ def test_cli_attacks_a_forest_detector_through_its_surrogate(tiny_bundle, tmp_pa
     it tracks the real scores."""
     import shutil
 
-    from detector.attacks import parse_attacks
-    from detector.cli import main
-    from detector.fitting import fit_bundle_detector
+    from detector.fitting import FitConfig, fit_bundle_detector
+    from pathguard.main import main
 
     copy = tmp_path / "forest"
     shutil.copytree(tiny_bundle, copy)
-    fit_bundle_detector(copy, parse_attacks("fgsm:eps=0.15,pgd:eps=0.15;steps=5"), n_fit=60, n_calibration=60,
-                        classifier="rf", prototype_images=400, progress=False)
+    fit_bundle_detector(FitConfig(str(copy), "fgsm:eps=0.15,pgd:eps=0.15;steps=5", n_fit=60, n_calibration=60,
+                                  classifier="rf", prototype_images=400), progress=False)
     out = tmp_path / "out"
     rc = main(["adaptive", "--bundle", str(copy), "--n", "20", "--eps", "0.15", "--lambdas", "0.3", "--steps", "3",
                "--attacks", "detector-pgd", "--n-harden", "20", "--out", str(out), "--quiet", "--no-plots",

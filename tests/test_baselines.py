@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from detector.bundle import load_bundle
-from detector.detectors import DETECTORS, FEATURIZERS, FeaturizerContext, get_detector
+from detector.detectors import DETECTORS, FEATURIZERS, FeaturizerContext, get_detector, threshold_at_fpr
 from detector.detectors.combined import ConcatFeaturizer
 from detector.detectors.kdbu import KDBUFeaturizer, kde_log_density
 from detector.detectors.lid import LIDFeaturizer, lid_mle
@@ -193,7 +193,8 @@ def test_featurizers_are_deterministic_and_name_every_column(tiny, features, key
     fz, X, _, groups = features[key]
     clean = tiny[3]
     assert X.shape[1] == len(groups) and np.isfinite(X).all()
-    np.testing.assert_allclose(fz.transform(clean[:10]), X[:10], rtol=1e-6)  # float32 convs vary with batch size
+    # float32 convs vary with batch size and with the kernel the CPU picks (seen: 1.6e-5 relative)
+    np.testing.assert_allclose(fz.transform(clean[:10]), X[:10], rtol=1e-4, atol=1e-9)
     np.testing.assert_array_equal(fz.transform(clean[:10]), fz.transform(clean[:10]))
 
 
@@ -281,12 +282,18 @@ def test_contract(features, name):
     for method in (det.decision_function, det.predict, det.predict_proba):
         with pytest.raises(NotFittedError):
             method(X)
-    assert det.fit(X, y, groups=groups) is det
+    # Every other clean row is held out of fitting and calibrates the threshold instead.
+    held = np.zeros(len(X), bool)
+    held[np.flatnonzero(y == 0)[1::2]] = True
+    X_cal = X[held]
+    assert det.fit(X[~held], y[~held], groups=groups, X_calibration=X_cal) is det
     s = det.decision_function(X)
     assert s.shape == (len(X),) and s.min() >= 0 and s.max() <= 1
     np.testing.assert_array_equal(det.predict(X), (s > det.threshold_).astype(int))
     np.testing.assert_allclose(det.predict_proba(X), np.column_stack([1 - s, s]))
-    assert det.predict(X[y == 0]).mean() <= 0.05  # calibrated on these clean rows
+    # the threshold comes from the calibration rows (not the fitting rows) at the target rate
+    assert det.threshold_ == threshold_at_fpr(det.decision_function(X_cal), 0.05)
+    assert det.predict(X_cal).mean() <= 0.05
     assert s[y == 1].mean() > s[y == 0].mean()  # FGSM examples score higher than their clean sources
     with pytest.raises(ValueError, match="features"):
         det.decision_function(X[:, :-1])

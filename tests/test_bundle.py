@@ -43,11 +43,24 @@ def test_altered_weights_refused_naming_file(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("victim", ["detector.json", "prototypes.safetensors"])
-def test_missing_or_altered_part_refused(tiny_bundle, tmp_path, victim):
+def test_missing_part_refused(tiny_bundle, tmp_path, victim):
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
     (copy / victim).unlink()
     with pytest.raises(BundleError, match=f"{victim} is missing"):
+        load_bundle(copy)
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "detector.json", "prototypes.safetensors"])
+def test_altered_part_refused(tiny_bundle, tmp_path, victim):
+    """One flipped byte in any listed file fails its SHA-256 check (the file is still there and well-formed
+    enough to be read, so only the digest can catch it)."""
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    data = bytearray((copy / victim).read_bytes())
+    data[-2] ^= 0x01
+    (copy / victim).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{victim} does not match its SHA-256"):
         load_bundle(copy)
 
 
@@ -85,7 +98,9 @@ def test_bundle_files_readable_by_other_users(tiny_bundle):
 
 def test_default_bundle_complete_and_readable(default_bundle):
     bundle = load_bundle(default_bundle)
-    assert bundle.part("detector") is not None and bundle.part("prototypes") is not None
+    assert bundle.detector() is not None and bundle.prototypes() is not None
+    assert bundle.detector_record().attacks
+    assert bundle.model_digest == read_meta(default_bundle)["files"]["model.safetensors"]
     assert bundle.meta["gated"] and bundle.meta["input_shape"] == [1, 28, 28]
     for name in read_meta(default_bundle)["files"]:
         assert _readable_by_others(default_bundle / name), name

@@ -7,8 +7,7 @@ server alive and draining cleanly are asserted on the rendered YAML, and the Doc
 small parser (no container engine needed).
 
 The server's defaults and flag names come from ``service.config.ServeConfig`` (the dataclass behind
-``pathguard serve``'s flags and ``PATHGUARD_*`` variables); before it exists, from the contract in issue 5
-(gRPC 50051, metrics 8002, grace 20 s).
+``pathguard serve``'s flags and ``PATHGUARD_*`` variables), and the subcommands from ``pathguard``'s own parser.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import ast
 import copy
 import dataclasses
 import fnmatch
-import importlib.util
 import json
 import re
 import shlex
@@ -49,14 +47,8 @@ KUSTOMIZATIONS = {"base": K8S / "base", **{f"overlays/{o}": K8S / "overlays" / o
                   "eval": K8S / "eval"}
 SERVING = [f"overlays/{o}" for o in OVERLAYS]
 
-# Issue 5's contract for `pathguard serve`, used until the subcommand is registered in the CLI.
-CONTRACT_DEFAULTS = {"port": 50051, "metrics_port": 8002, "grace_period": 20}
-CONTRACT_SERVE_FLAGS = {"bundle", "host", "port", "metrics_port", "threads", "max_batch_size",
-                        "max_queue_delay_ms", "max_queue_size", "grace_period", "max_message_mb",
-                        "max_images_per_request", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file"}
-CONTRACT_EVALUATE_FLAGS = {"--shard", "--bundle", "--attacks", "--detectors", "--n", "--out", "--quiet"}
-# Subcommands the image runs that are still being implemented (issue 5); drop once `serve` is registered.
-PENDING_SUBCOMMANDS = {"serve"}
+# The settings of `pathguard serve` that the manifests and the image must agree on.
+SERVER_KEYS = ("port", "metrics_port", "grace_period")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -138,17 +130,17 @@ def selects(selector: dict, labels: dict) -> bool:
 
 @pytest.fixture(scope="session")
 def subcommands() -> dict[str, argparse.ArgumentParser]:
-    """`pathguard`'s subcommand parsers, from the console script's own build_parser()."""
-    from detector.cli import build_parser
+    """`pathguard`'s subcommand parsers, from the build_parser() of the module the console script runs."""
+    import importlib
 
+    module = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["pathguard"].partition(":")[0]
+    build_parser = importlib.import_module(module).build_parser
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(sub.choices)
 
 
-def serve_config_defaults() -> dict[str, object] | None:
-    """Field defaults of service.config.ServeConfig (the server's settings), or None before it exists."""
-    if importlib.util.find_spec("service.config") is None:
-        return None
+def serve_config_defaults() -> dict[str, object]:
+    """Field defaults of service.config.ServeConfig (the server's settings)."""
     from service.config import ServeConfig
 
     return {f.name: f.default for f in dataclasses.fields(ServeConfig)}
@@ -158,9 +150,7 @@ def serve_config_defaults() -> dict[str, object] | None:
 def server_defaults() -> dict[str, float]:
     """gRPC port, metrics port and drain grace of `pathguard serve` (ServeConfig, else issue 5's contract)."""
     fields = serve_config_defaults()
-    if fields is None:
-        return dict(CONTRACT_DEFAULTS)
-    return {key: fields[key] for key in CONTRACT_DEFAULTS}
+    return {key: fields[key] for key in SERVER_KEYS}
 
 
 # ----------------------------------------------------------------------------- rendering and validation
@@ -303,8 +293,7 @@ def test_threads_follow_the_cpu_limit(name):
 @pytest.mark.parametrize("name", SERVING)
 def test_config_keys_are_server_flags(name):
     _, _, env = server(name)
-    fields = serve_config_defaults()
-    flags = CONTRACT_SERVE_FLAGS if fields is None else set(fields)
+    flags = set(serve_config_defaults())
     keys = {k for k in env if k.startswith("PATHGUARD_")}
     unknown = {k for k in keys if k.removeprefix("PATHGUARD_").lower() not in flags}
     # A misspelt key is silently ignored by the server, which then runs on its default.
@@ -470,10 +459,6 @@ def test_eval_commands_parse_with_the_cli(subcommands):
         env = {**env_of("eval", c), "JOB_COMPLETION_INDEX": str(n - 1)}
         commands.append([expand(a, env) for a in c["args"]])
     shard_args, merge_args = commands
-    if "evaluate" not in subcommands:  # the lead's CLI has not landed: hold the Jobs to the contract
-        for args in commands:
-            assert {a for a in args if a.startswith("--")} <= CONTRACT_EVALUATE_FLAGS
-        return
     parser = subcommands["evaluate"]
     try:
         ns = parser.parse_args(shard_args[1:])
@@ -603,13 +588,13 @@ def test_dockerfile_runs_the_console_script_as_non_root(subcommands):
     assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{module}:{func} not found"
     cmd = exec_form(stage, "CMD")
     assert cmd == ["serve"]
-    assert cmd[0] in set(subcommands) | PENDING_SUBCOMMANDS
+    assert cmd[0] in subcommands
     # Every Job/Deployment runs a pathguard subcommand through this entrypoint.
     for name in KUSTOMIZATIONS:
         for where, template in pod_templates(name):
             for c in template["spec"]["containers"]:
                 assert "command" not in c, f"{where}: keep the image's ENTRYPOINT"
-                assert c["args"][0] in set(subcommands) | PENDING_SUBCOMMANDS, where
+                assert c["args"][0] in subcommands, where
 
 
 def test_dockerfile_ports_and_env_match_the_server(server_defaults):
@@ -662,7 +647,7 @@ def test_dockerignore_sends_only_what_the_image_copies():
         assert not dockerignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
         if not src.startswith("models/"):  # models/default is produced by training, not kept in git here
             assert (ROOT / src).exists(), f"COPY source {src} does not exist"
-    assert not dockerignored("detector/cli.py", patterns)
+    assert not dockerignored("pathguard/main.py", patterns)
     assert not dockerignored("models/default/bundle.json", patterns)
     for junk in (".venv/bin/python", ".git/HEAD", "runs/dense/train_log.jsonl", "tests/test_deploy.py",
                  "detector/__pycache__/cli.cpython-311.pyc", "models/other/bundle.json"):

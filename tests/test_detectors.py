@@ -102,6 +102,6 @@ def test_round_trip_through_bundle_identical(tiny_bundle, tmp_path, classifier):
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
     write_part(copy, "detector", tensors=det.to_state()[0], info=det.to_state()[1])
-    loaded = PathDetector.from_state(*load_bundle(copy).part("detector"))
+    loaded = load_bundle(copy).detector()
     np.testing.assert_array_equal(loaded.decision_function(X), det.decision_function(X))
     assert loaded.threshold_ == det.threshold_ and loaded.get_params() == det.get_params()

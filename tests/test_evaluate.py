@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from detector.cli import main
+from pathguard.main import main
 
 ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5"
 # the cheaper detectors; every baseline is exercised by tests/test_baselines.py

@@ -95,7 +95,7 @@ def test_explain_command_writes_everything(tiny_bundle, tmp_path):
     from PIL import Image
 
     from detector.bundle import write_part
-    from detector.cli import main
+    from pathguard.main import main
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
@@ -120,7 +120,7 @@ def test_prototypes_part_is_used_and_inputs_chosen_by_index(tiny_bundle, tmp_pat
     bundle = load_bundle(tiny_bundle)
     protos, source = bundle_prototypes(bundle)
     assert "prototypes part" in source
-    assert torch.equal(protos.frequency, Prototypes.from_state(*bundle.part("prototypes")).frequency)
+    assert torch.equal(protos.frequency, bundle.prototypes().frequency)
     cfg = ExplainConfig(bundle=str(tiny_bundle), out=str(tmp_path / "o"), indices=(0, 5))
     images, labels, names = _chosen_inputs(cfg, bundle)
     assert images.shape == (2, 1, 16, 16) and all(isinstance(v, int) for v in labels)

@@ -210,7 +210,7 @@ def test_request_data_and_secrets_never_reach_metrics_health_or_logs(tiny_bundle
 # ----------------------------------------------------------------------------------------------------
 # no pickle
 # ----------------------------------------------------------------------------------------------------
-SCANNED = ("detector", "service", "bench")
+SCANNED = ("detector", "service", "pathguard", "bench")
 # The one place allowed to unpickle: CIFAR-10's "python version" batches, through an allow-list Unpickler.
 ALLOWED_UNPICKLER = ("detector/data/formats.py", "_ArraysOnly")
 _PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "jsonpickle", "shelve", "marshal"}
@@ -303,7 +303,6 @@ import pickle, datetime
 pickle.loads(pickle.dumps(datetime.date(2020, 1, 1)))  # control: the hook sees an unpickling
 control, events[:] = list(events), []
 
-sys.path.insert(0, "tests")
 import numpy as np, torch, grpc
 from detector import load_bundle
 from service.client import PathGuardClient

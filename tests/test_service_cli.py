@@ -11,10 +11,12 @@ import pytest
 from service_helpers import THREADS, shared_server
 from synthetic import make_images
 
-from detector.cli import DEFAULT_BUNDLE, build_parser, main
+from detector.bundle import DEFAULT_BUNDLE
+from pathguard.main import build_parser, main
+from pathguard.options import config_from, env_name
 from service import codegen
 from service.codec import encode_png
-from service.config import ScreenConfig, ServeConfig, config_from, env_name
+from service.config import ScreenConfig, ServeConfig
 
 README = Path(__file__).resolve().parent.parent / "service" / "README.md"
 
@@ -103,9 +105,9 @@ def test_generated_code_is_reproducible(tmp_path):
     grpc_file = "pathguard/v1/pathguard_pb2_grpc.py"
     version_of = lambda root: next(line for line in (root / grpc_file).read_text().splitlines()  # noqa: E731
                                    if line.startswith("GRPC_GENERATED_VERSION"))
-    if version_of(fresh_dir) != version_of(codegen.OUT_DIR):
-        pytest.skip(f"installed grpcio-tools ({version_of(fresh_dir)}) differs from the one that generated "
-                    f"service/_proto ({version_of(codegen.OUT_DIR)}); run `make protos` and commit")
+    # pyproject pins grpcio-tools to the version that generated service/_proto, so they always agree; a
+    # mismatch means the pin and the committed code drifted apart (bump both: the pin, then `make protos`).
+    assert version_of(fresh_dir) == version_of(codegen.OUT_DIR), "grpcio-tools pin != generator of service/_proto"
     assert fresh == committed
     for rel in fresh:
         assert (fresh_dir / rel).read_bytes() == (codegen.OUT_DIR / rel).read_bytes(), f"{rel} differs: make protos"

@@ -4,9 +4,7 @@ and health when every call slot is taken. The load runs are ``bench/load.py`` ag
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
-import sys
 from pathlib import Path
 
 import grpc
@@ -14,34 +12,18 @@ import numpy as np
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from safetensors.torch import load_file, save_file
-from service_helpers import THREADS, GatedRunner, config_for, sample, scrape, wait_until
+from service_helpers import THREADS, GatedRunner, config_for, permuted_bundle, sample, scrape, wait_until
 from synthetic import make_images
 
-from detector.bundle import sha256_file
-from detector.cli import main
-from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from bench.helpers import kserve_request, own_request
+from bench.load import LoadConfig, run_load, verdict
+from pathguard.main import main
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service._proto.pathguard.v1 import pathguard_pb2 as pb
 from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from service.server import EXTRA_CONCURRENT_RPCS, BackgroundServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from load import LoadConfig, run_load, verdict  # noqa: E402
-
 SCREEN = "pathguard.v1.PathGuard/ScreenImages"
 X, _ = make_images(16, seed=61)
-
-
-def own_request(images: np.ndarray) -> pb.ScreenRequest:
-    return pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(images.shape), data=images.tobytes()))
-
-
-def kserve_request(images: np.ndarray) -> kserve_pb2.ModelInferRequest:
-    req = kserve_pb2.ModelInferRequest(model_name="pathguard")
-    req.inputs.add(name="images", datatype="FP32", shape=list(images.shape))
-    req.raw_input_contents.append(images.tobytes())
-    return req
 
 
 def gate(bg: BackgroundServer) -> GatedRunner:
@@ -50,24 +32,6 @@ def gate(bg: BackgroundServer) -> GatedRunner:
     gated = GatedRunner(service._runtime)
     service.swap(gated)
     return gated
-
-
-def permuted_bundle(src: Path, dst: Path) -> Path:
-    """A copy of ``src`` as model version 2 whose classifier rows are rotated by one, with the class names
-    rotated to match: the same images get other class indices but the same class names."""
-    shutil.copytree(src, dst)
-    state = load_file(str(dst / "model.safetensors"))
-    k = state["classifier.weight"].shape[0]
-    order = [(j - 1) % k for j in range(k)]  # new class j is old class order[j]
-    for name in ("classifier.weight", "classifier.bias"):
-        state[name] = state[name][order].contiguous()
-    save_file(state, str(dst / "model.safetensors"))
-    meta = json.loads((dst / "bundle.json").read_text())
-    meta["files"]["model.safetensors"] = sha256_file(dst / "model.safetensors")
-    meta["classes"] = [meta["classes"][i] for i in order]
-    meta["model_version"] = "2"
-    (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
 """Hypothesis fuzzing of the request surface (own API, KServe v2, raw wire bytes), bounded for CI.
 
-The strategies and the reference oracle live in ``bench/fuzz.py``; ``python bench/fuzz.py --cases 10000`` is
+The strategies and the reference oracle live in ``bench/fuzz.py``; ``python -m bench.fuzz --cases 10000`` is
 the long run. Here a failing case is shrunk to a minimal one. The regressions the fuzzing found are pinned
 below as plain tests.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,14 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service_helpers import shared_server
 
+from bench import fuzz
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service._proto.pathguard.v1 import pathguard_pb2 as pb
 from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from service.errors import MAX_MESSAGE_BYTES
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import fuzz  # noqa: E402
 
 EXAMPLES = 300
 FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,

@@ -2,59 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_helpers import THREADS, config_for, sample, scrape, wait_until
+from service_helpers import THREADS, config_for, permuted_bundle, sample, scrape, wait_until
 from synthetic import make_images
 
+from bench.helpers import ServerProcess
 from service.client import PathGuardClient
 from service.server import BackgroundServer
 
 
-class ServeProcess:
-    """``pathguard serve`` in a subprocess; learns its ports from its log."""
-
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PATHGUARD_THREADS": str(THREADS)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_until(lambda: any("ready:" in line for line in self.lines) or self.proc.poll() is not None, 60)
-        log = "".join(self.lines)
-        match = re.search(r"listening on [^ ]+:(\d+) .*metrics on :(\d+)/metrics", log)
-        assert match and self.proc.poll() is None, log
-        self.port, self.metrics_port = int(match[1]), int(match[2])
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
 def test_sigterm_finishes_accepted_calls_refuses_new_ones_and_exits_0(tiny_bundle):
-    server = ServeProcess("--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                          "--max-batch-size", "1", "--grace-period", "60")
+    server = ServerProcess(tiny_bundle, THREADS, ["--max-batch-size", "1", "--grace-period", "60"])
     try:
         x, _ = make_images(64, seed=41)
-        metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        metrics_url = server.metrics_url
         with PathGuardClient(server.target, timeout=120) as client, ThreadPoolExecutor(12) as pool:
             assert client.health() == "SERVING"
             # Each request (64 images) runs as 64 batches of one, so the 12 requests make a queue to drain.
@@ -109,11 +74,20 @@ def test_health_and_reflection_list_every_service_and_health_goes_not_serving(ti
 
 
 def test_reload_swaps_the_bundle_and_a_broken_one_is_refused(tiny_bundle, tmp_path):
-    x, _ = make_images(2, seed=42)
+    """Reload to another bundle (model version 2, classifier rows rotated): answers come from it; a broken
+    bundle is refused and version 2 keeps serving."""
+    x, _ = make_images(4, seed=42)
+    other = permuted_bundle(tiny_bundle, tmp_path / "v2")
     with BackgroundServer(config_for(tiny_bundle)) as bg, PathGuardClient(bg.target) as client:
         before = client.screen(x)
-        assert bg.reload(str(tiny_bundle)).name == client.describe().name
-        assert bg.reload(str(tmp_path / "missing")) is None  # logged; the old model keeps serving
+        assert client.describe().version == "1"
+        assert bg.reload(str(other)) is not None
+        assert client.describe().version == "2"
+        swapped = client.screen(x)
+        assert bg.reload(str(tmp_path / "missing")) is None  # logged; the loaded model keeps serving
         after = client.screen(x)
-        assert client.health() == "SERVING"
-    np.testing.assert_allclose([r.adversarial_score for r in after], [r.adversarial_score for r in before], atol=1e-6)
+        assert client.health() == "SERVING" and client.describe().version == "2"
+    # the same images get the same class names from the rotated model, but other class indices
+    assert [r.class_name for r in swapped] == [r.class_name for r in before]
+    assert [r.class_index for r in swapped] != [r.class_index for r in before]
+    assert [(r.class_index, r.class_name) for r in after] == [(r.class_index, r.class_name) for r in swapped]

@@ -3,62 +3,31 @@ worker, SIGTERM drains both and the supervisor exits 0."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from service_helpers import sample, scrape, wait_until
 from synthetic import make_images
 
+from bench.helpers import ServerProcess
 from service.client import PathGuardClient
 
 METHOD = "pathguard.v1.PathGuard/ScreenImages"
 
 
-class WorkersProcess:
-    """``pathguard serve --workers N`` in a subprocess; learns its ports from the supervisor's log."""
+def _workers(bundle, workers: int, *args: str) -> ServerProcess:
+    """``pathguard serve --workers N`` (its supervisor logs the shared port and /metrics), every worker ready."""
+    server = ServerProcess(bundle, 1, ["--workers", str(workers), *args])
+    wait_until(lambda: _count(server, "ready:") == workers or server.proc.poll() is not None, 120)
+    assert server.proc.poll() is None, server.log
+    return server
 
-    def __init__(self, workers: int, *args: str) -> None:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        self.workers = workers
-        self.proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--workers", str(workers),
-                                      "--threads", "1", *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_until(lambda: self.count("ready:") == workers or self.proc.poll() is not None, 120)
-        log = self.log
-        match = re.search(r"supervisor \d+ listening on [^ ]+:(\d+) .*metrics on :(\d+)/metrics", log)
-        assert match and self.proc.poll() is None, log
-        self.port, self.metrics_port = int(match[1]), int(match[2])
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+def _count(server: ServerProcess, text: str) -> int:
+    return server.log.count(text)
 
 
 def _one_call_per_connection(target: str, images, n: int) -> list[int]:
@@ -71,8 +40,7 @@ def _one_call_per_connection(target: str, images, n: int) -> list[int]:
 
 
 def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
-    server = WorkersProcess(2, "--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0",
-                            "--metrics-port", "0", "--max-batch-size", "1", "--grace-period", "60")
+    server = _workers(tiny_bundle, 2, "--max-batch-size", "1", "--grace-period", "60")
     try:
         x, _ = make_images(64, seed=51)
         before = scrape(server.metrics_url)
@@ -89,7 +57,7 @@ def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
         assert all(sample(after, "pathguard_worker_cpu_seconds_total", worker=str(i)) > 0 for i in range(2))
 
         server.proc.send_signal(signal.SIGHUP)  # every worker reloads
-        wait_until(lambda: server.count("reloaded: now serving") == 2, 60)
+        wait_until(lambda: _count(server, "reloaded: now serving") == 2, 60)
         assert sample(scrape(server.metrics_url), "pathguard_reloads_total", result="success") == 2
 
         # SIGTERM while both workers have accepted calls in flight (64 images each, batches of one)
@@ -117,7 +85,7 @@ def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--workers", "2", "--threads", "1",
+    proc = subprocess.run([sys.executable, "-m", "pathguard", "serve", "--workers", "2", "--threads", "1",
                            "--bundle", str(tmp_path / "missing"), "--host", "127.0.0.1", "--port", "0",
                            "--metrics-port", "0"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from detector.cli import main
 from detector.training import TrainConfig, train
+from pathguard.main import main
 
 
 def test_config_validates():

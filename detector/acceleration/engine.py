@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models import DecoupledNet, GatedConv, LayerPath, PathOutput
+from ..models import GATE_THRESHOLD, DecoupledNet, GatedConv, LayerPath, PathOutput
 from ..models.resnet import ResNet
 from ..models.vgg import VGG
 
@@ -222,7 +222,6 @@ class EngineConv(nn.Module):
         self.config = config
         self.acm_macs = 0 if self.acm is None else self.acm.macs()
         self._nan = torch.full((1, self.out_channels), float("nan"), device=w.device)
-        self.last_mode = ""  # how the last batch (N > 1) call ran: dense, union or gather
         # plain references for the batch-1 path, where attribute lookups through nn.Module add up
         self._w, self._b = w, b
         acm = self.acm
@@ -257,7 +256,7 @@ class EngineConv(nn.Module):
         h = F.linear(v.mean((2, 3)), self._w1 if chan is None else self._w1.index_select(1, chan), self._b1)
         z = F.linear(h.relu_(), self._w2, self._b2)
         p = torch.sigmoid(z if self.temperature == 1.0 else z / self.temperature)
-        out = (p.view(-1) > 0.5).nonzero().view(-1)
+        out = (p.view(-1) > GATE_THRESHOLD).nonzero().view(-1)
         n_out = out.shape[0]
         if n_out == self.out_channels:
             out = None
@@ -283,12 +282,11 @@ class EngineConv(nn.Module):
             h = F.linear(x.spread(m), acm.fc1.weight, acm.fc1.bias)
         z = F.linear(F.relu_(h), acm.fc2.weight, acm.fc2.bias)
         p = torch.sigmoid(z if self.temperature == 1.0 else z / self.temperature)
-        return p, p > 0.5
+        return p, p > GATE_THRESHOLD
 
     def forward(self, x: Compact) -> tuple[Compact, Tensor | None, Tensor | None]:
         """The layer's output map, its soft gates p and hard gates as bool (N, C_out); None, None if ungated."""
         if self.acm is None:
-            self.last_mode = "dense"
             x = x.shared()
             w = self.weight if x.chan is None else self.weight.index_select(1, x.chan)
             return Compact(self._conv(x.values, w, self.bias), None, self.out_channels), None, None
@@ -297,7 +295,6 @@ class EngineConv(nn.Module):
         mode = "single" if n == 1 else self.config.batch_mode
         if mode == "auto":
             mode = self._choose(x, on)
-        self.last_mode = mode
         y = self._gather(x, on) if mode == "gather" else self._shared(x, on)
         return y, p, on
 
@@ -373,7 +370,7 @@ class EngineConv(nn.Module):
             e = pooled if self.activation else y.spread(y.values.abs().mean(dim=(2, 3)))
             e = e / e.amax(dim=1, keepdim=True).clamp_min(1e-8)
             return LayerPath(name, full, full, e, pooled, torch.full((n,), float(dense), device=pooled.device), dense)
-        g = (p > 0.5).to(p.dtype)
+        g = (p > GATE_THRESHOLD).to(p.dtype)
         per_pair = self.kernel_size[0] * self.kernel_size[1] * oh * ow
         out_active = g.sum(1)
         macs = out_active * float(self.in_channels * per_pair) if in_active is None else \
@@ -534,10 +531,6 @@ class SkippingEngine:
     @property
     def layers(self) -> list[EngineConv]:
         return [m for m in self.executor.modules() if isinstance(m, EngineConv)]
-
-    def last_modes(self) -> list[str]:
-        """How each gated layer ran in the last call (dense, single, union or gather), in module order."""
-        return [m.last_mode for m in self.layers]
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.forward(x)

@@ -21,6 +21,7 @@ from ..models import PathOutput, straight_through
 from .pipeline import Pipeline
 
 CLASSIFIER_LOSSES = ("margin", "ce")
+GOAL_EPS = 0.1  # issue 9: at this budget an adaptive attacker should beat the hardened pipeline on < half the images
 
 
 @dataclass

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import __version__
 from ..attacks import AttackSpec, run_attack
-from ..bundle import Bundle, load_bundle
+from ..bundle import BUNDLE_HELP, Bundle, load_bundle
 from ..detectors import PathDetector
 from ..detectors.scorers import TreeScorer
 from ..evaluation.metrics import detection_metrics
 from ..prototypes import Prototypes
+from ..reporting import report_header
 from ..splits import bundle_splits, correctly_classified
-from .base import CLASSIFIER_LOSSES, AdaptiveAttack
+from .base import CLASSIFIER_LOSSES, GOAL_EPS, AdaptiveAttack
 from .detector_pgd import DetectorPGD
 from .hardening import as_device, base_training_set, harden_detector, rows_of, save_hardened
 from .mimicry import PathMimicry
@@ -50,25 +50,30 @@ class AdaptiveConfig:
         logistic-regression detector is differentiated exactly.
     """
 
-    bundle: str = ""
-    n: int = 500
-    eps: tuple[float, ...] = (0.03, 0.05, 0.1)
-    lambdas: tuple[float, ...] = (0.1, 0.3)
+    bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
+    n: int = field(default=500, metadata={"help": "test images to attack"})
+    eps: tuple[float, ...] = field(default=(0.03, 0.05, 0.1), metadata={"help": "Linf budgets in [0, 1] pixels"})
+    lambdas: tuple[float, ...] = field(default=(0.1, 0.3), metadata={"help": "weights of the evasion term"})
     attacks: tuple[str, ...] = ("detector-pgd", "mimicry")
-    steps: int = 30
-    classifier_loss: str = "margin"
-    kappa: float = 0.0
-    balance: bool = True
-    mimicry_target: str = "runner-up"
-    surrogate: str = "mlp"
-    harden: bool = True
-    n_harden: int = 250
+    steps: int = field(default=30, metadata={"help": "PGD steps of every attack"})
+    classifier_loss: str = field(default="margin", metadata={"choices": CLASSIFIER_LOSSES})
+    kappa: float = field(default=0.0, metadata={"help": "margin of the hinge losses, logit units"})
+    balance: bool = field(default=True, metadata={"help": "do not normalise the two gradients per image",
+                                                  "flag": "--no-balance", "switch": True})
+    mimicry_target: str = field(default="runner-up", metadata={"help": "'runner-up' or a class index"})
+    surrogate: str = field(default="mlp", metadata={"help": "surrogate for tree-ensemble detectors",
+                                                    "choices": SURROGATE_KINDS})
+    harden: bool = field(default=True, metadata={"help": "skip hardening and the second round",
+                                                 "flag": "--no-harden", "switch": True})
+    n_harden: int = field(default=250, metadata={"help": "validation images attacked for hardening"})
     seed: int = 0
     batch_size: int = 250
     data_root: str | None = None
-    cache_dir: str | None = None
-    save_hardened: str | None = None
-    plots: bool = True
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "reuse the attacks that rebuild the detector's training rows"})
+    save_hardened: str | None = field(default=None, metadata={
+        "help": "write a copy of the bundle with the hardened detector", "metavar": "DIR"})
+    plots: bool = field(default=True, metadata={"help": "no plots", "flag": "--no-plots", "switch": True})
 
     def __post_init__(self) -> None:
         self.eps = tuple(float(e) for e in self.eps)
@@ -209,11 +214,8 @@ def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes
     bundle = load_bundle(cfg.bundle, device=device)
     if not bundle.model.gated:
         raise ValueError(f"bundle {cfg.bundle} holds a dense model; adaptive attacks need a gated one")
-    protos, det = bundle.part("prototypes"), bundle.part("detector")
-    if protos is None or det is None:
-        raise ValueError(f"bundle {cfg.bundle} has no fitted detector; run `pathguard fit-detector --bundle "
-                         f"{cfg.bundle}` first")
-    return bundle, as_device(Prototypes.from_state(*protos), device), PathDetector.from_state(*det)
+    protos, det = bundle.fitted()
+    return bundle, as_device(protos, device), det
 
 
 def _attack_round(rnd: Round, cfg: AdaptiveConfig, images: Tensor, labels: Tensor, progress: bool,
@@ -233,6 +235,70 @@ def _attack_round(rnd: Round, cfg: AdaptiveConfig, images: Tensor, labels: Tenso
                          100 * row["success_pipeline"], res.seconds)
 
 
+def _first_round(cfg: AdaptiveConfig, pipe: Pipeline, x: Tensor, y: Tensor,
+                 progress: bool) -> tuple[Round, dict[float, Tensor], dict[tuple, Tensor], np.ndarray]:
+    """Round 1, the shipped detector: plain PGD at every budget (the reference), then the adaptive attacks.
+    Returns the round, the plain adversarial images by eps, the adaptive ones by key, and the clean rows."""
+    r1 = Round("original", pipe)
+    _, r1.clean_scores, X_clean = pipe.evaluate(x)
+    plain: dict[float, Tensor] = {}
+    for eps in cfg.eps:
+        spec = AttackSpec(REFERENCE, {"eps": eps, "alpha": _alpha(eps, cfg.steps), "steps": cfg.steps,
+                                      "random_start": True}, f"pgd:eps={eps}")
+        res = run_attack(pipe.model, x, y, spec, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+        plain[eps] = res.adversarial
+        r1.rows.append(outcome(r1, (REFERENCE, eps, None), res.adversarial, x, y, res.seconds, cfg.n * cfg.steps))
+    adv1: dict[tuple, Tensor] = {}
+    _attack_round(r1, cfg, x, y, progress, adv1)
+    return r1, plain, adv1, X_clean
+
+
+def _harden(cfg: AdaptiveConfig, pipe: Pipeline, base, split_name: str, trees: bool,
+            progress: bool) -> tuple[PathDetector, object, dict]:
+    """Adaptive examples on the detector's own (validation) fitting images; the detector refitted with them.
+    Returns the hardened detector, its surrogate and the report's ``hardening`` section."""
+    th = time.perf_counter()
+    det = pipe.detector
+    hx, hy = base.fit_images[:cfg.n_harden], base.fit_labels[:cfg.n_harden]
+    blocks, per = [], {}
+    for name in cfg.attacks:
+        for eps in cfg.eps:
+            for lam in cfg.lambdas:
+                res = make_attack(name, pipe, cfg, eps, lam)(hx, hy, seed=cfg.seed + 1, batch_size=cfg.batch_size,
+                                                             progress=progress,
+                                                             desc=f"hardening: {name} eps={eps} lambda={lam}")
+                blocks.append(rows_of(res.adversarial, pipe.model, pipe.prototypes, hy))
+                per[f"{name} eps={eps} lambda={lam}"] = len(blocks[-1])
+    adaptive_rows = np.concatenate(blocks)
+    hardened = harden_detector(det, base, adaptive_rows)
+    surrogate = build_surrogate(hardened, np.concatenate([base.X, adaptive_rows]) if trees else None,
+                                kind=cfg.surrogate, seed=cfg.seed)
+    hardening = {"images": {"set": split_name, "n": len(hx), "what": "the first n_harden of the detector's "
+                            "fitting images"},
+                 "base_rows": base.describe, "adaptive_rows": int(len(adaptive_rows)), "per_attack": per,
+                 "threshold_before": det.threshold_, "threshold_after": hardened.threshold_,
+                 "surrogate": surrogate.describe(), "seconds": round(time.perf_counter() - th, 1)}
+    log.info("hardened the detector with %d adaptive examples (threshold %.4g -> %.4g)", len(adaptive_rows),
+             det.threshold_, hardened.threshold_)
+    return hardened, surrogate, hardening
+
+
+def _second_round(cfg: AdaptiveConfig, pipe: Pipeline, plain: dict[float, Tensor], adv1: dict[tuple, Tensor],
+                  x: Tensor, y: Tensor, progress: bool) -> Round:
+    """Round 2: the hardened detector, attacked adaptively again; round 1's examples rescored (transfer)."""
+    r2 = Round("hardened", pipe)
+    _, r2.clean_scores, _ = pipe.evaluate(x)
+    for eps in cfg.eps:  # the plain attack does not depend on the detector: rescore the same images
+        r2.rows.append(outcome(r2, (REFERENCE, eps, None), plain[eps], x, y))
+    transfer = Round("round-1 examples", pipe, r2.clean_scores)
+    for key, adv in adv1.items():
+        r2.transfer.append(outcome(transfer, key, adv, x, y))
+    _attack_round(r2, cfg, x, y, progress, {})
+    return r2
+
+
+# Over 60 lines on purpose: the experiment's steps in order (load, cost, round 1, hardening, round 2,
+# report); each step is its own function, what remains is the wiring and the report's assembly.
 def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str = "cpu",
                  progress: bool = True) -> dict:
     """Run the whole adaptive evaluation and write report.json, report.md and figures to ``out``."""
@@ -247,10 +313,10 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     trees = isinstance(det.scorer_, TreeScorer)
     need_base = cfg.harden or trees
     base = None
-    info = bundle.part("detector")[1]
-    base_specs = [AttackSpec(a["name"], dict(a["params"]), a["label"]) for a in info.get("attacks", [])]
-
-    n_fit = int(info.get("fit_images", {}).get("n_clean", 0))
+    record = bundle.detector_record()
+    assert record is not None  # _load checked that the bundle has a detector
+    base_specs = record.attacks
+    n_fit = int(record.fit_images.get("n_clean", 0))
     cost = estimate_cost(cfg, measure_step_seconds(Pipeline(model, protos, det, None), x, y), base_specs, n_fit,
                          need_base)
     log.info("estimated cost: at most %.0f min on this machine (%.2f ms per image and gradient step; early "
@@ -262,18 +328,7 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     surrogate = build_surrogate(det, base.X if trees else None, kind=cfg.surrogate, seed=cfg.seed)
     pipe1 = Pipeline(model, protos, det, surrogate)
 
-    # -- round 1: the shipped detector -----------------------------------------------------------------
-    r1 = Round("original", pipe1)
-    _, r1.clean_scores, X_clean = pipe1.evaluate(x)
-    plain: dict[float, Tensor] = {}
-    for eps in cfg.eps:
-        spec = AttackSpec(REFERENCE, {"eps": eps, "alpha": _alpha(eps, cfg.steps), "steps": cfg.steps,
-                                      "random_start": True}, f"pgd:eps={eps}")
-        res = run_attack(model, x, y, spec, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
-        plain[eps] = res.adversarial
-        r1.rows.append(outcome(r1, (REFERENCE, eps, None), res.adversarial, x, y, res.seconds, cfg.n * cfg.steps))
-    adv1: dict[tuple, Tensor] = {}
-    _attack_round(r1, cfg, x, y, progress, adv1)
+    r1, plain, adv1, X_clean = _first_round(cfg, pipe1, x, y, progress)
     surrogate_info = {**surrogate.describe()}
     if base is not None:
         surrogate_info["spearman_fit_rows"] = surrogate_agreement(surrogate, det, base.X)
@@ -283,50 +338,16 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     rounds = [r1]
     hardening: dict | None = None
     if cfg.harden:
-        # -- hardening: adaptive examples on the detector's own (validation) fitting images --------------
-        th = time.perf_counter()
-        hx, hy = base.fit_images[:cfg.n_harden], base.fit_labels[:cfg.n_harden]
-        blocks, per = [], {}
-        for name in cfg.attacks:
-            for eps in cfg.eps:
-                for lam in cfg.lambdas:
-                    res = make_attack(name, pipe1, cfg, eps, lam)(hx, hy, seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                                                                  progress=progress,
-                                                                  desc=f"hardening: {name} eps={eps} lambda={lam}")
-                    blocks.append(rows_of(res.adversarial, model, protos, hy))
-                    per[f"{name} eps={eps} lambda={lam}"] = len(blocks[-1])
-        adaptive_rows = np.concatenate(blocks)
-        hardened = harden_detector(det, base, adaptive_rows)
-        surrogate2 = build_surrogate(hardened, np.concatenate([base.X, adaptive_rows]) if trees else None,
-                                     kind=cfg.surrogate, seed=cfg.seed)
-        hardening = {"images": {"set": splits.val.name, "n": len(hx), "what": "the first n_harden of the detector's "
-                                "fitting images"},
-                     "base_rows": base.describe, "adaptive_rows": int(len(adaptive_rows)), "per_attack": per,
-                     "threshold_before": det.threshold_, "threshold_after": hardened.threshold_,
-                     "surrogate": surrogate2.describe(), "seconds": round(time.perf_counter() - th, 1)}
-        log.info("hardened the detector with %d adaptive examples (threshold %.4g -> %.4g)", len(adaptive_rows),
-                 det.threshold_, hardened.threshold_)
-
-        # -- round 2: the hardened detector, attacked adaptively again -------------------------------------
-        r2 = Round("hardened", Pipeline(model, protos, hardened, surrogate2))
-        _, r2.clean_scores, _ = r2.pipeline.evaluate(x)
-        for eps in cfg.eps:  # the plain attack does not depend on the detector: rescore the same images
-            r2.rows.append(outcome(r2, (REFERENCE, eps, None), plain[eps], x, y))
-        transfer = Round("round-1 examples", r2.pipeline, r2.clean_scores)
-        for key, adv in adv1.items():
-            r2.transfer.append(outcome(transfer, key, adv, x, y))
-        _attack_round(r2, cfg, x, y, progress, {})
-        rounds.append(r2)
+        assert base is not None  # need_base holds when cfg.harden
+        hardened, surrogate2, hardening = _harden(cfg, pipe1, base, splits.val.name, trees, progress)
+        rounds.append(_second_round(cfg, Pipeline(model, protos, hardened, surrogate2), plain, adv1, x, y, progress))
         if cfg.save_hardened:
             hardening["saved_to"] = str(save_hardened(bundle, hardened, Path(cfg.save_hardened), {
-                "by": "pathguard adaptive", "config": cfg.to_dict(), "adaptive_rows": int(len(adaptive_rows)),
-                "per_attack": per, "images": hardening["images"]}))
+                "by": "pathguard adaptive", "config": cfg.to_dict(), "adaptive_rows": hardening["adaptive_rows"],
+                "per_attack": hardening["per_attack"], "images": hardening["images"]}))
 
     report = {
-        "pathguard_version": __version__,
-        "config": cfg.to_dict(),
-        "bundle": {"path": str(cfg.bundle), "name": bundle.name, "arch": bundle.meta["arch"],
-                   "model_sha256": bundle.meta["files"]["model.safetensors"]},
+        **report_header(bundle, cfg.bundle, cfg.to_dict()),
         "device": str(device), "threads": torch.get_num_threads(),
         "detector": {"classifier": det.classifier, "feature_groups": list(det.feature_groups),
                      "target_fpr": det.target_fpr, "threshold": det.threshold_, "surrogate": surrogate_info},
@@ -348,7 +369,6 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     return report
 
 
-GOAL_EPS = 0.1  # issue 9: at this budget an adaptive attacker should beat the hardened pipeline on < half the images
 
 
 def headline(report: dict) -> dict:

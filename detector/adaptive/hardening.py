@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..attacks import AttackSpec
 from ..bundle import Bundle, write_part
 from ..detectors import PathDetector
+from ..detectors.record import DetectorRecord
 from ..features import extract_path_features
 from ..fitting import adversarial_training_set
 from ..prototypes import Prototypes
@@ -44,25 +44,22 @@ class DetectorTrainingSet:
 def base_training_set(bundle: Bundle, splits: Splits, prototypes: Prototypes, *, cache_dir: Path | None = None,
                       progress: bool = False) -> DetectorTrainingSet:
     """Rebuild the training and calibration rows of the bundle's fitted detector from ``detector.json``."""
-    part = bundle.part("detector")
-    if part is None:
+    record = bundle.detector_record()
+    if record is None:
         raise ValueError(f"bundle {bundle.path} has no fitted detector; run `pathguard fit-detector` first")
-    info = part[1]
-    try:
-        fit, cal, attacks = info["fit_images"], info["calibration_images"], info["attacks"]
-    except KeyError as exc:
-        raise ValueError(f"bundle {bundle.path}: detector.json does not record {exc}, so its training rows "
-                         "cannot be rebuilt for hardening") from None
+    fit, cal, specs = record.fit_images, record.calibration_images, record.attacks
+    if not fit or not cal or not specs:
+        raise ValueError(f"bundle {bundle.path}: detector.json does not record its fitting images, calibration "
+                         "images and attacks, so its training rows cannot be rebuilt for hardening")
     if fit["set"] != splits.val.name or cal["set"] != splits.val.name:
         raise ValueError(f"bundle {bundle.path}: the detector was fitted on {fit['set']!r}, not on the validation "
                          f"split {splits.val.name!r}")
     model = bundle.model
     fit_idx = correctly_classified(model, splits.val, int(fit["n_clean"]), seed=int(fit["seed"]))
     cal_idx = correctly_classified(model, splits.val, int(cal["n"]), seed=int(cal["seed"]), skip=int(cal["skip"]))
-    specs = [AttackSpec(a["name"], dict(a["params"]), a["label"]) for a in attacks]
     images, labels = splits.val.float_images(fit_idx), splits.val.labels[fit_idx]
     X, y, groups, per_attack = adversarial_training_set(
-        model, prototypes, images, labels, specs, digest=bundle.meta["files"]["model.safetensors"],
+        model, prototypes, images, labels, specs, digest=bundle.model_digest,
         cache_dir=cache_dir, seed=int(fit["seed"]), progress=progress)
     X_cal = extract_path_features(model, prototypes, splits.val.float_images(cal_idx)).X
     return DetectorTrainingSet(X, y, groups, X_cal, images, labels, {
@@ -90,10 +87,9 @@ def save_hardened(bundle: Bundle, detector: PathDetector, out: Path, info: dict)
         raise ValueError(f"--save-hardened {out} already exists; give a new directory")
     shutil.copytree(bundle.path, out)
     tensors, state = detector.to_state()
-    old = bundle.part("detector")[1] if bundle.part("detector") else {}
-    keep = {k: old[k] for k in ("classifier", "feature_groups", "target_fpr", "attacks", "fit_images",
-                                "calibration_images", "per_attack") if k in old}
-    write_part(out, "detector", tensors=tensors, info={**state, **keep, "hardened": info})
+    record = bundle.detector_record() or DetectorRecord()
+    record.fit_seconds, record.hardened = None, info
+    write_part(out, "detector", tensors=tensors, info={**state, **record.to_info()})
     log.info("wrote the hardened detector into a copy of the bundle at %s", out)
     return out
 

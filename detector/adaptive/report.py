@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .experiment import GOAL_EPS  # noqa: E402
+from ..reporting import bundle_sentence, write_json_and_markdown
+from .base import GOAL_EPS
 
 NAMES = {"pgd": "plain PGD (reference)", "detector-pgd": "detector-aware PGD", "mimicry": "path mimicry",
          "any": "any of them"}
@@ -29,18 +26,18 @@ def write_report(out: Path, report: dict, rounds=None) -> None:
     """Write report.json and report.md (and figures, when ``rounds`` holds the per-image results)."""
     if rounds is not None:
         report["plots"] = write_plots(out, report, rounds)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
+    write_json_and_markdown(out, report, render_markdown(report))
 
 
+# Over 60 lines on purpose: one Markdown page written top to bottom in the order it reads; split, its
+# sections would lose their order and share half a dozen locals.
 def render_markdown(r: dict) -> str:
     cfg, det, h = r["config"], r["detector"], r["headline"]
     rounds = r["rounds"]
     fpr = det["target_fpr"]
     lines = [
         "# PathGuard adaptive-attack report", "",
-        f"Bundle `{r['bundle']['path']}` ({r['bundle']['arch']}, weights SHA-256 "
-        f"`{r['bundle']['model_sha256'][:16]}`); path detector: {det['classifier']} on "
+        f"{bundle_sentence(r)}; path detector: {det['classifier']} on "
         f"{', '.join(det['feature_groups'])}, threshold calibrated at {_pct(fpr)} FPR on clean validation images.",
         "",
         "## Headline", "",

@@ -125,8 +125,8 @@ def parse_attacks(text: str) -> list[AttackSpec]:
         current = token
     if current:
         specs.append(current)
-    specs = [parse_attack(s.replace(";", ",")) for s in specs if s.strip()]
-    labels = [s.label for s in specs]
+    parsed = [parse_attack(s.replace(";", ",")) for s in specs if s.strip()]
+    labels = [s.label for s in parsed]
     if len(set(labels)) != len(labels):
         raise ValueError(f"attacks {labels} name the same attack twice")
-    return specs
+    return parsed

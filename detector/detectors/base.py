@@ -18,7 +18,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-from .scorers import IdentityScorer, export_scorer, scorer_from_state
+from .scorers import IdentityScorer, LinearScorer, TreeScorer, export_scorer, scorer_from_state
+
+Scorer = LinearScorer | TreeScorer | IdentityScorer
 
 CLASSIFIERS = ("logreg", "rf", "gb", "identity")
 
@@ -105,7 +107,7 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
         if self.classifier == "identity":
             if len(self.columns_) != 1:
                 raise ValueError(f"classifier='identity' needs exactly one feature, got {len(self.columns_)}")
-            self.scorer_ = IdentityScorer()
+            self.scorer_: Scorer = IdentityScorer()
         else:
             self.scorer_ = export_scorer(self._make_classifier().fit(X[:, self.columns_], y))
         self.calibrate(X[y == 0] if X_calibration is None else X_calibration)

@@ -14,7 +14,6 @@ from ..attacks import AttackSpec
 from ..bundle import Bundle
 from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, get_detector
 from ..features import GROUPS
-from ..prototypes import Prototypes
 from .config import EvalConfig
 from .images import ImageSets
 from .metrics import detection_metrics
@@ -135,13 +134,15 @@ def forward_seconds_per_image(model, images: Tensor, batch: int = 500) -> float:
     return (time.perf_counter() - t0) / len(images)
 
 
+# Over 60 lines on purpose: featurize once per featurizer, then fit/score every detector; the two loops
+# share the feature cache and timings, and the per-detector work is already in helpers.
 def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[AttackSpec],
             adv: dict[str, Tensor]) -> tuple[dict, dict]:
     """Fit and score every detector of ``cfg``; returns (report sections, scores for plots)."""
     model = bundle.model.eval()
     attacks = [s.label for s in specs]
     outcomes = attack_outcomes(model, sets, adv, specs)
-    protos = Prototypes.from_state(*bundle.part("prototypes")) if bundle.part("prototypes") else None
+    protos = bundle.prototypes()
     ctx = FeaturizerContext(model, protos, sets.reference.images, sets.reference.labels, cfg.seed)
     forward_s = forward_seconds_per_image(model, sets.eval.images)
 
@@ -166,11 +167,11 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
     results, plot_scores, detectors, loo, timing = {}, {}, {}, {}, {}
     for name in cfg.detectors:
         if name == "bundle":
-            part = bundle.part("detector")
-            if part is None:
+            est, record = bundle.detector(), bundle.detector_record()
+            if est is None or record is None:
                 raise ValueError(f"detector 'bundle' asked for, but {bundle.path} has no fitted detector")
-            est, feats, fit_s = PathDetector.from_state(*part), features["path"], 0.0
-            entry_desc = f"the bundle's own detector ({part[1].get('classifier')}, fitted by fit-detector)"
+            feats, fit_s = features["path"], 0.0
+            entry_desc = f"the bundle's own detector ({record.classifier}, fitted by fit-detector)"
             fkey = "path"
         else:
             entry = get_detector(name)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .metrics import roc_points  # noqa: E402
+from .metrics import roc_points
 
 
 def write_plots(out: Path, scores: dict[str, dict], results: dict, thresholds: dict[str, float],

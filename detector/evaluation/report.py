@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..reporting import bundle_sentence, write_json_and_markdown
 
 
 def _f(v, digits: int = 3) -> str:
@@ -15,8 +16,7 @@ def _pct(v) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
+    write_json_and_markdown(out, report, render_markdown(report))
 
 
 def render_markdown(r: dict) -> str:
@@ -24,8 +24,7 @@ def render_markdown(r: dict) -> str:
     fpr = cfg["target_fpr"]
     lines = [
         "# PathGuard evaluation report", "",
-        f"Bundle `{r['bundle']['path']}` ({r['bundle']['arch']}, weights SHA-256 "
-        f"`{r['bundle']['model_sha256'][:16]}`). Clean test accuracy {_pct(r['clean_accuracy'])} "
+        f"{bundle_sentence(r)}. Clean test accuracy {_pct(r['clean_accuracy'])} "
         f"on {r['clean_accuracy_n']} test images.", "",
         "## Images", "",
         f"- Evaluation: {r['images']['eval']['n']} correctly classified images of `{r['images']['eval']['set']}` "

@@ -4,30 +4,42 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from .. import __version__
-from ..attacks import parse_attacks
-from ..bundle import load_bundle
-from ..splits import bundle_splits
+from ..attacks import AttackSpec, parse_attacks
+from ..bundle import Bundle, load_bundle
+from ..reporting import report_header
+from ..splits import Splits, bundle_splits
 from .adversarial import compute_all, compute_shard, load_shards
 from .analysis import analyze
 from .config import EvalConfig
-from .images import select_images
+from .images import ImageSets, select_images
 from .plots import write_plots
 from .report import write_report
 
 log = logging.getLogger(__name__)
 
 
-def _prepare(cfg: EvalConfig):
+@dataclass
+class Prepared:
+    """What every evaluation step starts from: the bundle, its splits, the chosen images and the attacks."""
+
+    bundle: Bundle
+    splits: Splits
+    sets: ImageSets
+    specs: list[AttackSpec]
+
+
+def _prepare(cfg: EvalConfig) -> Prepared:
     bundle = load_bundle(cfg.bundle)
     splits = bundle_splits(bundle.meta, cfg.data_root)
     sets = select_images(bundle.model, splits, n=cfg.n, n_fit=cfg.n_fit, n_calibration=cfg.n_calibration,
                          n_reference=cfg.n_reference, seed=cfg.seed)
-    return bundle, splits, sets, parse_attacks(cfg.attacks)
+    return Prepared(bundle, splits, sets, parse_attacks(cfg.attacks))
 
 
 @torch.no_grad()
@@ -40,20 +52,20 @@ def _accuracy(model, data, batch: int = 1000) -> float:
 
 def run_shard(cfg: EvalConfig, shard: int, n_shards: int, out: Path, progress: bool = True) -> Path:
     """Compute the adversarial images of shard ``shard`` of ``n_shards``."""
-    bundle, _, sets, specs = _prepare(cfg)
-    images, labels = sets.attack_images
-    return compute_shard(bundle.model, images, labels, specs, seed=cfg.seed, batch_size=cfg.batch_size, shard=shard,
+    p = _prepare(cfg)
+    images, labels = p.sets.attack_images
+    return compute_shard(p.bundle.model, images, labels, p.specs, seed=cfg.seed, batch_size=cfg.batch_size, shard=shard,
                          n_shards=n_shards, out=out, config=cfg.to_dict(), digest=cfg.digest(), progress=progress)
 
 
 def run(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     """The whole evaluation on this machine."""
     t0 = time.perf_counter()
-    bundle, splits, sets, specs = _prepare(cfg)
-    images, labels = sets.attack_images
-    adv, seconds = compute_all(bundle.model, bundle.meta["files"]["model.safetensors"], images, labels, specs,
+    p = _prepare(cfg)
+    images, labels = p.sets.attack_images
+    adv, seconds = compute_all(p.bundle.model, p.bundle.model_digest, images, labels, p.specs,
                                seed=cfg.seed, batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, progress=progress)
-    return _finish(cfg, out, bundle, splits, sets, specs, adv, seconds, t0)
+    return _finish(cfg, out, p, adv, seconds, t0)
 
 
 def merge(out: Path, cfg: EvalConfig | None = None, progress: bool = True) -> dict:
@@ -64,21 +76,21 @@ def merge(out: Path, cfg: EvalConfig | None = None, progress: bool = True) -> di
     if cfg is not None and cfg.digest() != shard_cfg.digest():
         raise ValueError("the shards were computed with other settings than the ones given to merge")
     cfg = cfg or shard_cfg
-    bundle, splits, sets, specs = _prepare(cfg)
-    missing = {s.label for s in specs} - set(adv)
+    p = _prepare(cfg)
+    missing = {s.label for s in p.specs} - set(adv)
     if missing:
         raise ValueError(f"the shards hold no adversarial images for {sorted(missing)}")
-    return _finish(cfg, out, bundle, splits, sets, specs, adv, seconds, t0)
+    return _finish(cfg, out, p, adv, seconds, t0)
 
 
-def _finish(cfg, out, bundle, splits, sets, specs, adv, attack_seconds, t0) -> dict:
+def _finish(cfg: EvalConfig, out: Path, p: Prepared, adv: dict[str, Tensor], attack_seconds: dict[str, float],
+            t0: float) -> dict:
+    """Analyse the adversarial images ``adv`` (by attack label) and write the report to ``out``."""
+    bundle, splits, sets, specs = p.bundle, p.splits, p.sets, p.specs
     out.mkdir(parents=True, exist_ok=True)
     body, scores = analyze(cfg, bundle, sets, specs, adv)
     report = {
-        "pathguard_version": __version__,
-        "config": cfg.to_dict(),
-        "bundle": {"path": str(cfg.bundle), "name": bundle.name, "arch": bundle.meta["arch"],
-                   "model_sha256": bundle.meta["files"]["model.safetensors"]},
+        **report_header(bundle, cfg.bundle, cfg.to_dict()),
         "clean_accuracy": _accuracy(bundle.model, splits.test),
         "clean_accuracy_n": len(splits.test),
         "images": {"calibration": sets.calibration.describe(), "fit": sets.fit.describe(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models import PathOutput
+from ..models import GATE_THRESHOLD, PathOutput
 from ..prototypes import Prototypes
 
 SIMILARITIES = ("jaccard", "cosine")
@@ -54,7 +54,7 @@ def cosine_matrix(freq: Tensor) -> Tensor:
     return out.clamp(0.0, 1.0)
 
 
-def similarity(freq: Tensor, method: str = "jaccard", threshold: float = 0.5) -> Tensor:
+def similarity(freq: Tensor, method: str = "jaccard", threshold: float = GATE_THRESHOLD) -> Tensor:
     """Class-to-class path similarity from frequencies (K, G).
 
     ``jaccard``: of the sets of each class's frequent filters (on for more than ``threshold`` of its inputs,
@@ -67,7 +67,7 @@ def similarity(freq: Tensor, method: str = "jaccard", threshold: float = 0.5) ->
     raise ValueError(f"method={method!r} must be one of {SIMILARITIES}")
 
 
-def similarities(protos: Prototypes, threshold: float = 0.5) -> dict:
+def similarities(protos: Prototypes, threshold: float = GATE_THRESHOLD) -> dict:
     """Both similarity matrices, over the whole path and per layer."""
     per_layer = layer_frequencies(protos)
     return {method: {"path": similarity(protos.frequency, method, threshold),

@@ -17,19 +17,27 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..bundle import Bundle, load_bundle
+from ..bundle import BUNDLE_HELP, Bundle, load_bundle
+from ..models import GATE_THRESHOLD
 from ..prototypes import Prototypes, compute_prototypes
 from . import analysis, plots
 from .report import write_report
 
 log = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--indices {text!r} must be comma-separated integers, e.g. 3,17,42") from None
 
 
 @dataclass
@@ -53,15 +61,21 @@ class ExplainConfig:
     data_root : where the bundle's dataset lives, if not where it was trained from.
     """
 
-    bundle: str
-    out: str
-    images: int = 4
-    indices: tuple[int, ...] = ()
-    image_files: tuple[str, ...] = ()
-    attack_file: str | None = None
-    split: str = "test"
-    threshold: float = 0.5
-    prototype_images: int = 5000
+    bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
+    out: str = field(default="", metadata={"help": "output directory", "required": True})
+    images: int = field(default=4, metadata={"help": "how many random images of --split to explain"})
+    indices: tuple[int, ...] = field(default=(), metadata={"help": "explain these positions of --split instead, "
+                                                                  "e.g. 3,17,42", "parse": _ints})
+    image_files: tuple[str, ...] = field(default=(), metadata={"help": "explain these image files instead",
+                                                               "nargs": "+", "metavar": "FILE"})
+    attack_file: str | None = field(default=None, metadata={
+        "help": "explain the first --images adversarial images of an .npz written by `pathguard attack` instead",
+        "metavar": "NPZ"})
+    split: str = field(default="test", metadata={"choices": ("test", "val")})
+    threshold: float = field(default=GATE_THRESHOLD, metadata={
+        "help": "frequency above which a filter is in a class's prototype path"})
+    prototype_images: int = field(default=5000, metadata={
+        "help": "training images to compute prototypes from if the bundle has none"})
     seed: int = 0
     data_root: str | None = None
 
@@ -89,9 +103,8 @@ def _round(t: Tensor | np.ndarray, digits: int = 4) -> list:
 
 def bundle_prototypes(bundle: Bundle, n_images: int = 5000, data_root: str | None = None) -> tuple[Prototypes, str]:
     """The bundle's prototypes part, or prototypes computed from its training split; and where they came from."""
-    part = bundle.part("prototypes")
-    if part is not None:
-        protos = Prototypes.from_state(*part)
+    protos = bundle.prototypes()
+    if protos is not None:
         return protos, f"the bundle's prototypes part ({int(protos.counts.sum())} correctly classified training images)"
     from ..splits import bundle_splits
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+from ..models import GATE_THRESHOLD
 
 DPI = 110
 
@@ -142,7 +141,7 @@ def input_figure(path: Path, image: np.ndarray, title: str, proto_freq: np.ndarr
     ax.set_ylim(0, max(0.05, float(np.max([hamming.max(), *[c.max() for c in reference.values()]])) * 1.15))
     ax.legend(fontsize=7)
     ax.set_title("where the path departs from class prototypes, layer by layer", fontsize=9)
-    diff = gates.astype(int) - (proto_freq > 0.5).astype(int)
+    diff = gates.astype(int) - (proto_freq > GATE_THRESHOLD).astype(int)
     rows = ((proto_freq[None, :], "viridis", (0, 1), "prototype: fraction on"),
             (gates[None, :], "Greys", (0, 1), "this input (black: on)"),
             (diff[None, :], _DIFF_CMAP, (-1, 1), "red: extra on, blue: missing"))

@@ -35,6 +35,7 @@ def _img(path: str, alt: str) -> str:
     return f"![{alt}]({path})"
 
 
+# Over 60 lines on purpose: one Markdown page written top to bottom in the order it reads.
 def write_report(out: Path, index: dict) -> str:
     """Write ``out/report.md`` from the index :func:`~detector.interpret.explain.explain` builds."""
     cfg, files = index["config"], index["files"]

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# A filter is on when its soft gate p exceeds this (METHOD.md section 1); prototypes and the engine use it too.
+GATE_THRESHOLD = 0.5
+
 
 @dataclass(frozen=True)
 class GateConfig:
@@ -74,14 +77,14 @@ class ControllingModule(nn.Module):
         z = self.logits(x)
         p = torch.sigmoid(z / self.cfg.temperature)
         if not self.training:
-            hard = (p > 0.5).to(p.dtype)
+            hard = (p > GATE_THRESHOLD).to(p.dtype)
             return p, (hard + (p - p.detach())) if self.straight_through else hard
         decide = p
         if self.cfg.noise == "logistic":
             u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
             noisy = z + self.cfg.noise_scale * (torch.log(u) - torch.log1p(-u))
             decide = torch.sigmoid(noisy / self.cfg.temperature)
-        hard = (decide > 0.5).to(p.dtype)
+        hard = (decide > GATE_THRESHOLD).to(p.dtype)
         return p, hard + (decide - decide.detach())  # exact hard values, gradient of decide
 
     def macs(self) -> int:

@@ -82,6 +82,8 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+# Over 60 lines on purpose: the training loop, read top to bottom as in nanoGPT (setup, epochs, evaluation,
+# bundle); the loss terms, schedule and metrics live in their own modules.
 def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Train per ``cfg``; write the bundle (with ``train_log.jsonl``) to ``out_dir``; return test metrics."""
     out_dir = Path(out_dir)

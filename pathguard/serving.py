@@ -1,23 +1,23 @@
-"""``pathguard serve`` and ``pathguard screen`` (registered into the main CLI).
-
-Flags are generated from :class:`~service.config.ServeConfig` / :class:`~service.config.ScreenConfig`;
-each is also read from ``PATHGUARD_<NAME>`` (a flag wins over the environment, which wins over the default).
-"""
+"""``pathguard serve`` and ``pathguard screen``: flags and ``PATHGUARD_*`` variables from
+:class:`~service.config.ServeConfig` / :class:`~service.config.ScreenConfig`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ScreenConfig, ServeConfig, add_config_arguments, config_from
+from service.config import ScreenConfig, ServeConfig
+
+from .options import add_command, add_config_arguments, config_from, switch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from service.server import serve
 
     return serve(config_from(ServeConfig, args))
 
@@ -36,10 +36,26 @@ def _load_input(path: str):
     return [p.read_bytes()]
 
 
+def _row(path: str, i: int, n: int, r) -> dict:
+    row = {"image": path if n == 1 else f"{path}[{i}]", "class_index": r.class_index,
+           "class_name": r.class_name, "confidence": r.confidence,
+           "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
+           "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
+           "flops_fraction": r.flops_fraction}
+    if r.top_classes:
+        row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability} for c in r.top_classes]
+    return row
+
+
+@dataclass
+class ScreenRun:
+    json: bool = switch("print JSON instead of a table")
+
+
 def _cmd_screen(args: argparse.Namespace) -> int:
     import grpc
 
-    from .client import PathGuardClient
+    from service.client import PathGuardClient
 
     cfg = config_from(ScreenConfig, args)
     token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
@@ -57,17 +73,8 @@ def _cmd_screen(args: argparse.Namespace) -> int:
                 rows.append({"image": path, "error": {"code": exc.code().name, "message": exc.details()}})
                 failed = True
                 continue
-            for i, r in enumerate(results):
-                row = {"image": path if len(results) == 1 else f"{path}[{i}]", "class_index": r.class_index,
-                       "class_name": r.class_name, "confidence": r.confidence,
-                       "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
-                       "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
-                       "flops_fraction": r.flops_fraction}
-                if r.top_classes:
-                    row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability}
-                                          for c in r.top_classes]
-                rows.append(row)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+            rows += [_row(path, i, len(results), r) for i, r in enumerate(results)]
+    print(json.dumps(rows, indent=2) if config_from(ScreenRun, args).json else format_table(rows))
     return 1 if failed else 0
 
 
@@ -93,16 +100,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
+    add_command(sub, "serve", _cmd_serve, ServeConfig,
+                help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
                        description="Serve predict-and-screen over gRPC: pathguard.v1.PathGuard, KServe v2 "
                                    "inference.GRPCInferenceService, grpc.health.v1 and reflection; Prometheus "
                                    "metrics at http://HOST:METRICS_PORT/metrics. SIGTERM drains and exits 0; "
                                    "SIGHUP reloads the bundle.")
-    add_config_arguments(p, ServeConfig)
-    p.set_defaults(func=_cmd_serve)
-
     p = sub.add_parser("screen", help="screen image files with a running server and print a table or JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or .npy arrays (C,H,W)/(N,C,H,W)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_config_arguments(p, ScreenRun)
     add_config_arguments(p, ScreenConfig)
     p.set_defaults(func=_cmd_screen)
