@@ -16,6 +16,9 @@ from bench.helpers import ServerProcess
 from service.client import PathGuardClient
 
 METHOD = "pathguard.v1.PathGuard/ScreenImages"
+# grpc shares one connection between channels to the same target unless each has its own subchannel pool;
+# SO_REUSEPORT spreads connections, not calls, over the workers.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 
 def _workers(bundle, workers: int, *args: str) -> ServerProcess:
@@ -33,7 +36,7 @@ def _count(server: ServerProcess, text: str) -> int:
 def _one_call_per_connection(target: str, images, n: int) -> list[int]:
     """n calls, each on a channel (connection) of its own, so SO_REUSEPORT spreads them over the workers."""
     def call(i: int) -> int:
-        with PathGuardClient(target, timeout=60) as client:
+        with PathGuardClient(target, timeout=60, options=OWN_CONNECTION) as client:
             return client.screen(images[i % len(images)][None])[0].class_index
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(call, range(n)))
@@ -63,7 +66,7 @@ def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
         # SIGTERM while both workers have accepted calls in flight (64 images each, batches of one)
         with ThreadPoolExecutor(12) as pool:
             def big_call(_: int) -> int:
-                with PathGuardClient(server.target, timeout=120) as client:
+                with PathGuardClient(server.target, timeout=120, options=OWN_CONNECTION) as client:
                     return len(client.screen(x))
             calls = [pool.submit(big_call, i) for i in range(12)]
             wait_until(lambda: sample(scrape(server.metrics_url), "pathguard_inflight_requests") >= 12, 60)
