@@ -48,6 +48,9 @@ def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
         x, _ = make_images(64, seed=51)
         before = scrape(server.metrics_url)
         assert sample(before, "pathguard_workers") == 2
+        for _ in range(8):  # health answers SERVING on whichever worker a connection reaches
+            with PathGuardClient(server.target, timeout=30, options=OWN_CONNECTION) as client:
+                assert client.health() == "SERVING"
         answers = _one_call_per_connection(server.target, x, 32)
         after = scrape(server.metrics_url)
         assert len(answers) == 32
