@@ -216,14 +216,10 @@ async def _serve(config: ServeConfig, worker: bool) -> None:
 
 
 def serve(config: ServeConfig, worker: bool = False) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain (``pathguard serve``). Returns the exit code.
+    """Run one server process until SIGTERM or SIGINT, then drain (``pathguard serve``). Returns the exit code.
 
-    ``config.workers`` other than 1 runs that many processes under a supervisor (:mod:`service.workers`).
+    ``worker``: one of the processes of ``pathguard serve --workers N`` (:mod:`service.workers` runs N of them).
     """
-    if config.workers != 1 and not worker:
-        from .workers import serve_workers
-
-        return serve_workers(config)
     asyncio.run(_serve(config, worker))
     return 0
 
