@@ -25,7 +25,7 @@ from .models import DecoupledNet, create_model
 from .prototypes import Prototypes
 
 if TYPE_CHECKING:
-    from .detectors import PathDetector
+    from .detectors import FeatureDetector
     from .detectors.record import DetectorRecord
 
 FORMAT = "pathguard-bundle"
@@ -199,12 +199,13 @@ class Bundle:
         part = self.parts.get("prototypes")
         return None if part is None else Prototypes.from_state(*part)
 
-    def detector(self) -> PathDetector | None:
-        """The fitted path detector, or None when the bundle has none."""
-        from .detectors import PathDetector
+    def detector(self) -> FeatureDetector | None:
+        """The fitted detector (a :class:`PathDetector` or a :class:`PathEnsembleDetector`, as ``detector.json``
+        says), or None when the bundle has none."""
+        from .detectors import detector_from_state
 
         part = self.parts.get("detector")
-        return None if part is None else PathDetector.from_state(*part)
+        return None if part is None else detector_from_state(*part)
 
     def detector_record(self) -> DetectorRecord | None:
         """How the detector was fitted (``detector.json``), or None when the bundle has no detector."""
@@ -213,7 +214,7 @@ class Bundle:
         part = self.parts.get("detector")
         return None if part is None else DetectorRecord.from_info(part[1])
 
-    def fitted(self) -> tuple[Prototypes, PathDetector]:
+    def fitted(self) -> tuple[Prototypes, FeatureDetector]:
         """Prototypes and detector; ``ValueError`` saying how to fit them when the bundle has none."""
         protos, det = self.prototypes(), self.detector()
         if protos is None or det is None:

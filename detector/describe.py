@@ -28,7 +28,9 @@ def describe_bundle(bundle: Bundle) -> str:
                      f"other class {test.get('hamming_other_class', float('nan')):.3f}")
     record, det = bundle.detector_record(), bundle.part("detector")
     if record is not None and det is not None:
-        lines.append(f"detector    {record.classifier} on {record.feature_groups}, threshold "
-                     f"{det[1].get('threshold', float('nan')):.4f} at FPR {record.target_fpr}")
+        what = (f"ensemble, weights {det[1]['weights']}" if det[1].get("weights") else
+                f"{record.classifier} on {record.feature_groups}")
+        lines.append(f"detector    {what}, threshold {det[1].get('threshold', float('nan')):.4f} at FPR "
+                     f"{record.target_fpr}")
     lines.append("files       " + ", ".join(sorted(m["files"])))
     return "\n".join(lines)

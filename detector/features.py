@@ -11,6 +11,8 @@ Groups (each a block of columns; :data:`GROUPS` lists them):
                 and the negative log-likelihood of g under the predicted class's filter frequencies.
                 An adversarial input tends to follow its true class early and the target class late.
 ``confidence``  the classifier's max probability, margin between the top two, and entropy (3 columns).
+``logits``      the classifier's logits (K columns). Not one of :data:`GROUPS` (the supervised detectors do
+                not read them by default); the clean-only detectors take the predicted class from them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .prototypes import Prototypes
 
 GROUPS = ("soft", "hard", "density", "proto", "confidence")
 CONFIDENCE = ("max_prob", "margin", "entropy")
+LOGITS = "logits"
 PROTO = ("hamming_pred", "hamming_runner", "cosine_pred", "cosine_runner", "nll_pred")
 
 
@@ -79,7 +82,7 @@ class PathFeatures:
     out: PathOutput | None = None
 
 
-def feature_layout(layer_names: list[str], layer_sizes: list[int]) -> tuple[list[str], list[str]]:
+def feature_layout(layer_names: list[str], layer_sizes: list[int], num_classes: int) -> tuple[list[str], list[str]]:
     """(groups, names) of the columns :func:`path_features` produces for a model."""
     groups, names = [], []
     for group in ("soft", "hard"):
@@ -92,6 +95,8 @@ def feature_layout(layer_names: list[str], layer_sizes: list[int]) -> tuple[list
     groups += ["proto"] * (len(PROTO) * len(layer_names))
     names += list(CONFIDENCE)
     groups += ["confidence"] * len(CONFIDENCE)
+    names += [f"logit.{k}" for k in range(num_classes)]
+    groups += [LOGITS] * num_classes
     return groups, names
 
 
@@ -99,7 +104,8 @@ def path_features(out: PathOutput, protos: Prototypes) -> tuple[Tensor, Tensor]:
     """(N, F) feature matrix of one forward pass, columns as :func:`feature_layout` names them,
     and the (N, L, 5) prototype distances it contains."""
     dist = prototype_distances(out, protos)
-    X = torch.cat([out.soft_path, out.hard_path, out.density, dist.flatten(1), confidence_features(out.logits)], dim=1)
+    X = torch.cat([out.soft_path, out.hard_path, out.density, dist.flatten(1), confidence_features(out.logits),
+                   out.logits], dim=1)
     return X, dist
 
 
@@ -118,8 +124,8 @@ def extract_path_features(model: DecoupledNet, protos: Prototypes, images: Tenso
         logits.append(out.logits.cpu())
         departure.append(dist[:, :, 0].cpu())
         last = out
-    groups, names = feature_layout(protos.layer_names, protos.layer_sizes)
     k = model.num_classes
+    groups, names = feature_layout(protos.layer_names, protos.layer_sizes, k)
     return PathFeatures(torch.cat(feats).numpy().astype(np.float64) if feats else np.zeros((0, len(names))),
                         groups, names,
                         torch.cat(logits) if logits else torch.zeros(0, k),

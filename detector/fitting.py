@@ -1,8 +1,11 @@
 """``pathguard fit-detector``: compute class prototypes and fit the bundle's path detector.
 
-Fitting images are adversarial versions of correctly classified images of the *validation* split
-(held out of training, disjoint from the test set that ``evaluate`` reports on); the threshold is
-calibrated on other clean validation images.
+``classifier="ensemble"`` (the default) ships :class:`~detector.detectors.PathEnsembleDetector`: its
+clean-only components are fitted on the first ``n_reference`` clean *training* images, and its
+non-negative weights are chosen by worst per-family AUROC on correctly classified *validation* images and
+their adversarial versions. A supervised classifier (``logreg``, ``rf``, ``gb``) instead learns from those
+validation images directly. Either way the validation split is held out of training and disjoint from the
+test set that ``evaluate`` reports on, and the threshold is calibrated on other clean validation images.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from .attacks import AttackSpec, cached_attack, parse_attacks
 from .bundle import BUNDLE_HELP, load_bundle, write_part
-from .detectors import PathDetector
+from .detectors import PathDetector, PathEnsembleDetector
 from .detectors.record import DetectorRecord
 from .features import GROUPS, extract_path_features
 from .prototypes import compute_prototypes
@@ -28,9 +31,10 @@ log = logging.getLogger(__name__)
 
 def adversarial_training_set(model, protos, clean_images, labels, attacks: list[AttackSpec], *, digest: str,
                              cache_dir: Path | None, seed: int, progress: bool):
-    """Feature matrix of clean images plus their successful adversarial versions, and labels (1 = adv)."""
+    """Feature matrix of clean images plus their successful adversarial versions, labels (1 = adv), the
+    column groups, per-attack statistics and the attack label of every row ("" for clean rows)."""
     clean = extract_path_features(model, protos, clean_images)
-    blocks, ys, per_attack = [clean.X], [np.zeros(len(clean.X))], {}
+    blocks, ys, per_attack, source = [clean.X], [np.zeros(len(clean.X))], {}, [""] * len(clean.X)
     for spec in attacks:
         res = cached_attack(model, digest, clean_images, labels, spec, cache_dir=cache_dir, seed=seed,
                             progress=progress)
@@ -38,11 +42,12 @@ def adversarial_training_set(model, protos, clean_images, labels, attacks: list[
         ok = (feats.logits.argmax(1) != labels).numpy()
         blocks.append(feats.X[ok])
         ys.append(np.ones(int(ok.sum())))
+        source += [spec.label] * int(ok.sum())
         per_attack[spec.label] = {"success_rate": float(ok.mean()), "seconds": round(res.seconds, 1)}
     if sum(len(b) for b in ys[1:]) == 0:
         raise ValueError(f"no attack succeeded on the {len(clean.X)} fitting images ({per_attack}); "
                          "give the attacks a larger budget")
-    return np.concatenate(blocks), np.concatenate(ys), clean.groups, per_attack
+    return np.concatenate(blocks), np.concatenate(ys), clean.groups, per_attack, np.asarray(source)
 
 
 @dataclass
@@ -51,8 +56,12 @@ class FitConfig:
     many validation images, calibrated to which false-positive rate."""
 
     bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
-    attacks: str = field(default="fgsm,pgd,cw", metadata={"help": "attacks whose examples the detector learns from"})
-    classifier: str = field(default="logreg", metadata={"choices": ("logreg", "rf", "gb")})
+    attacks: str = field(default="fgsm,pgd,pgdl2,cw,deepfool,square", metadata={
+        "help": "attacks on validation images: what the ensemble's weights are chosen on (worst family), or what a "
+                "supervised classifier learns from"})
+    classifier: str = field(default="ensemble", metadata={
+        "choices": ("ensemble", "logreg", "rf", "gb"),
+        "help": "ensemble: clean-only path scores combined with weights >= 0 (default); else a supervised classifier"})
     features: str = field(default=",".join(GROUPS), metadata={"help": "feature groups"})
     n_fit: int = field(default=1000, metadata={"help": "validation images to attack for fitting"})
     n_calibration: int = field(default=1000, metadata={"help": "clean validation images for the threshold"})
@@ -61,12 +70,14 @@ class FitConfig:
     data_root: str | None = None
     cache_dir: str | None = field(default=None, metadata={"help": "reuse attacks computed before"})
     prototype_images: int = field(default=20000, metadata={"help": "training images the prototypes come from"})
+    n_reference: int = field(default=20000, metadata={
+        "help": "clean training images the ensemble's clean-only components are fitted on"})
 
     def __post_init__(self) -> None:
         unknown = set(self.feature_groups) - set(GROUPS)
         if unknown or not self.feature_groups:
             raise ValueError(f"features={self.features!r} must name some of {list(GROUPS)}")
-        for name in ("n_fit", "n_calibration", "prototype_images"):
+        for name in ("n_fit", "n_calibration", "prototype_images", "n_reference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
@@ -94,13 +105,26 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
     fit_idx = correctly_classified(model, splits.val, n_fit, seed=seed)
     cal_idx = correctly_classified(model, splits.val, n_calibration, seed=seed, skip=n_fit)
     fit_images = splits.val.float_images(fit_idx)
-    X, y, groups, per_attack = adversarial_training_set(
+    X, y, groups, per_attack, source = adversarial_training_set(
         model, protos, fit_images, splits.val.labels[fit_idx], attacks, digest=bundle.model_digest,
         cache_dir=cache_dir, seed=seed, progress=progress)
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
-    det = PathDetector(feature_groups=list(feature_groups), classifier=classifier, target_fpr=target_fpr,
-                       random_state=seed).fit(X, y, groups=groups, X_calibration=X_cal)
+    extra: dict = {}
+    if classifier == "ensemble":
+        n_ref = min(cfg.n_reference, len(splits.train))
+        X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
+        families = {a.label: a.family for a in attacks}
+        validation = (X[y == 0], {f: X[np.isin(source, [a for a, g in families.items() if g == f])]
+                                  for f in sorted(set(families.values()))})
+        det = PathEnsembleDetector(target_fpr=target_fpr, random_state=seed).fit(
+            X_ref, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_cal, validation=validation)
+        extra = {"reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
+                 "weights": dict(zip(det.components, det.weights_.tolist()))}
+    else:
+        det = PathDetector(feature_groups=list(feature_groups), classifier=classifier, target_fpr=target_fpr,
+                           random_state=seed).fit(X, y, groups=groups, X_calibration=X_cal)
     tensors, info = det.to_state()
+    info.update(extra)
     info.update(DetectorRecord(
         classifier=classifier, feature_groups=list(feature_groups), target_fpr=target_fpr, attacks=attacks,
         fit_images={"set": splits.val.name, "n_clean": int(len(fit_idx)), "n_adversarial": int(y.sum()),

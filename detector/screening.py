@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .detectors import PathDetector
+from .detectors import FeatureDetector
 from .features import path_features
 from .models import DecoupledNet
 from .prototypes import Prototypes
@@ -75,7 +75,7 @@ ENGINES = ("masked", "skipping")
 
 
 class Screener:
-    """A model, its class prototypes and its fitted :class:`PathDetector`, ready to screen images.
+    """A model, its class prototypes and its fitted path detector, ready to screen images.
 
     ``engine`` picks how the model runs: ``"masked"`` (default) is the model itself, every filter computed
     and the off ones multiplied by zero; ``"skipping"`` is :class:`~detector.acceleration.SkippingEngine`,
@@ -83,7 +83,7 @@ class Screener:
     to the model's weights are not seen). Results agree to float32 rounding (relative 1e-5).
     """
 
-    def __init__(self, model: DecoupledNet, prototypes: Prototypes, detector: PathDetector,
+    def __init__(self, model: DecoupledNet, prototypes: Prototypes, detector: FeatureDetector,
                  classes: list[str], batch_size: int = 256, engine: str = "masked") -> None:
         if not model.gated:
             raise ValueError("screening needs a gated model")

@@ -123,7 +123,7 @@ def _cmd_fit_detector(args: argparse.Namespace) -> int:
     cfg.bundle = cfg.bundle or default_bundle()
     info = fit_bundle_detector(cfg, progress=not config_from(QuietRun, args).quiet)
     print(json.dumps({k: info[k] for k in ("classifier", "feature_groups", "threshold", "target_fpr", "per_attack",
-                                            "fit_images", "fit_seconds")}, indent=2))
+                                            "fit_images", "fit_seconds", "weights") if k in info}, indent=2))
     return 0
 
 

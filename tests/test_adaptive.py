@@ -226,3 +226,28 @@ def test_cli_attacks_a_forest_detector_through_its_surrogate(tiny_bundle, tmp_pa
     assert sur["spearman_fit_rows"] > 0.6
     assert r["hardening"]["surrogate"]["exact"] is False
     assert r["detector"]["classifier"] == "rf" and len(r["rounds"]) == 2
+
+
+def test_cli_attacks_the_ensemble_detector_and_hardens_it(tiny_bundle, tmp_path):
+    """The default kind of detector (clean-only scores combined with weights >= 0): attacked through a fitted
+    surrogate; hardening re-chooses its weights with the adaptive examples as one more family."""
+    import shutil
+
+    from detector.fitting import FitConfig, fit_bundle_detector
+    from pathguard.main import main
+
+    copy = tmp_path / "ensemble"
+    shutil.copytree(tiny_bundle, copy)
+    fit_bundle_detector(FitConfig(str(copy), "fgsm:eps=0.15,pgd:eps=0.15;steps=5,deepfool:steps=5", n_fit=60,
+                                  n_calibration=60, classifier="ensemble", prototype_images=400), progress=False)
+    out = tmp_path / "out"
+    rc = main(["adaptive", "--bundle", str(copy), "--n", "20", "--eps", "0.15", "--lambdas", "0.3", "--steps", "3",
+               "--attacks", "detector-pgd", "--n-harden", "20", "--out", str(out), "--quiet", "--no-plots",
+               "--save-hardened", str(tmp_path / "hardened"), "--threads", str(torch.get_num_threads())])
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    assert not r["detector"]["surrogate"]["exact"] and len(r["rounds"]) == 2
+    hardened = load_bundle(tmp_path / "hardened").part("detector")[1]
+    assert hardened["estimator"] == "PathEnsembleDetector"
+    assert "adaptive" in hardened["selection"]["families"]
+    assert min(hardened["selection"]["chosen"]["weights"]) >= 0

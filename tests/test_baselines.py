@@ -156,8 +156,26 @@ def test_default_squeezers_keep_clean_predictions():
     images = torch.full((50, 1, 8, 8), 0.4)
     # 1 bit rounds 0.4 to 0 and flips class 1 to class 0; 2 bits round it to 1/3, still above 0.3
     fz = SqueezeFeaturizer(MeanThreshold(0.3)).fit(images, torch.ones(50))
-    assert fz.squeezers_ == ("bits:2", "median:2", "median:3") and fz.flip_rates_["bits:1"] == 1.0
+    # candidates: every bit depth that keeps clean predictions (not 1 bit), then the medians
+    assert fz.squeezers_ == ("bits:2", "bits:3", "bits:4", "bits:5", "median:2", "median:3")
+    assert fz.flip_rates_["bits:1"] == 1.0
     assert SqueezeFeaturizer(MeanThreshold(0.5)).fit(images, torch.zeros(50)).squeezers_[0] == "bits:1"
+
+
+def test_squeeze_detector_picks_the_squeezers_that_detect_on_the_fitting_rows():
+    rng = np.random.default_rng(0)
+    names = ["squeeze.bits:1", "squeeze.bits:4", "squeeze.median:2", "score"]
+    groups = ["squeeze", "squeeze", "squeeze", "score"]
+    clean = rng.uniform(0, 0.2, (100, 4))
+    adv = rng.uniform(0, 0.2, (100, 4))
+    adv[:, 1] += 0.5  # only 4-bit squeezing separates them
+    X, y = np.r_[clean, adv], np.r_[np.zeros(100), np.ones(100)]
+    X[:, 3] = X[:, :3].max(1)
+    det = SqueezeDetector(target_fpr=0.05).fit(X, y, groups=groups, names=names)
+    assert det.selected_ == ["bits:4"] and det.selection_auroc_ == 1.0
+    np.testing.assert_array_equal(det.decision_function(adv), adv[:, 1].clip(0, 1))
+    again = SqueezeDetector.from_state(*det.to_state())
+    np.testing.assert_array_equal(again.decision_function(X), det.decision_function(X))
 
 
 # -- the real featurizers on the tiny bundle --------------------------------------------------------------------

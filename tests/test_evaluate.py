@@ -6,9 +6,10 @@ import pytest
 
 from pathguard.main import main
 
-ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5"
+ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5,deepfool:steps=5"
 # the cheaper detectors; every baseline is exercised by tests/test_baselines.py
-COMMON = ["--attacks", ATTACKS, "--detectors", "path,path-rf,confidence,bundle,lid", "--n", "40", "--n-fit", "30",
+COMMON = ["--attacks", ATTACKS, "--detectors", "path,path-rf,confidence,bundle,lid,clean-knn,path-ensemble",
+          "--n", "40", "--n-fit", "30",
           "--n-calibration", "30", "--n-reference", "200",
           "--batch-size", "16", "--quiet"]
 
@@ -23,7 +24,7 @@ def single_run(tiny_bundle, tmp_path_factory):
 def test_report_complete(single_run):
     r = json.loads((single_run / "report.json").read_text())
     attacks = list(r["attacks"])
-    assert attacks == ["fgsm:eps=0.15", "pgd:eps=0.2,steps=5"]
+    assert attacks == ["fgsm:eps=0.15", "pgd:eps=0.2,steps=5", "deepfool:steps=5"]
     for a in attacks:
         s = r["attacks"][a]
         assert 0 <= s["success_rate"] <= 1 and s["mean_l2"] > 0
@@ -45,6 +46,31 @@ def test_report_complete(single_run):
         assert (single_run / f).stat().st_size > 1000
     md = (single_run / "report.md").read_text()
     assert "Leave one attack out" in md and "| path |" in md
+    assert "Leave one family out" in md and "Unseen attacks first" in md and "heatmap.png" in r["plots"]
+
+
+def test_every_row_states_its_fitting_set_and_what_it_saw(single_run):
+    r = json.loads((single_run / "report.json").read_text())
+    md = (single_run / "report.md").read_text()
+    for det, info in r["detectors"].items():
+        text = info["fitting"]["text"]
+        assert text and f"| {det} | {text} |" in md
+    assert "no adversarial example" in r["detectors"]["clean-knn"]["fitting"]["text"]
+    assert "not on this evaluation's fitting images" in r["detectors"]["bundle"]["fitting"]["text"]
+    # a clean-only detector never saw any attack; a supervised one saw every attack it fitted on
+    assert not any(m["seen"] for m in r["results"]["clean-knn"].values())
+    fitted = set(r["detectors"]["path"]["fitting"]["adversarial"])
+    assert all(m["seen"] == (a in fitted) for a, m in r["results"]["path"].items())
+    # leave one family out: the fit for a family names the attacks it saw, none of them in the family
+    families = {a: s["family"] for a, s in r["attacks"].items()}
+    for det in ("path", "path-rf", "path-ensemble"):
+        for family, per in r["leave_one_family_out"][det].items():
+            assert set(per) == {a for a, f in families.items() if f == family}
+            for m in per.values():
+                if m.get("fitted_on") is not None:
+                    assert not {families[a] for a in m["fitted_on"]} & {family}
+    assert "clean-knn" not in r["leave_one_family_out"]  # clean-only: every attack is unseen already
+    assert r["unseen_summary"]["clean-knn"]["source"].startswith("main table")
 
 
 def test_sharded_run_merges_to_the_single_report(tiny_bundle, single_run, tmp_path):

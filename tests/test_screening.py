@@ -62,3 +62,26 @@ def test_bundle_without_detector_explains(tiny_bundle, tmp_path):
     write_part(copy, "detector", tensors=None, info=None)
     with pytest.raises(ValueError, match="fit-detector"):
         load_bundle(copy).screen(torch.rand(1, 1, 16, 16))
+
+
+def test_screening_with_the_ensemble_detector(tiny_bundle, tmp_path):
+    """A bundle shipping the ensemble screens like any other: scores are the detector's on the path features."""
+    import shutil
+
+    from detector.features import extract_path_features
+    from detector.fitting import FitConfig, fit_bundle_detector
+
+    copy = tmp_path / "ensemble"
+    shutil.copytree(tiny_bundle, copy)
+    info = fit_bundle_detector(FitConfig(str(copy), "fgsm:eps=0.15,deepfool:steps=5", n_fit=60, n_calibration=60,
+                                         classifier="ensemble", prototype_images=400), progress=False)
+    assert info["estimator"] == "PathEnsembleDetector" and min(info["weights"].values()) >= 0
+    bundle = load_bundle(copy)
+    screener = bundle.screener()
+    x, y = make_images(40, seed=6)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    r = screener.screen(x)
+    X = extract_path_features(bundle.model, screener.prototypes, x).X
+    np.testing.assert_allclose(r.scores, screener.detector.decision_function(X), rtol=1e-5, atol=1e-6)
+    adv = run_attack(bundle.model, x, y, AttackSpec("fgsm", {"eps": 0.15}), progress=False).adversarial
+    assert screener.screen(adv).scores.mean() > r.scores.mean()

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ..attacks import AttackSpec, run_attack
 from ..bundle import BUNDLE_HELP, Bundle, load_bundle
-from ..detectors import PathDetector
-from ..detectors.scorers import TreeScorer
+from ..detectors import FeatureDetector
+from ..detectors.scorers import IdentityScorer, LinearScorer
 from ..evaluation.metrics import detection_metrics
 from ..prototypes import Prototypes
 from ..reporting import report_header
@@ -210,7 +210,7 @@ def estimate_cost(cfg: AdaptiveConfig, rate: float, base_attacks: list[AttackSpe
             "total_upper_bound": round(sum(parts.values()), 1)}
 
 
-def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes, PathDetector]:
+def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes, FeatureDetector]:
     bundle = load_bundle(cfg.bundle, device=device)
     if not bundle.model.gated:
         raise ValueError(f"bundle {cfg.bundle} holds a dense model; adaptive attacks need a gated one")
@@ -254,7 +254,7 @@ def _first_round(cfg: AdaptiveConfig, pipe: Pipeline, x: Tensor, y: Tensor,
 
 
 def _harden(cfg: AdaptiveConfig, pipe: Pipeline, base, split_name: str, trees: bool,
-            progress: bool) -> tuple[PathDetector, object, dict]:
+            progress: bool) -> tuple[FeatureDetector, object, dict]:
     """Adaptive examples on the detector's own (validation) fitting images; the detector refitted with them.
     Returns the hardened detector, its surrogate and the report's ``hardening`` section."""
     th = time.perf_counter()
@@ -310,7 +310,8 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     splits = bundle_splits(bundle.meta, cfg.data_root)
     eval_idx = correctly_classified(model, splits.test, cfg.n, seed=cfg.seed)
     x, y = splits.test.float_images(eval_idx), splits.test.labels[eval_idx]
-    trees = isinstance(det.scorer_, TreeScorer)
+    # a detector that is not linear in the features (trees, the ensemble) is attacked through a fitted surrogate
+    trees = not isinstance(getattr(det, "scorer_", None), (LinearScorer, IdentityScorer))
     need_base = cfg.harden or trees
     base = None
     record = bundle.detector_record()
@@ -349,7 +350,8 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     report = {
         **report_header(bundle, cfg.bundle, cfg.to_dict()),
         "device": str(device), "threads": torch.get_num_threads(),
-        "detector": {"classifier": det.classifier, "feature_groups": list(det.feature_groups),
+        "detector": {"classifier": getattr(det, "classifier", "ensemble"),
+                     "feature_groups": list(getattr(det, "feature_groups", None) or getattr(det, "components", [])),
                      "target_fpr": det.target_fpr, "threshold": det.threshold_, "surrogate": surrogate_info},
         "images": {"eval": {"set": splits.test.name, "n": len(eval_idx), "seed": cfg.seed,
                             "indices": eval_idx.tolist()},

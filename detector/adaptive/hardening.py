@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..bundle import Bundle, write_part
-from ..detectors import PathDetector
+from ..detectors import FeatureDetector, PathDetector, PathEnsembleDetector
 from ..detectors.record import DetectorRecord
 from ..features import extract_path_features
 from ..fitting import adversarial_training_set
@@ -38,6 +38,8 @@ class DetectorTrainingSet:
     X_calibration: np.ndarray
     fit_images: Tensor  # (n_fit, C, H, W): the clean validation images the adversarial rows come from
     fit_labels: Tensor
+    X_reference: np.ndarray | None = None  # clean training rows of an ensemble's components
+    family: np.ndarray | None = None  # attack family of each row of X ("" for clean rows)
     describe: dict = field(default_factory=dict)
 
 
@@ -58,11 +60,18 @@ def base_training_set(bundle: Bundle, splits: Splits, prototypes: Prototypes, *,
     fit_idx = correctly_classified(model, splits.val, int(fit["n_clean"]), seed=int(fit["seed"]))
     cal_idx = correctly_classified(model, splits.val, int(cal["n"]), seed=int(cal["seed"]), skip=int(cal["skip"]))
     images, labels = splits.val.float_images(fit_idx), splits.val.labels[fit_idx]
-    X, y, groups, per_attack = adversarial_training_set(
+    X, y, groups, per_attack, source = adversarial_training_set(
         model, prototypes, images, labels, specs, digest=bundle.model_digest,
         cache_dir=cache_dir, seed=int(fit["seed"]), progress=progress)
     X_cal = extract_path_features(model, prototypes, splits.val.float_images(cal_idx)).X
-    return DetectorTrainingSet(X, y, groups, X_cal, images, labels, {
+    X_ref = None
+    reference = bundle.part("detector")[1].get("reference_images")
+    if reference:  # the ensemble's clean-only components: the first n training images
+        n_ref = int(reference["n"])
+        X_ref = extract_path_features(model, prototypes, splits.train.float_images(torch.arange(n_ref))).X
+    families = {s.label: s.family for s in specs}
+    return DetectorTrainingSet(X, y, groups, X_cal, images, labels, X_ref,
+                               np.asarray([families.get(a, "") for a in source]), {
         "fit_images": {"set": splits.val.name, "n_clean": len(fit_idx), "seed": int(fit["seed"])},
         "calibration_images": {"set": splits.val.name, "n": len(cal_idx), "skip": int(cal["skip"]),
                                "seed": int(cal["seed"])},
@@ -70,17 +79,26 @@ def base_training_set(bundle: Bundle, splits: Splits, prototypes: Prototypes, *,
         "n_adversarial": int(y.sum())})
 
 
-def harden_detector(detector: PathDetector, base: DetectorTrainingSet, adaptive_rows: np.ndarray) -> PathDetector:
+def harden_detector(detector: FeatureDetector, base: DetectorTrainingSet,
+                    adaptive_rows: np.ndarray) -> FeatureDetector:
     """A new detector with ``detector``'s parameters, fitted on the base rows plus ``adaptive_rows`` (all labelled
     adversarial) and calibrated on the base calibration rows at the same target false-positive rate."""
     if adaptive_rows.ndim != 2 or adaptive_rows.shape[1] != base.X.shape[1]:
         raise ValueError(f"adaptive_rows must be (n, {base.X.shape[1]}), got {adaptive_rows.shape}")
+    if isinstance(detector, PathEnsembleDetector):
+        # clean-only components stay as they are; the adaptive examples join weight selection as a family
+        validation = {f: base.X[base.family == f] for f in sorted(set(base.family[base.y == 1]))}
+        validation["adaptive"] = adaptive_rows
+        params = {**detector.get_params(), "weights": None}
+        return PathEnsembleDetector(**params).fit(
+            base.X_reference, groups=base.groups, layer_sizes=[int(s) for s in detector.components_[0].layer_sizes_],
+            X_calibration=base.X_calibration, validation=(base.X[base.y == 0], validation))
     X = np.concatenate([base.X, adaptive_rows])
     y = np.concatenate([base.y, np.ones(len(adaptive_rows))])
     return PathDetector(**detector.get_params()).fit(X, y, groups=base.groups, X_calibration=base.X_calibration)
 
 
-def save_hardened(bundle: Bundle, detector: PathDetector, out: Path, info: dict) -> Path:
+def save_hardened(bundle: Bundle, detector: FeatureDetector, out: Path, info: dict) -> Path:
     """Copy the bundle to ``out`` (which must not exist) and replace the copy's detector with ``detector``."""
     out = Path(out)
     if out.exists():
@@ -89,7 +107,8 @@ def save_hardened(bundle: Bundle, detector: PathDetector, out: Path, info: dict)
     tensors, state = detector.to_state()
     record = bundle.detector_record() or DetectorRecord()
     record.fit_seconds, record.hardened = None, info
-    write_part(out, "detector", tensors=tensors, info={**state, **record.to_info()})
+    kept = {k: v for k, v in (bundle.part("detector") or ({}, {}))[1].items() if k == "reference_images"}
+    write_part(out, "detector", tensors=tensors, info={**state, **record.to_info(), **kept})
     log.info("wrote the hardened detector into a copy of the bundle at %s", out)
     return out
 

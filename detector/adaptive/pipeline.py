@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..detectors import PathDetector
+from ..detectors import FeatureDetector
 from ..features import path_features
 from ..models import DecoupledNet, PathOutput
 from ..prototypes import Prototypes
@@ -25,7 +25,7 @@ class Pipeline:
 
     model: DecoupledNet
     prototypes: Prototypes
-    detector: PathDetector
+    detector: FeatureDetector
     surrogate: DetectorSurrogate | None  # None: only for attacks that do not differentiate the detector
 
     @property

@@ -152,15 +152,16 @@ def build_surrogate(detector: FeatureDetector, X_fit: np.ndarray | None = None, 
 
     X_fit : feature rows to fit on; required for tree-ensemble detectors.
     """
-    scorer = detector.scorer_
+    scorer = getattr(detector, "scorer_", None)  # the ensemble has none: it is fitted like a tree ensemble
+    if scorer is None or isinstance(scorer, TreeScorer):
+        if X_fit is None:
+            raise ValueError("a detector that is not linear in its features needs X_fit, feature rows to fit its "
+                             "surrogate on")
+        return fit_surrogate(detector, X_fit, kind=kind, seed=seed)
     if isinstance(scorer, LinearScorer):
         return LinearSurrogate(scorer, detector.columns_, float(detector.threshold_))
     if isinstance(scorer, IdentityScorer):
         return IdentitySurrogate(detector.columns_, float(detector.threshold_))
-    if isinstance(scorer, TreeScorer):
-        if X_fit is None:
-            raise ValueError("a tree-ensemble detector needs X_fit, feature rows to fit its surrogate on")
-        return fit_surrogate(detector, X_fit, kind=kind, seed=seed)
     raise ValueError(f"no surrogate for a {type(scorer).__name__}")
 
 

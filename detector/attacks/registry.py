@@ -12,6 +12,8 @@ from typing import Any
 
 import torchattacks
 
+from .deepfool import BatchedDeepFool
+
 
 @dataclass(frozen=True)
 class AttackInfo:
@@ -19,24 +21,33 @@ class AttackInfo:
     defaults: dict[str, Any]
     norm: str | None  # "linf", "l2" or None (no fixed budget)
     reference: str
+    family: str  # one of FAMILIES: what leave-one-family-out holds out together
 
     def budget(self, params: dict[str, Any]) -> float | None:
         return float(params["eps"]) if self.norm is not None else None
 
 
+FAMILIES = ("gradient-sign-linf", "optimisation-l2", "minimal-perturbation", "query-based")
+
 ATTACKS: dict[str, AttackInfo] = {
-    "fgsm": AttackInfo(torchattacks.FGSM, {"eps": 0.1}, "linf", "Goodfellow et al. 2015"),
-    "bim": AttackInfo(torchattacks.BIM, {"eps": 0.1, "alpha": 0.01, "steps": 20}, "linf", "Kurakin et al. 2017"),
+    "fgsm": AttackInfo(torchattacks.FGSM, {"eps": 0.1}, "linf", "Goodfellow et al. 2015", "gradient-sign-linf"),
+    "bim": AttackInfo(torchattacks.BIM, {"eps": 0.1, "alpha": 0.01, "steps": 20}, "linf", "Kurakin et al. 2017",
+                      "gradient-sign-linf"),
     "pgd": AttackInfo(torchattacks.PGD, {"eps": 0.1, "alpha": 0.01, "steps": 20, "random_start": True}, "linf",
-                      "Madry et al. 2018"),
+                      "Madry et al. 2018", "gradient-sign-linf"),
     "pgdl2": AttackInfo(torchattacks.PGDL2, {"eps": 1.5, "alpha": 0.15, "steps": 20, "random_start": True}, "l2",
-                        "Madry et al. 2018, L2"),
+                        "Madry et al. 2018, L2", "optimisation-l2"),
     "cw": AttackInfo(torchattacks.CW, {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01}, None,
-                     "Carlini & Wagner 2017, L2"),
-    "deepfool": AttackInfo(torchattacks.DeepFool, {"steps": 50, "overshoot": 0.02}, None,
-                           "Moosavi-Dezfooli et al. 2016, L2"),
+                     "Carlini & Wagner 2017, L2", "optimisation-l2"),
+    "deepfool": AttackInfo(BatchedDeepFool, {"steps": 50, "overshoot": 0.02}, None,
+                           "Moosavi-Dezfooli et al. 2016, L2 (batched; see detector.attacks.deepfool)",
+                           "minimal-perturbation"),
     "apgd": AttackInfo(torchattacks.APGD, {"eps": 0.1, "steps": 20, "norm": "Linf", "loss": "ce", "n_restarts": 1},
-                       "linf", "Croce & Hein 2020 (AutoAttack's APGD-CE)"),
+                       "linf", "Croce & Hein 2020 (AutoAttack's APGD-CE)", "gradient-sign-linf"),
+    # Score-based black box: random square patches, no gradient. The query budget keeps the default
+    # evaluation under 20 minutes on 2 cores (torchattacks' default is 5000).
+    "square": AttackInfo(torchattacks.Square, {"eps": 0.1, "n_queries": 300, "p_init": 0.8, "loss": "margin"},
+                         "linf", "Andriushchenko et al. 2020 (Square Attack, margin loss)", "query-based"),
 }
 
 
@@ -85,6 +96,10 @@ class AttackSpec:
         return self.info.norm
 
     @property
+    def family(self) -> str:
+        return self.info.family
+
+    @property
     def budget(self) -> float | None:
         return self.info.budget(self.params)
 
@@ -93,7 +108,7 @@ class AttackSpec:
 
     def build(self, model, seed: int = 0):
         params = dict(self.params)
-        if self.name == "apgd":
+        if self.name in ("apgd", "square"):
             params["seed"] = seed
         return self.info.cls(model, **params)
 

@@ -155,4 +155,5 @@ class LIDDetector(FeatureDetector):
 register_featurizer("lid", lambda ctx: LIDFeaturizer(ctx.model, seed=ctx.seed, batch_size=ctx.batch_size))
 register_detector(DetectorEntry(
     "lid", "lid", lambda fpr, seed: LIDDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
-    "LID (Ma et al. 2018): logistic regression on per-layer MLE LIDs (k=20, random clean minibatches of 100)"))
+    "LID (Ma et al. 2018): logistic regression on per-layer MLE LIDs (k=20, random clean minibatches of 100), "
+    "noisy clean images as extra negatives", noisy_negatives=True))

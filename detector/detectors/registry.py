@@ -21,6 +21,9 @@ class DetectorEntry:
     featurizer: str  # key into FEATURIZERS
     make: Callable[[float, int], FeatureDetector]  # (target_fpr, seed) -> unfitted estimator
     description: str
+    # Fit with noisy clean images as extra negatives (Ma et al.'s LID recipe): Gaussian noise of the same
+    # L2 norm as each fitting image's adversarial perturbation.
+    noisy_negatives: bool = False
 
 
 FEATURIZERS: dict[str, Callable[[FeaturizerContext], Featurizer]] = {}

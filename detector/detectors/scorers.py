@@ -146,6 +146,8 @@ def scorer_from_state(tensors: dict[str, torch.Tensor], info: dict) -> LinearSco
         return TreeScorer.from_state(tensors, info)
     if kind == "identity":
         return IdentityScorer()
+    if kind == "max":
+        return MaxScorer()
     raise ValueError(f"unknown scorer kind {kind!r}")
 
 
@@ -158,3 +160,14 @@ class IdentityScorer:
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         return {}, {"kind": "identity"}
+
+
+@dataclass
+class MaxScorer:
+    """The maximum of the selected features is the score (each must already lie in [0, 1])."""
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return np.clip(X.max(axis=1), 0.0, 1.0)
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {"kind": "max"}

@@ -12,26 +12,30 @@ Squeezers, written ``"bits:<b>"`` and ``"median:<s>"``:
   use) computes it: window offsets ``-(s // 2) .. s - 1 - s // 2``, the element of rank ``s*s // 2``
   (the upper median for even s), borders mirrored with the edge repeated (scipy's ``"reflect"``).
 
-Default squeezers (``squeezers=None``), chosen in :meth:`SqueezeFeaturizer.fit` on up to 1000 clean
-reference images so that squeezing alone changes few clean predictions (Xu et al. pick squeezers that keep
-clean accuracy): a squeezer *passes* when it changes the predicted class of at most ``max_flip`` (2%) of
-them. Bit depth: the fewest bits in 1..5 that pass (5 if none does). Median: 2x2 always, plus 3x3 for grey
-images when it passes. On MNIST this lands on Xu et al.'s joint detector (1 bit, 2x2 and 3x3 medians), on
-CIFAR-10 near theirs (5 bits, 2x2 median; their non-local means is left out), and on Fashion-MNIST, whose
-textures 1-bit squeezing destroys, on a milder bit depth instead of a detector that flags clean images.
+Squeezers are chosen as Xu et al. configure their joint detector: by detection on validation data.
+:class:`SqueezeFeaturizer` (``squeezers=None``) computes every *candidate* on each image: the bit depths 1..5
+and the 2x2 and 3x3 medians (3x3 for grey images only) that change the predicted class of at most
+``max_flip`` (2%) of up to 1000 clean reference images (squeezers must keep clean accuracy; 5 bits if no bit
+depth passes, 2x2 always). :class:`SqueezeDetector` with ``classifier="select"`` (the default) then picks
+the combination, at most one bit depth plus any medians, whose joint score (the max over its squeezers)
+has the highest AUROC on the fitting rows (validation images and their adversarial versions), and the
+evaluation report names the squeezers it picked. Nothing else is learned: the score is a fixed statistic.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
+from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from .base import FeatureDetector
 from .registry import DetectorEntry, register_detector, register_featurizer
+from .scorers import MaxScorer
 
 SQUEEZE, SCORE = "squeeze", "score"
 SELECTION_IMAGES = 1000
@@ -124,8 +128,8 @@ class SqueezeFeaturizer:
 
     @torch.no_grad()
     def fit(self, images: Tensor, labels: Tensor) -> SqueezeFeaturizer:
-        """Choose the default squeezers on clean ``images`` (N, C, H, W) in [0, 1] (labels are unused),
-        or take the given ones; sets the column layout."""
+        """Keep the candidate squeezers that keep clean predictions on ``images`` (N, C, H, W) in [0, 1]
+        (labels are unused), or take the given ones; sets the column layout."""
         self.model.eval()
         self.flip_rates_: dict[str, float] = {}
         if self.squeezers is not None:
@@ -136,11 +140,11 @@ class SqueezeFeaturizer:
                 raise ValueError("choosing the default squeezers needs clean reference images, got none")
             step = self.batch_size
             pred = torch.cat([self.model(x[s:s + step]).argmax(1) for s in range(0, len(x), step)])
-            bits = next((b for b in range(1, 6) if self._flip_rate(x, pred, f"bits:{b}") <= self.max_flip), 5)
+            bits = [f"bits:{b}" for b in range(1, 6) if self._flip_rate(x, pred, f"bits:{b}") <= self.max_flip]
             medians = ["median:2"]
             if x.shape[1] == 1 and self._flip_rate(x, pred, "median:3") <= self.max_flip:
                 medians.append("median:3")
-            self.squeezers_ = (f"bits:{bits}", *medians)
+            self.squeezers_ = (*(bits or ["bits:5"]), *medians)
         self.groups = [SQUEEZE] * len(self.squeezers_) + [SCORE]
         self.names = [f"squeeze.{s}" for s in self.squeezers_] + [SCORE]
         return self
@@ -163,14 +167,25 @@ class SqueezeFeaturizer:
 
 
 class SqueezeDetector(FeatureDetector):
-    """Feature squeezing: with ``classifier="identity"`` (the default) the ``"score"`` column is the score;
-    with another classifier it learns from the per-squeezer ``"squeeze"`` columns. Without ``groups`` in
-    ``fit`` all columns are read. Parameters: see :class:`FeatureDetector`."""
+    """Feature squeezing. ``classifier="select"`` (default): the joint score of the squeezer combination that
+    detects best on the fitting rows (module docstring); ``"identity"``: the ``"score"`` column (max over all
+    the featurizer's squeezers); another classifier learns from the per-squeezer ``"squeeze"`` columns.
+    Without ``groups`` in ``fit`` all columns are read. Parameters: see :class:`FeatureDetector`."""
 
-    def __init__(self, classifier: str = "identity", target_fpr: float = 0.05, C: float = 1.0,
+    def __init__(self, classifier: str = "select", target_fpr: float = 0.05, C: float = 1.0,
                  n_estimators: int = 200, max_depth: int | None = None, random_state: int = 0) -> None:
         super().__init__(classifier=classifier, target_fpr=target_fpr, C=C, n_estimators=n_estimators,
                          max_depth=max_depth, random_state=random_state)
+
+    def _check_params(self) -> None:
+        if self.classifier == "select":
+            self.classifier = "identity"  # validated as identity, restored below
+            try:
+                super()._check_params()
+            finally:
+                self.classifier = "select"
+            return
+        super()._check_params()
 
     def _columns(self, n_features: int, groups: Sequence[str] | None) -> np.ndarray:
         if groups is None:
@@ -181,9 +196,40 @@ class SqueezeDetector(FeatureDetector):
             raise ValueError(f"no column of X belongs to group {want!r}")
         return cols
 
+    def fit(self, X, y, *, groups: Sequence[str] | None = None, X_calibration=None,
+            names: Sequence[str] | None = None) -> SqueezeDetector:
+        if self.classifier != "select":
+            return super().fit(X, y, groups=groups, X_calibration=X_calibration)
+        self._check_params()
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
+        if not np.array_equal(np.unique(y), [0, 1]):
+            raise ValueError(f"y must hold both labels 0 (clean) and 1 (adversarial), got {np.unique(y).tolist()}")
+        cols = self._columns(X.shape[1], groups)
+        names = list(names) if names is not None else [f"column {c}" for c in range(X.shape[1])]
+        bits = [c for c in cols if "bits" in names[c]]
+        medians = [c for c in cols if c not in bits]
+        best, best_auc = None, -1.0
+        for b in [None, *bits]:
+            for r in range(0, len(medians) + 1):
+                for med in itertools.combinations(medians, r):
+                    subset = ([b] if b is not None else []) + list(med)
+                    if not subset:
+                        continue
+                    auc = roc_auc_score(y, X[:, subset].max(1))
+                    if auc > best_auc:
+                        best, best_auc = subset, auc
+        self.n_features_in_ = X.shape[1]
+        self.classes_ = np.array([0, 1])
+        self.columns_ = np.asarray(best, dtype=np.int64)
+        self.selected_ = [names[c].removeprefix("squeeze.") for c in best]
+        self.selection_auroc_ = float(best_auc)
+        self.scorer_ = MaxScorer()
+        self.calibrate(X[y == 0] if X_calibration is None else X_calibration)
+        return self
+
 
 register_featurizer("squeeze", lambda ctx: SqueezeFeaturizer(ctx.model, batch_size=ctx.batch_size))
 register_detector(DetectorEntry(
     "squeeze", "squeeze", lambda fpr, seed: SqueezeDetector(target_fpr=fpr, random_state=seed),
-    "feature squeezing (Xu et al. 2018): max L1 change of the softmax under bit-depth reduction (fewest bits "
-    "that keep 98% of clean predictions) and median smoothing, thresholded at the target FPR (no learning)"))
+    "feature squeezing (Xu et al. 2018): max L1 change of the softmax over the squeezers picked by detection on "
+    "the validation fitting images (candidates: bit depths and medians that keep 98% of clean predictions)"))

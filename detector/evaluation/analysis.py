@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,14 +15,11 @@ from ..bundle import Bundle
 from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, get_detector
 from ..features import GROUPS
 from .config import EvalConfig
+from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans, noisy_like
 from .images import ImageSets
 from .metrics import detection_metrics
 
 log = logging.getLogger(__name__)
-
-
-class NoAdversarialExamples(ValueError):
-    """No successful adversarial example to fit a detector on."""
 
 
 @dataclass
@@ -36,6 +33,9 @@ class FeatureSets:
     eval_adv: dict[str, np.ndarray]
     groups: list[str]
     seconds_per_image: float  # featurizing cost, measured on the evaluation images
+    reference: np.ndarray | None = None  # clean reference (training) images, for clean-only detectors
+    fit_noisy: dict[str, np.ndarray] = field(default_factory=dict)  # noisy fitting images, per attack
+    names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,17 +74,24 @@ def attack_outcomes(model, sets: ImageSets, adv: dict[str, Tensor],
     return out
 
 
-def featurize(featurizer, sets: ImageSets, adv: dict[str, Tensor]) -> FeatureSets:
+def featurize(featurizer, sets: ImageSets, adv: dict[str, Tensor], *, reference: bool = False,
+              noisy: bool = False, seed: int = 0) -> FeatureSets:
+    """Features of every image set; ``reference`` adds the reference images (for clean-only detectors),
+    ``noisy`` the noisy twins of the fitting images per attack (:func:`design.noisy_like`)."""
     n_fit = len(sets.fit.indices)
     t0 = time.perf_counter()
     eval_clean = featurizer.transform(sets.eval.images)
     per_image = (time.perf_counter() - t0) / len(sets.eval.images)
-    fit_adv, eval_adv = {}, {}
+    fit_adv, eval_adv, fit_noisy = {}, {}, {}
     for label, a in adv.items():
         fit_adv[label] = featurizer.transform(a[:n_fit])
         eval_adv[label] = featurizer.transform(a[n_fit:])
+        if noisy:
+            fit_noisy[label] = featurizer.transform(noisy_like(sets.fit.images, a[:n_fit], seed))
     return FeatureSets(featurizer.transform(sets.calibration.images), featurizer.transform(sets.fit.images),
-                       eval_clean, fit_adv, eval_adv, list(featurizer.groups), per_image)
+                       eval_clean, fit_adv, eval_adv, list(featurizer.groups), per_image,
+                       featurizer.transform(sets.reference.images) if reference else None, fit_noisy,
+                       list(getattr(featurizer, "names", []) or featurizer.groups))
 
 
 def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
@@ -97,30 +104,21 @@ def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
                        cat([p.eval_clean for p in parts]),
                        {k: cat([p.fit_adv[k] for p in parts]) for k in first.fit_adv},
                        {k: cat([p.eval_adv[k] for p in parts]) for k in first.eval_adv},
-                       [g for p in parts for g in p.groups], sum(p.seconds_per_image for p in parts))
+                       [g for p in parts for g in p.groups], sum(p.seconds_per_image for p in parts),
+                       names=[n for p in parts for n in p.names])
 
 
-def fit_detector(est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, AttackOutcome],
-                 attacks: list[str]) -> FeatureDetector:
-    """Fit on clean fitting images plus the *successful* adversarial versions from ``attacks``."""
-    blocks = [feats.fit_clean] + [feats.fit_adv[a][outcomes[a].fit_success] for a in attacks]
-    X = np.concatenate(blocks)
-    y = np.r_[np.zeros(len(feats.fit_clean)), np.ones(len(X) - len(feats.fit_clean))]
-    if y.sum() == 0:
-        raise NoAdversarialExamples(f"none of the attacks {attacks} succeeded on the fitting images")
-    return est.fit(X, y, groups=feats.groups, X_calibration=feats.calibration)
-
-
-def score(est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, AttackOutcome]) -> tuple[dict, dict]:
-    """Per attack: metrics on successful attacks (with an ``all`` sub-dict for every attacked image),
-    and the scores themselves (for plots)."""
+def score(est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, AttackOutcome],
+          seen: set[str] | None = None) -> tuple[dict, dict]:
+    """Per attack: metrics on successful attacks (with an ``all`` sub-dict for every attacked image, and
+    ``seen``: whether the attack's examples were in the fit), and the scores themselves (for plots)."""
     clean = est.decision_function(feats.eval_clean)
     results, scores = {}, {"clean": clean}
     for label, X in feats.eval_adv.items():
         s = est.decision_function(X)
         ok = outcomes[label].eval_success
         results[label] = {**detection_metrics(clean, s[ok], est.threshold_),
-                          "all": detection_metrics(clean, s, est.threshold_)}
+                          "all": detection_metrics(clean, s, est.threshold_), "seen": label in (seen or set())}
         scores[label] = s[ok]
     return results, scores
 
@@ -134,6 +132,29 @@ def forward_seconds_per_image(model, images: Tensor, batch: int = 500) -> float:
     return (time.perf_counter() - t0) / len(images)
 
 
+def _heldout(est_factory, feats, outcomes, plans: dict[str, list[str]], fit_kw: dict,
+             held_attacks: dict[str, list[str]], reuse=None) -> dict:
+    """AUROC / TPR on each held-out key's attacks, the detector refitted on ``plans[key]`` only."""
+    out = {}
+    for key, fitted_on in plans.items():
+        try:
+            est, record = fit_estimator(est_factory(), feats, outcomes, fitted_on, reuse=reuse, **fit_kw)
+        except NoAdversarialExamples as exc:
+            out[key] = {a: {"auroc": None, "tpr_at_fpr": None, "note": str(exc)} for a in held_attacks[key]}
+            continue
+        leaked = record.seen & set(held_attacks[key])
+        if leaked:  # cannot happen by construction; the tests check the records too
+            raise RuntimeError(f"held-out attacks {sorted(leaked)} reached the fit for {key!r}")
+        clean = est.decision_function(feats.eval_clean)
+        per = {}
+        for a in held_attacks[key]:
+            s = est.decision_function(feats.eval_adv[a])[outcomes[a].eval_success]
+            m = detection_metrics(clean, s, est.threshold_)
+            per[a] = {"auroc": m["auroc"], "tpr_at_fpr": m["tpr_at_fpr"], "fitted_on": sorted(record.seen)}
+        out[key] = per
+    return out
+
+
 # Over 60 lines on purpose: featurize once per featurizer, then fit/score every detector; the two loops
 # share the feature cache and timings, and the per-detector work is already in helpers.
 def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[AttackSpec],
@@ -145,15 +166,20 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
     protos = bundle.prototypes()
     ctx = FeaturizerContext(model, protos, sets.reference.images, sets.reference.labels, cfg.seed)
     forward_s = forward_seconds_per_image(model, sets.eval.images)
+    families = family_of(specs)
+    plans = holdout_plans(specs)
 
-    needed = {("path" if name == "bundle" else get_detector(name).featurizer) for name in cfg.detectors}
+    entries = {name: get_detector(name) for name in cfg.detectors if name != "bundle"}
+    needed = {e.featurizer for e in entries.values()} | ({"path"} if "bundle" in cfg.detectors else set())
+    clean_feats = {e.featurizer for e in entries.values() if _uses_reference(e.make(cfg.target_fpr, cfg.seed))}
+    noisy_feats = {e.featurizer for e in entries.values() if e.noisy_negatives}
     features: dict[str, FeatureSets] = {}
     featurizer_fit_s: dict[str, float] = {}
     # Featurizer "a+b" is the concatenation of "a" and "b" (registry convention): built from theirs when both
     # are computed anyway (the Mahalanobis part alone costs minutes on 1000s of images).
     for key in sorted(needed, key=lambda k: ("+" in k, k)):
         parts = key.split("+")
-        if len(parts) > 1 and all(p in features for p in parts):
+        if len(parts) > 1 and all(p in features for p in parts) and key not in clean_feats | noisy_feats:
             features[key] = concat_feature_sets([features[p] for p in parts])
             featurizer_fit_s[key] = sum(featurizer_fit_s[p] for p in parts)
             log.info("features of %s: those of %s side by side", key, ", ".join(parts))
@@ -162,60 +188,141 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
         fz = FEATURIZERS[key](ctx).fit(sets.reference.images, sets.reference.labels)
         featurizer_fit_s[key] = time.perf_counter() - t0
         log.info("featurizing with %s", key)
-        features[key] = featurize(fz, sets, adv)
+        features[key] = featurize(fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats,
+                                  seed=cfg.seed)
 
-    results, plot_scores, detectors, loo, timing = {}, {}, {}, {}, {}
+    layer_sizes = list(protos.layer_sizes) if protos is not None else list(model.gate_sizes)
+    fit_kw = {"families": families, "layer_sizes": layer_sizes, "clean_set": sets.fit.name,
+              "reference_set": sets.reference.name}
+    results, plot_scores, detectors, loo, lofo, timing = {}, {}, {}, {}, {}, {}
     for name in cfg.detectors:
         if name == "bundle":
             est, record = bundle.detector(), bundle.detector_record()
             if est is None or record is None:
                 raise ValueError(f"detector 'bundle' asked for, but {bundle.path} has no fitted detector")
-            feats, fit_s = features["path"], 0.0
-            entry_desc = f"the bundle's own detector ({record.classifier}, fitted by fit-detector)"
-            fkey = "path"
+            feats, fit_s, fkey = features["path"], 0.0, "path"
+            info = bundle.part("detector")[1]
+            fitting = {"kind": "as shipped", "text": _shipped_fitting(info)}
+            entry_desc = f"the bundle's own detector ({info.get('estimator')}, as fitted by fit-detector; not refitted)"
+            seen = {a for a in attacks if families[a] in _shipped_families(info)}
         else:
-            entry = get_detector(name)
+            entry = entries[name]
             feats, fkey, entry_desc = features[entry.featurizer], entry.featurizer, entry.description
             t0 = time.perf_counter()
-            est = fit_detector(entry.make(cfg.target_fpr, cfg.seed), feats, outcomes, attacks)
+            est, record = fit_estimator(entry.make(cfg.target_fpr, cfg.seed), feats, outcomes, attacks, **fit_kw)
             fit_s = time.perf_counter() - t0 + featurizer_fit_s[fkey]
+            fitting, seen = record.to_dict(), _seen(est, record, families, attacks)
         t0 = time.perf_counter()
-        results[name], plot_scores[name] = score(est, feats, outcomes)
+        results[name], plot_scores[name] = score(est, feats, outcomes, seen)
         decide_s = (time.perf_counter() - t0) / (len(feats.eval_clean) * (1 + len(attacks)))
         detectors[name] = {"description": entry_desc, "featurizer": fkey, "threshold": float(est.threshold_),
-                           "n_features": int(est.n_features_in_)}
+                           "n_features": int(est.n_features_in_), "fitting": fitting,
+                           "clean_only": bool(getattr(est, "clean_only", False)), **_choices(est)}
         timing[name] = {"fit_seconds": round(fit_s, 2),
                         "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s}
-        if cfg.leave_one_out and len(attacks) > 1 and name != "bundle":
-            loo[name] = {}
-            for held in attacks:
-                try:
-                    est_h = fit_detector(get_detector(name).make(cfg.target_fpr, cfg.seed), feats, outcomes,
-                                         [a for a in attacks if a != held])
-                except NoAdversarialExamples as exc:
-                    loo[name][held] = {"auroc": None, "tpr_at_fpr": None, "note": str(exc)}
-                    continue
-                clean = est_h.decision_function(feats.eval_clean)
-                s = est_h.decision_function(feats.eval_adv[held])[outcomes[held].eval_success]
-                m = detection_metrics(clean, s, est_h.threshold_)
-                loo[name][held] = {"auroc": m["auroc"], "tpr_at_fpr": m["tpr_at_fpr"]}
+        if name != "bundle" and not getattr(est, "clean_only", False) and len(attacks) > 1:
+            _holdout_tables(cfg, entries[name], est, feats, outcomes, plans, fit_kw, families, loo, lofo, name)
 
     ablation = {}
     if cfg.ablation and "path" in features:
         feats = features["path"]
         variants = {f"only:{g}": [g] for g in GROUPS} | {f"without:{g}": [h for h in GROUPS if h != g] for g in GROUPS}
         for vname, groups in variants.items():
-            est = fit_detector(PathDetector(feature_groups=groups, target_fpr=cfg.target_fpr, random_state=cfg.seed),
-                               feats, outcomes, attacks)
+            est, _ = fit_estimator(PathDetector(feature_groups=groups, target_fpr=cfg.target_fpr,
+                                                random_state=cfg.seed), feats, outcomes, attacks, **fit_kw)
             res, _ = score(est, feats, outcomes)
             ablation[vname] = {a: {"auroc": r["auroc"], "tpr_at_fpr": r["tpr_at_fpr"]} for a, r in res.items()}
 
     report = {
-        "attacks": {label: o.stats for label, o in outcomes.items()},
+        "attacks": {label: o.stats | {"family": families[label]} for label, o in outcomes.items()},
         "results": results,
         "detectors": detectors,
         "leave_one_attack_out": loo,
+        "leave_one_family_out": lofo,
+        "unseen_summary": unseen_summary(results, lofo, detectors, families),
         "ablation": ablation,
         "timing": {"forward_seconds_per_image": forward_s, "detectors": timing},
     }
     return report, plot_scores
+
+
+def _holdout_tables(cfg: EvalConfig, entry, est, feats, outcomes, plans, fit_kw, families, loo, lofo,
+                    name: str) -> None:
+    """Fill ``loo[name]`` (leave one attack out) and ``lofo[name]`` (leave one family out) as ``cfg`` asks."""
+    attacks = list(families)
+
+    def make():
+        return entry.make(cfg.target_fpr, cfg.seed)
+
+    reuse = est if hasattr(est, "components") else None
+    if cfg.leave_one_out:
+        loo[name] = {a: per[a] for a, per in _heldout(make, feats, outcomes, plans["attack"], fit_kw,
+                                                      {a: [a] for a in attacks}, reuse).items()}
+    if cfg.leave_one_family_out:
+        held = {f: [a for a in attacks if families[a] == f] for f in plans["family"]}
+        lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse)
+
+
+def _choices(est) -> dict:
+    """What a detector chose on the fitting images: the ensemble's weights, the squeezers picked."""
+    out: dict = {}
+    if getattr(est, "selection_", None):
+        out["selection"] = dict(est.selection_)
+        out["weights"] = dict(zip(est.components, est.weights_.tolist()))
+    if hasattr(est, "selected_"):
+        out["squeezers"] = list(est.selected_)
+        out["selection_auroc_on_fitting_rows"] = est.selection_auroc_
+    return out
+
+
+def _uses_reference(est) -> bool:
+    return getattr(est, "clean_only", False) or hasattr(est, "components")
+
+
+def _seen(est, record: FitRecord, families: dict[str, str], attacks: list[str]) -> set[str]:
+    """Attacks whose examples shaped the fit: the supervised fit's attacks; for weights chosen on
+    validation families, every attack of those families (the weights saw the family)."""
+    if hasattr(est, "components") and record.adversarial:
+        seen_families = {families[a] for a in record.adversarial}
+        return {a for a in attacks if families[a] in seen_families}
+    return record.seen
+
+
+def _shipped_families(info: dict) -> set[str]:
+    from ..attacks import ATTACKS
+
+    return {ATTACKS[a["name"]].family for a in info.get("attacks", []) if a.get("name") in ATTACKS}
+
+
+def _shipped_fitting(info: dict) -> str:
+    fit = info.get("fit_images", {})
+    attacks = ", ".join(a["label"] for a in info.get("attacks", [])) or "none"
+    return (f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
+            f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks}); "
+            f"components on {info.get('reference_images', {}).get('n', '?')} clean training images"
+            if info.get("estimator") == "PathEnsembleDetector" else
+            f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
+            f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks})")
+
+
+def unseen_summary(results: dict, lofo: dict, detectors: dict, families: dict[str, str]) -> dict:
+    """Per detector, its worst AUROC and TPR over attacks it never saw: clean-only detectors from the main
+    table (every attack is unseen), the others from leave-one-family-out."""
+    out = {}
+    for name, per in results.items():
+        if detectors[name]["clean_only"]:
+            cells = {a: per[a] for a in per}
+        elif name in lofo:
+            cells = {a: m for fam in lofo[name].values() for a, m in fam.items()}
+        else:
+            cells = {a: per[a] for a in per if not per[a].get("seen")}
+        aucs = {a: m["auroc"] for a, m in cells.items() if m.get("auroc") is not None}
+        tprs = {a: m["tpr_at_fpr"] for a, m in cells.items() if m.get("tpr_at_fpr") is not None}
+        if not aucs:
+            continue
+        worst = min(aucs, key=aucs.get)
+        out[name] = {"source": "main table (clean-only)" if detectors[name]["clean_only"] else
+                     ("leave-one-family-out" if name in lofo else "unseen cells of the main table"),
+                     "worst_auroc": aucs[worst], "worst_attack": worst, "min_tpr_at_fpr": min(tprs.values()),
+                     "per_attack": aucs}
+    return out

@@ -18,7 +18,7 @@ from .adversarial import compute_all, compute_shard, load_shards
 from .analysis import analyze
 from .config import EvalConfig
 from .images import ImageSets, select_images
-from .plots import write_plots
+from .plots import write_heatmap, write_plots
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def _finish(cfg: EvalConfig, out: Path, p: Prepared, adv: dict[str, Tensor], att
     }
     if cfg.plots:
         thresholds = {d: info["threshold"] for d, info in body["detectors"].items()}
-        report["plots"] = write_plots(out, scores, body["results"], thresholds, [s.label for s in specs])
+        report["plots"] = [write_heatmap(out, {**report, "results": body["results"]})] + write_plots(
+            out, scores, body["results"], thresholds, [s.label for s in specs])
     report["timing"]["attack_seconds"] = attack_seconds
     report["timing"]["total_seconds"] = time.perf_counter() - t0
     write_report(out, report)

@@ -1,0 +1,121 @@
+"""What each detector fit sees: training rows, held-out plans (leave one attack / family out), fitting sets.
+
+Every fit of the evaluation goes through :func:`fit_estimator`, which returns the fitted estimator and a
+:class:`FitRecord` naming exactly which rows it was given (clean fitting rows, and per attack the indices
+of the fitting images whose successful adversarial versions were used). The held-out tables pass the
+attacks to *exclude*; the record is what the tests check: no held-out attack's rows reach a fit.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..attacks import FAMILIES, AttackSpec
+
+
+class NoAdversarialExamples(ValueError):
+    """No successful adversarial example to fit a detector on."""
+
+
+@dataclass
+class FitRecord:
+    """Which rows a fit was given."""
+
+    kind: str  # "supervised", "clean-only" or "clean-only + weights on validation"
+    n_clean: int
+    clean_set: str
+    adversarial: dict[str, np.ndarray] = field(default_factory=dict)  # attack -> fitting-image indices
+    n_noisy: int = 0
+
+    @property
+    def seen(self) -> set[str]:
+        return set(self.adversarial)
+
+    def describe(self) -> str:
+        if not self.adversarial:
+            return f"{self.n_clean} clean {self.clean_set} images; no adversarial example"
+        adv = sum(len(v) for v in self.adversarial.values())
+        noisy = f" + {self.n_noisy} noisy clean" if self.n_noisy else ""
+        head = "weights chosen on " if self.kind.endswith("validation") else ""
+        return (f"{head}{self.n_clean} clean {self.clean_set}{noisy} + {adv} adversarial "
+                f"({', '.join(sorted(self.adversarial))})")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "n_clean": self.n_clean, "clean_set": self.clean_set, "n_noisy": self.n_noisy,
+                "adversarial": {a: int(len(v)) for a, v in self.adversarial.items()}, "text": self.describe()}
+
+
+def holdout_plans(specs: list[AttackSpec]) -> dict[str, dict[str, list[str]]]:
+    """{"attack": {held attack: [attacks fitted on]}, "family": {held family: [attacks fitted on]}};
+    families with no attack in ``specs`` are left out."""
+    labels = [s.label for s in specs]
+    by_family = {f: [s.label for s in specs if s.family == f] for f in FAMILIES}
+    return {"attack": {a: [b for b in labels if b != a] for a in labels},
+            "family": {f: [b for b in labels if b not in held] for f, held in by_family.items() if held}}
+
+
+def family_of(specs: list[AttackSpec]) -> dict[str, str]:
+    return {s.label: s.family for s in specs}
+
+
+def adversarial_rows(outcomes: dict, attacks: list[str]) -> dict[str, np.ndarray]:
+    """Per attack, indices of the fitting images whose adversarial version succeeded."""
+    return {a: np.flatnonzero(outcomes[a].fit_success) for a in attacks}
+
+
+def noisy_like(clean, adversarial, seed: int):
+    """Clean images plus Gaussian noise of the same per-image L2 norm as ``adversarial - clean``, in [0, 1]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(clean.shape, generator=gen)
+    target = (adversarial - clean).flatten(1).norm(dim=1)
+    noise = noise * (target / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (clean.ndim - 1))
+    return (clean + noise).clamp(0, 1)
+
+
+def fit_estimator(est, feats, outcomes: dict, attacks: list[str], *, families: dict[str, str],
+                  layer_sizes: list[int], clean_set: str, reference_set: str, reuse=None):
+    """Fit ``est`` on the rows ``attacks`` allow; returns (estimator, :class:`FitRecord`).
+
+    Clean-only estimators (``est.clean_only``) get the clean reference rows; the ensemble with weights to
+    choose gets them plus, as validation, the clean fitting rows and the successful adversarial rows of
+    ``attacks`` grouped by family; supervised estimators get clean fitting rows (plus noisy ones when
+    ``feats.fit_noisy`` holds them) against the successful adversarial rows of ``attacks``. ``reuse``: an
+    ensemble already fitted on the same clean rows, whose clean-only components are kept (they never depend
+    on ``attacks``); only its weights are chosen again.
+    """
+    if getattr(est, "clean_only", False):
+        est.fit(feats.reference, groups=feats.groups, layer_sizes=layer_sizes, X_calibration=feats.calibration)
+        return est, FitRecord("clean-only", len(feats.reference), reference_set)
+    rows = {a: r for a, r in adversarial_rows(outcomes, attacks).items() if len(r)}
+    if not rows:
+        raise NoAdversarialExamples(f"none of the attacks {attacks} succeeded on the fitting images")
+    if hasattr(est, "components"):  # the ensemble: clean-only components, weights on validation
+        by_family: dict[str, list[np.ndarray]] = {}
+        for a, r in rows.items():
+            by_family.setdefault(families[a], []).append(feats.fit_adv[a][r])
+        validation = (feats.fit_clean, {f: np.concatenate(b) for f, b in by_family.items()})
+        if reuse is not None and reuse.weights is None:
+            est = copy.copy(reuse)
+            est.weights_, est.selection_ = est._select(*validation)
+            est.calibrate(feats.calibration)
+        else:
+            est.fit(feats.reference, groups=feats.groups, layer_sizes=layer_sizes, X_calibration=feats.calibration,
+                    validation=validation)
+        return est, FitRecord("clean-only + weights on validation", len(feats.fit_clean), clean_set, rows)
+    negatives = [feats.fit_clean]
+    n_noisy = 0
+    if feats.fit_noisy:
+        noisy = [feats.fit_noisy[a][r] for a, r in rows.items()]
+        n_noisy = sum(len(b) for b in noisy)
+        negatives += noisy
+    X = np.concatenate(negatives + [feats.fit_adv[a][r] for a, r in rows.items()])
+    n_neg = sum(len(b) for b in negatives)
+    y = np.r_[np.zeros(n_neg), np.ones(len(X) - n_neg)]
+    extra = {"names": feats.names} if getattr(est, "classifier", None) == "select" else {}
+    est.fit(X, y, groups=feats.groups, X_calibration=feats.calibration, **extra)
+    return est, FitRecord("supervised", len(feats.fit_clean), clean_set, rows, n_noisy)
