@@ -126,6 +126,8 @@ def kserve_verdict(req: kserve_pb2.ModelInferRequest, model: Model) -> tuple[str
     if len(req.inputs) != 1 or req.inputs[0].name != "images" or req.inputs[0].datatype not in _KSERVE_DTYPES:
         return INVALID, 0
     tensor = req.inputs[0]
+    if len(tensor.shape) != 4:  # KServe v2 takes (N, C, H, W) only
+        return INVALID, 0
     dtype, field_name = _KSERVE_DTYPES[tensor.datatype]
     if req.raw_input_contents:
         if len(req.raw_input_contents) != 1 or tensor.HasField("contents"):

@@ -28,7 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load_input(path: str):
-    """A PNG/JPEG file is sent encoded; a .npy file (C, H, W) or (N, C, H, W) as a raw tensor."""
+    """A PNG/JPEG file's bytes (sent encoded); a .npy file (C, H, W) or (N, C, H, W) as an array (raw tensor)."""
     p = Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES | {".npy"}:
         raise ValueError(f"{path}: expected a .png, .jpg/.jpeg or .npy file")
@@ -38,7 +38,36 @@ def _load_input(path: str):
         import numpy as np
 
         return np.load(p, allow_pickle=False)
-    return [p.read_bytes()]
+    return p.read_bytes()
+
+
+def _calls(paths: list[str], per_call: int, rows: dict[int, list[dict]]) -> list[list[tuple[int, str, object]]]:
+    """Inputs grouped into calls: consecutive image files, up to ``per_call`` a call; each .npy on its own.
+    A file that cannot be read gets its error row in ``rows`` and no call."""
+    calls: list[list[tuple[int, str, object]]] = []
+    group: list[tuple[int, str, object]] = []
+    for i, path in enumerate(paths):
+        try:
+            data = _load_input(path)
+        except (ValueError, OSError) as exc:
+            rows[i] = [_error_row(path, "FILE", str(exc))]
+            continue
+        if isinstance(data, bytes):
+            group.append((i, path, data))
+            if len(group) == per_call:
+                calls.append(group)
+                group = []
+        else:
+            calls.append([(i, path, data)])
+    return calls + ([group] if group else [])
+
+
+def _error_row(path: str, code: str, message: str) -> dict:
+    return {"image": path, "error": {"code": code, "message": message}}
+
+
+# The server is out of reach or refuses this caller: no later call can do better.
+_FATAL = {"UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED", "DEADLINE_EXCEEDED"}
 
 
 def _row(path: str, i: int, n: int, r) -> dict:
@@ -57,6 +86,32 @@ class ScreenRun:
     json: bool = switch("print JSON instead of a table")
 
 
+def _screen_call(client, call: list[tuple[int, str, object]], top_k: int, rows: dict[int, list[dict]]) -> None:
+    """One call for ``call``'s inputs, their rows into ``rows``; a refused group of files is retried file by
+    file to mark the bad ones. Raises the ``grpc.RpcError`` of a failure no later call can avoid."""
+    import grpc
+
+    data = [d for _, _, d in call] if isinstance(call[0][2], bytes) else call[0][2]
+    try:
+        results = client.screen(data, top_k=top_k)
+    except grpc.RpcError as exc:
+        if exc.code().name in _FATAL:
+            raise
+        if len(call) > 1 and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            for one in call:
+                _screen_call(client, [one], top_k, rows)
+            return
+        for i, path, _ in call:
+            rows[i] = [_error_row(path, exc.code().name, exc.details())]
+        return
+    if isinstance(call[0][2], bytes):
+        for (i, path, _), result in zip(call, results, strict=True):
+            rows[i] = [_row(path, 0, 1, result)]
+    else:
+        i, path, _ = call[0]
+        rows[i] = [_row(path, j, len(results), r) for j, r in enumerate(results)]
+
+
 def _cmd_screen(args: argparse.Namespace) -> int:
     import grpc
 
@@ -64,23 +119,24 @@ def _cmd_screen(args: argparse.Namespace) -> int:
 
     cfg = config_from(ScreenConfig, args)
     token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
-    rows: list[dict] = []
-    failed = False
-    with PathGuardClient(cfg.target, token=token, tls_ca=cfg.tls_ca, client_cert=cfg.client_cert,
-                         client_key=cfg.client_key, timeout=cfg.timeout) as client:
-        for path in args.images:
-            try:
-                results = client.screen(_load_input(path), top_k=cfg.top_k)
-            except grpc.RpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
-                    print(f"pathguard screen: {cfg.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                    return 1
-                rows.append({"image": path, "error": {"code": exc.code().name, "message": exc.details()}})
-                failed = True
-                continue
-            rows += [_row(path, i, len(results), r) for i, r in enumerate(results)]
-    print(json.dumps(rows, indent=2) if config_from(ScreenRun, args).json else format_table(rows))
-    return 1 if failed else 0
+    rows: dict[int, list[dict]] = {}  # input position -> its rows
+    fatal = None
+    try:
+        with PathGuardClient(cfg.target, token=token, tls=cfg.tls, tls_ca=cfg.tls_ca, client_cert=cfg.client_cert,
+                             client_key=cfg.client_key, timeout=cfg.timeout,
+                             insecure_token=cfg.insecure_token) as client:
+            per_call = cfg.batch or client.describe().max_images_per_request
+            for call in _calls(args.images, per_call, rows):
+                _screen_call(client, call, cfg.top_k, rows)
+    except grpc.RpcError as exc:
+        fatal = f"pathguard screen: {cfg.target}: {exc.code().name}: {exc.details()}"
+    done = [row for i in sorted(rows) for row in rows[i]]
+    if done:  # what was screened before a fatal error is still shown
+        print(json.dumps(done, indent=2) if config_from(ScreenRun, args).json else format_table(done))
+    if fatal:
+        print(fatal, file=sys.stderr)
+        return 1
+    return 1 if any("error" in row for row in done) else 0
 
 
 def format_table(rows: list[dict]) -> str:

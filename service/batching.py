@@ -10,7 +10,13 @@ the delay, while under load batches fill up instead of splitting into fragments.
 
 Before computing, the worker drops requests whose caller cancelled (their future was cancelled) and
 answers those whose deadline has passed with :class:`DeadlineExpired`: neither costs model time.
-A full queue answers :class:`Overloaded` at once.
+A full queue (``max_queue_size`` requests or ``max_queue_images`` images) answers :class:`Overloaded` at once.
+
+Faults heal: an exception while computing a batch or delivering its results fails exactly that batch's
+requests with :class:`BatchFailed` (INTERNAL, with a message; the traceback is logged) and the worker goes
+on with the next batch. :meth:`DynamicBatcher.stalled_for` tells a watchdog how long the worker has been
+stuck (a batch computing, or the oldest request waiting), and :attr:`DynamicBatcher.alive` whether its
+thread runs. :attr:`DynamicBatcher.fault_hook` is the test hook that injects those faults.
 
 :meth:`DynamicBatcher.set_runner` swaps the model between two batches (bundle reload): a batch runs
 entirely on the runner it started with.
@@ -29,7 +35,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Protocol
@@ -41,7 +47,7 @@ from torch import Tensor
 from detector.screening import ScreenResult
 
 from . import metrics
-from .errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from .errors import BatchFailed, DeadlineExpired, InvalidInput, NotReady, Overloaded, ServiceError
 from .runtime import slice_result
 
 log = logging.getLogger(__name__)
@@ -102,7 +108,8 @@ class DynamicBatcher:
     """Queue + worker thread around a :class:`Runner`. Start with :meth:`start`, end with :meth:`stop`."""
 
     def __init__(self, runner: Runner | None = None, *, max_batch_size: int = MAX_BATCH_SIZE,
-                 max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
+                 max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000, max_queue_size: int = MAX_QUEUE_SIZE,
+                 max_queue_images: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_queue_size < 1:
@@ -112,6 +119,10 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queue_size = max_queue_size
+        # Requests are bounded in count and in images: 256 requests of 64 images each would be 16k images.
+        self.max_queue_images = max_queue_images or max_queue_size * max_batch_size
+        if self.max_queue_images < max_batch_size:
+            raise ValueError(f"max_queue_images={self.max_queue_images} must be >= max_batch_size={max_batch_size}")
         self._runner = runner
         self._queue: deque[_Request] = deque()
         self._queued_images = 0
@@ -123,6 +134,10 @@ class DynamicBatcher:
         self._worker_state = "busy"  # "idle" (waits for a request), "forming" (waits for a batch) or "busy"
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None  # when the batch computing now started
+        # Test hook (fault injection): called with "compute" before each batch runs and "deliver" before its
+        # results go out, on the worker thread; whatever it raises or however long it blocks is a fault.
+        self.fault_hook: Callable[[str], None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> DynamicBatcher:
@@ -152,6 +167,22 @@ class DynamicBatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before start and after stop)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the worker has made no progress: the age of the batch computing now or of the oldest
+        queued request, whichever is older; 0 when idle. A watchdog compares it with its limit."""
+        now = time.monotonic()
+        busy = self._busy_since
+        try:
+            oldest = self._queue[0].enqueued  # read without the lock: the worker may pop it meanwhile
+        except IndexError:
+            oldest = now
+        return max(0.0, now - min(oldest, busy if busy is not None else now))
 
     # -- callers --------------------------------------------------------------------------------
     @contextmanager
@@ -188,6 +219,8 @@ class DynamicBatcher:
                 raise NotReady("no model is loaded yet")
             if len(self._queue) >= self.max_queue_size:
                 raise Overloaded(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
+            if self._queued_images + request.size > self.max_queue_images:
+                raise Overloaded(f"the queue is full (at most {self.max_queue_images} images waiting); retry later")
             self._queue.append(request)
             self._queued_images += request.size
             self._note_load(self._queued_images + self._computing)
@@ -213,6 +246,7 @@ class DynamicBatcher:
                 self._worker_state = "busy"
                 batch, runner = self._take(), self._runner
                 self._computing = sum(r.size for r in batch)
+                self._busy_since = time.monotonic()
                 queued = len(self._queue)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("batch of %d requests after %.1f ms idle + %.1f ms waiting; %d left queued, %d arriving",
@@ -221,8 +255,12 @@ class DynamicBatcher:
             metrics.QUEUE_DEPTH.set(queued)
             try:
                 self._compute(batch, runner)
+            except Exception as exc:  # a bug outside compute and delivery: still fail only this batch
+                log.exception("a batch of %d requests failed; the worker goes on", len(batch))
+                self._fail(batch, exc)
             finally:
                 self._computing = 0
+                self._busy_since = None
 
     def _note_load(self, present: int) -> None:
         """Track the recent peak of images in the system; it is what a forming batch expects to get."""
@@ -282,31 +320,42 @@ class DynamicBatcher:
             assert runner is not None  # every request was refused above when there is none
             metrics.observe_many(metrics.QUEUE_DURATION, np.array([now - r.enqueued for r in live]))
             outcomes.extend(self._screen(live, runner))
-        self._deliver(outcomes)
+        try:
+            self._deliver(outcomes)
+        except Exception as exc:
+            log.exception("delivering the results of a batch of %d requests failed", len(outcomes))
+            self._fail([request for request, _, _ in outcomes], exc, "delivering the results of")
 
-    @staticmethod
-    def _screen(live: list[_Request], runner: Runner) -> list[_Outcome]:
+    def _screen(self, live: list[_Request], runner: Runner) -> list[_Outcome]:
         images = live[0].images if len(live) == 1 else torch.cat([r.images for r in live])
         start = time.perf_counter()
         try:
+            self._hook("compute")
             result = runner.screen(images)
         except Exception as exc:
             log.exception("screening a batch of %d images failed", len(images))
-            return [(request, None, exc) for request in live]
+            error = _batch_error(exc, "computing")
+            return [(request, None, error) for request in live]
         metrics.COMPUTE_DURATION.observe(time.perf_counter() - start)
-        metrics.BATCH_SIZE.observe(len(images))
-        info = getattr(result, "info", None) or getattr(runner, "info", None)
-        classes = info.classes if info is not None else tuple(str(i) for i in range(result.probabilities.shape[1]))
-        metrics.observe_results(result.predictions, result.scores, result.flags, result.active_ratio,
-                                result.threshold, classes)
-        if len(live) == 1:
-            return [(live[0], result, None)]
-        out: list[_Outcome] = []
-        start = 0
-        for request in live:
-            out.append((request, slice_result(result, start, start + request.size), None))
-            start += request.size
-        return out
+        try:
+            self._hook("deliver")
+            metrics.BATCH_SIZE.observe(len(images))
+            info = getattr(result, "info", None) or getattr(runner, "info", None)
+            classes = info.classes if info is not None else tuple(str(i) for i in range(result.probabilities.shape[1]))
+            metrics.observe_results(result.predictions, result.scores, result.flags, result.active_ratio,
+                                    result.threshold, classes)
+            if len(live) == 1:
+                return [(live[0], result, None)]
+            out: list[_Outcome] = []
+            start = 0
+            for request in live:
+                out.append((request, slice_result(result, start, start + request.size), None))
+                start += request.size
+            return out
+        except Exception as exc:
+            log.exception("delivering the results of a batch of %d images failed", len(images))
+            error = _batch_error(exc, "delivering the results of")
+            return [(request, None, error) for request in live]
 
     @staticmethod
     def _deliver(outcomes: list[_Outcome]) -> None:
@@ -324,3 +373,23 @@ class DynamicBatcher:
                 loop.call_soon_threadsafe(_settle, items)
             except RuntimeError:  # the loop was closed: its callers are gone
                 log.debug("event loop closed; %d answers dropped", len(items))
+
+    def _fail(self, batch: list[_Request], exc: Exception, doing: str = "handling") -> None:
+        """Answer every request of ``batch`` not answered yet with :class:`BatchFailed` (an asyncio caller's
+        answer already on its way wins: :func:`_settle` skips futures resolved meanwhile)."""
+        error = _batch_error(exc, doing)
+        self._deliver([(request, None, error) for request in batch if not request.future.done()])
+
+    def _hook(self, stage: str) -> None:
+        hook = self.fault_hook
+        if hook is not None:
+            hook(stage)
+
+
+def _batch_error(exc: Exception, doing: str) -> Exception:
+    """The error a failed batch's callers get: :class:`BatchFailed`, or a domain error the runner raised on
+    purpose, which keeps its own status."""
+    if isinstance(exc, ServiceError):
+        return exc
+    return BatchFailed(
+        f"{doing} the batch this request was part of failed ({type(exc).__name__}); the server log has the details")

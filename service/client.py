@@ -1,7 +1,9 @@
 """Python client of PathGuard's own API: ``PathGuardClient("host:50051").screen(images)``.
 
 ``images`` may be a numpy array or torch tensor (N, C, H, W) or (C, H, W) -- float in [0, 1] or uint8
-0..255 -- sent as a raw tensor, or PNG/JPEG files (paths or bytes), sent encoded. Failures raise
+0..255 -- or a list of such (C, H, W) arrays or (N, C, H, W) batches, sent as one raw tensor; or PNG/JPEG
+files (paths or bytes), sent encoded. A bearer token is sent only over TLS unless ``insecure_token=True``
+(a plaintext channel would carry it in clear). Failures raise
 :class:`grpc.RpcError` (``.code()``, ``.details()``), except per-request failures inside
 :meth:`PathGuardClient.screen_stream`, which come back as :class:`StreamItem.error`.
 """
@@ -20,7 +22,9 @@ from ._proto.pathguard.v1 import pathguard_pb2 as pb
 from ._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from .config import DEFAULT_MAX_MESSAGE_MB
 
-ImageInput = np.ndarray | Any | str | Path | bytes | Sequence[str | Path | bytes]
+ImageInput = np.ndarray | Any | str | Path | bytes | Sequence[str | Path | bytes] | Sequence[np.ndarray]
+# Default deadline of a whole ScreenStream (a stream carries many requests; a unary call gets `timeout`).
+DEFAULT_STREAM_TIMEOUT = 600.0
 
 _DTYPES = {np.dtype(np.float32): pb.FLOAT32, np.dtype(np.float64): pb.FLOAT64, np.dtype(np.uint8): pb.UINT8}
 
@@ -109,11 +113,15 @@ def build_request(images: ImageInput, *, top_k: int = 0, include_path: bool = Fa
     if isinstance(images, (str, Path, bytes)):
         images = [images]
     if isinstance(images, (list, tuple)):
-        request.encoded.images.extend(p if isinstance(p, bytes) else Path(p).read_bytes() for p in images)
-        return request
-    if hasattr(images, "detach"):  # torch.Tensor
-        images = images.detach().cpu().numpy()
-    array = np.asarray(images)
+        if not images:
+            raise ValueError("no images given")
+        if all(isinstance(p, (str, Path, bytes)) for p in images):
+            request.encoded.images.extend(p if isinstance(p, bytes) else Path(p).read_bytes() for p in images)
+            return request
+        if any(isinstance(p, (str, Path, bytes)) for p in images):
+            raise ValueError("a list of images must be all files (paths or bytes) or all arrays, not a mix")
+        images = _stack([_numpy(a) for a in images])
+    array = _numpy(images)
     if array.dtype.kind == "f" and array.dtype not in _DTYPES:
         array = array.astype(np.float32)
     if array.dtype not in _DTYPES:
@@ -123,6 +131,23 @@ def build_request(images: ImageInput, *, top_k: int = 0, include_path: bool = Fa
     request.tensor.shape.extend(array.shape)
     request.tensor.data = array.tobytes()
     return request
+
+
+def _numpy(images: Any) -> np.ndarray:
+    if hasattr(images, "detach"):  # torch.Tensor
+        images = images.detach().cpu().numpy()
+    return np.asarray(images)
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """(C, H, W) images and (N, C, H, W) batches -> one (N, C, H, W) batch (all of one dtype and shape)."""
+    batches = [a[None] if a.ndim == 3 else a for a in arrays]
+    shapes = {b.shape[1:] for b in batches}
+    dtypes = {b.dtype for b in batches}
+    if any(b.ndim != 4 for b in batches) or len(shapes) != 1 or len(dtypes) != 1:
+        raise ValueError(f"a list of arrays must hold (C, H, W) images or (N, C, H, W) batches of one shape and "
+                         f"dtype; got shapes {[a.shape for a in arrays]} and dtypes {sorted(map(str, dtypes))}")
+    return np.concatenate(batches)
 
 
 class PathGuardClient:
@@ -135,16 +160,23 @@ class PathGuardClient:
     tls_ca : PEM CA bundle (path or bytes) to verify the server; enables TLS. ``tls=True`` without it
         uses the system roots.
     client_cert, client_key : PEM client certificate and key (path or bytes), for mTLS.
-    timeout : default deadline of each call, seconds.
+    timeout : default deadline of each unary call, seconds.
+    stream_timeout : default deadline of a whole :meth:`screen_stream`, seconds.
+    insecure_token : send ``token`` over a plaintext channel anyway (it travels in clear; for loopback tests).
     """
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
                  tls_ca: str | Path | bytes | None = None, client_cert: str | Path | bytes | None = None,
                  client_key: str | Path | bytes | None = None, timeout: float = 30.0,
+                 stream_timeout: float = DEFAULT_STREAM_TIMEOUT, insecure_token: bool = False,
                  max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, options: Sequence[tuple[str, Any]] = ()) -> None:
+        secure = bool(tls or tls_ca or client_cert)
+        if token and not secure and not insecure_token:
+            raise ValueError(f"refusing to send a bearer token to {target} over plaintext: enable TLS (tls=True or "
+                             "tls_ca=...) or pass insecure_token=True")
         opts = [("grpc.max_receive_message_length", max_message_mb << 20),
                 ("grpc.max_send_message_length", max_message_mb << 20), *options]
-        if tls or tls_ca or client_cert:
+        if secure:
             creds = grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca), private_key=_pem(client_key),
                                                  certificate_chain=_pem(client_cert))
             self._channel = grpc.secure_channel(target, creds, options=opts)
@@ -153,6 +185,7 @@ class PathGuardClient:
         self._stub = pb_grpc.PathGuardStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
+        self.stream_timeout = stream_timeout
 
     def screen(self, images: ImageInput, *, top_k: int = 0, include_path: bool = False,
                include_departure: bool = False, timeout: float | None = None) -> list[ImageResult]:
@@ -164,10 +197,12 @@ class PathGuardClient:
     def screen_stream(self, batches: Iterable[ImageInput], *, top_k: int = 0, include_path: bool = False,
                       include_departure: bool = False, timeout: float | None = None) -> Iterator[StreamItem]:
         """Screen many requests over one bidirectional stream (pipelined); yields one item per request, in
-        order, with ``request_id`` the request's position as a string."""
+        order, with ``request_id`` the request's position as a string. ``timeout`` bounds the whole stream
+        (default :attr:`stream_timeout`)."""
         requests = (build_request(b, top_k=top_k, include_path=include_path, include_departure=include_departure,
                                   request_id=str(i)) for i, b in enumerate(batches))
-        for response in self._stub.ScreenStream(requests, timeout=timeout, metadata=self._metadata):
+        for response in self._stub.ScreenStream(requests, timeout=timeout or self.stream_timeout,
+                                                metadata=self._metadata):
             error = None
             if response.HasField("error"):
                 error = ScreenError(response.error.code_name, response.error.message)

@@ -57,6 +57,14 @@ class NotReady(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class BatchFailed(ServiceError):
+    """Computing or delivering the batch this request was part of raised; the server logged the traceback.
+
+    Only the requests of that batch get it; the worker goes on with the next batch."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 # Messages quote what the caller sent (a model name, a datatype, a shape), and a status message travels in
 # an HTTP/2 trailer, percent-encoded: past the client's metadata limit (8 KiB by default) the caller would

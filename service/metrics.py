@@ -2,7 +2,7 @@
 
 Base units (seconds), ``_total`` counters, and only low-cardinality labels: the RPC method (a fixed set),
 the status code name, the predicted class (the model's class names) and the reload result. Request data
-(ids, images, scores) never becomes a label. Served over HTTP by :func:`start_metrics_server` at ``/metrics``.
+(ids, images, scores) never becomes a label. Served over HTTP at ``/metrics`` by :mod:`service.http_endpoint`.
 
 One process or several: with ``pathguard serve --workers N`` every worker writes its samples to memory-mapped
 files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, chosen by that variable being
@@ -21,7 +21,6 @@ import gc
 import os
 import time
 from collections.abc import Sequence
-from http.server import ThreadingHTTPServer
 
 import numpy as np
 from prometheus_client import (
@@ -31,7 +30,6 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -86,6 +84,9 @@ THRESHOLD = Gauge("pathguard_adversarial_threshold", "The loaded detector's thre
                   registry=REGISTRY, multiprocess_mode="livemax")
 ACTIVE_FILTER_RATIO = Histogram("pathguard_active_filter_ratio", "Fraction of gated filters each image ran.",
                                 buckets=_UNIT_BUCKETS, registry=REGISTRY)
+REQUEST_BYTES_PARSED = Counter("pathguard_request_bytes_parsed",
+                               "Bytes of PathGuard and KServe request messages parsed (refused calls add none).",
+                               registry=REGISTRY)
 MODEL_INFO = Gauge("pathguard_model_info", "1 for the loaded model: name, version, architecture and threshold.",
                    ["name", "version", "arch", "threshold"], registry=REGISTRY, multiprocess_mode="livemax")
 RELOADS = Counter("pathguard_reloads", "Bundle reloads (SIGHUP), by result (success or failure).", ["result"],
@@ -199,10 +200,3 @@ def record_reload(seconds: float, ok: bool) -> None:
     if ok:
         RELOAD_DURATION.observe(seconds)
         LAST_RELOAD.set(time.time())
-
-
-def start_metrics_server(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> ThreadingHTTPServer:
-    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread; port 0 picks a free one
-    (``server.server_address[1]``). Stop it with ``shutdown()`` and ``server_close()``."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server

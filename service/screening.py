@@ -7,10 +7,13 @@ use :class:`ScreeningService` directly. It raises :mod:`service.errors` exceptio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +37,10 @@ class Limits:
     max_batch_size: int = MAX_BATCH_SIZE
     max_queue_delay_ms: float = MAX_QUEUE_DELAY_MS
     max_queue_size: int = MAX_QUEUE_SIZE
+    max_queue_images: int = 1024
     max_images_per_request: int = 64
     engine: str = "skipping"  # how the model runs: see ModelRuntime.load
+    model_name: str | None = None  # served under this name instead of the bundle's
 
 
 class ScreeningService:
@@ -45,9 +50,14 @@ class ScreeningService:
         self.limits = limits
         self._batcher = DynamicBatcher(max_batch_size=limits.max_batch_size,
                                        max_queue_delay=limits.max_queue_delay_ms / 1000.0,
-                                       max_queue_size=limits.max_queue_size).start()
+                                       max_queue_size=limits.max_queue_size,
+                                       max_queue_images=limits.max_queue_images).start()
         self._runtime: ModelRuntime | None = None
         self._load_lock = threading.Lock()
+        # Decoding (PNG/JPEG, typed values, large buffers) runs here, off the event loop: one request of 64
+        # JPEGs must not stall every other call. PIL and numpy release the GIL for the heavy part.
+        self._decoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                           thread_name_prefix="pathguard-decode")
 
     # -- model lifecycle ------------------------------------------------------------------------
     def load(self, path: str | Path) -> ModelInfo:
@@ -55,6 +65,8 @@ class ScreeningService:
         the swap. Raises :class:`detector.BundleError` (the old model stays) when the bundle is broken."""
         with self._load_lock:
             runtime = ModelRuntime.load(path, self.limits.engine)
+            if self.limits.model_name:
+                runtime.info = dataclasses.replace(runtime.info, name=self.limits.model_name)
             sizes = tuple(sorted({1, min(self.limits.max_batch_size, self.limits.max_images_per_request)}))
             runtime.warmup(sizes)
             previous = self.swap(runtime)
@@ -79,6 +91,12 @@ class ScreeningService:
     def close(self, timeout: float | None = None) -> None:
         """Finish queued requests and stop the worker."""
         self._batcher.stop(timeout)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def batcher(self) -> DynamicBatcher:
+        """The dynamic batcher (its worker's health for the watchdog; ``fault_hook`` for tests)."""
+        return self._batcher
 
     @property
     def queue_depth(self) -> int:
@@ -113,6 +131,11 @@ class ScreeningService:
         """Wrap decoding of a request, so that a forming batch may wait for it."""
         with self._batcher.arriving():
             yield
+
+    async def decode(self, decode: Callable[..., Tensor], *args: object) -> Tensor:
+        """``decode(*args)`` on the decoding threads (the event loop goes on serving meanwhile)."""
+        with self.arriving():
+            return await asyncio.get_running_loop().run_in_executor(self._decoder, decode, *args)
 
     def images_from_buffer(self, data: bytes, dtype: str, shape: Sequence[int]) -> Tensor:
         return codec.images_from_buffer(data, dtype, shape, self.info.input_shape, self.limits.max_images_per_request)

@@ -33,6 +33,9 @@ KSERVE_SERVICE = kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].
 # Requests of one ScreenStream being screened at once: enough to fill batches, bounded so that one caller
 # cannot take the whole queue (the rest wait in gRPC's flow control).
 STREAM_WINDOW = 32
+# A raw buffer up to this size is checked on the event loop (tens of microseconds, less than a thread hop);
+# anything larger, typed values and PNG/JPEG files are decoded on the service's decoding threads.
+INLINE_DECODE_BYTES = 64 << 10
 
 _DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT64: "float64", pb.UINT8: "uint8"}
 
@@ -107,9 +110,12 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
             encodings=sorted(ENCODINGS.values()), dtypes=sorted(_DTYPE_NAMES), metrics=info.metrics)
 
     async def _screen(self, request: pb.ScreenRequest, context) -> pb.ScreenResponse:
-        with self.service.arriving():
-            images = self._images(request)
-            info = self.service.info
+        info = self.service.info
+        if request.WhichOneof("input") == "tensor" and len(request.tensor.data) <= INLINE_DECODE_BYTES:
+            with self.service.arriving():
+                images = self._images(request)
+        else:
+            images = await self.service.decode(self._images, request)
         result = await self.service.screen(images, _remaining(context))
         info = _model_of(result, info)
         return pb.ScreenResponse(request_id=request.request_id, model_name=info.name, model_version=info.version,
@@ -208,17 +214,23 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context) -> kserve_pb2.ModelMetadataResponse:
         info = self.service.check_model(request.name, request.version)
         tensor = kserve_pb2.ModelMetadataResponse.TensorMetadata
+        # TensorMetadata holds one datatype: the input is listed once per datatype it accepts, FP32 (the
+        # model's own) first, so a client that reads only the first entry still gets a valid one.
         return kserve_pb2.ModelMetadataResponse(
             name=info.name, versions=[info.version], platform=PLATFORM,
-            inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, *info.input_shape])],
+            inputs=[tensor(name=INPUT_NAME, datatype=dt, shape=[-1, *info.input_shape]) for dt in _KSERVE_INPUTS],
             outputs=[tensor(name=name, datatype=dt, shape=[-1, *dims(info)])
                      for name, (dt, dims, _) in _KSERVE_OUTPUTS.items()])
 
     async def ModelInfer(self, request: kserve_pb2.ModelInferRequest, context) -> kserve_pb2.ModelInferResponse:
         info = self.service.check_model(request.model_name, request.model_version)
         names = self._requested_outputs(request)
-        with self.service.arriving():
-            images = self._images(request)
+        raw = request.raw_input_contents
+        if len(raw) == 1 and len(raw[0]) <= INLINE_DECODE_BYTES:
+            with self.service.arriving():
+                images = self._images(request)
+        else:
+            images = await self.service.decode(self._images, request)
         result = await self.service.screen(images, _remaining(context))
         return _kserve_response(result, _model_of(result, info), names, request.id)
 
@@ -228,6 +240,15 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         unknown = [n for n in names if n not in _KSERVE_OUTPUTS]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(_KSERVE_OUTPUTS)}")
+        for output in request.outputs:
+            # binary_data asks for raw bytes: over gRPC every output already is (raw_output_contents).
+            # Anything else (classification, shared memory...) would change the answer: refused, not ignored.
+            for key, value in output.parameters.items():
+                if key != "binary_data" or (value.WhichOneof("parameter_choice") == "bool_param"
+                                            and not value.bool_param):
+                    raise InvalidInput(f"output {output.name!r} parameter {key!r} is not supported; outputs are "
+                                       f"always sent in raw_output_contents (binary_data=true is the only "
+                                       f"parameter accepted)")
         return names
 
     def _images(self, request: kserve_pb2.ModelInferRequest) -> Tensor:
@@ -240,6 +261,9 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         if tensor.datatype not in _KSERVE_INPUTS:
             raise InvalidInput(f"input {INPUT_NAME!r} datatype {tensor.datatype!r} is not supported; "
                                f"use one of {sorted(_KSERVE_INPUTS)}")
+        if len(tensor.shape) != 4:
+            raise InvalidInput(f"input {INPUT_NAME!r} shape {list(tensor.shape)} must be 4-D (N, C, H, W) with "
+                               f"(C, H, W) = {tuple(self.service.info.input_shape)}")
         dtype, field = _KSERVE_INPUTS[tensor.datatype]
         raw = request.raw_input_contents
         if raw:

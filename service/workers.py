@@ -14,7 +14,13 @@ The supervisor (this module, the process ``pathguard serve`` started):
 * SIGHUP: forwards it, so every worker reloads the bundle (each keeps its old model if the new one is broken);
 * serves ``/metrics``: the workers' PathGuard metrics summed (prometheus-client multiprocess mode, files in
   a temporary ``PROMETHEUS_MULTIPROC_DIR``), each worker's CPU time and resident memory by ``worker``
-  label, the number of live workers, and its own process and platform collectors.
+  label, the number of live workers, and its own process and platform collectors;
+* serves the probes ``/healthz`` and ``/readyz`` on the same port (:class:`WorkerProbes`): live while every
+  worker runs and calls itself live, ready when every worker is ready (each worker writes its probes to a
+  file next to the metrics files).
+
+A worker exits when its supervisor dies, even by SIGKILL (:func:`exit_with_parent`: ``PR_SET_PDEATHSIG`` on
+Linux, and a thread that watches the parent pid), so no orphan keeps holding the port.
 
 Health and the KServe readiness RPCs are answered by whichever worker the connection reached; a worker
 turns SERVING only once its own model is loaded.
@@ -22,6 +28,7 @@ turns SERVING only once its own model is loaded.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -40,6 +47,8 @@ from .config import ServeConfig
 log = logging.getLogger(__name__)
 
 _WORKER_ENV = "PATHGUARD_WORKER_CONFIG"
+_PARENT_ENV = "PATHGUARD_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
 # A worker that dies within this many seconds of its start is not restarted (a broken bundle, a bad flag):
 # the supervisor stops and exits 1 instead of restarting it in a loop.
 MIN_UPTIME_FOR_RESTART = 30.0
@@ -101,6 +110,48 @@ class _WorkerCollector:
         yield GaugeMetricFamily("pathguard_workers", "Worker processes running.", value=live)
 
 
+class WorkerProbes:
+    """The supervisor's ``/healthz`` and ``/readyz``: what its workers' probes say (read from their files)."""
+
+    def __init__(self, supervisor: Supervisor, probe_dir: str) -> None:
+        self._supervisor, self._dir = supervisor, probe_dir
+
+    def _states(self) -> list[tuple[int, bool, bool, str]]:
+        from .http_endpoint import read_probe_file
+
+        states = []
+        for index in range(self._supervisor.workers):
+            proc = self._supervisor.procs.get(index)
+            if proc is None or proc.poll() is not None:
+                states.append((index, False, False, "not running"))
+                continue
+            probes = read_probe_file(probe_path(self._dir, index))
+            if probes is None:
+                states.append((index, True, False, "starting"))
+            else:
+                states.append((index, probes.live, probes.ready, probes.reason))
+        return states
+
+    @property
+    def live(self) -> bool:
+        return not self._supervisor.stopping and all(live for _, live, _, _ in self._states())
+
+    @property
+    def ready(self) -> bool:
+        return not self._supervisor.stopping and all(live and ready for _, live, ready, _ in self._states())
+
+    @property
+    def reason(self) -> str:
+        if self._supervisor.stopping:
+            return "shutting down"
+        return "; ".join(f"worker {i}: {reason}" for i, live, ready, reason in self._states()
+                         if not (live and ready)) or "serving"
+
+
+def probe_path(probe_dir: str, index: int) -> str:
+    return os.path.join(probe_dir, f"probes-{index}.json")
+
+
 class Supervisor:
     """Starts, watches and stops the worker processes (see the module docstring)."""
 
@@ -110,7 +161,12 @@ class Supervisor:
         self.procs: dict[int, subprocess.Popen] = {}
         self._started: dict[int, float] = {}
         self._stopping = threading.Event()
+        self._probe_dir = ""
         self.exit_code = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def run(self) -> int:
         cfg = self.config
@@ -119,13 +175,10 @@ class Supervisor:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
             # Not service.metrics: the supervisor declares no PathGuard metrics of its own (nor GC counters
             # that would be summed with the workers').
-            from prometheus_client import (
-                CollectorRegistry,
-                PlatformCollector,
-                ProcessCollector,
-                start_http_server,
-            )
+            from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
             from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+            from .http_endpoint import start_http_endpoint
 
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=metrics_dir)
@@ -134,9 +187,11 @@ class Supervisor:
             PlatformCollector(registry=registry)
             port_holder = _reserve_port(cfg.host, cfg.port)
             port = port_holder.getsockname()[1]
-            http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
+            self._probe_dir = metrics_dir  # the multiprocess collector reads *.db only
+            http = start_http_endpoint(cfg.host, cfg.metrics_port, WorkerProbes(self, metrics_dir), registry)
             worker_cfg = replace(cfg, port=port, threads=threads, workers=1)
-            log.info("supervisor %d listening on %s:%d (%d workers, %d torch threads each), metrics on :%d/metrics",
+            log.info("supervisor %d listening on %s:%d (%d workers, %d torch threads each), metrics on :%d/metrics "
+                     "(probes /healthz, /readyz)",
                      os.getpid(), cfg.host, port, self.workers, threads, http.server_address[1])
             self._install_signals()
             try:
@@ -151,7 +206,13 @@ class Supervisor:
         return self.exit_code
 
     def _spawn(self, index: int, cfg: ServeConfig) -> None:
-        env = {**os.environ, _WORKER_ENV: json.dumps({"index": index, "config": asdict(cfg)})}
+        from .http_endpoint import PROBE_FILE_ENV
+
+        probe_file = probe_path(self._probe_dir, index)
+        if os.path.exists(probe_file):
+            os.remove(probe_file)  # a restarted worker starts not ready
+        env = {**os.environ, _WORKER_ENV: json.dumps({"index": index, "config": asdict(cfg)}),
+               _PARENT_ENV: str(os.getpid()), PROBE_FILE_ENV: probe_file}
         self.procs[index] = subprocess.Popen([sys.executable, "-m", "service.workers"], env=env)
         self._started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, self.procs[index].pid)
@@ -213,8 +274,37 @@ def serve_workers(config: ServeConfig) -> int:
     return Supervisor(config).run()
 
 
+def exit_with_parent(parent: int, poll: float = 0.5) -> None:
+    """Make this process get SIGTERM when ``parent`` (its supervisor) dies, however it dies.
+
+    Linux ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` does it at once; a daemon thread that watches ``os.getppid()``
+    covers other systems, the race of a parent that died before the prctl, and the prctl failing. SIGTERM
+    drains the worker like a normal stop, so calls it already accepted are still answered.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); watching the parent pid", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl unavailable (%s); watching the parent pid", exc)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        log.error("the supervisor (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the drain had its grace period and more: end for good
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pathguard-parent-watch", daemon=True).start()
+
+
 def _worker_main() -> int:
     spec = json.loads(os.environ.pop(_WORKER_ENV))
+    parent = os.environ.pop(_PARENT_ENV, None)
+    if parent is not None:
+        exit_with_parent(int(parent))
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s [worker {spec['index']}] %(name)s: %(message)s")
     from .server import serve

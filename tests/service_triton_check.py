@@ -33,7 +33,7 @@ def main() -> int:
     }
     meta = client.get_model_metadata(args.model)
     out["metadata"] = {"name": meta.name, "versions": list(meta.versions),
-                       "inputs": {t.name: [t.datatype, list(t.shape)] for t in meta.inputs},
+                       "inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
                        "outputs": {t.name: [t.datatype, list(t.shape)] for t in meta.outputs}}
 
     inp = grpcclient.InferInput("images", list(images.shape), "FP32")

@@ -37,6 +37,9 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 SERVICEMONITOR_SCHEMA = DEPLOY / "schemas" / "servicemonitor.json"
+# Custom resources validated against the repository's schemas (the rest against Kubernetes' own).
+CRD_SCHEMAS = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "ServingRuntime": DEPLOY / "schemas" / "servingruntime.json",
+               "InferenceService": DEPLOY / "schemas" / "inferenceservice.json"}
 
 # The Kubernetes version the manifests are validated against: the oldest release this deployment supports
 # (native gRPC probes are GA since 1.27, backoffLimitPerIndex is beta and on by default since 1.29).
@@ -44,7 +47,7 @@ KUBERNETES_VERSION = "1.30.0"
 
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 KUSTOMIZATIONS = {"base": K8S / "base", **{f"overlays/{o}": K8S / "overlays" / o for o in OVERLAYS},
-                  "eval": K8S / "eval"}
+                  "eval": K8S / "eval", "prometheus-adapter": K8S / "prometheus-adapter", "kserve": DEPLOY / "kserve"}
 SERVING = [f"overlays/{o}" for o in OVERLAYS]
 
 # The settings of `pathguard serve` that the manifests and the image must agree on.
@@ -79,8 +82,11 @@ def one(name: str, kind: str, obj_name: str | None = None) -> dict:
 
 
 def pod_templates(name: str) -> list[tuple[str, dict]]:
-    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]) for d in render(name)
-            if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+    """Pod templates of workloads; a KServe ServingRuntime's containers as a template of their own."""
+    out = [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]) for d in render(name)
+           if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+    return out + [(f"ServingRuntime/{d['metadata']['name']}", {"spec": {"containers": d["spec"]["containers"]}})
+                  for d in render(name) if d["kind"] == "ServingRuntime"]
 
 
 def env_of(name: str, container: dict) -> dict[str, str]:
@@ -162,7 +168,11 @@ EXPECTED_KINDS = {
                      "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"},
     "overlays/prod": {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
                       "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
+    "overlays/cpu-autoscaling": {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
+                                 "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
     "eval": {"ConfigMap", "PersistentVolumeClaim", "Job"},
+    "prometheus-adapter": {"ConfigMap"},
+    "kserve": {"ServingRuntime", "InferenceService"},
 }
 
 
@@ -172,10 +182,15 @@ def test_dev_and_prod_overlays_exist():
 
 
 def validate(doc: dict) -> None:
-    """Raise if doc is invalid: ServiceMonitor against the repo's schema, the rest against Kubernetes'."""
-    if doc["kind"] == "ServiceMonitor":
-        schema = json.loads(SERVICEMONITOR_SCHEMA.read_text())
+    """Raise if doc is invalid: custom resources against the repo's schemas (a KServe runtime's containers
+    also against Kubernetes' Container schema, inside a Pod), the rest against Kubernetes'."""
+    if doc["kind"] in CRD_SCHEMAS:
+        schema = json.loads(CRD_SCHEMAS[doc["kind"]].read_text())
         jsonschema.Draft202012Validator(schema).validate(doc)
+        if doc["kind"] == "ServingRuntime":
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime"},
+                   "spec": {"containers": doc["spec"]["containers"]}}
+            kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
     else:
         # strict: unknown fields are errors. A kind without a schema raises SchemaNotFoundError (no silent pass).
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -239,11 +254,17 @@ def test_ports_match_the_server(name, server_defaults):
     annotations = one(name, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == metrics
 
+    from service.server import LIVENESS_SERVICE
+
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
         assert set(spec) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{probe} must be a gRPC probe"
         assert spec["grpc"]["port"] == grpc, probe
-        assert spec["grpc"].get("service", "") == "", f"{probe}: the server's overall health is service ''"
+        # readiness is the server's overall health (""); liveness its own service, which the watchdog turns
+        # NOT_SERVING only when the worker cannot recover
+        want = LIVENESS_SERVICE if probe == "livenessProbe" else ""
+        assert spec["grpc"].get("service", "") == want, f"{probe}: health service should be {want!r}"
+    assert env["PATHGUARD_HOST"] == "0.0.0.0", "in a pod the server must listen on all interfaces"
 
     services = {s["metadata"]["name"]: s for s in objects(name, "Service")}
     assert "pathguard" in services
@@ -310,8 +331,41 @@ def test_hpa_targets_the_deployment(name):
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     # The HPA owns the replica count; a value in the manifest would reset it on every apply.
     assert "replicas" not in deploy["spec"]
-    # Utilization is relative to requests: every container must request CPU.
-    assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"])
+    (metric,) = hpa["spec"]["metrics"]
+    if name.endswith("cpu-autoscaling"):  # the fallback: CPU utilization (relative to the CPU request)
+        assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+        return
+    # calls in flight per pod, served by prometheus-adapter's rule under the name the HPA asks for
+    from service.metrics import INFLIGHT
+
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    assert metric["pods"]["metric"]["name"] in adapter_metrics()
+    assert adapter_metrics()[metric["pods"]["metric"]["name"]] == INFLIGHT._name
+    assert 1 <= quantity(metric["pods"]["target"]["averageValue"])
+
+
+def adapter_metrics() -> dict[str, str]:
+    """prometheus-adapter's rules: {name served to the HPA: Prometheus series it reads}."""
+    (cm,) = objects("prometheus-adapter", "ConfigMap")
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    out = {}
+    for rule in config["rules"]:
+        series = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", rule["seriesQuery"])[1]
+        assert re.fullmatch(rule["name"]["matches"], series), rule
+        assert {"<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"} <= set(
+            re.findall(r"<<\.[A-Za-z]+>>", rule["metricsQuery"])), rule
+        # per pod: the series' namespace and pod labels map to those resources
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
+                                                  "pod": {"resource": "pod"}}, rule
+        out[rule["name"]["as"]] = series
+    return out
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_server_env_spins_no_openmp_threads(name):
+    _, container, env = server(name)
+    values = {v["name"]: v.get("value") for v in container["env"]}
+    assert values.get("OMP_WAIT_POLICY") == "PASSIVE"
 
 
 @pytest.mark.parametrize("name", SERVING)
@@ -339,7 +393,10 @@ def test_selectors_match_the_server_pods(name):
 
 # -------------------------------------------------------------- invariants of every pod (server and eval)
 
-@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+WORKLOADS = [k for k in KUSTOMIZATIONS if k != "prometheus-adapter"]  # kustomizations that run pods
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
 def test_every_container_has_requests_and_limits(name):
     templates = pod_templates(name)
     assert templates
@@ -353,7 +410,7 @@ def test_every_container_has_requests_and_limits(name):
                 assert quantity(req) <= quantity(lim), f"{where}/{c['name']}: {resource} request > limit"
 
 
-@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+@pytest.mark.parametrize("name", [k for k in WORKLOADS if k != "kserve"])  # KServe: test_kserve_*
 def test_pods_run_hardened_as_the_image_user(name):
     uid, _ = dockerfile_user()
     for where, template in pod_templates(name):
@@ -666,3 +723,131 @@ def test_readme_documents_existing_paths_and_the_build_command():
     for step in ("kubectl apply -k deploy/k8s/overlays/", "kubectl wait", "suspend", "PATHGUARD_BUNDLE",
                  "/metrics", "HorizontalPodAutoscaler"):
         assert step in readme, step
+
+
+# ---------------------------------------------------------------------------- memory, faults, KServe
+
+def idle_rss_bytes() -> int:
+    """The idle server's resident memory, as measured by bench/flood.py (reports/service/flood.json)."""
+    report = json.loads((ROOT / "reports" / "service" / "flood.json").read_text())
+    return int(report["idle_rss_mb"] * 2**20)
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_memory_limit_holds_the_idle_server_and_the_request_budget(name):
+    """limit >= idle server + what requests in flight may hold (request_memory_bound for the bundle the
+    pod serves, with the pod's settings) + slack: a flood is refused, never OOM-killed."""
+    from pathguard.options import config_from
+    from service.config import ServeConfig
+    from service.server import request_memory_bound
+
+    _, container, env = server(name)
+    cfg = config_from(ServeConfig, None, {k: v for k, v in env.items() if k.startswith("PATHGUARD_")
+                                          and k not in ("PATHGUARD_BUNDLE", "PATHGUARD_THREADS")})
+    shape = tuple(json.loads((ROOT / "models" / "default" / "bundle.json").read_text())["input_shape"])
+    need = idle_rss_bytes() + request_memory_bound(cfg, shape) + (128 << 20)
+    limit = quantity(container["resources"]["limits"]["memory"])
+    assert limit >= need, f"memory limit {limit / 2**20:.0f} MiB < {need / 2**20:.0f} MiB needed"
+
+
+def test_eval_jobs_stop_on_configuration_errors_and_ignore_disruptions():
+    for job in eval_jobs():
+        spec = job["spec"]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+        rules = spec["podFailurePolicy"]["rules"]
+        container = job_container(job)["name"]
+        fail = [r for r in rules if r["action"] == "FailJob"]
+        assert fail and fail[0]["onExitCodes"] == {"containerName": container, "operator": "In", "values": [2]}
+        ignore = [r for r in rules if r["action"] == "Ignore"]
+        assert ignore and ignore[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+
+
+def kserve() -> tuple[dict, dict, dict]:
+    """(ServingRuntime, InferenceService, the runtime's container)."""
+    runtime, isvc = one("kserve", "ServingRuntime"), one("kserve", "InferenceService")
+    (container,) = runtime["spec"]["containers"]
+    return runtime, isvc, container
+
+
+def test_kserve_runtime_runs_pathguard_serve_for_the_inference_service(subcommands, server_defaults):
+    runtime, isvc, container = kserve()
+    model = isvc["spec"]["predictor"]["model"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"] and model["protocolVersion"] == "grpc-v2"
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    assert re.match(r"^[a-z0-9]+://", model["storageUri"])
+    # the args parse with the real CLI; the model is named after the InferenceService and read from the
+    # storage initializer's mount
+    args = subcommands["serve"].parse_args(container["args"][1:])
+    assert container["args"][0] == "serve"
+    assert args.model_name == "{{.Name}}" and args.bundle == "/mnt/models" and args.host == "0.0.0.0"
+    port = int(args.port)
+    assert port == server_defaults["port"]
+    (grpc_port,) = container["ports"]
+    assert grpc_port == {"name": "h2c", "containerPort": port, "protocol": "TCP"}  # h2c: KServe routes HTTP/2
+    annotations = runtime["spec"]["annotations"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert int(annotations["prometheus.kserve.io/port"]) == int(args.metrics_port)
+    assert annotations["prometheus.kserve.io/path"] == "/metrics"
+    env = {v["name"]: v for v in container["env"]}
+    assert env["OMP_WAIT_POLICY"]["value"] == "PASSIVE"
+    assert env["PATHGUARD_THREADS"]["valueFrom"]["resourceFieldRef"]["containerName"] == container["name"]
+
+
+def test_kserve_probes_are_plaintext_http_beside_the_metrics():
+    _, _, container = kserve()
+    metrics_port = int(next(a for a in container["args"] if a.startswith("--metrics-port=")).split("=")[1])
+    paths = {probe: container[probe]["httpGet"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {p["port"] for p in paths.values()} == {metrics_port}
+    assert [paths[p]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")] == \
+        ["/readyz", "/readyz", "/healthz"]
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] and sc["runAsUser"] == dockerfile_user()[0] and sc["readOnlyRootFilesystem"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_kserve_schemas_have_teeth():
+    runtime, isvc, _ = kserve()
+    for doc, breakage in ((runtime, lambda d: d["spec"].update(protocolVersion=["grpc-v2"])),
+                          (runtime, lambda d: d["spec"]["containers"][0].update(livenesProbe={})),
+                          (isvc, lambda d: d["spec"]["predictor"]["model"].update(storageURI="s3://x")),
+                          (isvc, lambda d: d["spec"]["predictor"]["model"].update(protocolVersion="grpc"))):
+        broken = copy.deepcopy(doc)
+        breakage(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            validate(broken)
+
+
+def test_grafana_dashboard_queries_the_metrics_the_server_exports():
+    """Every series a panel queries is one the server exports (or a histogram's bucket/sum/count of one),
+    and every label it groups by is one of that series' labels or one Prometheus adds when scraping."""
+    from prometheus_client import generate_latest
+
+    from service import metrics
+
+    metrics.set_model_info("m", "1", "vgg8", 0.5)
+    metrics.REQUESTS.labels(method="x", code="OK")  # labelled families appear once a child exists
+    metrics.REQUEST_DURATION.labels(method="x", code="OK")
+    exported: dict[str, set[str]] = {}
+    for line in generate_latest(metrics.REGISTRY).decode().splitlines():
+        if line and not line.startswith("#"):
+            m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?", line)
+            exported.setdefault(m[1], set()).update(re.findall(r'([a-z_]+)="', m[2] or ""))
+    scrape_labels = {"namespace", "pod", "le", "job", "instance"}
+    dashboard = json.loads((DEPLOY / "grafana" / "pathguard.json").read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = set(re.findall(r"\b((?:pathguard|process)_[a-z_]+)\b", expr))
+            assert names, f"{panel['title']}: no PathGuard metric in {expr}"
+            for name in names:
+                assert name in exported, f"{panel['title']}: {name} is not exported by the server"
+                grouped = {g.strip() for by in re.findall(r"by \(([^)]*)\)", expr) for g in by.split(",")}
+                assert grouped <= exported[name] | scrape_labels, f"{panel['title']}: {grouped} on {name}"
+            queried |= names
+    # the autoscaler's metric and the error counter are on the dashboard
+    assert {"pathguard_inflight_requests", "pathguard_requests_total"} <= queried

@@ -104,7 +104,7 @@ def test_the_first_authorization_header_decides(token_server):
         with pytest.raises(grpc.RpcError) as info:
             client._stub.DescribeModel(pb.DescribeModelRequest(), timeout=10, metadata=both)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with PathGuardClient(token_server.target, token=TOKEN) as client:  # and the scheme is case-insensitive
+    with PathGuardClient(token_server.target, token=TOKEN, insecure_token=True) as client:  # scheme: any case
         assert client._stub.DescribeModel(pb.DescribeModelRequest(), timeout=10,
                                           metadata=(("authorization", f"bearer {TOKEN}"),)).name
 

@@ -135,7 +135,8 @@ def test_kserve_with_tritonclient(request, tiny_bundle, tmp_path):
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["metadata"]["name"] == bundle.meta["name"]
     assert seen["metadata"]["versions"] == [bundle.meta["model_version"]]
-    assert seen["metadata"]["inputs"] == {"images": ["FP32", [-1, *bundle.input_shape]]}
+    # one entry per accepted datatype, the model's own FP32 first
+    assert seen["metadata"]["inputs"] == [["images", dt, [-1, *bundle.input_shape]] for dt in ("FP32", "FP64", "UINT8")]
     outputs = seen["metadata"]["outputs"]
     assert outputs["probabilities"] == ["FP32", [-1, len(bundle.classes)]]
     assert outputs["predicted_class"] == ["INT64", [-1]] and outputs["is_adversarial"] == ["BOOL", [-1]]

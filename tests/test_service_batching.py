@@ -174,3 +174,21 @@ def test_metrics_endpoint_counters_and_histograms_move(request, tiny_bundle):
     info = [k for k in after if k.startswith("pathguard_model_info{")]
     assert info and f'name="{bundle.meta["name"]}"' in info[0] and 'arch="vgg8"' in info[0]
     assert "threshold=" in info[0] and f'version="{bundle.meta["model_version"]}"' in info[0]
+
+
+def test_queue_is_bounded_in_images_as_well_as_requests():
+    runner = FakeRunner()
+    batcher = DynamicBatcher(runner, max_batch_size=4, max_queue_delay=0.0, max_queue_size=100,
+                             max_queue_images=6).start()
+    try:
+        first = batcher.submit(images(1))
+        assert runner.started.wait(10)  # request 1 computes; the queue is empty
+        queued = [batcher.submit(images(2, 3, 4)), batcher.submit(images(5, 6))]
+        with pytest.raises(Overloaded, match="at most 6 images"):
+            batcher.submit(images(7, 8))  # 5 queued + 2 > 6
+        queued.append(batcher.submit(images(9)))  # 5 + 1 fits
+        runner.release()
+        assert [f.result(10).predictions.tolist() for f in (first, *queued)] == [[1], [2, 3, 4], [5, 6], [9]]
+    finally:
+        runner.release()
+        batcher.stop(10)

@@ -27,7 +27,15 @@ def test_flag_wins_over_env_wins_over_default():
     cfg = config_from(ServeConfig, args, env)
     assert (cfg.port, cfg.max_queue_delay_ms, cfg.threads) == (6000, 2.5, 3)
     assert cfg.grace_period == 20.0 and cfg.metrics_port == 8002 and cfg.max_batch_size == 32
-    assert cfg.bundle == DEFAULT_BUNDLE and cfg.host == "0.0.0.0" and cfg.tls_cert is None
+    # bare `pathguard serve` listens on loopback only; PATHGUARD_HOST (set by the image) or --host opens it
+    assert cfg.bundle == DEFAULT_BUNDLE and cfg.host == "127.0.0.1" and cfg.tls_cert is None
+    assert config_from(ServeConfig, None, {"PATHGUARD_HOST": "0.0.0.0"}).host == "0.0.0.0"
+    assert config_from(ServeConfig, build_parser().parse_args(["serve", "--host", "::"]), {}).host == "::"
+    screen = config_from(ScreenConfig, build_parser().parse_args(["screen", "--tls", "x.png"]),
+                         {"PATHGUARD_INSECURE_TOKEN": "yes"})
+    assert screen.tls is True and screen.insecure_token is True
+    with pytest.raises(ValueError, match="PATHGUARD_TLS='maybe'"):
+        config_from(ScreenConfig, None, {"PATHGUARD_TLS": "maybe"})
 
 
 def test_bad_settings_are_named():
@@ -47,9 +55,11 @@ def test_contract_flags_and_env_names_are_documented():
     """Deployments rely on these exact flags and variables: every one is in the README's table."""
     readme = README.read_text()
     section = readme[readme.index("## Configuration"):readme.index("## The own API")]
-    contract = ["bundle", "host", "port", "metrics_port", "threads", "workers", "max_batch_size", "max_queue_delay_ms",
-                "max_queue_size", "grace_period", "max_message_mb", "max_images_per_request", "engine", "tls_cert",
-                "tls_key", "tls_client_ca", "auth_token_file"]
+    contract = ["bundle", "model_name", "host", "port", "metrics_port", "threads", "workers", "max_batch_size",
+                "max_queue_delay_ms", "max_queue_size", "max_queue_images", "grace_period", "max_message_mb",
+                "max_images_per_request", "max_request_memory_mb", "engine", "tls_cert", "tls_key", "tls_client_ca",
+                "auth_token_file", "max_connection_age", "max_connection_age_grace", "keepalive_min_interval",
+                "watchdog_seconds", "liveness_seconds"]
     assert [f.name for f in dataclasses.fields(ServeConfig)] == contract
     for name in contract:
         assert f"| `--{name.replace('_', '-')}` | `{env_name(name)}` |" in section, name
@@ -82,8 +92,10 @@ def test_pathguard_screen_reports_an_unreachable_server_and_a_missing_file(tmp_p
     png.write_bytes(encode_png(np.zeros((1, 16, 16), np.float32)))
     assert main(["screen", "--target", "127.0.0.1:1", "--timeout", "2", str(png)]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
-    assert main(["screen", "--target", "127.0.0.1:1", str(tmp_path / "missing.png")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    # a missing file is marked and the run goes on (here to the unreachable server)
+    assert main(["screen", "--target", "127.0.0.1:1", "--batch", "4", str(tmp_path / "missing.png"), str(png)]) == 1
+    out, err = capsys.readouterr()
+    assert "no such file" in out and "UNAVAILABLE" in err
 
 
 def test_serve_refuses_a_broken_bundle_naming_it(tmp_path, capsys):

@@ -110,10 +110,18 @@ KSERVE_CASES = [
     ("raw-and-typed", kserve(raw=ONE_IMAGE, typed=GOOD[0].ravel().tolist()), INVALID, "not both"),
     ("wrong-input-name", kserve(raw=ONE_IMAGE, name="input__0"), INVALID, "'images'"),
     ("unknown-output", kserve(raw=ONE_IMAGE, outputs=["logits"]), INVALID, "logits"),
+    ("three-d-shape", kserve(shape=(1, 16, 16), raw=ONE_IMAGE), INVALID, "4-D"),
+    ("output-parameter", "classification", INVALID, "'classification' is not supported"),
     ("nan", kserve(raw=NAN[:1].tobytes()), INVALID, "NaN"),
     ("out-of-range", kserve(raw=(GOOD[:1] * 3).tobytes()), INVALID, "[0, 1]"),
-    ("uint8-typed-over-255", None, INVALID, "[0, 255]"),
+    ("uint8-typed-over-255", "uint8", INVALID, "[0, 255]"),
 ]
+
+
+def _classification() -> kserve_pb2.ModelInferRequest:
+    req = kserve(raw=ONE_IMAGE, outputs=["probabilities"])
+    req.outputs[0].parameters["classification"].int64_param = 3
+    return req
 
 
 def _uint8_over_255() -> kserve_pb2.ModelInferRequest:
@@ -151,7 +159,8 @@ def test_own_api_bad_input(channel, case):
 @pytest.mark.parametrize("case", KSERVE_CASES, ids=[c[0] for c in KSERVE_CASES])
 def test_kserve_bad_input(channel, case):
     _, request, code, words = case
-    request = request if request is not None else _uint8_over_255()
+    request = {"uint8": _uint8_over_255, "classification": _classification}[request]() \
+        if isinstance(request, str) else request
     with pytest.raises(grpc.RpcError) as info:
         kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     assert info.value.code() == code, info.value.details()
@@ -177,3 +186,12 @@ def test_oversized_message_is_resource_exhausted(request, tiny_bundle):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with grpc.insecure_channel(server.target) as ch:
         assert_still_serving(ch)
+
+
+def test_kserve_binary_data_output_parameter_is_honoured(channel):
+    """binary_data=true asks for raw bytes, which gRPC outputs always are: accepted, and the output is raw."""
+    req = kserve(raw=ONE_IMAGE, outputs=["adversarial_score"])
+    req.outputs[0].parameters["binary_data"].bool_param = True
+    response = kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=30)
+    assert [o.name for o in response.outputs] == ["adversarial_score"]
+    assert len(response.raw_output_contents[0]) == 4  # one FP32 score

@@ -6,6 +6,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import THREADS, config_for, permuted_bundle, sample, scrape, wait_until
 from synthetic import make_images
@@ -91,3 +92,33 @@ def test_reload_swaps_the_bundle_and_a_broken_one_is_refused(tiny_bundle, tmp_pa
     assert [r.class_name for r in swapped] == [r.class_name for r in before]
     assert [r.class_index for r in swapped] != [r.class_index for r in before]
     assert [(r.class_index, r.class_name) for r in after] == [(r.class_index, r.class_name) for r in swapped]
+
+
+def test_sighup_rereads_the_token_file_of_a_running_server(tiny_bundle, tmp_path):
+    """`pathguard serve` itself: SIGHUP re-reads the token file (old + new during a rotation, then new only)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("first\n")
+    server = ServerProcess(tiny_bundle, threads=THREADS, args=["--auth-token-file", str(tokens)])
+    try:
+        x, _ = make_images(1, seed=42)
+        first = PathGuardClient(server.target, token="first", insecure_token=True)
+        second = PathGuardClient(server.target, token="second", insecure_token=True)
+        assert len(first.screen(x)) == 1
+
+        def rotate(text: str) -> None:
+            tokens.write_text(text)
+            seen = len(server.lines)
+            server.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: server.find("credentials re-read", after=seen) is not None, 30)
+
+        rotate("first\nsecond\n")
+        assert len(first.screen(x)) == 1 and len(second.screen(x)) == 1
+        rotate("second\n")
+        assert len(second.screen(x)) == 1
+        with pytest.raises(grpc.RpcError) as info:
+            first.screen(x)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        first.close()
+        second.close()
+    finally:
+        server.kill()

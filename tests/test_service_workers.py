@@ -1,13 +1,18 @@
 """`pathguard serve --workers 2`: both processes answer, metrics add up across them, SIGHUP reloads every
-worker, SIGTERM drains both and the supervisor exits 0."""
+worker, SIGTERM drains both and the supervisor exits 0; the supervisor answers /healthz and /readyz, and
+its workers end when it is killed."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from service_helpers import sample, scrape, wait_until
 from synthetic import make_images
@@ -99,3 +104,53 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path):
                            "--metrics-port", "0"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "stopping" in proc.stdout + proc.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone: it holds no port and runs no code)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_probes_follow_the_workers_and_workers_die_with_a_killed_supervisor(tiny_bundle):
+    server = _workers(tiny_bundle, 2)
+    try:
+        base = server.metrics_url.rsplit("/", 1)[0]
+        for path in ("/healthz", "/readyz"):  # the supervisor answers the probes for its workers
+            with urllib.request.urlopen(base + path, timeout=10) as response:
+                assert response.status == 200 and response.read() == b"ok\n"
+        pids = [int(pid) for pid in re.findall(r"worker \d started \(pid (\d+)\)", server.log)]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids), server.log
+        server.proc.kill()  # SIGKILL: the supervisor can forward nothing
+        server.proc.wait(10)
+        wait_until(lambda: not any(_alive(pid) for pid in pids), 10)
+        with socket.socket() as s:  # the port is free again: no orphan holds it
+            s.bind(("127.0.0.1", server.port))
+    finally:
+        for pid in re.findall(r"worker \d started \(pid (\d+)\)", server.log):
+            if _alive(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
+        server.kill()
+
+
+def test_exit_with_parent_stops_a_process_whose_parent_is_killed(tmp_path):
+    """The fallback without prctl: the parent-pid watcher alone ends the child when its parent dies."""
+    child_code = ("import os, signal, sys, time; from service import workers; "
+                  "workers.sys = type('S', (), {'platform': 'other'}); "  # skip prctl: the watcher alone
+                  "workers.exit_with_parent(os.getppid(), poll=0.1); "
+                  "print(os.getpid(), flush=True); time.sleep(60)")
+    parent_code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child_code!r}], "
+                   "stdout=subprocess.PIPE, text=True); print(p.stdout.readline().strip(), flush=True); "
+                   "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait(10)
+        wait_until(lambda: not _alive(child), 10)
+    finally:
+        parent.kill()
