@@ -171,7 +171,7 @@ def test_metrics_endpoint_counters_and_histograms_move(request, tiny_bundle):
     assert any(k.startswith("pathguard_adversarial_flagged_total{class_name=") for k in after)
     assert sample(after, "pathguard_inflight_requests") == 0
     bundle = load_bundle(tiny_bundle)
-    info = [k for k in after if k.startswith("pathguard_model_info{")]
+    info = [k for k, v in after.items() if k.startswith("pathguard_model_info{") and v == 1]  # the loaded one
     assert info and f'name="{bundle.meta["name"]}"' in info[0] and 'arch="vgg8"' in info[0]
     assert "threshold=" in info[0] and f'version="{bundle.meta["model_version"]}"' in info[0]
 
