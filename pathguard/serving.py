@@ -17,9 +17,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    config = config_from(ServeConfig, args)
+    if config.workers != 1:  # N processes on one port under a supervisor
+        from service.workers import serve_workers
+
+        return serve_workers(config)
     from service.server import serve
 
-    return serve(config_from(ServeConfig, args))
+    return serve(config)
 
 
 def _load_input(path: str):

@@ -20,20 +20,27 @@ thread runs. :attr:`DynamicBatcher.fault_hook` is the test hook that injects tho
 
 :meth:`DynamicBatcher.set_runner` swaps the model between two batches (bundle reload): a batch runs
 entirely on the runner it started with.
+
+Per-call cost (this is the server's hot path; ``bench/call_cost.py`` measures it by stage): a submission
+takes the lock once and wakes the worker only when the worker is idle or the batch it is forming became
+ready, not for every request; an asyncio caller gets an :class:`asyncio.Future` of its own loop and the
+worker resolves all of one batch's futures with one ``call_soon_threadsafe`` (one wake-up of the event loop
+per batch, not per request); per-image metrics are recorded once per batch (:func:`metrics.observe_many`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,15 +69,39 @@ class Runner(Protocol):
     def screen(self, images: Tensor) -> ScreenResult: ...
 
 
-@dataclass
 class _Request:
-    images: Tensor
-    deadline: float | None  # time.monotonic() after which the caller no longer waits
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
+    __slots__ = ("images", "size", "deadline", "future", "loop", "enqueued")
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def __init__(self, images: Tensor, deadline: float | None, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.images = images
+        self.size = len(images)
+        self.deadline = deadline  # time.monotonic() after which the caller no longer waits
+        self.loop = loop
+        # An asyncio caller awaits a future of its own loop (resolved from the worker in one hop per batch);
+        # a thread awaits a concurrent one.
+        self.future: Future | asyncio.Future = loop.create_future() if loop is not None else Future()
+        self.enqueued = time.monotonic()
+
+    def claim(self) -> bool:
+        """False if the caller has cancelled (then the request is dropped); else it may no longer cancel
+        a concurrent future (an asyncio one can still be cancelled: its answer is then discarded)."""
+        if isinstance(self.future, Future):
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.done()
+
+
+_Outcome = tuple["_Request", object, BaseException | None]  # a request and its result or its error
+
+
+def _settle(outcomes: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
+    """On the callers' event loop: resolve the futures of one batch (skipping those cancelled meanwhile)."""
+    for future, result, exc in outcomes:
+        if future.done():
+            continue
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
 
 
 class DynamicBatcher:
@@ -94,11 +125,13 @@ class DynamicBatcher:
             raise ValueError(f"max_queue_images={self.max_queue_images} must be >= max_batch_size={max_batch_size}")
         self._runner = runner
         self._queue: deque[_Request] = deque()
+        self._queued_images = 0
         self._cond = threading.Condition()
         self._arriving = 0
         self._computing = 0  # images of the batch running now
         self._peak = 0  # most images in the system at once (queued + computing), recently
         self._peak_at = 0.0
+        self._worker_state = "busy"  # "idle" (waits for a request), "forming" (waits for a batch) or "busy"
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None  # when the batch computing now started
@@ -154,22 +187,31 @@ class DynamicBatcher:
     # -- callers --------------------------------------------------------------------------------
     @contextmanager
     def arriving(self) -> Iterator[None]:
-        """Mark a request as on its way (being decoded), so a forming batch waits for it."""
-        with self._cond:
-            self._arriving += 1
+        """Mark a request as on its way (being decoded), so a forming batch waits for it.
+
+        Called from one thread at a time per batcher (the server's event loop), so the counter needs no lock;
+        the worker only reads it. A request that fails to decode wakes a forming batch that it held up.
+        """
+        self._arriving += 1
         try:
             yield
-        finally:
-            with self._cond:
-                self._arriving -= 1
-                self._cond.notify_all()
+        except BaseException:
+            self._arriving -= 1
+            if self._worker_state == "forming":
+                with self._cond:
+                    self._cond.notify()
+            raise
+        self._arriving -= 1  # submit() follows at once and wakes the worker if the batch is ready
 
-    def submit(self, images: Tensor, deadline: float | None = None) -> Future:
+    def submit(self, images: Tensor, deadline: float | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Future | asyncio.Future:
         """Queue validated images (N, C, H, W); the future resolves to their :class:`ScreenResult`.
 
-        Cancel the future to withdraw the request (it is skipped if not yet computing).
+        With ``loop`` (call from that loop's thread) the future is an :class:`asyncio.Future` of it, else a
+        :class:`concurrent.futures.Future`. Cancel the future to withdraw the request (it is skipped if not
+        yet computing).
         """
-        request = _Request(images, deadline)
+        request = _Request(images, deadline, loop)
         with self._cond:
             if self._stopping:
                 raise NotReady("the server is shutting down")
@@ -177,12 +219,15 @@ class DynamicBatcher:
                 raise NotReady("no model is loaded yet")
             if len(self._queue) >= self.max_queue_size:
                 raise Overloaded(f"the queue is full ({self.max_queue_size} requests waiting); retry later")
-            if self._queued_images() + len(images) > self.max_queue_images:
+            if self._queued_images + request.size > self.max_queue_images:
                 raise Overloaded(f"the queue is full (at most {self.max_queue_images} images waiting); retry later")
             self._queue.append(request)
-            self._note_load(self._queued_images() + self._computing)
-            metrics.QUEUE_DEPTH.set(len(self._queue))
-            self._cond.notify_all()
+            self._queued_images += request.size
+            self._note_load(self._queued_images + self._computing)
+            state = self._worker_state
+            if state == "idle" or (state == "forming" and self._batch_ready()):
+                self._cond.notify()
+        metrics.QUEUE_DEPTH.set(len(self._queue))
         return request.future
 
     # -- worker ---------------------------------------------------------------------------------
@@ -190,32 +235,32 @@ class DynamicBatcher:
         while True:
             free_since = time.monotonic()
             with self._cond:
+                self._worker_state = "idle"
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 if not self._queue:
                     return
                 waited = time.monotonic()
+                self._worker_state = "forming"
                 self._wait_for_batch(free_since)
+                self._worker_state = "busy"
                 batch, runner = self._take(), self._runner
-                self._computing = sum(len(r) for r in batch)
+                self._computing = sum(r.size for r in batch)
                 self._busy_since = time.monotonic()
-                metrics.QUEUE_DEPTH.set(len(self._queue))
+                queued = len(self._queue)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("batch of %d requests after %.1f ms idle + %.1f ms waiting; %d left queued, %d arriving",
                               len(batch), 1000 * (waited - free_since), 1000 * (time.monotonic() - waited),
-                              len(self._queue), self._arriving)
+                              queued, self._arriving)
+            metrics.QUEUE_DEPTH.set(queued)
             try:
                 self._compute(batch, runner)
             except Exception as exc:  # a bug outside compute and delivery: still fail only this batch
                 log.exception("a batch of %d requests failed; the worker goes on", len(batch))
-                _fail(batch, exc)
+                self._fail(batch, exc)
             finally:
-                with self._cond:
-                    self._computing = 0
-                    self._busy_since = None
-
-    def _queued_images(self) -> int:
-        return sum(len(r) for r in self._queue)
+                self._computing = 0
+                self._busy_since = None
 
     def _note_load(self, present: int) -> None:
         """Track the recent peak of images in the system; it is what a forming batch expects to get."""
@@ -223,20 +268,23 @@ class DynamicBatcher:
         if present >= self._peak or now - self._peak_at > PEAK_WINDOW:
             self._peak, self._peak_at = present, now
 
+    def _batch_ready(self) -> bool:
+        """Whether a forming batch should go now (lock held): full, or as large as expected and nothing
+        more on its way."""
+        queued = self._queued_images
+        return queued >= self.max_batch_size or (queued >= self._peak and self._arriving == 0)
+
     def _wait_for_batch(self, free_since: float) -> None:
         """Hold the batch up to max_queue_delay while more images are expected (lock held).
 
         The delay counts from when the oldest request arrived or the worker became free, whichever is later:
         under load, requests that queued up while the previous batch ran would otherwise dispatch at once as a
         fragment of a batch, while the callers of the previous batch are about to send their next requests.
+        Submitters wake the worker only when the batch becomes ready (:meth:`submit`), so a batch of n requests
+        costs one wake-up, not n.
         """
         until = max(self._queue[0].enqueued, free_since) + self.max_queue_delay
-        while not self._stopping:
-            queued = self._queued_images()
-            if queued >= self.max_batch_size:
-                return
-            if queued >= self._peak and self._arriving == 0:
-                return
+        while not self._stopping and not self._batch_ready():
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return
@@ -244,51 +292,93 @@ class DynamicBatcher:
 
     def _take(self) -> list[_Request]:
         """Whole requests, oldest first, up to max_batch_size images (the first one always)."""
-        batch = [self._queue.popleft()]
-        total = len(batch[0])
-        while self._queue and total + len(self._queue[0]) <= self.max_batch_size:
-            total += len(self._queue[0])
-            batch.append(self._queue.popleft())
+        first = self._queue.popleft()
+        batch, total = [first], first.size
+        while self._queue and total + self._queue[0].size <= self.max_batch_size:
+            request = self._queue.popleft()
+            total += request.size
+            batch.append(request)
+        self._queued_images -= total
         return batch
 
     def _compute(self, batch: list[_Request], runner: Runner | None) -> None:
         now = time.monotonic()
-        live = []
+        live: list[_Request] = []
+        outcomes: list[_Outcome] = []
         for request in batch:
-            if not request.future.set_running_or_notify_cancel():
+            if not request.claim():
                 continue  # the caller cancelled or went away
             if request.deadline is not None and now >= request.deadline:
-                request.future.set_exception(DeadlineExpired(
-                    f"the deadline passed after {now - request.enqueued:.3f} s in the queue; not computed"))
-                continue
-            if runner is None or tuple(request.images.shape[1:]) != tuple(runner.input_shape):
-                request.future.set_exception(InvalidInput(
-                    "the model was replaced by one with another input shape while this request waited"))
-                continue
-            metrics.QUEUE_DURATION.observe(now - request.enqueued)
-            live.append(request)
-        if not live:
-            return
+                outcomes.append((request, None, DeadlineExpired(
+                    f"the deadline passed after {now - request.enqueued:.3f} s in the queue; not computed")))
+            elif runner is None or tuple(request.images.shape[1:]) != tuple(runner.input_shape):
+                outcomes.append((request, None, InvalidInput(
+                    "the model was replaced by one with another input shape while this request waited")))
+            else:
+                live.append(request)
+        if live:
+            assert runner is not None  # every request was refused above when there is none
+            metrics.observe_many(metrics.QUEUE_DURATION, np.array([now - r.enqueued for r in live]))
+            outcomes.extend(self._screen(live, runner))
+        try:
+            self._deliver(outcomes)
+        except Exception as exc:
+            log.exception("delivering the results of a batch of %d requests failed", len(outcomes))
+            self._fail([request for request, _, _ in outcomes], exc, "delivering the results of")
+
+    def _screen(self, live: list[_Request], runner: Runner) -> list[_Outcome]:
         images = live[0].images if len(live) == 1 else torch.cat([r.images for r in live])
-        assert runner is not None  # every request was refused above when there is none
+        start = time.perf_counter()
         try:
             self._hook("compute")
             result = runner.screen(images)
         except Exception as exc:
             log.exception("screening a batch of %d images failed", len(images))
-            _fail(live, exc, "computing")
-            return
+            error = _batch_error(exc, "computing")
+            return [(request, None, error) for request in live]
+        metrics.COMPUTE_DURATION.observe(time.perf_counter() - start)
         try:
             self._hook("deliver")
             metrics.BATCH_SIZE.observe(len(images))
-            metrics.observe_results(result.scores, result.flags, result.active_ratio)
+            info = getattr(result, "info", None) or getattr(runner, "info", None)
+            classes = info.classes if info is not None else tuple(str(i) for i in range(result.probabilities.shape[1]))
+            metrics.observe_results(result.predictions, result.scores, result.flags, result.active_ratio,
+                                    result.threshold, classes)
+            if len(live) == 1:
+                return [(live[0], result, None)]
+            out: list[_Outcome] = []
             start = 0
             for request in live:
-                request.future.set_result(slice_result(result, start, start + len(request)))
-                start += len(request)
+                out.append((request, slice_result(result, start, start + request.size), None))
+                start += request.size
+            return out
         except Exception as exc:
             log.exception("delivering the results of a batch of %d images failed", len(images))
-            _fail(live, exc, "delivering the results of")
+            error = _batch_error(exc, "delivering the results of")
+            return [(request, None, error) for request in live]
+
+    @staticmethod
+    def _deliver(outcomes: list[_Outcome]) -> None:
+        """Resolve the callers' futures: concurrent ones here, asyncio ones with one hop per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for request, result, exc in outcomes:
+            if request.loop is not None:
+                by_loop[request.loop].append((request.future, result, exc))
+            elif exc is None:
+                request.future.set_result(result)
+            else:
+                request.future.set_exception(exc)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # the loop was closed: its callers are gone
+                log.debug("event loop closed; %d answers dropped", len(items))
+
+    def _fail(self, batch: list[_Request], exc: Exception, doing: str = "handling") -> None:
+        """Answer every request of ``batch`` not answered yet with :class:`BatchFailed` (an asyncio caller's
+        answer already on its way wins: :func:`_settle` skips futures resolved meanwhile)."""
+        error = _batch_error(exc, doing)
+        self._deliver([(request, None, error) for request in batch if not request.future.done()])
 
     def _hook(self, stage: str) -> None:
         hook = self.fault_hook
@@ -296,11 +386,10 @@ class DynamicBatcher:
             hook(stage)
 
 
-def _fail(batch: list[_Request], exc: Exception, doing: str = "handling") -> None:
-    """Answer every request of ``batch`` not answered yet with :class:`BatchFailed` (a domain error the runner
-    raised on purpose keeps its own status)."""
-    error = exc if isinstance(exc, ServiceError) else BatchFailed(
+def _batch_error(exc: Exception, doing: str) -> Exception:
+    """The error a failed batch's callers get: :class:`BatchFailed`, or a domain error the runner raised on
+    purpose, which keeps its own status."""
+    if isinstance(exc, ServiceError):
+        return exc
+    return BatchFailed(
         f"{doing} the batch this request was part of failed ({type(exc).__name__}); the server log has the details")
-    for request in batch:
-        if not request.future.done():
-            request.future.set_exception(error)

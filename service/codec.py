@@ -21,8 +21,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from detector.screening import InvalidImages, check_images
-
 from .errors import InvalidInput
 
 # dtype name -> little-endian numpy dtype. uint8 pixels are 0..255 and scaled by 1/255.
@@ -56,24 +54,28 @@ def _dtype(name: str) -> np.dtype:
 
 
 def _to_unit_tensor(array: np.ndarray, input_shape: Sequence[int], max_images: int) -> Tensor:
-    """(N, C, H, W) array of a supported dtype -> validated float32 tensor in [0, 1]."""
+    """(N, C, H, W) array of a supported dtype -> validated float32 tensor in [0, 1].
+
+    The shape and count were checked by :func:`parse_shape`; the values are checked here in two passes (min
+    and max: a NaN propagates into both, an infinity falls outside [0, 1]) on the one float32 copy made,
+    with the messages of :func:`detector.screening.check_images`.
+    """
+    if tuple(array.shape[1:]) != tuple(input_shape) or not 0 < len(array) <= max_images:
+        raise InvalidInput(f"images of shape {list(array.shape)} do not fit the model's {tuple(input_shape)}")
     if array.dtype == np.uint8:
-        images = torch.from_numpy(array.astype(np.float32)).div_(255.0)
-    else:
-        if array.dtype == np.float64:
-            # Check in float64: a cast could hide a value just outside [0, 1].
-            _check_float(array)
-        images = torch.from_numpy(np.array(array, dtype=np.float32))
-    try:
-        return check_images(images, tuple(input_shape), max_images)
-    except InvalidImages as exc:
-        raise InvalidInput(str(exc)) from None
+        return torch.from_numpy(array.astype(np.float32)).div_(255.0)
+    if array.dtype == np.float64:
+        _check_float(array)  # in float64: a cast could hide a value just outside [0, 1]
+        return torch.from_numpy(array.astype(np.float32))
+    images = np.array(array, dtype=np.float32)  # a writable copy (the request's buffer is read-only)
+    _check_float(images)
+    return torch.from_numpy(images)
 
 
 def _check_float(array: np.ndarray) -> None:
-    if not np.isfinite(array).all():
-        raise InvalidInput("images contain NaN or infinite values")
     lo, hi = float(array.min()), float(array.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InvalidInput("images contain NaN or infinite values")
     if lo < 0 or hi > 1:
         raise InvalidInput(f"pixel values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
 

@@ -45,7 +45,11 @@ class ServeConfig:
     metrics_port: int = _opt("HTTP port of Prometheus /metrics and the plaintext probes /healthz, /readyz "
                              "(0: any free port)", 8002)
     # 0 asks the cgroup CPU quota: a container limited to 2 CPUs on a 64-core node must not start 64 threads.
-    threads: int = _opt("torch intra-op threads (0: the CPU quota of this container)", 0)
+    threads: int = _opt("torch intra-op threads per worker (0: the CPU quota of this container shared out over "
+                        "the workers)", 0)
+    # One process runs Python on one core at a time; more cores serve more calls with more processes.
+    workers: int = _opt("server processes sharing the port (SO_REUSEPORT), each with its own model copy "
+                        "(0: one per CPU of the quota)", 1)
     max_batch_size: int = _opt("most images the model computes in one batch", MAX_BATCH_SIZE)
     max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", MAX_QUEUE_DELAY_MS)
     max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", MAX_QUEUE_SIZE)
@@ -76,6 +80,8 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         """Raise ``ValueError`` naming the first field out of range; return self."""
         self._check_numbers()
+        if self.engine not in ("skipping", "masked"):
+            raise ValueError(f"engine={self.engine!r} must be 'skipping' or 'masked'")
         self._check_security()
         return self
 
@@ -83,8 +89,9 @@ class ServeConfig:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 65535]")
-        if self.threads < 0:
-            raise ValueError(f"threads={self.threads} must be >= 0 (0: the CPU quota)")
+        for name, zero in (("workers", "one per CPU"), ("threads", "the CPU quota")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: {zero})")
         for name in ("max_batch_size", "max_queue_size", "max_queue_images", "max_images_per_request",
                      "max_request_memory_mb"):
             if getattr(self, name) < 1:
@@ -99,8 +106,6 @@ class ServeConfig:
         for name in ("watchdog_seconds", "liveness_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.engine not in ("skipping", "masked"):
-            raise ValueError(f"engine={self.engine!r} must be 'skipping' or 'masked'")
 
     def _check_security(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

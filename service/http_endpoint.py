@@ -8,14 +8,14 @@ plaintext only. Like the metrics, they carry no secret and need no token.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 
-from prometheus_client import exposition
-
-from .metrics import REGISTRY
+from prometheus_client import CollectorRegistry, exposition
 
 
 @dataclass
@@ -27,9 +27,44 @@ class Probes:
     reason: str = "starting"
 
 
+# Set by the ``--workers`` supervisor for each worker: where that worker's probes are written (JSON).
+PROBE_FILE_ENV = "PATHGUARD_PROBE_FILE"
+
+
+class FileProbes(Probes):
+    """A worker process's probes: every change is also written to ``path`` (atomically, as JSON), where the
+    supervisor's HTTP endpoint reads it (:func:`read_probe_file`)."""
+
+    def __init__(self, path: str) -> None:
+        object.__setattr__(self, "path", path)
+        super().__init__()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("live", "ready", "reason") and hasattr(self, "reason"):
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"live": self.live, "ready": self.ready, "reason": self.reason}, f)
+            os.replace(tmp, self.path)
+
+
+def worker_probes() -> Probes:
+    """The probes of a ``--workers`` worker: written where the supervisor reads them (plain ones without it)."""
+    path = os.environ.get(PROBE_FILE_ENV)
+    return FileProbes(path) if path else Probes()
+
+
+def read_probe_file(path: str) -> Probes | None:
+    """A worker's probes as it last wrote them; None before it wrote any."""
+    try:
+        with open(path) as f:
+            return Probes(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 class _Handler(exposition.MetricsHandler):
-    registry = REGISTRY
-    probes = Probes()
+    probes: Probes = Probes()
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -49,10 +84,19 @@ class _Handler(exposition.MetricsHandler):
         super().do_GET()
 
 
-def start_http_endpoint(host: str, port: int, probes: Probes) -> ThreadingHTTPServer:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` at ``http://host:port`` from a daemon thread; port 0
-    picks a free one (``server.server_address[1]``). Stop it with ``shutdown()`` and ``server_close()``."""
-    handler = type("PathGuardHTTPHandler", (_Handler,), {"probes": probes})
+def start_http_endpoint(host: str, port: int, probes: Probes,
+                        registry: CollectorRegistry | None = None) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` (``registry``, by default the server's :data:`service.metrics.REGISTRY`), ``/healthz``
+    and ``/readyz`` at ``http://host:port`` from a daemon thread; port 0 picks a free one
+    (``server.server_address[1]``). Stop it with ``shutdown()`` and ``server_close()``.
+
+    The ``--workers`` supervisor passes its own registry (the workers' metrics summed) and probes that follow
+    its workers (:class:`service.workers.WorkerProbes`)."""
+    if registry is None:
+        from .metrics import REGISTRY  # not at import: the supervisor must not declare the workers' metrics
+
+        registry = REGISTRY
+    handler = type("PathGuardHTTPHandler", (_Handler,), {"probes": probes, "registry": registry})
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::" and IPv6 hosts too
     server_class = type("PathGuardHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
     server = server_class((host, port), handler)

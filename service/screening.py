@@ -85,7 +85,7 @@ class ScreeningService:
         self._batcher.set_runner(runtime)
         previous, self._runtime = self._runtime, runtime
         info = runtime.info
-        metrics.set_model_info(info.name, info.version, info.arch, info.threshold)
+        metrics.set_model_info(info.name, info.version, info.arch, info.threshold, info.classes)
         return previous
 
     def close(self, timeout: float | None = None) -> None:
@@ -156,6 +156,5 @@ class ScreeningService:
         awaiting task withdraws the request.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = self._batcher.submit(images, deadline)
-        return await asyncio.wrap_future(future)
+        return await self._batcher.submit(images, deadline, asyncio.get_running_loop())
 

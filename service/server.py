@@ -40,10 +40,11 @@ from detector import BundleError
 from detector.bundle import read_meta
 from detector.runtime import set_threads
 
+from . import metrics
 from ._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from ._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from .config import DEFAULT_MAX_MESSAGE_MB, ServeConfig
-from .http_endpoint import Probes, start_http_endpoint
+from .http_endpoint import Probes, start_http_endpoint, worker_probes
 from .interceptors import RequestBudget, ServiceInterceptor
 from .runtime import ModelInfo
 from .screening import Limits, ScreeningService
@@ -121,11 +122,12 @@ def request_memory_bound(config: ServeConfig, input_shape: tuple[int, int, int])
     return 2 * max(budget.limit, budget.COPIES * config.receive_limit(input_shape) + budget.decoded)
 
 
-def grpc_options(config: ServeConfig, receive_limit: int) -> list[tuple[str, int]]:
-    """Channel arguments of the server: message limits, connection age, keepalive and its enforcement."""
+def grpc_options(config: ServeConfig, receive_limit: int, reuseport: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments of the server: message limits, connection age, keepalive and its enforcement;
+    ``reuseport`` for the workers of ``--workers N``, which share one port."""
     options = [("grpc.max_receive_message_length", receive_limit),
                ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_MB << 20),
-               ("grpc.so_reuseport", 0),
+               ("grpc.so_reuseport", 1 if reuseport else 0),
                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_min_interval * 1000)),
                ("grpc.http2.max_ping_strikes", 2), ("grpc.keepalive_permit_without_calls", 1)]
@@ -138,15 +140,18 @@ def grpc_options(config: ServeConfig, receive_limit: int) -> list[tuple[str, int
 class PathGuardServer:
     """One PathGuard server process's worth of state. Use from a single asyncio event loop."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, worker: bool = False) -> None:
+        """``worker``: one of several processes of ``pathguard serve --workers N`` (service.workers): the port is
+        shared (SO_REUSEPORT) and the supervisor serves the metrics."""
         self.config = config.validate()
+        self.worker = worker
         self.service = ScreeningService(Limits(
             max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
             max_queue_size=config.max_queue_size, max_queue_images=config.max_queue_images,
             max_images_per_request=config.max_images_per_request, engine=config.engine,
             model_name=config.model_name))
         self.health = health.aio.HealthServicer()
-        self.probes = Probes()
+        self.probes = worker_probes() if worker else Probes()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.receive_limit: int | None = None
@@ -172,7 +177,8 @@ class PathGuardServer:
         max_open = max(1, budget.limit // (2 * self.receive_limit))
         self._interceptor = ServiceInterceptor(SERVICES, tokens, max_active=max_active, budget=budget,
                                                max_open=max_open)
-        server = aio.server(interceptors=[self._interceptor], options=grpc_options(cfg, self.receive_limit),
+        options = grpc_options(cfg, self.receive_limit, reuseport=self.worker)
+        server = aio.server(interceptors=[self._interceptor], options=options,
                             maximum_concurrent_rpcs=max_active + PROBE_HEADROOM)
         pb_grpc.add_PathGuardServicer_to_server(PathGuardServicer(self.service), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
@@ -186,14 +192,17 @@ class PathGuardServer:
             self.port = server.add_insecure_port(address)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self._metrics_http = start_http_endpoint(cfg.host, cfg.metrics_port, self.probes)
-        self.metrics_port = self._metrics_http.server_address[1]
+        if not self.worker:  # a worker's metrics and probes are served by the supervisor (service.workers)
+            self._metrics_http = start_http_endpoint(cfg.host, cfg.metrics_port, self.probes)
+            self.metrics_port = self._metrics_http.server_address[1]
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (%s%s), metrics on :%d/metrics (probes /healthz, /readyz), %d torch threads, "
+        log.info("listening on %s:%d (%s%s), %s, %d torch threads, "
                  "requests up to %d bytes (all requests in flight: at most %.0f MiB); loading %s", cfg.host, self.port,
                  "mTLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
-                 f", {len(tokens)} bearer token(s)" if tokens else "", self.metrics_port, threads,
+                 f", {len(tokens)} bearer token(s)" if tokens else "",
+                 "metrics and probes from the supervisor" if self.worker
+                 else f"metrics on :{self.metrics_port}/metrics (probes /healthz, /readyz)", threads,
                  self.receive_limit, request_memory_bound(cfg, input_shape) / 2**20, cfg.bundle)
         if tokens and not cfg.tls_cert:
             log.warning("bearer-token auth without TLS sends the token in clear text")
@@ -255,12 +264,17 @@ class PathGuardServer:
     async def reload(self, path: str | None = None) -> ModelInfo | None:
         """Load ``path`` (default: the configured bundle) and swap it in; on failure keep the current model."""
         path = path or self.config.bundle
+        start = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
+            info = await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
         except (BundleError, OSError, ValueError) as exc:  # a broken bundle: its message names the file
             log.error("reload of %s failed: %s; still serving the previous model", path, exc)
         except Exception:
             log.exception("reload of %s failed; still serving the previous model", path)
+        else:
+            metrics.record_reload(time.perf_counter() - start, ok=True)
+            return info
+        metrics.record_reload(time.perf_counter() - start, ok=False)
         return None
 
     async def stop(self, grace: float | None = None) -> None:
@@ -305,8 +319,8 @@ class PathGuardServer:
             await self.health.set(name, status)
 
 
-async def _serve(config: ServeConfig) -> None:
-    server = PathGuardServer(config)
+async def _serve(config: ServeConfig, worker: bool) -> None:
+    server = PathGuardServer(config, worker=worker)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
 
@@ -333,9 +347,12 @@ async def _serve(config: ServeConfig) -> None:
     await server.stop()
 
 
-def serve(config: ServeConfig) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain (``pathguard serve``). Returns the exit code."""
-    asyncio.run(_serve(config))
+def serve(config: ServeConfig, worker: bool = False) -> int:
+    """Run one server process until SIGTERM or SIGINT, then drain (``pathguard serve``). Returns the exit code.
+
+    ``worker``: one of the processes of ``pathguard serve --workers N`` (:mod:`service.workers` runs N of them).
+    """
+    asyncio.run(_serve(config, worker))
     return 0
 
 

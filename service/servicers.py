@@ -178,6 +178,18 @@ _KSERVE_OUTPUTS: dict[str, tuple[str, Callable[[ModelInfo], list[int]], Callable
 PLATFORM = "pathguard_pytorch"
 
 
+def _kserve_response(result: ScreenResult, info: ModelInfo, names: list[str],
+                     request_id: str) -> kserve_pb2.ModelInferResponse:
+    response = kserve_pb2.ModelInferResponse(model_name=info.name, model_version=info.version, id=request_id)
+    response.parameters["adversarial_threshold"].string_param = f"{result.threshold:.9g}"
+    n = len(result)
+    for name in names:
+        datatype, dims, values = _KSERVE_OUTPUTS[name]
+        response.outputs.add(name=name, datatype=datatype, shape=[n, *dims(info)])
+        response.raw_output_contents.append(values(result).tobytes())
+    return response
+
+
 class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService``: the six v2 RPCs over the one served model."""
 
@@ -220,15 +232,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         else:
             images = await self.service.decode(self._images, request)
         result = await self.service.screen(images, _remaining(context))
-        info = _model_of(result, info)
-        response = kserve_pb2.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id)
-        response.parameters["adversarial_threshold"].string_param = f"{result.threshold:.9g}"
-        n = len(result)
-        for name in names:
-            datatype, dims, values = _KSERVE_OUTPUTS[name]
-            response.outputs.add(name=name, datatype=datatype, shape=[n, *dims(info)])
-            response.raw_output_contents.append(values(result).tobytes())
-        return response
+        return _kserve_response(result, _model_of(result, info), names, request.id)
 
     @staticmethod
     def _requested_outputs(request: kserve_pb2.ModelInferRequest) -> list[str]:

@@ -853,9 +853,9 @@ def test_grafana_dashboard_queries_the_metrics_the_server_exports():
 
     from service import metrics
 
-    metrics.set_model_info("m", "1", "vgg8", 0.5)
+    metrics.set_model_info("m", "1", "vgg8", 0.5, ("a", "b"))  # creates the per-class children
     metrics.REQUESTS.labels(method="x", code="OK")  # labelled families appear once a child exists
-    metrics.REQUEST_DURATION.labels(method="x")
+    metrics.REQUEST_DURATION.labels(method="x", code="OK")
     exported: dict[str, set[str]] = {}
     for line in generate_latest(metrics.REGISTRY).decode().splitlines():
         if line and not line.startswith("#"):

@@ -55,7 +55,7 @@ def test_contract_flags_and_env_names_are_documented():
     """Deployments rely on these exact flags and variables: every one is in the README's table."""
     readme = README.read_text()
     section = readme[readme.index("## Configuration"):readme.index("## The own API")]
-    contract = ["bundle", "model_name", "host", "port", "metrics_port", "threads", "max_batch_size",
+    contract = ["bundle", "model_name", "host", "port", "metrics_port", "threads", "workers", "max_batch_size",
                 "max_queue_delay_ms", "max_queue_size", "max_queue_images", "grace_period", "max_message_mb",
                 "max_images_per_request", "max_request_memory_mb", "engine", "tls_cert", "tls_key", "tls_client_ca",
                 "auth_token_file", "max_connection_age", "max_connection_age_grace", "keepalive_min_interval",
