@@ -7,7 +7,7 @@ as INVALID_ARGUMENT (not decodable images): the like-for-like cost of reading th
 the median and p90 time of each kind and ``pathguard_request_bytes_parsed_total`` before and after the
 unauthenticated calls (its change must be 0).
 
-    flock /work/brief/heavy.lock .venv/bin/python -m bench.auth_reject --json reports/service/auth.json
+    .venv/bin/python -m bench.auth_reject --json reports/service/auth.json
 """
 
 from __future__ import annotations

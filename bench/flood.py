@@ -8,7 +8,7 @@ flood, the bound (``service.server.request_memory_bound``: twice ``max_request_m
 codes. The flood passes when the growth stays within bound + 64 MiB slack and no call is INTERNAL.
 
     export OMP_WAIT_POLICY=PASSIVE
-    flock /work/brief/heavy.lock .venv/bin/python -m bench.flood --bundle models/default \\
+    .venv/bin/python -m bench.flood --bundle models/default \\
         --json reports/service/flood.json
 """
 

@@ -23,7 +23,7 @@ gRPC/asyncio's own work) in proportion to the samples.
     python3 -m venv /tmp/mlserver-venv && /tmp/mlserver-venv/bin/pip install mlserver
     python3 -m venv /tmp/kserve-venv && /tmp/kserve-venv/bin/pip install kserve
     python3 -m venv /tmp/pyspy-venv && /tmp/pyspy-venv/bin/pip install py-spy
-    flock /work/brief/heavy.lock .venv/bin/python -m bench.serve_cost --bundle models/default \
+    .venv/bin/python -m bench.serve_cost --bundle models/default \
         --mlserver /tmp/mlserver-venv/bin/mlserver --kserve-python /tmp/kserve-venv/bin/python \
         --py-spy /tmp/pyspy-venv/bin/py-spy --json reports/service/serve_cost.json
 """

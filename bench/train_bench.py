@@ -2,7 +2,7 @@
 
 Usage (always under the shared lock, one thread as the bundled models were trained)::
 
-    flock /work/brief/heavy.lock env OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_bench \\
+    env OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_bench \\
         --images 2048 --repeats 3 --set target_flops=0.25 --set align_mode=onesided \\
         --out reports/training/epoch_time.json
 
