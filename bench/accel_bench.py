@@ -111,8 +111,8 @@ def _load_models(cfg: BenchConfig) -> tuple[DecoupledNet, DecoupledNet, Tensor, 
             source = "uniform noise"
         lo, hi = (float(v) for v in cfg.density.split(","))
         # calibrate on images the timing does not use
-        targets = set_gate_densities(gated, pool[cfg.images:], (lo, hi), seed=cfg.seed)
-        images = pool[:cfg.images]
+        targets = set_gate_densities(gated, pool[cfg.images :], (lo, hi), seed=cfg.seed)
+        images = pool[: cfg.images]
         desc = {"model": f"random {arch}", "gate_targets": [round(t, 3) for t in targets], "images": source}
     else:
         bundle = load_bundle(cfg.bundle)
@@ -120,7 +120,7 @@ def _load_models(cfg: BenchConfig) -> tuple[DecoupledNet, DecoupledNet, Tensor, 
 
         gated, arch, arch_args = bundle.model.eval(), bundle.meta["arch"], bundle.meta["arch_args"]
         test = bundle_splits(bundle.meta).test
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.images]
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.images]
         images = test.float_images(order)
         desc = {"model": f"bundle {cfg.bundle}", "images": test.name}
         if not gated.gated:
@@ -138,50 +138,58 @@ def _load_models(cfg: BenchConfig) -> tuple[DecoupledNet, DecoupledNet, Tensor, 
 
 def _flops(gated: DecoupledNet, images: Tensor, batch: int) -> dict:
     with torch.inference_mode():
-        outs = [gated.forward_path(images[i:i + 256]) for i in range(0, len(images), 256)]
+        outs = [gated.forward_path(images[i : i + 256]) for i in range(0, len(images), 256)]
     macs = torch.cat([o.macs for o in outs])
     dense = outs[0].dense_macs
     density = torch.cat([o.density for o in outs]).mean(0)
     hard = [torch.cat([o.layers[j].hard for o in outs]) for j in range(len(outs[0].layers))]
     distinct, union = [], []
     for h in hard:
-        chunks = [h[i:i + batch] for i in range(0, len(h) - batch + 1, batch)] or [h]
+        chunks = [h[i : i + batch] for i in range(0, len(h) - batch + 1, batch)] or [h]
         distinct.append(statistics.mean(len(torch.unique(c, dim=0)) for c in chunks))
         union.append(statistics.mean(float(c.amax(0).mean()) for c in chunks))
     ratio = float(macs.mean()) / dense
-    return {"flops_ratio": ratio, "promised_speedup": 1 / ratio, "dense_macs": dense,
-            "gated_macs_mean": float(macs.mean()), "layer_names": [layer.name for layer in outs[0].layers],
-            "layer_density": [round(float(d), 4) for d in density],
-            f"distinct_patterns_per_batch_of_{batch}": [round(d, 1) for d in distinct],
-            f"union_density_batch_of_{batch}": [round(u, 4) for u in union]}
+    return {
+        "flops_ratio": ratio,
+        "promised_speedup": 1 / ratio,
+        "dense_macs": dense,
+        "gated_macs_mean": float(macs.mean()),
+        "layer_names": [layer.name for layer in outs[0].layers],
+        "layer_density": [round(float(d), 4) for d in density],
+        f"distinct_patterns_per_batch_of_{batch}": [round(d, 1) for d in distinct],
+        f"union_density_batch_of_{batch}": [round(u, 4) for u in union],
+    }
 
 
 def _equivalence(gated: DecoupledNet, engine, images: Tensor) -> dict:
     with torch.inference_mode():
         ref = gated.forward_path(images)
         out = engine.forward_path(images)
-        singles = torch.cat([engine(images[i:i + 1]) for i in range(min(32, len(images)))])
+        singles = torch.cat([engine(images[i : i + 1]) for i in range(min(32, len(images)))])
     scale = float(ref.logits.abs().max())
-    return {"batch_rel_err": float((out.logits - ref.logits).abs().max()) / scale,
-            "batch1_rel_err": float((singles - ref.logits[:len(singles)]).abs().max()) / scale,
-            "hard_path_equal": bool(torch.equal(out.hard_path, ref.hard_path)),
-            "macs_equal": bool(torch.allclose(out.macs, ref.macs))}
+    return {
+        "batch_rel_err": float((out.logits - ref.logits).abs().max()) / scale,
+        "batch1_rel_err": float((singles - ref.logits[: len(singles)]).abs().max()) / scale,
+        "hard_path_equal": bool(torch.equal(out.hard_path, ref.hard_path)),
+        "macs_equal": bool(torch.allclose(out.macs, ref.macs)),
+    }
 
 
-def _time_variants(variants: dict[str, Callable[[Tensor], object]], images: Tensor, batch: int,
-                   cfg: BenchConfig) -> dict[str, dict]:
+def _time_variants(
+    variants: dict[str, Callable[[Tensor], object]], images: Tensor, batch: int, cfg: BenchConfig
+) -> dict[str, dict]:
     reps = cfg.reps if batch == 1 else cfg.reps_batched
     starts = list(range(0, len(images) - batch + 1, batch))
     names = list(variants)
     with torch.inference_mode():
         for fn in variants.values():  # warm-up over every image (oneDNN builds its kernels per shape)
             for s in starts:
-                fn(images[s:s + batch])
+                fn(images[s : s + batch])
         wall: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
         for rep in range(reps):
-            x = images[starts[rep % len(starts)]:][:batch]
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
+            x = images[starts[rep % len(starts)] :][:batch]
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 fn = variants[name]
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn(x)
@@ -191,12 +199,16 @@ def _time_variants(variants: dict[str, Callable[[Tensor], object]], images: Tens
     for n in names:
         ratios = [b / v for b, v in zip(wall[BASELINE], wall[n])]
         cpu_ratios = [b / v for b, v in zip(cpu[BASELINE], cpu[n])]
-        out[n] = {"ms_per_image": 1e3 * statistics.median(wall[n]), "speedup_vs_dense": statistics.median(ratios),
-                  "speedup_iqr": _iqr(ratios),
-                  "speedup_vs_unfolded": statistics.median([b / v for b, v in zip(wall["dense"], wall[n])]),
-                  "speedup_of_medians": statistics.median(wall[BASELINE]) / statistics.median(wall[n]),
-                  "cpu_ms_per_image": 1e3 * statistics.median(cpu[n]),
-                  "cpu_speedup_vs_dense": statistics.median(cpu_ratios), "reps": reps}
+        out[n] = {
+            "ms_per_image": 1e3 * statistics.median(wall[n]),
+            "speedup_vs_dense": statistics.median(ratios),
+            "speedup_iqr": _iqr(ratios),
+            "speedup_vs_unfolded": statistics.median([b / v for b, v in zip(wall["dense"], wall[n])]),
+            "speedup_of_medians": statistics.median(wall[BASELINE]) / statistics.median(wall[n]),
+            "cpu_ms_per_image": 1e3 * statistics.median(cpu[n]),
+            "cpu_speedup_vs_dense": statistics.median(cpu_ratios),
+            "reps": reps,
+        }
     return out
 
 
@@ -214,9 +226,13 @@ def run(cfg: BenchConfig) -> dict:
         from detector.bundle import load_bundle
 
         screener = load_bundle(cfg.bundle).screener(engine="skipping")
-    result = {"config": asdict(cfg), "setup": {**desc, "baseline": f"{BASELINE} (dense twin, batch norm folded)"},
-              "cpus": os.cpu_count(),
-              "torch": torch.__version__, "load_before": list(os.getloadavg())}
+    result = {
+        "config": asdict(cfg),
+        "setup": {**desc, "baseline": f"{BASELINE} (dense twin, batch norm folded)"},
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_before": list(os.getloadavg()),
+    }
     result["flops"] = _flops(gated, images, max(cfg.batch_sizes))
     result["equivalence"] = _equivalence(gated, engines["auto"], images[:64])
     result["runs"] = []
@@ -224,7 +240,11 @@ def run(cfg: BenchConfig) -> dict:
         torch.set_num_threads(threads)
         for batch in cfg.batch_sizes:
             variants: dict[str, Callable[[Tensor], object]] = {
-                "dense": dense, "dense_folded": dense_folded, "masked": gated, "skipping": engines["auto"]}
+                "dense": dense,
+                "dense_folded": dense_folded,
+                "masked": gated,
+                "skipping": engines["auto"],
+            }
             if batch > 1:
                 variants |= {"skipping_union": engines["union"], "skipping_gather": engines["gather"]}
             variants |= {"masked_path": gated.forward_path, "skipping_path": engines["auto"].forward_path}
@@ -232,8 +252,9 @@ def run(cfg: BenchConfig) -> dict:
                 variants["screening"] = lambda x: screener.screen(x, validate=False)
             load = os.getloadavg()[0]
             timed = _time_variants(variants, images, batch, cfg)
-            result["runs"].append({"threads": threads, "batch": batch, "load_1min": [load, os.getloadavg()[0]],
-                                   "variants": timed})
+            result["runs"].append(
+                {"threads": threads, "batch": batch, "load_1min": [load, os.getloadavg()[0]], "variants": timed}
+            )
             log.info("threads %d batch %d done", threads, batch)
     result["load_after"] = list(os.getloadavg())
     result["targets"] = _targets(result)
@@ -246,36 +267,52 @@ def _targets(result: dict) -> list[dict]:
     for r in result["runs"]:
         s = r["variants"]["skipping"]["speedup_vs_dense"]
         whole = r["variants"].get("screening", {}).get("speedup_vs_dense")
-        out.append({"threads": r["threads"], "batch": r["batch"], "skipping_speedup": round(s, 3),
-                    "screening_speedup": None if whole is None else round(whole, 3),
-                    "promised": round(promised, 3), "fraction_of_promise": round(s / promised, 3),
-                    "meets_1.3x": s >= 1.3, "within_1.5x_of_promise": s * 1.5 >= promised})
+        out.append(
+            {
+                "threads": r["threads"],
+                "batch": r["batch"],
+                "skipping_speedup": round(s, 3),
+                "screening_speedup": None if whole is None else round(whole, 3),
+                "promised": round(promised, 3),
+                "fraction_of_promise": round(s / promised, 3),
+                "meets_1.3x": s >= 1.3,
+                "within_1.5x_of_promise": s * 1.5 >= promised,
+            }
+        )
     return out
 
 
 def format_table(result: dict) -> str:
     f = result["flops"]
-    lines = [f"setup: {result['setup']}",
-             f"FLOPs ratio (gated executed / dense, controlling modules included): {f['flops_ratio']:.3f} "
-             f"-> promised speed-up {f['promised_speedup']:.2f}x; layer density {f['layer_density']}",
-             f"equivalence: {result['equivalence']}",
-             f"load average before {result['load_before'][0]:.1f}, after {result['load_after'][0]:.1f} "
-             f"on {result['cpus']} CPUs (shared machine: absolute times drift, paired ratios less)", ""]
+    lines = [
+        f"setup: {result['setup']}",
+        f"FLOPs ratio (gated executed / dense, controlling modules included): {f['flops_ratio']:.3f} "
+        f"-> promised speed-up {f['promised_speedup']:.2f}x; layer density {f['layer_density']}",
+        f"equivalence: {result['equivalence']}",
+        f"load average before {result['load_before'][0]:.1f}, after {result['load_after'][0]:.1f} "
+        f"on {result['cpus']} CPUs (shared machine: absolute times drift, paired ratios less)",
+        "",
+    ]
     for r in result["runs"]:
         load = r["load_1min"]
         lines.append(f"threads {r['threads']}, batch {r['batch']} (load {load[0]:.1f}->{load[1]:.1f})")
-        lines.append(f"  {'variant':<16} {'wall ms/img':>11} {'speed-up':>9} {'IQR':>15} "
-                     f"{'cpu ms/img':>11} {'cpu speed-up':>12}")
+        lines.append(
+            f"  {'variant':<16} {'wall ms/img':>11} {'speed-up':>9} {'IQR':>15} {'cpu ms/img':>11} {'cpu speed-up':>12}"
+        )
         for name, v in r["variants"].items():
-            lines.append(f"  {name:<16} {v['ms_per_image']:11.3f} {v['speedup_vs_dense']:8.2f}x "
-                         f"{str(v['speedup_iqr']):>15} {v['cpu_ms_per_image']:11.3f} "
-                         f"{v['cpu_speedup_vs_dense']:11.2f}x")
+            lines.append(
+                f"  {name:<16} {v['ms_per_image']:11.3f} {v['speedup_vs_dense']:8.2f}x "
+                f"{str(v['speedup_iqr']):>15} {v['cpu_ms_per_image']:11.3f} "
+                f"{v['cpu_speedup_vs_dense']:11.2f}x"
+            )
     lines.append("")
     for t in result["targets"]:
-        lines.append(f"threads {t['threads']} batch {t['batch']}: skipping {t['skipping_speedup']:.2f}x vs "
-                     f"dense folded (whole screening {t['screening_speedup']}x), "
-                     f"{t['fraction_of_promise']:.2f} of the promised {t['promised']:.2f}x "
-                     f"(>=1.3x: {t['meets_1.3x']}, within 1.5x of promise: {t['within_1.5x_of_promise']})")
+        lines.append(
+            f"threads {t['threads']} batch {t['batch']}: skipping {t['skipping_speedup']:.2f}x vs "
+            f"dense folded (whole screening {t['screening_speedup']}x), "
+            f"{t['fraction_of_promise']:.2f} of the promised {t['promised']:.2f}x "
+            f"(>=1.3x: {t['meets_1.3x']}, within 1.5x of promise: {t['within_1.5x_of_promise']})"
+        )
     return "\n".join(lines)
 
 

@@ -46,8 +46,11 @@ def timed(call, payload: bytes, metadata, want: grpc.StatusCode, n: int) -> list
 
 def summary(seconds: list[float]) -> dict:
     ordered = sorted(seconds)
-    return {"median_ms": round(1000 * statistics.median(ordered), 2),
-            "p90_ms": round(1000 * ordered[int(0.9 * (len(ordered) - 1))], 2), "n": len(ordered)}
+    return {
+        "median_ms": round(1000 * statistics.median(ordered), 2),
+        "p90_ms": round(1000 * ordered[int(0.9 * (len(ordered) - 1))], 2),
+        "n": len(ordered),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,15 +69,19 @@ def main(argv: list[str] | None = None) -> int:
             before = scrape(server.metrics_url).get(PARSED, 0.0)
             anonymous = timed(call, payload, (), grpc.StatusCode.UNAUTHENTICATED, args.n)
             after = scrape(server.metrics_url).get(PARSED, 0.0)
-            authorised = timed(call, payload, (("authorization", "Bearer bench-token"),),
-                               grpc.StatusCode.INVALID_ARGUMENT, args.n)
+            authorised = timed(
+                call, payload, (("authorization", "Bearer bench-token"),), grpc.StatusCode.INVALID_ARGUMENT, args.n
+            )
             parsed_after_authorised = scrape(server.metrics_url).get(PARSED, 0.0)
     finally:
         server.kill()
-    report = {"request_bytes": len(payload), "unauthenticated": summary(anonymous),
-              "authorised_read_then_refused": summary(authorised),
-              "bytes_parsed_by_unauthenticated_calls": after - before,
-              "bytes_parsed_by_authorised_calls": parsed_after_authorised - after}
+    report = {
+        "request_bytes": len(payload),
+        "unauthenticated": summary(anonymous),
+        "authorised_read_then_refused": summary(authorised),
+        "bytes_parsed_by_unauthenticated_calls": after - before,
+        "bytes_parsed_by_authorised_calls": parsed_after_authorised - after,
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -39,12 +39,14 @@ SCREEN = "/pathguard.v1.PathGuard/ScreenImages"
 
 def padded_png(image: np.ndarray, size: int) -> bytes:
     """A valid PNG of ``image`` ((H, W) or (H, W, 3) uint8) grown to exactly ``size`` bytes with a text chunk."""
+
     def png(text: str) -> bytes:
         info = PngImagePlugin.PngInfo()
         info.add_text("pad", text)
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
         return buf.getvalue()
+
     base = len(png("x"))
     out = png("x" * (size - base + 1))
     if len(out) != size:
@@ -117,13 +119,26 @@ def flood(bundle: str, callers: int, calls: int, threads: int = 1, server_args: 
         server.kill()
     peak = max(samples)
     growth = peak - idle
-    return {"bundle": str(bundle), "input_shape": list(shape), "callers": callers, "calls_each": calls,
-            "server_args": list(server_args), "request_bytes": len(payload),
-            "receive_limit": cfg.receive_limit(shape), "max_request_memory_mb": cfg.max_request_memory_mb,
-            "codes": dict(codes), "seconds": round(elapsed, 2), "idle_rss_mb": round(idle / 2**20, 1),
-            "peak_rss_mb": round(peak / 2**20, 1), "growth_mb": round(growth / 2**20, 1),
-            "bound_mb": round(bound / 2**20, 1), "slack_mb": SLACK >> 20, "server_alive": alive,
-            "within_bound": growth <= bound + SLACK, "internal_errors": codes.get("INTERNAL", 0)}
+    return {
+        "bundle": str(bundle),
+        "input_shape": list(shape),
+        "callers": callers,
+        "calls_each": calls,
+        "server_args": list(server_args),
+        "request_bytes": len(payload),
+        "receive_limit": cfg.receive_limit(shape),
+        "max_request_memory_mb": cfg.max_request_memory_mb,
+        "codes": dict(codes),
+        "seconds": round(elapsed, 2),
+        "idle_rss_mb": round(idle / 2**20, 1),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "growth_mb": round(growth / 2**20, 1),
+        "bound_mb": round(bound / 2**20, 1),
+        "slack_mb": SLACK >> 20,
+        "server_alive": alive,
+        "within_bound": growth <= bound + SLACK,
+        "internal_errors": codes.get("INTERNAL", 0),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the report here")
-    p.add_argument("server_args", nargs="*", help="more `pathguard serve` flags (after --), e.g. "
-                                                   "--max-request-memory-mb 128")
+    p.add_argument(
+        "server_args", nargs="*", help="more `pathguard serve` flags (after --), e.g. --max-request-memory-mb 128"
+    )
     args = p.parse_args(argv)
     report = flood(args.bundle, args.callers, args.calls, args.threads, args.server_args)
     text = json.dumps(report, indent=2)

@@ -58,11 +58,20 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 OK, INVALID, NOT_FOUND, EXHAUSTED = "OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"
 OK_OR_INVALID = frozenset({OK, INVALID})
 
-KSERVE_OUTPUTS = ("probabilities", "predicted_class", "adversarial_score", "is_adversarial", "active_filter_ratio",
-                  "flops_fraction")
+KSERVE_OUTPUTS = (
+    "probabilities",
+    "predicted_class",
+    "adversarial_score",
+    "is_adversarial",
+    "active_filter_ratio",
+    "flops_fraction",
+)
 _OWN_DTYPES = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT64: np.dtype("<f8"), pb.UINT8: np.dtype("u1")}
-_KSERVE_DTYPES = {"FP32": (np.dtype("<f4"), "fp32_contents"), "FP64": (np.dtype("<f8"), "fp64_contents"),
-                  "UINT8": (np.dtype("u1"), "uint_contents")}
+_KSERVE_DTYPES = {
+    "FP32": (np.dtype("<f4"), "fp32_contents"),
+    "FP64": (np.dtype("<f8"), "fp64_contents"),
+    "UINT8": (np.dtype("u1"), "uint_contents"),
+}
 
 
 @dataclass(frozen=True)
@@ -155,24 +164,36 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 
 def png_header_bomb(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a ``width`` x ``height`` canvas."""
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def png_zlib_bomb(width: int, height: int, inflated: int) -> bytes:
     """A right-sized grey PNG whose pixel data inflates to ``inflated`` bytes (far more than the image)."""
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(b"\0" * inflated, 9)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(b"\0" * inflated, 9))
+        + _chunk(b"IEND", b"")
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def png_text_bomb(width: int, height: int, inflated: int) -> bytes:
     """A right-sized PNG with a compressed text chunk that inflates to ``inflated`` bytes."""
     raw = zlib.compress(b"\0" * ((width + 1) * height))
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + _chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * inflated, 9)) + _chunk(b"IDAT", raw)
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + _chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * inflated, 9))
+        + _chunk(b"IDAT", raw)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def jpeg_header_bomb(width: int, height: int) -> bytes:
@@ -181,7 +202,7 @@ def jpeg_header_bomb(width: int, height: int) -> bytes:
     for marker in (b"\xff\xc0", b"\xff\xc2"):
         at = data.find(marker)
         if at >= 0:
-            data[at + 5:at + 9] = struct.pack(">HH", height, width)
+            data[at + 5 : at + 9] = struct.pack(">HH", height, width)
             break
     return bytes(data)
 
@@ -249,8 +270,9 @@ def tensor_bytes(draw, dtype: np.dtype | None, shape: list[int], model: Model) -
 
 @st.composite
 def own_tensor_case(draw, model: Model) -> tuple[pb.ScreenRequest, str, int]:
-    dtype_code = draw(st.sampled_from((pb.FLOAT32, pb.FLOAT32, pb.FLOAT64, pb.UINT8, pb.DATA_TYPE_UNSPECIFIED,
-                                       4, 99, -7, 2**31 - 1)))
+    dtype_code = draw(
+        st.sampled_from((pb.FLOAT32, pb.FLOAT32, pb.FLOAT64, pb.UINT8, pb.DATA_TYPE_UNSPECIFIED, 4, 99, -7, 2**31 - 1))
+    )
     dtype = _OWN_DTYPES.get(dtype_code)
     shape = draw(shapes(model))
     data = draw(tensor_bytes(dtype, shape, model))
@@ -269,8 +291,21 @@ def image_file(draw, model: Model) -> tuple[bytes, frozenset[str], str]:
     kind = draw(st.integers(0, 13))
     encodable = c in (1, 3)
     if kind <= 2 and encodable:
-        fmt, mode = draw(st.sampled_from((("PNG", "L"), ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "P"),
-                                          ("PNG", "1"), ("JPEG", "L"), ("JPEG", "RGB"), ("JPEG", "CMYK"))))
+        fmt, mode = draw(
+            st.sampled_from(
+                (
+                    ("PNG", "L"),
+                    ("PNG", "RGB"),
+                    ("PNG", "RGBA"),
+                    ("PNG", "LA"),
+                    ("PNG", "P"),
+                    ("PNG", "1"),
+                    ("JPEG", "L"),
+                    ("JPEG", "RGB"),
+                    ("JPEG", "CMYK"),
+                )
+            )
+        )
         return encode(colour if mode != "L" else grey, fmt, mode), frozenset({OK}), f"{fmt}/{mode}"
     if kind == 3:
         fmt = draw(st.sampled_from(("PNG", "JPEG")))
@@ -297,8 +332,9 @@ def image_file(draw, model: Model) -> tuple[bytes, frozenset[str], str]:
 def _hostile_file(draw, kind: int, h: int, w: int) -> tuple[bytes, frozenset[str], str]:
     """Kinds 8-13 of :func:`image_file`: decompression bombs, other formats, an empty file."""
     if kind == 8:
-        width, height = draw(st.sampled_from(((100_000, 100_000), (2**31 - 1, 2**31 - 1), (10_000, 10_000),
-                                              (w, 1_000_000), (1, 1))))
+        width, height = draw(
+            st.sampled_from(((100_000, 100_000), (2**31 - 1, 2**31 - 1), (10_000, 10_000), (w, 1_000_000), (1, 1)))
+        )
         return png_header_bomb(width, height), frozenset({INVALID}), f"PNG header bomb {width}x{height}"
     if kind == 9:
         width, height = draw(st.sampled_from(((65_000, 65_000), (20_000, 20_000), (w + 1, h))))
@@ -332,8 +368,11 @@ def own_encoded_case(draw, model: Model) -> tuple[pb.ScreenRequest, frozenset[st
 
 @st.composite
 def options(draw) -> pb.ScreenOptions:
-    return pb.ScreenOptions(top_k=draw(st.sampled_from((0, 0, 1, 3, 100, 2**32 - 1))),
-                            include_path=draw(st.booleans()), include_departure=draw(st.booleans()))
+    return pb.ScreenOptions(
+        top_k=draw(st.sampled_from((0, 0, 1, 3, 100, 2**32 - 1))),
+        include_path=draw(st.booleans()),
+        include_departure=draw(st.booleans()),
+    )
 
 
 @st.composite
@@ -375,8 +414,9 @@ def valid_kserve(draw, model: Model) -> kserve_pb2.ModelInferRequest:
 def _mutate_kserve(draw, req: kserve_pb2.ModelInferRequest, model: Model) -> str:
     """Change one thing of a valid request; returns what."""
     tensor = req.inputs[0]
-    what = draw(st.sampled_from(("none", "none", "value", "shape", "datatype", "truncate", "name", "output",
-                                 "second-input")))
+    what = draw(
+        st.sampled_from(("none", "none", "value", "shape", "datatype", "truncate", "name", "output", "second-input"))
+    )
     if what == "value":
         special = float(draw(st.sampled_from(_SPECIAL)))
         if req.raw_input_contents:
@@ -433,12 +473,31 @@ def kserve_case(draw, model: Model) -> Case:
     req = kserve_pb2.ModelInferRequest(
         model_name=draw(st.sampled_from((model.name,) * 12 + ("", "resnet", model.name.upper(), "x" * 20_000))),
         model_version=draw(st.sampled_from(("",) * 4 + (model.version, "0", "9" * 30))),
-        id=draw(st.text(max_size=20)))
-    datatypes = ("FP32", "FP32", "FP32", "FP64", "UINT8", "UINT8", "INT8", "INT32", "FP16", "BF16", "BYTES", "BOOL",
-                 "", "fp32", "Q" * 5000)
+        id=draw(st.text(max_size=20)),
+    )
+    datatypes = (
+        "FP32",
+        "FP32",
+        "FP32",
+        "FP64",
+        "UINT8",
+        "UINT8",
+        "INT8",
+        "INT32",
+        "FP16",
+        "BF16",
+        "BYTES",
+        "BOOL",
+        "",
+        "fp32",
+        "Q" * 5000,
+    )
     for i in range(draw(st.sampled_from((1, 1, 1, 1, 0, 2)))):
-        tensor = req.inputs.add(name=draw(st.sampled_from(("images",) * 6 + ("input__0", "", "IMAGES"))),
-                                datatype=draw(st.sampled_from(datatypes)), shape=draw(shapes(model)))
+        tensor = req.inputs.add(
+            name=draw(st.sampled_from(("images",) * 6 + ("input__0", "", "IMAGES"))),
+            datatype=draw(st.sampled_from(datatypes)),
+            shape=draw(shapes(model)),
+        )
         dtype = _KSERVE_DTYPES.get(tensor.datatype, (None, None))[0]
         how = draw(st.integers(0, 9))
         if how < 6:
@@ -454,8 +513,13 @@ def kserve_case(draw, model: Model) -> Case:
     for _ in range(draw(st.sampled_from((0, 0, 0, 1, 2)))):
         req.outputs.add(name=draw(st.sampled_from(KSERVE_OUTPUTS + ("logits", ""))))
     code, n = kserve_verdict(req, model)
-    return Case(INFER, req.SerializeToString(), frozenset({code}), n,
-                f"{[i.datatype[:12] for i in req.inputs]} {[list(i.shape)[:6] for i in req.inputs]}")
+    return Case(
+        INFER,
+        req.SerializeToString(),
+        frozenset({code}),
+        n,
+        f"{[i.datatype[:12] for i in req.inputs]} {[list(i.shape)[:6] for i in req.inputs]}",
+    )
 
 
 @st.composite
@@ -496,8 +560,13 @@ def stream_case(draw, model: Model) -> Case:
 
 def any_case(model: Model, oversize: bool = False) -> st.SearchStrategy[Case]:
     """All kinds of cases, weighted (repeats in ``one_of``): mostly own API and KServe requests."""
-    weighted = [(own_case(model), 12), (kserve_case(model), 12), (wire_case(model), 5), (stream_case(model), 3),
-                (oversize_case(model), 1 if oversize else 0)]
+    weighted = [
+        (own_case(model), 12),
+        (kserve_case(model), 12),
+        (wire_case(model), 5),
+        (stream_case(model), 3),
+        (oversize_case(model), 1 if oversize else 0),
+    ]
     return st.one_of(*[strategy for strategy, weight in weighted for _ in range(weight)])
 
 
@@ -539,8 +608,9 @@ class Runner:
     def __post_init__(self) -> None:
         identity = {"request_serializer": None, "response_deserializer": None}
         self._unary = {m: self.channel.unary_unary(m, **identity) for m in (SCREEN, INFER, DESCRIBE)}
-        self._stream = self.channel.stream_stream(STREAM, request_serializer=None,
-                                                  response_deserializer=pb.ScreenResponse.FromString)
+        self._stream = self.channel.stream_stream(
+            STREAM, request_serializer=None, response_deserializer=pb.ScreenResponse.FromString
+        )
 
     def run(self, case: Case) -> str:
         """Send ``case``; raise :class:`Violation` when the outcome is not one it may get. Returns the code."""
@@ -572,8 +642,9 @@ class Runner:
             code = resp.error.code_name if resp.HasField("error") else OK
             self.codes[f"ScreenStream[item]:{code}"] += 1
             if code not in allowed:
-                raise Violation(f"{case.describe()}: item {i} got {code} ({resp.error.message[:200]}), "
-                                f"expected {sorted(allowed)}")
+                raise Violation(
+                    f"{case.describe()}: item {i} got {code} ({resp.error.message[:200]}), expected {sorted(allowed)}"
+                )
             if code == OK:
                 _check_results(resp, images)
         return OK
@@ -582,8 +653,7 @@ class Runner:
 def describe_model(channel: grpc.Channel, timeout: float = 30.0) -> Model:
     call = channel.unary_unary(DESCRIBE, request_serializer=None, response_deserializer=pb.ModelDescription.FromString)
     d = call(b"", timeout=timeout)
-    return Model(name=d.name, version=d.version, input_shape=tuple(d.input_shape),
-                 max_images=d.max_images_per_request)
+    return Model(name=d.name, version=d.version, input_shape=tuple(d.input_shape), max_images=d.max_images_per_request)
 
 
 def serving(channel: grpc.Channel) -> bool:
@@ -596,9 +666,17 @@ def serving(channel: grpc.Channel) -> bool:
     return status == health_pb2.HealthCheckResponse.SERVING
 
 
-def fuzz(channel: grpc.Channel, model: Model, cases: int, *, seed: int | None = None, check_every: int = 100,
-         oversize: bool = True, stop_on_violation: bool = False,
-         memory: Callable[[], int | None] | None = None) -> dict:
+def fuzz(
+    channel: grpc.Channel,
+    model: Model,
+    cases: int,
+    *,
+    seed: int | None = None,
+    check_every: int = 100,
+    oversize: bool = True,
+    stop_on_violation: bool = False,
+    memory: Callable[[], int | None] | None = None,
+) -> dict:
     """Run ``cases`` generated cases (no shrinking); return codes seen, violations, liveness and (with ``memory``,
     the server's resident bytes) memory every ``check_every`` cases."""
     runner = Runner(channel)
@@ -623,14 +701,25 @@ def fuzz(channel: grpc.Channel, model: Model, cases: int, *, seed: int | None = 
 
     # Generation only: a violation is recorded and the run goes on (tests/test_service_fuzz.py shrinks instead).
     test = given(any_case(model, oversize))(one)
-    test = settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
-                    derandomize=seed is None, suppress_health_check=list(HealthCheck))(test)
+    test = settings(
+        max_examples=cases,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        derandomize=seed is None,
+        suppress_health_check=list(HealthCheck),
+    )(test)
     if seed is not None:
         test = hypothesis.seed(seed)(test)
     test()
-    return {"cases": runner.cases, "codes": dict(sorted(runner.codes.items())), "violations": violations[:50],
-            "violation_count": len(violations), "not_serving_at_case": dead_at,
-            "rss_timeline_mb": rss[:: max(1, len(rss) // 50)]}
+    return {
+        "cases": runner.cases,
+        "codes": dict(sorted(runner.codes.items())),
+        "violations": violations[:50],
+        "violation_count": len(violations),
+        "not_serving_at_case": dead_at,
+        "rss_timeline_mb": rss[:: max(1, len(rss) // 50)],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -653,20 +742,33 @@ def main(argv: list[str] | None = None) -> int:
         with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             model = describe_model(channel)
             rss_start, start = rss_bytes(pid) if pid else None, time.monotonic()
-            report = fuzz(channel, model, args.cases, seed=args.seed, oversize=not args.no_oversize,
-                          memory=(lambda: rss_bytes(pid)) if pid else None)
+            report = fuzz(
+                channel,
+                model,
+                args.cases,
+                seed=args.seed,
+                oversize=not args.no_oversize,
+                memory=(lambda: rss_bytes(pid)) if pid else None,
+            )
             elapsed = time.monotonic() - start
             alive = (server is None or server.proc.poll() is None) and serving(channel)
             rss_end = rss_bytes(pid) if pid else None
     finally:
         if server is not None:
             server.kill()
-    report.update({
-        "target": target, "model": {"name": model.name, "version": model.version, "input_shape": model.input_shape},
-        "seconds": round(elapsed, 1), "alive_at_end": alive,
-        "rss_mb": {"start": None if rss_start is None else round(rss_start / 2**20, 1),
-                   "end": None if rss_end is None else round(rss_end / 2**20, 1),
-                   "growth": None if not (rss_start and rss_end) else round(rss_end / rss_start - 1, 4)}})
+    report.update(
+        {
+            "target": target,
+            "model": {"name": model.name, "version": model.version, "input_shape": model.input_shape},
+            "seconds": round(elapsed, 1),
+            "alive_at_end": alive,
+            "rss_mb": {
+                "start": None if rss_start is None else round(rss_start / 2**20, 1),
+                "end": None if rss_end is None else round(rss_end / 2**20, 1),
+                "growth": None if not (rss_start and rss_end) else round(rss_end / rss_start - 1, 4),
+            },
+        }
+    )
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

@@ -33,16 +33,33 @@ class ServerProcess:
     running server (as a mounted volume's symlink swap does) before a SIGHUP reload.
     """
 
-    def __init__(self, bundle: str | Path, threads: int = 1, args: list[str] | tuple[str, ...] = (),
-                 start_timeout: float = 180.0) -> None:
+    def __init__(
+        self, bundle: str | Path, threads: int = 1, args: list[str] | tuple[str, ...] = (), start_timeout: float = 180.0
+    ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="pathguard-serve-"))
         self.bundle_link = self.workdir / "bundle"
         self.bundle_link.symlink_to(Path(bundle).resolve())
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = [sys.executable, "-m", "pathguard", "serve", "--bundle", str(self.bundle_link),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--threads", str(threads), *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pathguard",
+            "serve",
+            "--bundle",
+            str(self.bundle_link),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--threads",
+            str(threads),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
@@ -118,8 +135,9 @@ def own_request(images: np.ndarray) -> pb.ScreenRequest:
     return pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(images.shape), data=images.tobytes()))
 
 
-def kserve_request(images: np.ndarray, model: str = "pathguard", datatype: str = "FP32", name: str = "images",
-                   raw: bytes | None = None) -> kserve_pb2.ModelInferRequest:
+def kserve_request(
+    images: np.ndarray, model: str = "pathguard", datatype: str = "FP32", name: str = "images", raw: bytes | None = None
+) -> kserve_pb2.ModelInferRequest:
     """A KServe v2 ``ModelInfer`` request; ``datatype``, ``name`` and ``raw`` let a caller make it wrong."""
     req = kserve_pb2.ModelInferRequest(model_name=model)
     req.inputs.add(name=name, datatype=datatype, shape=list(images.shape))

@@ -40,15 +40,17 @@ async def drive(args: argparse.Namespace) -> dict:
     images = np.load(args.images)
     inputs = []
     for i in range(0, len(images) - args.per_call + 1, args.per_call):
-        x = np.ascontiguousarray(images[i:i + args.per_call], dtype=np.float32)
+        x = np.ascontiguousarray(images[i : i + args.per_call], dtype=np.float32)
         inp = tc.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         inputs.append(inp)
     # --connections connections, callers spread over them (a local subchannel pool per channel: grpc would
     # otherwise share one connection between channels to the same target). SO_REUSEPORT spreads connections,
     # not calls, over the workers of `pathguard serve --workers N`, so that comparison needs many.
-    clients = [tc.InferenceServerClient(args.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
-               for _ in range(args.connections)]
+    clients = [
+        tc.InferenceServerClient(args.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(args.connections)
+    ]
     latencies: list[float] = []
     errors: dict[str, int] = {}
     measuring, stop = False, False
@@ -87,11 +89,18 @@ async def drive(args: argparse.Namespace) -> dict:
             await c.close()
     elapsed = t1 - t0
     lat = np.array(latencies) if latencies else np.array([np.nan])
-    return {"calls": done, "images": done * args.per_call, "seconds": elapsed,
-            "calls_per_s": done / elapsed, "images_per_s": done * args.per_call / elapsed,
-            "p50_ms": 1000 * float(np.percentile(lat, 50)), "p99_ms": 1000 * float(np.percentile(lat, 99)),
-            "server_cpu_s": cpu1 - cpu0, "server_cpu_us_per_call": 1e6 * (cpu1 - cpu0) / max(done, 1),
-            "errors": errors}
+    return {
+        "calls": done,
+        "images": done * args.per_call,
+        "seconds": elapsed,
+        "calls_per_s": done / elapsed,
+        "images_per_s": done * args.per_call / elapsed,
+        "p50_ms": 1000 * float(np.percentile(lat, 50)),
+        "p99_ms": 1000 * float(np.percentile(lat, 99)),
+        "server_cpu_s": cpu1 - cpu0,
+        "server_cpu_us_per_call": 1e6 * (cpu1 - cpu0) / max(done, 1),
+        "errors": errors,
+    }
 
 
 def main() -> int:

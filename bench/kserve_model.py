@@ -58,10 +58,11 @@ def main() -> int:
             n = len(result)
             outputs = []
             for name, datatype, value in (
-                    ("probabilities", "FP32", result.probabilities.astype(np.float32)),
-                    ("predicted_class", "INT64", result.predictions.astype(np.int64)),
-                    ("adversarial_score", "FP32", result.scores.astype(np.float32)),
-                    ("is_adversarial", "BOOL", result.flags.astype(np.bool_))):
+                ("probabilities", "FP32", result.probabilities.astype(np.float32)),
+                ("predicted_class", "INT64", result.predictions.astype(np.int64)),
+                ("adversarial_score", "FP32", result.scores.astype(np.float32)),
+                ("is_adversarial", "BOOL", result.flags.astype(np.bool_)),
+            ):
                 out = InferOutput(name=name, shape=[n, *value.shape[1:]], datatype=datatype)
                 out.set_data_from_numpy(value, binary_data=True)
                 outputs.append(out)
@@ -69,8 +70,7 @@ def main() -> int:
 
     model = PathGuardModel(bundle.meta["name"])
     model.load()
-    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
-                       enable_grpc=True).start([model])
+    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1, enable_grpc=True).start([model])
     return 0
 
 

@@ -120,12 +120,17 @@ def answered_by_server(metrics: dict[str, float]) -> int:
 
 
 def parse_drain(log_text: str) -> dict | None:
-    match = re.search(r"drained in ([\d.]+) s: (\d+) accepted calls finished \((\d+) since start\), (\d+) cut off",
-                      log_text)
+    match = re.search(
+        r"drained in ([\d.]+) s: (\d+) accepted calls finished \((\d+) since start\), (\d+) cut off", log_text
+    )
     if match is None:
         return None
-    return {"seconds": float(match[1]), "finished_during_drain": int(match[2]), "finished_since_start": int(match[3]),
-            "cut_off": int(match[4])}
+    return {
+        "seconds": float(match[1]),
+        "finished_during_drain": int(match[2]),
+        "finished_since_start": int(match[3]),
+        "cut_off": int(match[4]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,7 +151,7 @@ class Request:
 def build_requests(images: np.ndarray, model: str, per_request: int) -> dict[str, list[Request]]:
     """Pools of valid requests (own tensor, own PNG, KServe) and of invalid ones, from images (N, C, H, W)."""
     n = len(images) // per_request
-    groups = [np.ascontiguousarray(images[i * per_request:(i + 1) * per_request], dtype=np.float32) for i in range(n)]
+    groups = [np.ascontiguousarray(images[i * per_request : (i + 1) * per_request], dtype=np.float32) for i in range(n)]
     c, h, w = images.shape[1:]
     pools: dict[str, list[Request]] = {
         "own": [Request("own", "tensor", i, own_request(g)) for i, g in enumerate(groups)],
@@ -154,8 +159,10 @@ def build_requests(images: np.ndarray, model: str, per_request: int) -> dict[str
         "png": [],
     }
     if c in (1, 3):
-        pools["png"] = [Request("own", "png", i, pb.ScreenRequest(encoded=pb.EncodedImages(
-            images=[encode_png(img) for img in g]))) for i, g in enumerate(groups)]
+        pools["png"] = [
+            Request("own", "png", i, pb.ScreenRequest(encoded=pb.EncodedImages(images=[encode_png(img) for img in g])))
+            for i, g in enumerate(groups)
+        ]
     one = groups[0]
     nan = one.copy()
     nan.flat[0] = np.nan
@@ -163,8 +170,12 @@ def build_requests(images: np.ndarray, model: str, per_request: int) -> dict[str
     pools["invalid_own"] = [
         Request("own", "invalid:nan", -1, own_request(nan)),
         Request("own", "invalid:shape", -1, own_request(wrong)),
-        Request("own", "invalid:bytes", -1, pb.ScreenRequest(tensor=pb.Tensor(
-            dtype=pb.FLOAT32, shape=list(one.shape), data=one.tobytes()[:-3]))),
+        Request(
+            "own",
+            "invalid:bytes",
+            -1,
+            pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(one.shape), data=one.tobytes()[:-3])),
+        ),
         Request("own", "invalid:png", -1, pb.ScreenRequest(encoded=pb.EncodedImages(images=[b"\x89PNG\r\n junk"]))),
         Request("own", "invalid:empty", -1, pb.ScreenRequest()),
     ]
@@ -196,8 +207,16 @@ class Tally:
         self.answers: dict[tuple[str, str, int, str], set] = defaultdict(set)
         self.ok_after_reload: Counter[str] = Counter()
 
-    def record(self, req: Request, code: grpc.StatusCode, details: str, sent: float, answered: float, response,
-               sigterm_sent: bool) -> None:
+    def record(
+        self,
+        req: Request,
+        code: grpc.StatusCode,
+        details: str,
+        sent: float,
+        answered: float,
+        response,
+        sigterm_sent: bool,
+    ) -> None:
         """One call: sent and answered in seconds since the start of the load."""
         name = code.name
         self.codes[name] += 1
@@ -212,18 +231,28 @@ class Tally:
         self.app_answers += admitted or details.startswith(_NOT_ADMITTED[0])
         # After SIGTERM new calls are refused: UNAVAILABLE, or CANCELLED for one that reached the transport
         # just as it shut down (the callers never cancel). The accounting tells these from lost accepted calls.
-        expected = (code is grpc.StatusCode.OK and req.valid) \
-            or (code is grpc.StatusCode.INVALID_ARGUMENT and not req.valid) \
-            or code is grpc.StatusCode.RESOURCE_EXHAUSTED \
+        expected = (
+            (code is grpc.StatusCode.OK and req.valid)
+            or (code is grpc.StatusCode.INVALID_ARGUMENT and not req.valid)
+            or code is grpc.StatusCode.RESOURCE_EXHAUSTED
             or (code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and sigterm_sent)
+        )
         if not expected:
             self.errors[(req.api, req.kind, f"{name}: {_shorten(details)}")] += 1
         if code is grpc.StatusCode.OK and req.valid:
             self.latencies_ok.append(answered - sent)
             version, answers = _answers(req, response)
             self.images_ok += len(answers)
-            seen = self.versions.setdefault(version, {"ok_calls": 0, "first_sent_s": sent, "last_sent_s": sent,
-                                                      "first_answer_s": answered, "last_answer_s": answered})
+            seen = self.versions.setdefault(
+                version,
+                {
+                    "ok_calls": 0,
+                    "first_sent_s": sent,
+                    "last_sent_s": sent,
+                    "first_answer_s": answered,
+                    "last_answer_s": answered,
+                },
+            )
             seen["ok_calls"] += 1
             seen["first_sent_s"], seen["last_sent_s"] = min(seen["first_sent_s"], sent), max(seen["last_sent_s"], sent)
             seen["first_answer_s"] = min(seen["first_answer_s"], answered)
@@ -245,8 +274,9 @@ def _answers(req: Request, response) -> tuple[str, tuple]:
     return response.model_version, tuple((int(c), "") for c in np.frombuffer(raw, dtype="<i8"))
 
 
-async def _health_probe(channel: aio.Channel, until: float, interval: float, stats: dict,
-                        sigterm: asyncio.Event) -> None:
+async def _health_probe(
+    channel: aio.Channel, until: float, interval: float, stats: dict, sigterm: asyncio.Event
+) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     while time.monotonic() < until and not sigterm.is_set():
         t = time.perf_counter()
@@ -326,9 +356,11 @@ class LoadRun:
         self.t0 = time.monotonic()
         self.until = self.t0 + cfg.duration
         callers = [asyncio.ensure_future(self._caller(i, channel, pools)) for i in range(cfg.callers)]
-        helpers = [asyncio.ensure_future(self._sample_memory()), asyncio.ensure_future(self._faults()),
-                   asyncio.ensure_future(_health_probe(channel, self.until, cfg.health_interval, self.health,
-                                                       self.sigterm))]
+        helpers = [
+            asyncio.ensure_future(self._sample_memory()),
+            asyncio.ensure_future(self._faults()),
+            asyncio.ensure_future(_health_probe(channel, self.until, cfg.health_interval, self.health, self.sigterm)),
+        ]
         await asyncio.sleep(min(cfg.warmup, cfg.duration))
         self.rss["warm"] = self.memory()
         await asyncio.gather(*callers)
@@ -374,8 +406,10 @@ class LoadRun:
 
     async def _faults(self) -> None:
         cfg = self.cfg
-        schedule = sorted([(t, "reload") for t in cfg.reload_at]
-                          + ([(cfg.sigterm_at, "sigterm")] if cfg.sigterm_at is not None else []))
+        schedule = sorted(
+            [(t, "reload") for t in cfg.reload_at]
+            + ([(cfg.sigterm_at, "sigterm")] if cfg.sigterm_at is not None else [])
+        )
         reloads = 0
         for at, what in schedule:
             await asyncio.sleep(max(0.0, self.t0 + at - time.monotonic()))
@@ -411,43 +445,68 @@ class LoadRun:
         else:
             accepted, answers, source = None, tally.admitted_answers, "unknown (no metrics, no drain log)"
         lost = None if accepted is None else max(0, accepted - answers)  # cut-off calls: accepted, unanswered
-        return {"source": source, "answered_by_server": accepted, "answered_to_callers": answers,
-                "cut_off": drain["cut_off"] if drain else None, "lost": lost}
+        return {
+            "source": source,
+            "answered_by_server": accepted,
+            "answered_to_callers": answers,
+            "cut_off": drain["cut_off"] if drain else None,
+            "lost": lost,
+        }
 
     # -- report --------------------------------------------------------------------------------------------
     def report(self, accounting: dict) -> dict:
         tally, d, elapsed = self.tally, self.described, self.elapsed
-        inconsistent = {f"{api}/{kind}/input{key}/v{version}": sorted(map(list, seen))
-                        for (api, kind, key, version), seen in tally.answers.items() if len(seen) > 1}
+        inconsistent = {
+            f"{api}/{kind}/input{key}/v{version}": sorted(map(list, seen))
+            for (api, kind, key, version), seen in tally.answers.items()
+            if len(seen) > 1
+        }
         start, warm, end = self.rss.get("start"), self.rss.get("warm"), self.rss.get("end")
-        rss = {"start_mb": mb(start), "after_warmup_mb": mb(warm), "end_mb": mb(end),
-               "max_mb": mb(max((v for _, v in self.rss_timeline), default=None)),
-               "growth_from_start": _growth(start, end), "growth_after_warmup": _growth(warm, end),
-               "timeline_mb": [(t, mb(v)) for t, v in self.rss_timeline]}
+        rss = {
+            "start_mb": mb(start),
+            "after_warmup_mb": mb(warm),
+            "end_mb": mb(end),
+            "max_mb": mb(max((v for _, v in self.rss_timeline), default=None)),
+            "growth_from_start": _growth(start, end),
+            "growth_after_warmup": _growth(warm, end),
+            "timeline_mb": [(t, mb(v)) for t, v in self.rss_timeline],
+        }
         return {
-            "config": asdict(self.cfg), "target": self.target,
+            "config": asdict(self.cfg),
+            "target": self.target,
             "model": {"name": d.name, "version": d.version, "arch": d.arch, "input_shape": list(self.shape)},
             "elapsed_s": round(elapsed, 2),
             "calls": sum(tally.codes.values()),
             "throughput_ok_per_s": round(tally.codes.get("OK", 0) / elapsed, 1),
             "images_ok_per_s": round(tally.images_ok / elapsed, 1),
-            "latency_ok_ms": {name: ms(percentile(tally.latencies_ok, q))
-                              for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))},
+            "latency_ok_ms": {
+                name: ms(percentile(tally.latencies_ok, q))
+                for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))
+            },
             "codes": dict(tally.codes),
             "codes_by_kind": {k: dict(v) for k, v in sorted(tally.by_kind.items())},
-            "errors": {"count": sum(tally.errors.values()),
-                       "kinds": [{"api": a, "kind": k, "outcome": m, "count": n} for (a, k, m), n in
-                                 tally.errors.most_common(20)]},
+            "errors": {
+                "count": sum(tally.errors.values()),
+                "kinds": [
+                    {"api": a, "kind": k, "outcome": m, "count": n} for (a, k, m), n in tally.errors.most_common(20)
+                ],
+            },
             "unavailable_details": dict(tally.unavailable.most_common(10)),
             "accounting": accounting,
-            "server": {"pid": self.pid, "started_here": self.server is not None, "exit_code": self.exit_code,
-                       "drain": self.drain},
+            "server": {
+                "pid": self.pid,
+                "started_here": self.server is not None,
+                "exit_code": self.exit_code,
+                "drain": self.drain,
+            },
             "events": self.events,
             "model_versions": {v: {k: round(x, 3) for k, x in seen.items()} for v, seen in tally.versions.items()},
             "label_inconsistencies": inconsistent,
-            "health": {"answers": dict(self.health["answers"]),
-                       "p99_ms": ms(percentile(self.health["latencies"], 99)),
-                       "max_ms": ms(max(self.health["latencies"], default=None))},
+            "health": {
+                "answers": dict(self.health["answers"]),
+                "p99_ms": ms(percentile(self.health["latencies"], 99)),
+                "max_ms": ms(max(self.health["latencies"], default=None)),
+            },
             "rss": rss,
         }
 
@@ -477,8 +536,12 @@ async def _reload(server: ServerProcess | None, pid: int | None, bundle: str | N
     while time.monotonic() - start < 120:
         line = server.find("reloaded:", mark) or server.find("reload of", mark)
         if line:
-            event.update(ok="reloaded:" in line, seconds=round(time.monotonic() - start, 2),
-                         done_s=round(time.monotonic() - t0, 3), log=line.strip()[-1000:])
+            event.update(
+                ok="reloaded:" in line,
+                seconds=round(time.monotonic() - start, 2),
+                done_s=round(time.monotonic() - t0, 3),
+                log=line.strip()[-1000:],
+            )
             return event
         await asyncio.sleep(0.05)
     event.update(ok=False, log="no reload verdict in the server log within 120 s")
@@ -491,10 +554,12 @@ def _growth(before: int | None, after: int | None) -> float | None:
 
 def verdict(report: dict, max_rss_growth: float | None = None) -> dict[str, bool]:
     """The pass/fail reading of a report: no errors, nothing lost, labels consistent, memory bounded."""
-    out = {"no_errors": report["errors"]["count"] == 0,
-           "nothing_lost": report["accounting"]["lost"] == 0,
-           "labels_consistent": not report["label_inconsistencies"],
-           "reloads_ok": all(e.get("ok", True) for e in report["events"] if e["event"] == "reload")}
+    out = {
+        "no_errors": report["errors"]["count"] == 0,
+        "nothing_lost": report["accounting"]["lost"] == 0,
+        "labels_consistent": not report["label_inconsistencies"],
+        "reloads_ok": all(e.get("ok", True) for e in report["events"] if e["event"] == "reload"),
+    }
     if report["server"]["drain"] is not None or report["server"]["exit_code"] is not None:
         out["exit_0"] = report["server"]["exit_code"] == 0
     if max_rss_growth is not None:
@@ -504,26 +569,49 @@ def verdict(report: dict, max_rss_growth: float | None = None) -> dict[str, bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--bundle", help="start `pathguard serve` on this bundle (loopback, free ports)")
     where.add_argument("--target", help="HOST:PORT of a running server")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the started server")
-    p.add_argument("--server-arg", action="append", default=[], dest="server_args", metavar="ARG",
-                   help="extra `pathguard serve` argument, repeatable (e.g. --server-arg=--max-queue-size=64)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        dest="server_args",
+        metavar="ARG",
+        help="extra `pathguard serve` argument, repeatable (e.g. --server-arg=--max-queue-size=64)",
+    )
     p.add_argument("--metrics-url", help="/metrics of a running server")
     p.add_argument("--server-pid", type=int, help="pid of a running server (signals, /proc memory)")
     p.add_argument("--token-file", help="bearer token to send")
     defaults = LoadConfig()
-    for name in ("callers", "duration", "kserve_fraction", "encoded_fraction", "invalid_fraction",
-                 "images_per_request", "timeout", "warmup", "health_interval", "seed"):
+    for name in (
+        "callers",
+        "duration",
+        "kserve_fraction",
+        "encoded_fraction",
+        "invalid_fraction",
+        "images_per_request",
+        "timeout",
+        "warmup",
+        "health_interval",
+        "seed",
+    ):
         value = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
     p.add_argument("--sigterm-at", type=float, help="send SIGTERM this many seconds into the load")
     p.add_argument("--reload-at", type=float, nargs="+", default=[], help="send SIGHUP at these seconds")
-    p.add_argument("--reload-bundle", nargs="+", default=[], dest="reload_bundles", metavar="BUNDLE",
-                   help="bundles the reloads switch to, in order (started server only; default: reload in place)")
+    p.add_argument(
+        "--reload-bundle",
+        nargs="+",
+        default=[],
+        dest="reload_bundles",
+        metavar="BUNDLE",
+        help="bundles the reloads switch to, in order (started server only; default: reload in place)",
+    )
     p.add_argument("--max-rss-growth", type=float, help="fail when memory grows more than this fraction")
     p.add_argument("--json", help="write the report here (it is also printed)")
     args = p.parse_args(argv)

@@ -38,9 +38,13 @@ class PathGuardRuntime(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         images = NumpyCodec.decode_input(payload.inputs[0])
         result = self.screener.screen(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
-        outputs = [NumpyCodec.encode_output(name, value) for name, value in (
-            ("probabilities", result.probabilities.astype(np.float32)),
-            ("predicted_class", result.predictions.astype(np.int64)),
-            ("adversarial_score", result.scores.astype(np.float32)),
-            ("is_adversarial", result.flags.astype(np.bool_)))]
+        outputs = [
+            NumpyCodec.encode_output(name, value)
+            for name, value in (
+                ("probabilities", result.probabilities.astype(np.float32)),
+                ("predicted_class", result.predictions.astype(np.int64)),
+                ("adversarial_score", result.scores.astype(np.float32)),
+                ("is_adversarial", result.flags.astype(np.bool_)),
+            )
+        ]
         return InferenceResponse(model_name=self.name, outputs=outputs)

@@ -102,14 +102,24 @@ def children(pid: int) -> list[int]:
 class Contender:
     """A server subprocess pinned to ``cores``, ready when KServe ServerReady answers true."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, cores: str, log_path: Path,
-                 env: dict | None = None, cwd: Path = REPO, ready_servers: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        port: int,
+        cores: str,
+        log_path: Path,
+        env: dict | None = None,
+        cwd: Path = REPO,
+        ready_servers: int = 1,
+    ) -> None:
         self.name, self.port, self.target = name, port, f"127.0.0.1:{port}"
         self.metrics_url: str | None = None  # PathGuard's /metrics, when known
         self._log = open(log_path, "w")
         full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen(["taskset", "-c", cores, *cmd], env=full_env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=cwd)
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", cores, *cmd], env=full_env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd
+        )
         deadline = time.monotonic() + 300
         with grpc.insecure_channel(self.target) as channel:
             stub = kserve_grpc.GRPCInferenceServiceStub(channel)
@@ -145,16 +155,40 @@ class Contender:
         self._log.close()
 
 
-def drive(target: str, model: str, images_path: Path, callers: int, duration: float, pids: list[int],
-          cores: str | None, connections: int = 1) -> dict:
+def drive(
+    target: str,
+    model: str,
+    images_path: Path,
+    callers: int,
+    duration: float,
+    pids: list[int],
+    cores: str | None,
+    connections: int = 1,
+) -> dict:
     """``bench/kserve_driver.py`` in its own process (pinned to ``cores`` when given)."""
-    cmd = [sys.executable, str(REPO / "bench" / "kserve_driver.py"), "--target", target, "--model", model,
-           "--images", str(images_path), "--callers", str(callers), "--duration", str(duration),
-           "--connections", str(connections), "--pid", *map(str, pids)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "kserve_driver.py"),
+        "--target",
+        target,
+        "--model",
+        model,
+        "--images",
+        str(images_path),
+        "--callers",
+        str(callers),
+        "--duration",
+        str(duration),
+        "--connections",
+        str(connections),
+        "--pid",
+        *map(str, pids),
+    ]
     if cores is not None:
         cmd = ["taskset", "-c", cores, *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + 300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     if out.returncode != 0:
         raise RuntimeError(f"driver failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -174,7 +208,7 @@ def in_process(screener, images: torch.Tensor, batch: int, seconds: float) -> di
     start, cpu0 = time.perf_counter(), time.thread_time()
     while (elapsed := time.perf_counter() - start) < seconds:
         lo = (i * batch) % (len(images) - batch + 1)
-        screener.screen(images[lo:lo + batch])
+        screener.screen(images[lo : lo + batch])
         done, i = done + batch, i + 1
     cpu = time.thread_time() - cpu0
     return {"batch": batch, "images_per_s": done / elapsed, "cpu_us_per_image": 1e6 * cpu / done}
@@ -198,11 +232,27 @@ STAGE_RULES: list[tuple[str, callable]] = [
     ("metrics", lambda f: "prometheus_client/" in f or "service/metrics.py" in f),
     ("compute", lambda f: f.startswith(("Screener.screen ", "ModelRuntime.screen ")) or "/detector/" in f),
     ("validate", lambda f: "service/codec.py" in f or f.startswith("ScreeningService.check_model")),
-    ("decode", lambda f: f.startswith(("_parse ", "_parsed_stream ", "InferenceServicer._images ",
-                                       "PathGuardServicer._images ", "InferenceServicer._requested_outputs "))),
+    (
+        "decode",
+        lambda f: f.startswith(
+            (
+                "_parse ",
+                "_parsed_stream ",
+                "InferenceServicer._images ",
+                "PathGuardServicer._images ",
+                "InferenceServicer._requested_outputs ",
+            )
+        ),
+    ),
     ("encode", lambda f: f.startswith(("_image_results ", "_kserve_response ", "_serialize "))),
-    ("queue", lambda f: "service/batching.py" in f or "service/runtime.py" in f
-     or f.startswith(("ScreeningService.screen ", "ScreeningService.arriving "))),
+    (
+        "queue",
+        lambda f: (
+            "service/batching.py" in f
+            or "service/runtime.py" in f
+            or f.startswith(("ScreeningService.screen ", "ScreeningService.arriving "))
+        ),
+    ),
     ("handler", lambda f: "service/interceptors.py" in f or "service/servicers.py" in f),
 ]
 
@@ -228,9 +278,25 @@ def profile_stages(py_spy: str, target: str, pid: int, images_path: Path, cfg: C
     briefly for every sample, so that the stack and thread state it reads are consistent); the share of
     working samples per stage."""
     raw = out / "pathguard.pyspy.txt"
-    spy = subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(cfg.duration + 2)), "-r", "200",
-                            "--threads", "--format", "raw", "-o", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    spy = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(int(cfg.duration + 2)),
+            "-r",
+            "200",
+            "--threads",
+            "--format",
+            "raw",
+            "-o",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     drive(target, "pathguard", images_path, cfg.callers, cfg.duration, [pid], str(CLIENT_CORE))
     spy.wait(60)
     counts: collections.Counter[str] = collections.Counter()
@@ -250,12 +316,32 @@ def _median(values: list[float]) -> float:
 
 def start_contenders(cfg: CostConfig, out: Path) -> dict[str, Contender]:
     """Every server of the run, each pinned to its cores, all ready (stopped by the caller)."""
+
     def pathguard(key: str, threads: int, cores: str, *extra: str, workers: int = 1) -> Contender:
         port, metrics_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "pathguard", "serve", "--bundle", cfg.bundle, "--host", "127.0.0.1",
-               "--threads", str(threads), "--max-batch-size", str(cfg.max_batch_size), "--max-queue-delay-ms",
-               str(cfg.max_queue_delay_ms), "--engine", cfg.engine, "--port", str(port), "--metrics-port",
-               str(metrics_port), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pathguard",
+            "serve",
+            "--bundle",
+            cfg.bundle,
+            "--host",
+            "127.0.0.1",
+            "--threads",
+            str(threads),
+            "--max-batch-size",
+            str(cfg.max_batch_size),
+            "--max-queue-delay-ms",
+            str(cfg.max_queue_delay_ms),
+            "--engine",
+            cfg.engine,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            *extra,
+        ]
         contender = Contender(key, cmd, port, cores, out / f"{key}.log", ready_servers=workers)
         contender.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         return contender
@@ -265,8 +351,9 @@ def start_contenders(cfg: CostConfig, out: Path) -> dict[str, Contender]:
         contenders["pathguard"] = pathguard("pathguard", cfg.threads, str(SERVER_CORE))
         both = f"{SERVER_CORE},{CLIENT_CORE}"
         if cfg.workers:
-            contenders["pathguard_workers"] = pathguard("pathguard_workers", cfg.threads, both, "--workers",
-                                                        str(cfg.workers), workers=cfg.workers)
+            contenders["pathguard_workers"] = pathguard(
+                "pathguard_workers", cfg.threads, both, "--workers", str(cfg.workers), workers=cfg.workers
+            )
         if cfg.one_process_both_cores:
             contenders["pathguard_threads2"] = pathguard("pathguard_threads2", 2, both)
         if cfg.mlserver:
@@ -274,11 +361,29 @@ def start_contenders(cfg: CostConfig, out: Path) -> dict[str, Contender]:
         if cfg.kserve_python:
             port = free_port()
             contenders["kserve"] = Contender(
-                "kserve", [cfg.kserve_python, str(REPO / "bench" / "kserve_model.py"), "--bundle", cfg.bundle,
-                           "--grpc-port", str(port), "--http-port", str(free_port()), "--threads",
-                           str(cfg.threads), "--engine", cfg.engine, "--repo", str(REPO),
-                           "--extra-site", sysconfig.get_paths()["purelib"]],
-                port, str(SERVER_CORE), out / "kserve.log")
+                "kserve",
+                [
+                    cfg.kserve_python,
+                    str(REPO / "bench" / "kserve_model.py"),
+                    "--bundle",
+                    cfg.bundle,
+                    "--grpc-port",
+                    str(port),
+                    "--http-port",
+                    str(free_port()),
+                    "--threads",
+                    str(cfg.threads),
+                    "--engine",
+                    cfg.engine,
+                    "--repo",
+                    str(REPO),
+                    "--extra-site",
+                    sysconfig.get_paths()["purelib"],
+                ],
+                port,
+                str(SERVER_CORE),
+                out / "kserve.log",
+            )
     except BaseException:
         for c in contenders.values():
             c.stop()
@@ -289,29 +394,46 @@ def start_contenders(cfg: CostConfig, out: Path) -> dict[str, Contender]:
 class Round:
     """One round: every contender measured back to back."""
 
-    def __init__(self, cfg: CostConfig, contenders: dict[str, Contender], screener, images: np.ndarray,
-                 images_path: Path, model: str) -> None:
+    def __init__(
+        self,
+        cfg: CostConfig,
+        contenders: dict[str, Contender],
+        screener,
+        images: np.ndarray,
+        images_path: Path,
+        model: str,
+    ) -> None:
         self.cfg, self.contenders, self.screener = cfg, contenders, screener
         self.x, self.images_path, self.model = torch.from_numpy(images), images_path, model
-        self.requests = [kserve_request(images[i:i + 1], model=model) for i in range(64)]
+        self.requests = [kserve_request(images[i : i + 1], model=model) for i in range(64)]
         self.metrics_url = contenders["pathguard"].metrics_url
 
     def _drive(self, key: str, cores: str | None, connections: int = 1) -> dict:
         c = self.contenders[key]
-        return drive(c.target, self.model, self.images_path, self.cfg.callers, self.cfg.duration, c.server_pids(),
-                     cores, connections)
+        return drive(
+            c.target,
+            self.model,
+            self.images_path,
+            self.cfg.callers,
+            self.cfg.duration,
+            c.server_pids(),
+            cores,
+            connections,
+        )
 
     def run(self) -> dict:
         cfg, x, rnd = self.cfg, self.x, {}
         os.sched_setaffinity(0, {SERVER_CORE})
-        rnd["in_process_single_ms"] = 1000 * _median(single_latencies(
-            lambda i: self.screener.screen(x[i % 64:i % 64 + 1]), cfg.single_calls))
+        rnd["in_process_single_ms"] = 1000 * _median(
+            single_latencies(lambda i: self.screener.screen(x[i % 64 : i % 64 + 1]), cfg.single_calls)
+        )
         rnd["in_process_32"] = in_process(self.screener, x, 32, cfg.duration)
         os.sched_setaffinity(0, {CLIENT_CORE})
         with grpc.insecure_channel(self.contenders["pathguard"].target) as channel:
             stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-            rnd["pathguard_single_ms"] = 1000 * _median(single_latencies(
-                lambda i: stub.ModelInfer(self.requests[i % 64], timeout=30), cfg.single_calls))
+            rnd["pathguard_single_ms"] = 1000 * _median(
+                single_latencies(lambda i: stub.ModelInfer(self.requests[i % 64], timeout=30), cfg.single_calls)
+            )
         before = batch_totals(self.metrics_url)
         rnd["pathguard"] = self._drive("pathguard", str(CLIENT_CORE))
         after = batch_totals(self.metrics_url)
@@ -348,8 +470,11 @@ def run(cfg: CostConfig, out: Path) -> dict:
         for r in range(cfg.rounds):
             log.info("round %d/%d", r + 1, cfg.rounds)
             rounds.append(one_round.run())
-            log.info("round %d: %s", r + 1, json.dumps({k: v.get("images_per_s") if isinstance(v, dict) else v
-                                                        for k, v in rounds[-1].items()}))
+            log.info(
+                "round %d: %s",
+                r + 1,
+                json.dumps({k: v.get("images_per_s") if isinstance(v, dict) else v for k, v in rounds[-1].items()}),
+            )
         stages = None
         if cfg.py_spy:
             pg = contenders["pathguard"]
@@ -363,19 +488,40 @@ def run(cfg: CostConfig, out: Path) -> dict:
 def _start_mlserver(cfg: CostConfig, out: Path) -> Contender:
     """MLServer with adaptive batching on, the same screener, inference in the server process, on core 0."""
     model_dir = Path(tempfile.mkdtemp(prefix="pathguard-mlserver-"))
-    (model_dir / "model-settings.json").write_text(json.dumps({
-        "name": "pathguard", "implementation": "mlserver_model.PathGuardRuntime",
-        "max_batch_size": cfg.max_batch_size, "max_batch_time": cfg.max_queue_delay_ms / 1000.0,
-        "parameters": {"uri": str(Path(cfg.bundle).resolve())}}))
+    (model_dir / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": "pathguard",
+                "implementation": "mlserver_model.PathGuardRuntime",
+                "max_batch_size": cfg.max_batch_size,
+                "max_batch_time": cfg.max_queue_delay_ms / 1000.0,
+                "parameters": {"uri": str(Path(cfg.bundle).resolve())},
+            }
+        )
+    )
     port = free_port()
-    env = {"MLSERVER_GRPC_PORT": str(port), "MLSERVER_HTTP_PORT": str(free_port()),
-           "MLSERVER_METRICS_PORT": str(free_port()), "MLSERVER_PARALLEL_WORKERS": "0", "MLSERVER_DEBUG": "false",
-           "MLSERVER_METRICS_DIR": str(model_dir / ".metrics"),
-           "PYTHONPATH": str(REPO / "bench"), "PATHGUARD_REPO": str(REPO),
-           "PATHGUARD_EXTRA_SITE": sysconfig.get_paths()["purelib"], "PATHGUARD_THREADS": str(cfg.threads),
-           "PATHGUARD_ENGINE": cfg.engine}
-    return Contender("mlserver", [cfg.mlserver, "start", str(model_dir)], port, str(SERVER_CORE),
-                     out / "mlserver.log", env=env, cwd=model_dir)
+    env = {
+        "MLSERVER_GRPC_PORT": str(port),
+        "MLSERVER_HTTP_PORT": str(free_port()),
+        "MLSERVER_METRICS_PORT": str(free_port()),
+        "MLSERVER_PARALLEL_WORKERS": "0",
+        "MLSERVER_DEBUG": "false",
+        "MLSERVER_METRICS_DIR": str(model_dir / ".metrics"),
+        "PYTHONPATH": str(REPO / "bench"),
+        "PATHGUARD_REPO": str(REPO),
+        "PATHGUARD_EXTRA_SITE": sysconfig.get_paths()["purelib"],
+        "PATHGUARD_THREADS": str(cfg.threads),
+        "PATHGUARD_ENGINE": cfg.engine,
+    }
+    return Contender(
+        "mlserver",
+        [cfg.mlserver, "start", str(model_dir)],
+        port,
+        str(SERVER_CORE),
+        out / "mlserver.log",
+        env=env,
+        cwd=model_dir,
+    )
 
 
 def _per_cpu_second(load: dict) -> float:
@@ -390,107 +536,139 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
         values = [f(r) for r in rounds]
         return {"median": _median(values), "min": float(min(values)), "max": float(max(values))}
 
-    servers = [k for k in ("pathguard", "mlserver", "kserve", "pathguard_conns", "pathguard_workers",
-                           "pathguard_threads2") if k in rounds[0]]
-    load = {k: {"images_per_s": med(lambda r, k=k: r[k]["images_per_s"]),
-                "p50_ms": med(lambda r, k=k: r[k]["p50_ms"]), "p99_ms": med(lambda r, k=k: r[k]["p99_ms"]),
-                "server_cpu_us_per_call": med(lambda r, k=k: r[k]["server_cpu_us_per_call"]),
-                "errors": sum(sum(r[k]["errors"].values()) for r in rounds)} for k in servers}
+    servers = [
+        k
+        for k in ("pathguard", "mlserver", "kserve", "pathguard_conns", "pathguard_workers", "pathguard_threads2")
+        if k in rounds[0]
+    ]
+    load = {
+        k: {
+            "images_per_s": med(lambda r, k=k: r[k]["images_per_s"]),
+            "p50_ms": med(lambda r, k=k: r[k]["p50_ms"]),
+            "p99_ms": med(lambda r, k=k: r[k]["p99_ms"]),
+            "server_cpu_us_per_call": med(lambda r, k=k: r[k]["server_cpu_us_per_call"]),
+            "errors": sum(sum(r[k]["errors"].values()) for r in rounds),
+        }
+        for k in servers
+    }
     load["pathguard"]["mean_batch"] = med(lambda r: r["pathguard"]["mean_batch"])
     model_us = med(lambda r: r["in_process_mean_batch"]["cpu_us_per_image"])
     cpu_call = load["pathguard"]["server_cpu_us_per_call"]
     result = {
         "config": asdict(cfg),
-        "bundle": {"path": cfg.bundle, "name": bundle.meta["name"], "arch": bundle.meta["arch"],
-                   "engine": cfg.engine},
+        "bundle": {"path": cfg.bundle, "name": bundle.meta["name"], "arch": bundle.meta["arch"], "engine": cfg.engine},
         "images": "Fashion-MNIST test images 0-511 (real images, cycled)",
-        "cores": {"server": SERVER_CORE, "client": CLIENT_CORE,
-                  "workers": "the 2-worker server and its client share both cores (no third core)"},
+        "cores": {
+            "server": SERVER_CORE,
+            "client": CLIENT_CORE,
+            "workers": "the 2-worker server and its client share both cores (no third core)",
+        },
         "machine": {"cpus": os.cpu_count(), "load_average_start": load_before, "load_average_end": os.getloadavg()},
-        "in_process": {"single_ms": med(lambda r: r["in_process_single_ms"]),
-                       "batch_32_images_per_s": med(lambda r: r["in_process_32"]["images_per_s"]),
-                       "mean_batch": med(lambda r: r["in_process_mean_batch"]["batch"]),
-                       "mean_batch_images_per_s": med(lambda r: r["in_process_mean_batch"]["images_per_s"]),
-                       "model_cpu_us_per_image_at_mean_batch": model_us},
+        "in_process": {
+            "single_ms": med(lambda r: r["in_process_single_ms"]),
+            "batch_32_images_per_s": med(lambda r: r["in_process_32"]["images_per_s"]),
+            "mean_batch": med(lambda r: r["in_process_mean_batch"]["batch"]),
+            "mean_batch_images_per_s": med(lambda r: r["in_process_mean_batch"]["images_per_s"]),
+            "model_cpu_us_per_image_at_mean_batch": model_us,
+        },
         "single": {"pathguard_ms": med(lambda r: r["pathguard_single_ms"])},
         "load": load,
-        "per_call": {"server_cpu_us": cpu_call, "model_cpu_us": model_us,
-                     "beyond_model_cpu_us": cpu_call - model_us},
+        "per_call": {"server_cpu_us": cpu_call, "model_cpu_us": model_us, "beyond_model_cpu_us": cpu_call - model_us},
         "ratios": {
             "throughput_vs_in_process_batch_32": spread(
-                lambda r: r["pathguard"]["images_per_s"] / r["in_process_32"]["images_per_s"]),
+                lambda r: r["pathguard"]["images_per_s"] / r["in_process_32"]["images_per_s"]
+            ),
             "throughput_vs_in_process_mean_batch": spread(
-                lambda r: r["pathguard"]["images_per_s"] / r["in_process_mean_batch"]["images_per_s"]),
+                lambda r: r["pathguard"]["images_per_s"] / r["in_process_mean_batch"]["images_per_s"]
+            ),
             "single_latency_vs_in_process": spread(lambda r: r["pathguard_single_ms"] / r["in_process_single_ms"]),
             # Images per CPU-second of the server's process vs of in-process screening: what the server would do
             # with its core to itself (other programs on a shared machine take wall-clock time, not CPU time).
             "cpu_normalized_vs_in_process_batch_32": spread(
-                lambda r: _per_cpu_second(r["pathguard"]) * r["in_process_32"]["cpu_us_per_image"] / 1e6),
+                lambda r: _per_cpu_second(r["pathguard"]) * r["in_process_32"]["cpu_us_per_image"] / 1e6
+            ),
         },
         "rounds": rounds,
     }
     if "pathguard_workers" in load:
         result["ratios"]["workers_vs_one_worker"] = spread(
-            lambda r: r["pathguard_workers"]["images_per_s"] / r["pathguard_conns"]["images_per_s"])
+            lambda r: r["pathguard_workers"]["images_per_s"] / r["pathguard_conns"]["images_per_s"]
+        )
     if "pathguard_threads2" in load:
         result["ratios"]["threads2_vs_one_worker"] = spread(
-            lambda r: r["pathguard_threads2"]["images_per_s"] / r["pathguard_conns"]["images_per_s"])
+            lambda r: r["pathguard_threads2"]["images_per_s"] / r["pathguard_conns"]["images_per_s"]
+        )
     if "mlserver" in load:
         result["ratios"]["throughput_vs_mlserver"] = spread(
-            lambda r: r["pathguard"]["images_per_s"] / r["mlserver"]["images_per_s"])
+            lambda r: r["pathguard"]["images_per_s"] / r["mlserver"]["images_per_s"]
+        )
         result["ratios"]["cpu_normalized_vs_mlserver"] = spread(
-            lambda r: _per_cpu_second(r["pathguard"]) / _per_cpu_second(r["mlserver"]))
+            lambda r: _per_cpu_second(r["pathguard"]) / _per_cpu_second(r["mlserver"])
+        )
     if "kserve" in load:
         result["ratios"]["throughput_vs_kserve"] = spread(
-            lambda r: r["pathguard"]["images_per_s"] / r["kserve"]["images_per_s"])
+            lambda r: r["pathguard"]["images_per_s"] / r["kserve"]["images_per_s"]
+        )
     if stages:
         result["stages"] = {**stages, "cpu_us_per_call": {k: v * cpu_call for k, v in stages["share"].items()}}
     return result
 
 
-LABELS = {"pathguard": "PathGuard, 1 worker, core 0 (dynamic batching)",
-          "pathguard_conns": "PathGuard, 1 worker, core 0, one connection per caller",
-          "pathguard_workers": "PathGuard, 2 workers x 1 thread, cores 0+1 shared with the client, one connection "
-                               "per caller",
-          "pathguard_threads2": "PathGuard, 1 worker x 2 threads, cores 0+1 shared with the client, one connection "
-                                "per caller",
-          "mlserver": "Seldon MLServer, core 0 (adaptive batching)",
-          "kserve": "KServe Python server, core 0 (no batching)"}
+LABELS = {
+    "pathguard": "PathGuard, 1 worker, core 0 (dynamic batching)",
+    "pathguard_conns": "PathGuard, 1 worker, core 0, one connection per caller",
+    "pathguard_workers": "PathGuard, 2 workers x 1 thread, cores 0+1 shared with the client, one connection per caller",
+    "pathguard_threads2": "PathGuard, 1 worker x 2 threads, cores 0+1 shared with the client, one connection "
+    "per caller",
+    "mlserver": "Seldon MLServer, core 0 (adaptive batching)",
+    "kserve": "KServe Python server, core 0 (no batching)",
+}
 
 
 def report(r: dict) -> str:
     c, ip, ratios = r["config"], r["in_process"], r["ratios"]
-    lines = [f"bundle {r['bundle']['path']} ({r['bundle']['arch']}), engine {r['bundle']['engine']}, "
-             f"{c['threads']} torch thread(s) per process; {r['images']}; {c['rounds']} rounds of {c['duration']} s; "
-             f"client: tritonclient.grpc.aio, {c['callers']} callers on one connection (unless said), 1 image "
-             f"per call, pinned to core "
-             f"{r['cores']['client']}; load average {r['machine']['load_average_start'][0]:.1f} -> "
-             f"{r['machine']['load_average_end'][0]:.1f}", "",
-             "| contender | images/s | p50 ms | p99 ms | server CPU µs/call |", "|---|---|---|---|---|",
-             f"| in process, batches of 32, core 0 | {ip['batch_32_images_per_s']:.0f} | | | |",
-             f"| in process, batches of {ip['mean_batch']:.0f} (PathGuard's mean batch), core 0 | "
-             f"{ip['mean_batch_images_per_s']:.0f} | | | {ip['model_cpu_us_per_image_at_mean_batch']:.0f} (model) |"]
+    lines = [
+        f"bundle {r['bundle']['path']} ({r['bundle']['arch']}), engine {r['bundle']['engine']}, "
+        f"{c['threads']} torch thread(s) per process; {r['images']}; {c['rounds']} rounds of {c['duration']} s; "
+        f"client: tritonclient.grpc.aio, {c['callers']} callers on one connection (unless said), 1 image "
+        f"per call, pinned to core "
+        f"{r['cores']['client']}; load average {r['machine']['load_average_start'][0]:.1f} -> "
+        f"{r['machine']['load_average_end'][0]:.1f}",
+        "",
+        "| contender | images/s | p50 ms | p99 ms | server CPU µs/call |",
+        "|---|---|---|---|---|",
+        f"| in process, batches of 32, core 0 | {ip['batch_32_images_per_s']:.0f} | | | |",
+        f"| in process, batches of {ip['mean_batch']:.0f} (PathGuard's mean batch), core 0 | "
+        f"{ip['mean_batch_images_per_s']:.0f} | | | {ip['model_cpu_us_per_image_at_mean_batch']:.0f} (model) |",
+    ]
     for k, v in r["load"].items():
-        lines.append(f"| {LABELS[k]} | {v['images_per_s']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
-                     f"{v['server_cpu_us_per_call']:.0f} |")
+        lines.append(
+            f"| {LABELS[k]} | {v['images_per_s']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
+            f"{v['server_cpu_us_per_call']:.0f} |"
+        )
 
     def fmt(x: dict, pct: bool = False) -> str:
         if pct:
             return f"{100 * x['median']:.0f}% (rounds {100 * x['min']:.0f}-{100 * x['max']:.0f}%)"
         return f"{x['median']:.2f}x (rounds {x['min']:.2f}-{x['max']:.2f})"
 
-    lines += ["", f"one image, sequential: in process {ip['single_ms']:.2f} ms, PathGuard over loopback "
-                  f"{r['single']['pathguard_ms']:.2f} ms = {fmt(ratios['single_latency_vs_in_process'])}",
-              f"32 callers / in-process batch 32: {fmt(ratios['throughput_vs_in_process_batch_32'], True)} "
-              f"(per CPU-second: {fmt(ratios['cpu_normalized_vs_in_process_batch_32'], True)}); "
-              f"/ in-process batch {ip['mean_batch']:.0f}: {fmt(ratios['throughput_vs_in_process_mean_batch'], True)}",
-              f"server CPU per one-image call {r['per_call']['server_cpu_us']:.0f} µs = model "
-              f"{r['per_call']['model_cpu_us']:.0f} µs + {r['per_call']['beyond_model_cpu_us']:.0f} µs beyond it"]
-    for key, label in (("workers_vs_one_worker", "2 workers / 1 worker on 1 core (one connection per caller)"),
-                       ("threads2_vs_one_worker", "1 worker x 2 threads / 1 worker on 1 core"),
-                       ("throughput_vs_mlserver", "/ MLServer"),
-                       ("cpu_normalized_vs_mlserver", "/ MLServer, images per server CPU-second"),
-                       ("throughput_vs_kserve", "/ KServe")):
+    lines += [
+        "",
+        f"one image, sequential: in process {ip['single_ms']:.2f} ms, PathGuard over loopback "
+        f"{r['single']['pathguard_ms']:.2f} ms = {fmt(ratios['single_latency_vs_in_process'])}",
+        f"32 callers / in-process batch 32: {fmt(ratios['throughput_vs_in_process_batch_32'], True)} "
+        f"(per CPU-second: {fmt(ratios['cpu_normalized_vs_in_process_batch_32'], True)}); "
+        f"/ in-process batch {ip['mean_batch']:.0f}: {fmt(ratios['throughput_vs_in_process_mean_batch'], True)}",
+        f"server CPU per one-image call {r['per_call']['server_cpu_us']:.0f} µs = model "
+        f"{r['per_call']['model_cpu_us']:.0f} µs + {r['per_call']['beyond_model_cpu_us']:.0f} µs beyond it",
+    ]
+    for key, label in (
+        ("workers_vs_one_worker", "2 workers / 1 worker on 1 core (one connection per caller)"),
+        ("threads2_vs_one_worker", "1 worker x 2 threads / 1 worker on 1 core"),
+        ("throughput_vs_mlserver", "/ MLServer"),
+        ("cpu_normalized_vs_mlserver", "/ MLServer, images per server CPU-second"),
+        ("throughput_vs_kserve", "/ KServe"),
+    ):
         if key in ratios:
             lines.append(f"PathGuard {label}: {fmt(ratios[key])}")
     if "stages" in r:
@@ -502,8 +680,16 @@ def report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=str(REPO / "models" / "default"))
-    for f in ("threads", "callers", "duration", "rounds", "single_calls", "max_batch_size", "max_queue_delay_ms",
-              "workers"):
+    for f in (
+        "threads",
+        "callers",
+        "duration",
+        "rounds",
+        "single_calls",
+        "max_batch_size",
+        "max_queue_delay_ms",
+        "workers",
+    ):
         default = getattr(CostConfig, f)
         parser.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--engine", choices=("skipping", "masked"), default=CostConfig.engine)

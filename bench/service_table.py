@@ -54,24 +54,32 @@ def cost_rows(r: dict) -> list[str]:
         rows.append(f"| the same by stage (py-spy samples, µs per call) | {stages} |")
     if "pathguard_workers" in load:
         w, one = load["pathguard_workers"], load["pathguard_conns"]
-        rows.append(f"| `--workers 2` on both cores (the client shares them), one connection per caller | "
-                    f"{w['images_per_s']:.0f} images/s, p99 {w['p99_ms']:.0f} ms: "
-                    f"{_x(ratios['workers_vs_one_worker'])} one worker on one core ({one['images_per_s']:.0f}/s, "
-                    f"client on the other core, same connections) |")
+        rows.append(
+            f"| `--workers 2` on both cores (the client shares them), one connection per caller | "
+            f"{w['images_per_s']:.0f} images/s, p99 {w['p99_ms']:.0f} ms: "
+            f"{_x(ratios['workers_vs_one_worker'])} one worker on one core ({one['images_per_s']:.0f}/s, "
+            f"client on the other core, same connections) |"
+        )
     if "pathguard_threads2" in load:
         t = load["pathguard_threads2"]
-        rows.append(f"| one worker with 2 torch threads on both cores, same client | {t['images_per_s']:.0f} "
-                    f"images/s, p99 {t['p99_ms']:.0f} ms: {_x(ratios['threads2_vs_one_worker'])} one worker on one "
-                    f"core |")
+        rows.append(
+            f"| one worker with 2 torch threads on both cores, same client | {t['images_per_s']:.0f} "
+            f"images/s, p99 {t['p99_ms']:.0f} ms: {_x(ratios['threads2_vs_one_worker'])} one worker on one "
+            f"core |"
+        )
     if "mlserver" in load:
         m = load["mlserver"]
-        rows.append(f"| Seldon MLServer, adaptive batching, same screener, core 0 | {m['images_per_s']:.0f} "
-                    f"images/s, p99 {m['p99_ms']:.0f} ms; PathGuard {_x(ratios['throughput_vs_mlserver'])} "
-                    f"(per server CPU-second {_x(ratios['cpu_normalized_vs_mlserver'])}) |")
+        rows.append(
+            f"| Seldon MLServer, adaptive batching, same screener, core 0 | {m['images_per_s']:.0f} "
+            f"images/s, p99 {m['p99_ms']:.0f} ms; PathGuard {_x(ratios['throughput_vs_mlserver'])} "
+            f"(per server CPU-second {_x(ratios['cpu_normalized_vs_mlserver'])}) |"
+        )
     if "kserve" in load:
         k = load["kserve"]
-        rows.append(f"| KServe Python server (**no batching**), same screener, core 0 | {k['images_per_s']:.0f} "
-                    f"images/s, p99 {k['p99_ms']:.0f} ms; PathGuard {_x(ratios['throughput_vs_kserve'])} |")
+        rows.append(
+            f"| KServe Python server (**no batching**), same screener, core 0 | {k['images_per_s']:.0f} "
+            f"images/s, p99 {k['p99_ms']:.0f} ms; PathGuard {_x(ratios['throughput_vs_kserve'])} |"
+        )
     rows.append(f"| (engine, threads) | {engine} engine, {c['threads']} torch thread per process everywhere |")
     return rows
 
@@ -81,28 +89,38 @@ def load_rows() -> list[str]:
     rows = []
     if (d := _load("load.json")) is not None:
         lat, rss = d["latency_ok_ms"], d["rss"]
-        rows.append(f"| {d['config']['callers']} callers for {d['config']['duration']:.0f} s, "
-                    f"{100 * d['config']['invalid_fraction']:.0f}% deliberately invalid | {d['calls']:,} calls, "
-                    f"{d['throughput_ok_per_s']:.0f}/s, p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms; "
-                    f"{d['errors']['count']} errors, {d['accounting']['lost']} lost, resident memory "
-                    f"{rss['start_mb']:.0f} -> {rss['end_mb']:.0f} MB |")
+        rows.append(
+            f"| {d['config']['callers']} callers for {d['config']['duration']:.0f} s, "
+            f"{100 * d['config']['invalid_fraction']:.0f}% deliberately invalid | {d['calls']:,} calls, "
+            f"{d['throughput_ok_per_s']:.0f}/s, p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms; "
+            f"{d['errors']['count']} errors, {d['accounting']['lost']} lost, resident memory "
+            f"{rss['start_mb']:.0f} -> {rss['end_mb']:.0f} MB |"
+        )
     if (d := _load("load_8_images_per_call.json")) is not None:
-        rows.append(f"| {d['config']['callers']} callers, {d['config']['images_per_request']} images per call | "
-                    f"{d['images_ok_per_s']:.0f} images/s, p99 {d['latency_ok_ms']['p99']:.0f} ms |")
+        rows.append(
+            f"| {d['config']['callers']} callers, {d['config']['images_per_request']} images per call | "
+            f"{d['images_ok_per_s']:.0f} images/s, p99 {d['latency_ok_ms']['p99']:.0f} ms |"
+        )
     if (d := _load("load_sigterm.json")) is not None:
         drain = d["server"]["drain"]
-        rows.append(f"| SIGTERM {d['config']['sigterm_at']:.0f} s into that load | exit {d['server']['exit_code']}, "
-                    f"{d['accounting']['lost']} accepted calls lost ({drain['finished_during_drain']} finished "
-                    f"while draining, {drain['cut_off']} cut off) |")
+        rows.append(
+            f"| SIGTERM {d['config']['sigterm_at']:.0f} s into that load | exit {d['server']['exit_code']}, "
+            f"{d['accounting']['lost']} accepted calls lost ({drain['finished_during_drain']} finished "
+            f"while draining, {drain['cut_off']} cut off) |"
+        )
     if (d := _load("load_reload.json")) is not None:
         reloads = [e for e in d["events"] if e["event"] == "reload"]
         swaps = ", ".join(f"{e['seconds']:.2f}" for e in reloads)
-        rows.append(f"| {len(reloads)} bundle reloads (SIGHUP) during load | {d['errors']['count']} failed calls, "
-                    f"swaps of {swaps} s |")
+        rows.append(
+            f"| {len(reloads)} bundle reloads (SIGHUP) during load | {d['errors']['count']} failed calls, "
+            f"swaps of {swaps} s |"
+        )
     if (d := _load("fuzz.json")) is not None:
         codes = ", ".join(sorted({key.rsplit(":", 1)[-1] for key in d["codes"]}))
-        rows.append(f"| {d['cases']:,} fuzzed requests (hypothesis) | only {codes}; "
-                    f"{d['violation_count']} violations, alive at the end: {d['alive_at_end']} |")
+        rows.append(
+            f"| {d['cases']:,} fuzzed requests (hypothesis) | only {codes}; "
+            f"{d['violation_count']} violations, alive at the end: {d['alive_at_end']} |"
+        )
     return rows
 
 

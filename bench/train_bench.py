@@ -57,22 +57,38 @@ def time_pass(cfg: TrainConfig, data, device: torch.device, distill: bool = Fals
     model.to(device)
     teacher = None
     if distill:
-        teacher = T.build_for(TrainConfig.from_dict({**cfg.to_dict(), "gated": False, "init_from": None,
-                                                     "distill": 0.0}), data)[0].to(device).eval()
+        teacher = (
+            T.build_for(
+                TrainConfig.from_dict({**cfg.to_dict(), "gated": False, "init_from": None, "distill": 0.0}), data
+            )[0]
+            .to(device)
+            .eval()
+        )
     steps = (len(data) + cfg.batch_size - 1) // cfg.batch_size
     opt = T._optimizer(model, cfg)
     sched = T._scheduler(opt, cfg, max(steps * cfg.epochs, steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     w0, c0 = time.perf_counter(), time.process_time()
-    _, means = T.train_epoch(model, data, cfg, opt=opt, sched=sched, gen=gen, step=0, total_steps=steps * cfg.epochs,
-                             device=device, teacher=teacher)
+    _, means = T.train_epoch(
+        model,
+        data,
+        cfg,
+        opt=opt,
+        sched=sched,
+        gen=gen,
+        step=0,
+        total_steps=steps * cfg.epochs,
+        device=device,
+        teacher=teacher,
+    )
     return time.perf_counter() - w0, time.process_time() - c0, means
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -83,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epoch-images", type=int, default=55000, help="images of a full epoch, for extrapolation")
-    ap.add_argument("--distill", action="store_true",
-                    help="also time the decouple step (gated + dense teacher forward + KD), as 'decouple'")
+    ap.add_argument(
+        "--distill",
+        action="store_true",
+        help="also time the decouple step (gated + dense teacher forward + KD), as 'decouple'",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field")
     ap.add_argument("--out", help="JSON file to write (printed either way)")
     args = ap.parse_args(argv)
@@ -99,11 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     full = load_dataset(base.dataset, "train", base.data_root)
     data = full.subset(torch.arange(min(args.images, len(full))), ":bench")
-    configs = {"dense": TrainConfig.from_dict({**base.to_dict(), "gated": False, "init_from": None, "distill": 0.0}),
-               "gated": TrainConfig.from_dict({**base.to_dict(), "gated": True})}
+    configs = {
+        "dense": TrainConfig.from_dict({**base.to_dict(), "gated": False, "init_from": None, "distill": 0.0}),
+        "gated": TrainConfig.from_dict({**base.to_dict(), "gated": True}),
+    }
     if args.distill:
-        configs["decouple"] = TrainConfig.from_dict({**base.to_dict(), "gated": True, "distill": base.distill or 0.5,
-                                                     "init_from": base.init_from or "(bench: random dense teacher)"})
+        configs["decouple"] = TrainConfig.from_dict(
+            {
+                **base.to_dict(),
+                "gated": True,
+                "distill": base.distill or 0.5,
+                "init_from": base.init_from or "(bench: random dense teacher)",
+            }
+        )
     runs: dict[str, list[tuple[float, float]]] = {n: [] for n in configs}
     terms = {}
     for r in range(args.repeats):
@@ -115,21 +142,30 @@ def main(argv: list[str] | None = None) -> int:
     per_image = {n: statistics.median(w for w, _ in v) / len(data) for n, v in runs.items()}
     result = {
         "what": "one training pass (trainer step incl. augmentation, forward_path, objective, backward, AdamW)",
-        "images": len(data), "batch_size": base.batch_size, "threads": args.threads, "repeats": args.repeats,
+        "images": len(data),
+        "batch_size": base.batch_size,
+        "threads": args.threads,
+        "repeats": args.repeats,
         "gated_config_overrides": overrides,
         "seconds": {n: [[round(w, 3), round(c, 3)] for w, c in v] for n, v in runs.items()},
         "ratio_wall": round(statistics.median(g[0] / d[0] for g, d in zip(runs["gated"], runs["dense"])), 3),
         "ratio_cpu": round(statistics.median(g[1] / d[1] for g, d in zip(runs["gated"], runs["dense"])), 3),
         "ratio_cpu_min": round(min(c for _, c in runs["gated"]) / min(c for _, c in runs["dense"]), 3),
-        **({"decouple_ratio_cpu_min": round(min(c for _, c in runs["decouple"]) / min(c for _, c in runs["dense"]), 3)}
-           if "decouple" in runs else {}),
-        "epoch_cpu_seconds_estimate": {n: round(min(c for _, c in v) / len(data) * args.epoch_images, 1)
-                                       for n, v in runs.items()},
+        **(
+            {"decouple_ratio_cpu_min": round(min(c for _, c in runs["decouple"]) / min(c for _, c in runs["dense"]), 3)}
+            if "decouple" in runs
+            else {}
+        ),
+        "epoch_cpu_seconds_estimate": {
+            n: round(min(c for _, c in v) / len(data) * args.epoch_images, 1) for n, v in runs.items()
+        },
         "epoch_seconds_estimate": {n: round(v * args.epoch_images, 1) for n, v in per_image.items()},
         "epoch_images": args.epoch_images,
         "final_terms": {n: {k: round(v, 4) for k, v in t.items()} for n, t in terms.items()},
-        "load_average": [round(x, 2) for x in os.getloadavg()], "commit": git_commit(),
-        "torch": torch.__version__, "machine": platform.machine(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
     }
     text = json.dumps(result, indent=2)
     print(text)

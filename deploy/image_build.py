@@ -48,6 +48,7 @@ def podman(*args: str, **kw) -> subprocess.CompletedProcess:
 
 # ---- 1. host set-up ---------------------------------------------------------------------------------------------
 
+
 def ensure_tools() -> None:
     missing = [t for t in ("podman", "runc", "mmdebstrap") if shutil.which(t) is None]
     if missing:
@@ -63,8 +64,9 @@ def ensure_containers_conf(path: Path = CONTAINERS_CONF) -> None:
     if re.search(r"^\s*default_ulimits\s*=", text, re.M):
         return
     if re.search(r"^\[containers\]", text, re.M):
-        text = re.sub(r"^\[containers\][^\n]*\n", lambda m: m.group(0) + "default_ulimits = []\n", text, count=1,
-                      flags=re.M)
+        text = re.sub(
+            r"^\[containers\][^\n]*\n", lambda m: m.group(0) + "default_ulimits = []\n", text, count=1, flags=re.M
+        )
     else:
         text += ("\n" if text and not text.endswith("\n") else "") + "[containers]\ndefault_ulimits = []\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +83,19 @@ def ensure_base_image() -> tuple[str, bool]:
     log(f"building {BASE_IMAGE} with mmdebstrap (minbase bookworm + python3)")
     WORK.mkdir(parents=True, exist_ok=True)
     tar = WORK / "base.tar"
-    run(["nice", "-n", "10", "mmdebstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-         "bookworm", str(tar)], timeout=1800)
+    run(
+        [
+            "nice",
+            "-n",
+            "10",
+            "mmdebstrap",
+            "--variant=minbase",
+            "--include=python3,python3-venv,ca-certificates",
+            "bookworm",
+            str(tar),
+        ],
+        timeout=1800,
+    )
     podman("import", str(tar), BASE_IMAGE, timeout=600)
     tar.unlink()
     return BASE_IMAGE, True
@@ -137,13 +150,26 @@ class Mirror:
 
     def __enter__(self) -> Mirror:
         if self.links.exists() and any(self.links.iterdir()):
-            self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
-                                          "--directory", str(self.links)], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "http.server",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--directory",
+                    str(self.links),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "the local pip mirror")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the local pip mirror could not listen on 127.0.0.1:{self.port} "
-                                   "(in use? set PATHGUARD_MIRROR_PORT)")
+                raise RuntimeError(
+                    f"the local pip mirror could not listen on 127.0.0.1:{self.port} "
+                    "(in use? set PATHGUARD_MIRROR_PORT)"
+                )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -191,8 +217,12 @@ def torch_build_args(conf: dict[str, list[str]], python_tag: str) -> tuple[dict[
     pytorch = reachable(PYTORCH_CPU_INDEX + "/torch/")
     args: dict[str, str] = {}
     why: dict[str, str] = {}
-    wheels = sorted(w for d in conf.get("find-links", []) if Path(d.removeprefix("file://")).is_dir()
-                    for w in Path(d.removeprefix("file://")).glob(f"torch-*+cpu-{python_tag}-*.whl"))
+    wheels = sorted(
+        w
+        for d in conf.get("find-links", [])
+        if Path(d.removeprefix("file://")).is_dir()
+        for w in Path(d.removeprefix("file://")).glob(f"torch-*+cpu-{python_tag}-*.whl")
+    )
     if "TORCH_SPEC" in env:
         args["TORCH_SPEC"], why["server"] = env["TORCH_SPEC"], "TORCH_SPEC from the environment"
     elif wheels:
@@ -208,8 +238,11 @@ def torch_build_args(conf: dict[str, list[str]], python_tag: str) -> tuple[dict[
         args["EVAL_TORCH_SPEC"] = env["EVAL_TORCH_SPEC"]
     if not pytorch:
         args["EVAL_TORCH_PIP_ARGS"] = ""
-    why["eval"] = ("PyTorch's CPU index" if pytorch else "PyPI / local mirror (PyTorch's CPU index unreachable): "
-                   "CUDA build of the Makefile's pin")
+    why["eval"] = (
+        "PyTorch's CPU index"
+        if pytorch
+        else "PyPI / local mirror (PyTorch's CPU index unreachable): CUDA build of the Makefile's pin"
+    )
     for key in ("TORCH_PIP_ARGS", "EVAL_TORCH_PIP_ARGS"):
         if key in env:
             args[key] = env[key]
@@ -218,12 +251,29 @@ def torch_build_args(conf: dict[str, list[str]], python_tag: str) -> tuple[dict[
 
 # ---- 2. build -----------------------------------------------------------------------------------------------------
 
+
 def build(target: str, base: str, build_args: dict[str, str], mounts: list[str], tag: str | None = None) -> dict:
     tag = tag or TAGS[target]
     WORK.mkdir(parents=True, exist_ok=True)
     logfile = WORK / f"build-{tag.rsplit(':', 1)[-1]}-{target}.log"
-    cmd = ["nice", "-n", "10", *PODMAN, "build", "--network", "host", *mounts, "-f", DOCKERFILE, "--target", target,
-           "-t", tag, "--build-arg", f"PYTHON_IMAGE={base}"]
+    cmd = [
+        "nice",
+        "-n",
+        "10",
+        *PODMAN,
+        "build",
+        "--network",
+        "host",
+        *mounts,
+        "-f",
+        DOCKERFILE,
+        "--target",
+        target,
+        "-t",
+        tag,
+        "--build-arg",
+        f"PYTHON_IMAGE={base}",
+    ]
     for key, value in build_args.items():
         cmd += ["--build-arg", f"{key}={value}"]
     log(f"building target {target} -> {tag} (log: {logfile})")
@@ -232,25 +282,46 @@ def build(target: str, base: str, build_args: dict[str, str], mounts: list[str],
         rc = subprocess.run([*cmd, "."], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=3600).returncode
     seconds = time.monotonic() - start
     if rc != 0:
-        raise RuntimeError(f"build of {target} failed ({rc}); last lines of {logfile}:\n"
-                           + "".join(logfile.read_text().splitlines(True)[-30:]))
+        raise RuntimeError(
+            f"build of {target} failed ({rc}); last lines of {logfile}:\n"
+            + "".join(logfile.read_text().splitlines(True)[-30:])
+        )
     cached = logfile.read_text().count("Using cache")
     size = int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
-    probe = ("import importlib.util as u, json, os, sys, torch; print(json.dumps({'python': sys.version.split()[0], "
-             "'torch': torch.__version__, 'cuda_build': torch.version.cuda is not None, "
-             "'installed': {m: u.find_spec(m) is not None for m in ('torchvision', 'torchattacks', 'matplotlib', "
-             "'sklearn', 'grpc')}, 'fashion_mnist': os.path.isdir('/usr/share/datasets/fashion-mnist')}))")
+    probe = (
+        "import importlib.util as u, json, os, sys, torch; print(json.dumps({'python': sys.version.split()[0], "
+        "'torch': torch.__version__, 'cuda_build': torch.version.cuda is not None, "
+        "'installed': {m: u.find_spec(m) is not None for m in ('torchvision', 'torchattacks', 'matplotlib', "
+        "'sklearn', 'grpc')}, 'fashion_mnist': os.path.isdir('/usr/share/datasets/fashion-mnist')}))"
+    )
     contents = json.loads(podman("run", "--rm", "--entrypoint", "python", tag, "-c", probe).stdout)
     venv_kb = int(podman("run", "--rm", "--entrypoint", "du", tag, "-sk", "/opt/venv").stdout.split()[0])
     # The largest installed distributions (site-packages folders, MB): where the size goes.
-    du = podman("run", "--rm", "--entrypoint", "sh", tag, "-c",
-                "du -sk /opt/venv/lib/python3*/site-packages/* | sort -rn | head -12").stdout
-    largest = {Path(path).name: round(int(kb) * 1024 / 1e6, 1) for kb, path in (ln.split(None, 1) for ln in
-                                                                                du.splitlines())}
+    du = podman(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        tag,
+        "-c",
+        "du -sk /opt/venv/lib/python3*/site-packages/* | sort -rn | head -12",
+    ).stdout
+    largest = {
+        Path(path).name: round(int(kb) * 1024 / 1e6, 1) for kb, path in (ln.split(None, 1) for ln in du.splitlines())
+    }
     log(f"{target}: {size / 1e6:.0f} MB ({seconds:.0f} s, {cached} cached steps)")
-    return {"tag": tag, "target": target, "size_bytes": size, "size_mb": round(size / 1e6, 1),
-            "venv_mb": round(venv_kb * 1024 / 1e6, 1), "largest_packages_mb": largest,
-            "build_seconds": round(seconds, 1), "cached_steps": cached, "contents": contents, "build_log": str(logfile)}
+    return {
+        "tag": tag,
+        "target": target,
+        "size_bytes": size,
+        "size_mb": round(size / 1e6, 1),
+        "venv_mb": round(venv_kb * 1024 / 1e6, 1),
+        "largest_packages_mb": largest,
+        "build_seconds": round(seconds, 1),
+        "cached_steps": cached,
+        "contents": contents,
+        "build_log": str(logfile),
+    }
 
 
 def build_images(targets: list[str], rebuild: bool = True) -> dict:
@@ -258,11 +329,22 @@ def build_images(targets: list[str], rebuild: bool = True) -> dict:
     ensure_tools()
     ensure_containers_conf()
     base, built_base = ensure_base_image()
-    out: dict = {"base_image": {"image": base, "built_now": built_base,
-                                "podman": podman("--version").stdout.strip(), "runtime": "runc"}, "images": {}}
+    out: dict = {
+        "base_image": {
+            "image": base,
+            "built_now": built_base,
+            "podman": podman("--version").stdout.strip(),
+            "runtime": "runc",
+        },
+        "images": {},
+    }
     conf = host_pip_config()
-    python_tag = "cp" + podman("run", "--rm", base, "python3", "-c",
-                               "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')").stdout.strip()
+    python_tag = (
+        "cp"
+        + podman(
+            "run", "--rm", base, "python3", "-c", "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')"
+        ).stdout.strip()
+    )
     torch_args, out["torch_source"] = torch_build_args(conf, python_tag)
     mirror = Mirror(int(os.environ.get("PATHGUARD_MIRROR_PORT", "8711")))
     pip_args, mounts = mirror.pip_args(conf)

@@ -60,13 +60,19 @@ def cmd_screen(args: argparse.Namespace) -> dict:
         preds, scores = [], []
         start = time.perf_counter()
         for i in range(0, len(images), args.batch):
-            p, s = infer(client, images[i:i + args.batch], args.timeout)
+            p, s = infer(client, images[i : i + args.batch], args.timeout)
             preds.append(p)
             scores.append(s)
             rpcs += 1
         seconds = time.perf_counter() - start
-    return {"ready_seconds": ready_s, "model_metadata": meta, "seconds": seconds, "calls": rpcs,
-            "predicted_class": np.concatenate(preds).tolist(), "adversarial_score": np.concatenate(scores).tolist()}
+    return {
+        "ready_seconds": ready_s,
+        "model_metadata": meta,
+        "seconds": seconds,
+        "calls": rpcs,
+        "predicted_class": np.concatenate(preds).tolist(),
+        "adversarial_score": np.concatenate(scores).tolist(),
+    }
 
 
 def cmd_load(args: argparse.Namespace) -> dict:
@@ -84,10 +90,10 @@ def cmd_load(args: argparse.Namespace) -> dict:
                 i = int(rng.integers(0, len(images) - args.batch + 1))
                 rec = {"client": k, "start": time.time(), "images": args.batch}
                 try:
-                    preds, _ = infer(client, images[i:i + args.batch], args.timeout)
+                    preds, _ = infer(client, images[i : i + args.batch], args.timeout)
                     rec.update(status="OK", answered=int(len(preds)))
                     if expect is not None:
-                        rec["mismatched"] = int((preds != expect[i:i + args.batch]).sum())
+                        rec["mismatched"] = int((preds != expect[i : i + args.batch]).sum())
                     first_answer.set()
                 except InferenceServerException as exc:
                     rec.update(status=str(exc.status()).removeprefix("StatusCode."), message=exc.message())

@@ -48,6 +48,7 @@ UID = 10001
 
 # ---- 3-6. run and check the server image --------------------------------------------------------------------------
 
+
 class ServerContainer:
     """The server image started as deployed: read-only root, /tmp tmpfs, no capabilities, 1 CPU."""
 
@@ -58,10 +59,27 @@ class ServerContainer:
 
     def __enter__(self) -> ServerContainer:
         podman("rm", "-f", "--ignore", CONTAINER, check=False)
-        podman("run", "-d", "--name", CONTAINER, "--read-only", "--read-only-tmpfs=false",
-               "--tmpfs", "/tmp:rw,size=64m", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-               "--cpus", str(self.cpus),
-               "-p", f"127.0.0.1:{self.grpc_port}:50051", "-p", f"127.0.0.1:{self.metrics_port}:8002", self.image)
+        podman(
+            "run",
+            "-d",
+            "--name",
+            CONTAINER,
+            "--read-only",
+            "--read-only-tmpfs=false",
+            "--tmpfs",
+            "/tmp:rw,size=64m",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--cpus",
+            str(self.cpus),
+            "-p",
+            f"127.0.0.1:{self.grpc_port}:50051",
+            "-p",
+            f"127.0.0.1:{self.metrics_port}:8002",
+            self.image,
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -102,19 +120,21 @@ def check_container(c: ServerContainer) -> dict:
     tcp = c.exec("cat", "/proc/net/tcp").stdout + c.exec("sh", "-c", "tail -n +2 /proc/net/tcp6").stdout
     threads = re.search(r"(\d+) torch threads", c.logs())
     return {
-        "uid": uid, "gid": gid, "runs_as_10001": set(uid) == {UID} and set(gid) == {UID},
+        "uid": uid,
+        "gid": gid,
+        "runs_as_10001": set(uid) == {UID} and set(gid) == {UID},
         "readonly_rootfs_flag": readonly_flag == "true",
         "root_write_refused": root_write.returncode != 0 and "Read-only file system" in root_write.stderr,
         "root_write_error": root_write.stderr.strip(),
         "tmp_writable": tmp_write.returncode == 0,
         "omp_wait_policy": environ.get("OMP_WAIT_POLICY"),
         "grpc_listen_addresses": listening_addresses(tcp, 50051),
-        "cpus": c.cpus, "torch_threads": int(threads.group(1)) if threads else None,
+        "cpus": c.cpus,
+        "torch_threads": int(threads.group(1)) if threads else None,
     }
 
 
-def client(command: str, target: str, images: Path, *extra: str, timeout: float = 600,
-           popen: bool = False):
+def client(command: str, target: str, images: Path, *extra: str, timeout: float = 600, popen: bool = False):
     cmd = [sys.executable, str(CLIENT), command, "--target", target, "--images", str(images), *extra]
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -139,8 +159,13 @@ def reference(n: int, seed: int, workdir: Path) -> tuple[dict, Path]:
     bundle = load_bundle(ROOT / "models" / "default")
     res = bundle.screen(images.float().div(255.0))
     np.save(workdir / "expected.npy", res.predictions)
-    return {"labels": test.labels[idx].numpy(), "predictions": res.predictions, "scores": res.scores,
-            "indices": idx.numpy(), "torch": torch.__version__}, path
+    return {
+        "labels": test.labels[idx].numpy(),
+        "predictions": res.predictions,
+        "scores": res.scores,
+        "indices": idx.numpy(),
+        "torch": torch.__version__,
+    }, path
 
 
 def check_screening(c: ServerContainer, images: Path, ref: dict, batch: int) -> dict:
@@ -151,8 +176,12 @@ def check_screening(c: ServerContainer, images: Path, ref: dict, batch: int) -> 
     n = len(ref["labels"])
     metric = re.search(r"^pathguard_images_total (\S+)$", c.metrics(), re.M)
     return {
-        "images": n, "batch": batch, "calls": out["calls"], "answered": int(len(pred)),
-        "ready_seconds": round(out["ready_seconds"], 2), "seconds": round(out["seconds"], 2),
+        "images": n,
+        "batch": batch,
+        "calls": out["calls"],
+        "answered": int(len(pred)),
+        "ready_seconds": round(out["ready_seconds"], 2),
+        "seconds": round(out["seconds"], 2),
         "images_per_second": round(n / out["seconds"], 1),
         "accuracy": float((pred == ref["labels"]).mean()),
         "accuracy_in_process": float((ref["predictions"] == ref["labels"]).mean()),
@@ -165,11 +194,24 @@ def check_screening(c: ServerContainer, images: Path, ref: dict, batch: int) -> 
     }
 
 
-def drain_under_load(c: ServerContainer, images: Path, expected: Path, clients: int, batch: int,
-                     load_seconds: float) -> dict:
+def drain_under_load(
+    c: ServerContainer, images: Path, expected: Path, clients: int, batch: int, load_seconds: float
+) -> dict:
     """Concurrent KServe clients; once calls are in flight, SIGTERM; wait for the exit; compare both sides."""
-    proc = client("load", c.target, images, "--expect", str(expected), "--clients", str(clients), "--batch",
-                  str(batch), "--duration", str(load_seconds + 120), popen=True)
+    proc = client(
+        "load",
+        c.target,
+        images,
+        "--expect",
+        str(expected),
+        "--clients",
+        str(clients),
+        "--batch",
+        str(batch),
+        "--duration",
+        str(load_seconds + 120),
+        popen=True,
+    )
     try:
         line = proc.stderr.readline()
         if "LOADED" not in line:
@@ -192,8 +234,9 @@ def drain_under_load(c: ServerContainer, images: Path, expected: Path, clients: 
             proc.kill()
     calls = json.loads(out)["calls"]
     logs = c.logs()
-    drain = re.search(r"drained in ([\d.]+) s: (\d+) accepted calls finished \((\d+) since start\), (\d+) cut off",
-                      logs)
+    drain = re.search(
+        r"drained in ([\d.]+) s: (\d+) accepted calls finished \((\d+) since start\), (\d+) cut off", logs
+    )
     draining = re.search(r"draining: new calls refused, [\d.]+ s grace for (\d+) calls in flight", logs)
     by_status: dict[str, int] = {}
     for r in calls:
@@ -203,11 +246,17 @@ def drain_under_load(c: ServerContainer, images: Path, expected: Path, clients: 
     other = [r for r in calls if r["status"] not in ("OK", "UNAVAILABLE")]
     wrong = [r for r in ok if r["answered"] != r["images"]]
     return {
-        "clients": clients, "batch": batch, "cpus": c.cpus, "load_seconds_before_sigterm": load_seconds,
+        "clients": clients,
+        "batch": batch,
+        "cpus": c.cpus,
+        "load_seconds_before_sigterm": load_seconds,
         "inflight_metric_at_sigterm": inflight_at_signal,
-        "exit_code": exit_code, "seconds_sigterm_to_exit_seen_by_podman": round(t_exit - t_signal, 2),
-        "client_calls": len(calls), "client_calls_by_status": by_status,
-        "client_ok_calls": len(ok), "client_ok_calls_ending_after_sigterm": sum(r["end"] > t_signal for r in ok),
+        "exit_code": exit_code,
+        "seconds_sigterm_to_exit_seen_by_podman": round(t_exit - t_signal, 2),
+        "client_calls": len(calls),
+        "client_calls_by_status": by_status,
+        "client_ok_calls": len(ok),
+        "client_ok_calls_ending_after_sigterm": sum(r["end"] > t_signal for r in ok),
         "client_ok_calls_wrong_count": len(wrong),
         "client_mismatched_predictions": sum(r.get("mismatched", 0) for r in ok),
         "client_images_answered": sum(r["answered"] for r in ok),
@@ -224,6 +273,7 @@ def drain_under_load(c: ServerContainer, images: Path, expected: Path, clients: 
 
 # ---- 7. report ------------------------------------------------------------------------------------------------------
 
+
 def verdicts(report: dict) -> dict[str, bool]:
     c, s, d = report["container"], report["screening"], report["drain"]
     answered_everywhere = d["server_finished_since_start"] == s["client_rpcs"] + d["client_ok_calls"]
@@ -239,7 +289,8 @@ def verdicts(report: dict) -> dict[str, bool]:
         "SIGTERM under load: exit 0": d["exit_code"] == 0,
         "calls in flight at SIGTERM": (d["server_inflight_at_drain"] or 0) > 0,
         "0 accepted calls lost (none cut off, no error but refusal)": d["server_cut_off"] == 0
-        and not d["client_other_errors"] and d["client_ok_calls_wrong_count"] == 0,
+        and not d["client_other_errors"]
+        and d["client_ok_calls_wrong_count"] == 0,
         "server's count of finished calls = client's answered calls": answered_everywhere,
     }
 
@@ -250,26 +301,34 @@ def summary(report: dict) -> str:
         line = f"  image {target:6s} {b['size_mb']:8.1f} MB"
         if "contents" in b:
             k = b["contents"]
-            line += (f"  (venv {b['venv_mb']:.0f} MB, torch {k['torch']}, torchvision {k['installed']['torchvision']}, "
-                     f"torchattacks {k['installed']['torchattacks']}, dataset {k['fashion_mnist']})")
+            line += (
+                f"  (venv {b['venv_mb']:.0f} MB, torch {k['torch']}, torchvision {k['installed']['torchvision']}, "
+                f"torchattacks {k['installed']['torchattacks']}, dataset {k['fashion_mnist']})"
+            )
         lines.append(line)
     c, s, d = report.get("container"), report.get("screening"), report.get("drain")
     if c:
-        lines.append(f"  container: uid {c['uid']} gid {c['gid']}, read-only root: {c['root_write_error'] or '?'}; "
-                     f"OMP_WAIT_POLICY={c['omp_wait_policy']}; listens on {c['grpc_listen_addresses']}; "
-                     f"{c['torch_threads']} torch threads on {c['cpus']} CPU")
+        lines.append(
+            f"  container: uid {c['uid']} gid {c['gid']}, read-only root: {c['root_write_error'] or '?'}; "
+            f"OMP_WAIT_POLICY={c['omp_wait_policy']}; listens on {c['grpc_listen_addresses']}; "
+            f"{c['torch_threads']} torch threads on {c['cpus']} CPU"
+        )
     if s:
-        lines.append(f"  screened {s['answered']}/{s['images']} Fashion-MNIST test images over KServe v2 in "
-                     f"{s['seconds']} s ({s['images_per_second']} img/s): accuracy {s['accuracy']:.4f} "
-                     f"(in-process {s['accuracy_in_process']:.4f}), "
-                     f"agreement {s['prediction_agreement_with_in_process']:.4f}, "
-                     f"max |score diff| {s['score_max_abs_diff']:.2e}")
+        lines.append(
+            f"  screened {s['answered']}/{s['images']} Fashion-MNIST test images over KServe v2 in "
+            f"{s['seconds']} s ({s['images_per_second']} img/s): accuracy {s['accuracy']:.4f} "
+            f"(in-process {s['accuracy_in_process']:.4f}), "
+            f"agreement {s['prediction_agreement_with_in_process']:.4f}, "
+            f"max |score diff| {s['score_max_abs_diff']:.2e}"
+        )
     if d:
-        lines.append(f"  SIGTERM under load ({d['clients']} clients x {d['batch']} images): exit {d['exit_code']} "
-                     f"({d['server_drain_seconds']} s drain); server: {d['server_inflight_at_drain']} in flight, "
-                     f"{d['server_finished_during_drain']} finished during drain, {d['server_cut_off']} cut off; "
-                     f"client: {d['client_calls_by_status']}, {d['client_ok_calls_ending_after_sigterm']} answered "
-                     f"after SIGTERM; server finished {d['server_finished_since_start']} calls in all")
+        lines.append(
+            f"  SIGTERM under load ({d['clients']} clients x {d['batch']} images): exit {d['exit_code']} "
+            f"({d['server_drain_seconds']} s drain); server: {d['server_inflight_at_drain']} in flight, "
+            f"{d['server_finished_during_drain']} finished during drain, {d['server_cut_off']} cut off; "
+            f"client: {d['client_calls_by_status']}, {d['client_ok_calls_ending_after_sigterm']} answered "
+            f"after SIGTERM; server finished {d['server_finished_since_start']} calls in all"
+        )
     for name, ok in report.get("checks", {}).items():
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {name}")
     return "\n".join(lines)
@@ -296,8 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1000, help="Fashion-MNIST test images to screen")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients during the SIGTERM check")
     p.add_argument("--load-seconds", type=float, default=10.0, help="seconds of load before SIGTERM")
-    p.add_argument("--lock", help="a file to hold an exclusive flock on while the container runs (its screening "
-                   "speed and drain under load), so that other heavy jobs on a shared machine do not overlap")
+    p.add_argument(
+        "--lock",
+        help="a file to hold an exclusive flock on while the container runs (its screening "
+        "speed and drain under load), so that other heavy jobs on a shared machine do not overlap",
+    )
     p.add_argument("--out", default=str(ROOT / "reports" / "deploy" / "image-test.json"))
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -309,15 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     report.update(build_images(targets, rebuild=not args.no_build))
     with tempfile.TemporaryDirectory(prefix="pathguard-image-") as tmp:
         ref, images = reference(args.images, seed=0, workdir=Path(tmp))
-        report["reference"] = {"images": args.images, "seed": 0, "split": "fashion-mnist test",
-                               "in_process_torch": ref["torch"]}
+        report["reference"] = {
+            "images": args.images,
+            "seed": 0,
+            "split": "fashion-mnist test",
+            "in_process_torch": ref["torch"],
+        }
         with holding(args.lock), ServerContainer(TAGS["server"]) as c:
             log(f"started {CONTAINER} from {TAGS['server']} (gRPC {c.target}, metrics :{c.metrics_port})")
             report["screening"] = check_screening(c, images, ref, batch=32)
             report["container"] = check_container(c)
             log(f"screened {args.images} images; SIGTERM under load next")
-            report["drain"] = drain_under_load(c, images, Path(tmp) / "expected.npy", args.clients, batch=64,
-                                               load_seconds=args.load_seconds)
+            report["drain"] = drain_under_load(
+                c, images, Path(tmp) / "expected.npy", args.clients, batch=64, load_seconds=args.load_seconds
+            )
     report["checks"] = verdicts(report)
     report["passed"] = all(report["checks"].values())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

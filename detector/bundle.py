@@ -36,8 +36,17 @@ MODEL_FILE = "model.safetensors"
 DEFAULT_BUNDLE = str(Path(__file__).resolve().parent.parent / "models" / "default")
 BUNDLE_ENV = "PATHGUARD_BUNDLE"
 BUNDLE_HELP = "bundle directory (default: $PATHGUARD_BUNDLE or models/default)"
-_REQUIRED = {"format": str, "version": int, "name": str, "arch": str, "arch_args": dict, "gated": bool,
-             "classes": list, "input_shape": list, "files": dict}
+_REQUIRED = {
+    "format": str,
+    "version": int,
+    "name": str,
+    "arch": str,
+    "arch_args": dict,
+    "gated": bool,
+    "classes": list,
+    "input_shape": list,
+    "files": dict,
+}
 
 
 def default_bundle() -> str:
@@ -82,8 +91,19 @@ def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     _publish(tmp, path)
 
 
-def save_bundle(out_dir: str | Path, model: DecoupledNet, *, arch: str, arch_args: dict, classes: list[str],
-                train_config: dict, dataset: dict, metrics: dict, command: str, name: str = "pathguard") -> Path:
+def save_bundle(
+    out_dir: str | Path,
+    model: DecoupledNet,
+    *,
+    arch: str,
+    arch_args: dict,
+    classes: list[str],
+    train_config: dict,
+    dataset: dict,
+    metrics: dict,
+    command: str,
+    name: str = "pathguard",
+) -> Path:
     """Write ``model`` and its description to ``out_dir`` (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,13 +112,23 @@ def save_bundle(out_dir: str | Path, model: DecoupledNet, *, arch: str, arch_arg
     if model.gated:
         gate = train_config.get("gate")
     meta = {
-        "format": FORMAT, "version": VERSION, "name": name, "model_version": "1",
-        "arch": arch, "arch_args": arch_args, "gated": model.gated, "gate": gate,
-        "classes": list(classes), "input_shape": [model.in_channels, model.input_size, model.input_size],
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name,
+        "model_version": "1",
+        "arch": arch,
+        "arch_args": arch_args,
+        "gated": model.gated,
+        "gate": gate,
+        "classes": list(classes),
+        "input_shape": [model.in_channels, model.input_size, model.input_size],
         "normalization": {"mean": arch_args.get("mean"), "std": arch_args.get("std")},
         "layers": [{"name": n, "filters": c} for n, c in zip(model.layer_names, model.gate_sizes)],
-        "dataset": dataset, "seed": train_config.get("seed"), "train_config": train_config,
-        "command": command, "metrics": metrics,
+        "dataset": dataset,
+        "seed": train_config.get("seed"),
+        "train_config": train_config,
+        "command": command,
+        "metrics": metrics,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {MODEL_FILE: sha256_file(out / MODEL_FILE)},
     }
@@ -106,8 +136,15 @@ def save_bundle(out_dir: str | Path, model: DecoupledNet, *, arch: str, arch_arg
     return out
 
 
-def read_document(path: Path, *, required: dict[str, type], fmt: str, version: int,
-                  error: type[ValueError] = ValueError, where: str = "") -> dict:
+def read_document(
+    path: Path,
+    *,
+    required: dict[str, type],
+    fmt: str,
+    version: int,
+    error: type[ValueError] = ValueError,
+    where: str = "",
+) -> dict:
     """A self-describing JSON file (a bundle's or a checkpoint's): parsed, its fields' types and its
     format/version checked; anything else raises ``error`` with ``where`` as the message's prefix."""
     where = where or str(path)
@@ -123,16 +160,19 @@ def read_document(path: Path, *, required: dict[str, type], fmt: str, version: i
         if not isinstance(meta.get(key), typ):
             raise error(f"{where}: {path.name} field {key!r} missing or not a {typ.__name__}")
     if meta["format"] != fmt or meta["version"] > version:
-        raise error(f"{where}: format {meta['format']!r} v{meta['version']} is not supported "
-                    f"(this PathGuard reads {fmt!r} up to v{version})")
+        raise error(
+            f"{where}: format {meta['format']!r} v{meta['version']} is not supported "
+            f"(this PathGuard reads {fmt!r} up to v{version})"
+        )
     return meta
 
 
 def read_meta(path: str | Path) -> dict:
     """``bundle.json`` of a bundle, checked for the fields every bundle has."""
     path = Path(path)
-    return read_document(path / META_FILE, required=_REQUIRED, fmt=FORMAT, version=VERSION, error=BundleError,
-                         where=f"bundle {path}")
+    return read_document(
+        path / META_FILE, required=_REQUIRED, fmt=FORMAT, version=VERSION, error=BundleError, where=f"bundle {path}"
+    )
 
 
 def verify_files(path: Path, meta: dict) -> None:
@@ -145,13 +185,16 @@ def verify_files(path: Path, meta: dict) -> None:
             raise BundleError(f"bundle {path}: {name} is missing")
         actual = sha256_file(f)
         if actual != digest:
-            raise BundleError(f"bundle {path}: {name} does not match its SHA-256 in {META_FILE} "
-                              f"(expected {digest[:16]}..., found {actual[:16]}...): "
-                              "the file was altered or is corrupt")
+            raise BundleError(
+                f"bundle {path}: {name} does not match its SHA-256 in {META_FILE} "
+                f"(expected {digest[:16]}..., found {actual[:16]}...): "
+                "the file was altered or is corrupt"
+            )
 
 
-def write_part(path: str | Path, part: str, *, tensors: dict[str, Tensor] | None = None,
-               info: dict | None = None) -> None:
+def write_part(
+    path: str | Path, part: str, *, tensors: dict[str, Tensor] | None = None, info: dict | None = None
+) -> None:
     """Add or replace part ``part`` of a bundle and record its files' SHA-256 in ``bundle.json``."""
     path = Path(path)
     meta = read_meta(path)
@@ -226,8 +269,9 @@ class Bundle:
         """Prototypes and detector; ``ValueError`` saying how to fit them when the bundle has none."""
         protos, det = self.prototypes(), self.detector()
         if protos is None or det is None:
-            raise ValueError(f"bundle {self.path} has no fitted detector; run "
-                             f"`pathguard fit-detector --bundle {self.path}` first")
+            raise ValueError(
+                f"bundle {self.path} has no fitted detector; run `pathguard fit-detector --bundle {self.path}` first"
+            )
         return protos, det
 
     def screener(self, **kwargs: Any):

@@ -61,13 +61,16 @@ def prototype_distances(out: PathOutput, protos: Prototypes) -> Tensor:
         return 1 - dot / norm
 
     nll = -per_layer_mean(g * t["log_freq"][pred] + (1 - g) * t["log_1m_freq"][pred])
-    return torch.stack([
-        per_layer_mean((g - t["hard"][pred]).abs()),
-        per_layer_mean((g - t["hard"][runner]).abs()),
-        cosine_distance(p, t["soft_mean"][pred]),
-        cosine_distance(p, t["soft_mean"][runner]),
-        nll,
-    ], dim=2)
+    return torch.stack(
+        [
+            per_layer_mean((g - t["hard"][pred]).abs()),
+            per_layer_mean((g - t["hard"][runner]).abs()),
+            cosine_distance(p, t["soft_mean"][pred]),
+            cosine_distance(p, t["soft_mean"][runner]),
+            nll,
+        ],
+        dim=2,
+    )
 
 
 @dataclass
@@ -104,21 +107,23 @@ def path_features(out: PathOutput, protos: Prototypes) -> tuple[Tensor, Tensor]:
     """(N, F) feature matrix of one forward pass, columns as :func:`feature_layout` names them,
     and the (N, L, 5) prototype distances it contains."""
     dist = prototype_distances(out, protos)
-    X = torch.cat([out.soft_path, out.hard_path, out.density, dist.flatten(1), confidence_features(out.logits),
-                   out.logits], dim=1)
+    X = torch.cat(
+        [out.soft_path, out.hard_path, out.density, dist.flatten(1), confidence_features(out.logits), out.logits], dim=1
+    )
     return X, dist
 
 
 @torch.no_grad()
-def extract_path_features(model: DecoupledNet, protos: Prototypes, images: Tensor, *, batch_size: int = 500,
-                          keep_output: bool = False) -> PathFeatures:
+def extract_path_features(
+    model: DecoupledNet, protos: Prototypes, images: Tensor, *, batch_size: int = 500, keep_output: bool = False
+) -> PathFeatures:
     """Run ``images`` (N, C, H, W) in [0, 1] through ``model`` and return their path features."""
     model.eval()
     device = next(model.parameters()).device
     feats, logits, departure = [], [], []
     last = None
     for start in range(0, len(images), batch_size):
-        out = model.forward_path(images[start:start + batch_size].to(device))
+        out = model.forward_path(images[start : start + batch_size].to(device))
         X, dist = path_features(out, protos)
         feats.append(X.cpu())
         logits.append(out.logits.cpu())
@@ -126,8 +131,11 @@ def extract_path_features(model: DecoupledNet, protos: Prototypes, images: Tenso
         last = out
     k = model.num_classes
     groups, names = feature_layout(protos.layer_names, protos.layer_sizes, k)
-    return PathFeatures(torch.cat(feats).numpy().astype(np.float64) if feats else np.zeros((0, len(names))),
-                        groups, names,
-                        torch.cat(logits) if logits else torch.zeros(0, k),
-                        torch.cat(departure) if departure else torch.zeros(0, len(protos.layer_sizes)),
-                        last if keep_output else None)
+    return PathFeatures(
+        torch.cat(feats).numpy().astype(np.float64) if feats else np.zeros((0, len(names))),
+        groups,
+        names,
+        torch.cat(logits) if logits else torch.zeros(0, k),
+        torch.cat(departure) if departure else torch.zeros(0, len(protos.layer_sizes)),
+        last if keep_output else None,
+    )

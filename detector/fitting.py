@@ -29,15 +29,26 @@ from .splits import bundle_splits, correctly_classified
 log = logging.getLogger(__name__)
 
 
-def adversarial_training_set(model, protos, clean_images, labels, attacks: list[AttackSpec], *, digest: str,
-                             cache_dir: Path | None, seed: int, progress: bool):
+def adversarial_training_set(
+    model,
+    protos,
+    clean_images,
+    labels,
+    attacks: list[AttackSpec],
+    *,
+    digest: str,
+    cache_dir: Path | None,
+    seed: int,
+    progress: bool,
+):
     """Feature matrix of clean images plus their successful adversarial versions, labels (1 = adv), the
     column groups, per-attack statistics and the attack label of every row ("" for clean rows)."""
     clean = extract_path_features(model, protos, clean_images)
     blocks, ys, per_attack, source = [clean.X], [np.zeros(len(clean.X))], {}, [""] * len(clean.X)
     for spec in attacks:
-        res = cached_attack(model, digest, clean_images, labels, spec, cache_dir=cache_dir, seed=seed,
-                            progress=progress)
+        res = cached_attack(
+            model, digest, clean_images, labels, spec, cache_dir=cache_dir, seed=seed, progress=progress
+        )
         feats = extract_path_features(model, protos, res.adversarial)
         ok = (feats.logits.argmax(1) != labels).numpy()
         blocks.append(feats.X[ok])
@@ -45,8 +56,9 @@ def adversarial_training_set(model, protos, clean_images, labels, attacks: list[
         source += [spec.label] * int(ok.sum())
         per_attack[spec.label] = {"success_rate": float(ok.mean()), "seconds": round(res.seconds, 1)}
     if sum(len(b) for b in ys[1:]) == 0:
-        raise ValueError(f"no attack succeeded on the {len(clean.X)} fitting images ({per_attack}); "
-                         "give the attacks a larger budget")
+        raise ValueError(
+            f"no attack succeeded on the {len(clean.X)} fitting images ({per_attack}); give the attacks a larger budget"
+        )
     return np.concatenate(blocks), np.concatenate(ys), clean.groups, per_attack, np.asarray(source)
 
 
@@ -56,12 +68,22 @@ class FitConfig:
     many validation images, calibrated to which false-positive rate."""
 
     bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
-    attacks: str = field(default="fgsm,pgd,pgdl2,cw,deepfool,square", metadata={
-        "help": "attacks on validation images: what the ensemble's weights are chosen on (worst family), or what a "
-                "supervised classifier learns from"})
-    classifier: str = field(default="ensemble", metadata={
-        "choices": ("ensemble", "logreg", "rf", "gb"),
-        "help": "ensemble: clean-only path scores combined with weights >= 0 (default); else a supervised classifier"})
+    attacks: str = field(
+        default="fgsm,pgd,pgdl2,cw,deepfool,square",
+        metadata={
+            "help": "attacks on validation images: what the ensemble's weights are chosen on (worst family), or what a "
+            "supervised classifier learns from"
+        },
+    )
+    classifier: str = field(
+        default="ensemble",
+        metadata={
+            "choices": ("ensemble", "logreg", "rf", "gb"),
+            "help": (
+                "ensemble: clean-only path scores combined with weights >= 0 (default); else a supervised classifier"
+            ),
+        },
+    )
     features: str = field(default=",".join(GROUPS), metadata={"help": "feature groups"})
     n_fit: int = field(default=1000, metadata={"help": "validation images to attack for fitting"})
     n_calibration: int = field(default=1000, metadata={"help": "clean validation images for the threshold"})
@@ -70,8 +92,9 @@ class FitConfig:
     data_root: str | None = None
     cache_dir: str | None = field(default=None, metadata={"help": "reuse attacks computed before"})
     prototype_images: int = field(default=20000, metadata={"help": "training images the prototypes come from"})
-    n_reference: int = field(default=20000, metadata={
-        "help": "clean training images the ensemble's clean-only components are fitted on"})
+    n_reference: int = field(
+        default=20000, metadata={"help": "clean training images the ensemble's clean-only components are fitted on"}
+    )
 
     def __post_init__(self) -> None:
         unknown = set(self.feature_groups) - set(GROUPS)
@@ -89,8 +112,13 @@ class FitConfig:
 def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
     """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
     bundle_path, attacks = cfg.bundle, parse_attacks(cfg.attacks)
-    n_fit, n_calibration, classifier, target_fpr, seed = (cfg.n_fit, cfg.n_calibration, cfg.classifier,
-                                                          cfg.target_fpr, cfg.seed)
+    n_fit, n_calibration, classifier, target_fpr, seed = (
+        cfg.n_fit,
+        cfg.n_calibration,
+        cfg.classifier,
+        cfg.target_fpr,
+        cfg.seed,
+    )
     feature_groups, prototype_images, data_root = cfg.feature_groups, cfg.prototype_images, cfg.data_root
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
     t0 = time.perf_counter()
@@ -99,39 +127,73 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
     splits = bundle_splits(meta, data_root)
     n_proto = min(prototype_images, len(splits.train))
     protos = compute_prototypes(model, splits.train.subset(torch.arange(n_proto)))
-    write_part(bundle_path, "prototypes", tensors=protos.to_state()[0],
-               info={**protos.to_state()[1], "images": f"first {n_proto} of {splits.train.name}"})
+    write_part(
+        bundle_path,
+        "prototypes",
+        tensors=protos.to_state()[0],
+        info={**protos.to_state()[1], "images": f"first {n_proto} of {splits.train.name}"},
+    )
 
     fit_idx = correctly_classified(model, splits.val, n_fit, seed=seed)
     cal_idx = correctly_classified(model, splits.val, n_calibration, seed=seed, skip=n_fit)
     fit_images = splits.val.float_images(fit_idx)
     X, y, groups, per_attack, source = adversarial_training_set(
-        model, protos, fit_images, splits.val.labels[fit_idx], attacks, digest=bundle.model_digest,
-        cache_dir=cache_dir, seed=seed, progress=progress)
+        model,
+        protos,
+        fit_images,
+        splits.val.labels[fit_idx],
+        attacks,
+        digest=bundle.model_digest,
+        cache_dir=cache_dir,
+        seed=seed,
+        progress=progress,
+    )
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
     extra: dict = {}
     if classifier == "ensemble":
         n_ref = min(cfg.n_reference, len(splits.train))
         X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
         families = {a.label: a.family for a in attacks}
-        validation = (X[y == 0], {f: X[np.isin(source, [a for a, g in families.items() if g == f])]
-                                  for f in sorted(set(families.values()))})
+        validation = (
+            X[y == 0],
+            {f: X[np.isin(source, [a for a, g in families.items() if g == f])] for f in sorted(set(families.values()))},
+        )
         det = PathEnsembleDetector(target_fpr=target_fpr, random_state=seed).fit(
-            X_ref, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_cal, validation=validation)
-        extra = {"reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
-                 "weights": dict(zip(det.components, det.weights_.tolist()))}
+            X_ref, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_cal, validation=validation
+        )
+        extra = {
+            "reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
+            "weights": dict(zip(det.components, det.weights_.tolist())),
+        }
     else:
-        det = PathDetector(feature_groups=list(feature_groups), classifier=classifier, target_fpr=target_fpr,
-                           random_state=seed).fit(X, y, groups=groups, X_calibration=X_cal)
+        det = PathDetector(
+            feature_groups=list(feature_groups), classifier=classifier, target_fpr=target_fpr, random_state=seed
+        ).fit(X, y, groups=groups, X_calibration=X_cal)
     tensors, info = det.to_state()
     info.update(extra)
-    info.update(DetectorRecord(
-        classifier=classifier, feature_groups=list(feature_groups), target_fpr=target_fpr, attacks=attacks,
-        fit_images={"set": splits.val.name, "n_clean": int(len(fit_idx)), "n_adversarial": int(y.sum()),
-                    "seed": seed},
-        calibration_images={"set": splits.val.name, "n": int(len(cal_idx)), "skip": n_fit, "seed": seed},
-        per_attack=per_attack, fit_seconds=round(time.perf_counter() - t0, 1)).to_info())
+    info.update(
+        DetectorRecord(
+            classifier=classifier,
+            feature_groups=list(feature_groups),
+            target_fpr=target_fpr,
+            attacks=attacks,
+            fit_images={
+                "set": splits.val.name,
+                "n_clean": int(len(fit_idx)),
+                "n_adversarial": int(y.sum()),
+                "seed": seed,
+            },
+            calibration_images={"set": splits.val.name, "n": int(len(cal_idx)), "skip": n_fit, "seed": seed},
+            per_attack=per_attack,
+            fit_seconds=round(time.perf_counter() - t0, 1),
+        ).to_info()
+    )
     write_part(bundle_path, "detector", tensors=tensors, info=info)
-    log.info("fitted %s detector on %d clean + %d adversarial images; threshold %.4f", classifier,
-             int((y == 0).sum()), int(y.sum()), det.threshold_)
+    log.info(
+        "fitted %s detector on %d clean + %d adversarial images; threshold %.4f",
+        classifier,
+        int((y == 0).sum()),
+        int(y.sum()),
+        det.threshold_,
+    )
     return info

@@ -45,8 +45,14 @@ class Prototypes:
             member = torch.zeros(sum(self.layer_sizes), len(self.layer_sizes))
             for i, sl in enumerate(self.layer_slices()):
                 member[sl, i] = 1.0
-            t = {"hard": self.hard, "soft_mean": self.soft_mean, "log_freq": freq.log(),
-                 "log_1m_freq": (1 - freq).log(), "member": member, "size": member.sum(0)}
+            t = {
+                "hard": self.hard,
+                "soft_mean": self.soft_mean,
+                "log_freq": freq.log(),
+                "log_1m_freq": (1 - freq).log(),
+                "member": member,
+                "size": member.sum(0),
+            }
             self._by_device[key] = {k: v.to(device) for k, v in t.items()}
         return self._by_device[key]
 
@@ -60,21 +66,29 @@ class Prototypes:
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
-        return ({"frequency": self.frequency, "soft_mean": self.soft_mean, "counts": self.counts},
-                {"layer_sizes": self.layer_sizes, "layer_names": self.layer_names})
+        return (
+            {"frequency": self.frequency, "soft_mean": self.soft_mean, "counts": self.counts},
+            {"layer_sizes": self.layer_sizes, "layer_names": self.layer_names},
+        )
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], info: dict) -> Prototypes:
-        p = cls(tensors["frequency"].float(), tensors["soft_mean"].float(), tensors["counts"],
-                list(info["layer_sizes"]), list(info["layer_names"]))
+        p = cls(
+            tensors["frequency"].float(),
+            tensors["soft_mean"].float(),
+            tensors["counts"],
+            list(info["layer_sizes"]),
+            list(info["layer_names"]),
+        )
         if p.frequency.shape[1] != sum(p.layer_sizes):
             raise ValueError(f"prototypes have {p.frequency.shape[1]} gates but layers sum to {sum(p.layer_sizes)}")
         return p
 
 
 @torch.no_grad()
-def compute_prototypes(model: DecoupledNet, data: ImageDataset, *, batch_size: int = 500,
-                       device: torch.device | str = "cpu") -> Prototypes:
+def compute_prototypes(
+    model: DecoupledNet, data: ImageDataset, *, batch_size: int = 500, device: torch.device | str = "cpu"
+) -> Prototypes:
     """Prototypes from the images of ``data`` that ``model`` classifies correctly."""
     if not model.gated:
         raise ValueError("prototypes need a gated model; the dense twin has no calculation path")
@@ -83,7 +97,7 @@ def compute_prototypes(model: DecoupledNet, data: ImageDataset, *, batch_size: i
     freq, soft, counts = torch.zeros(k, g), torch.zeros(k, g), torch.zeros(k)
     for start in range(0, len(data), batch_size):
         x = data.float_images(slice(start, start + batch_size)).to(device)
-        y = data.labels[start:start + batch_size]
+        y = data.labels[start : start + batch_size]
         out = model.forward_path(x)
         ok = out.logits.argmax(1).cpu() == y
         onehot = torch.nn.functional.one_hot(y[ok], k).float()

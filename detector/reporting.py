@@ -11,9 +11,16 @@ from .bundle import Bundle
 
 def report_header(bundle: Bundle, bundle_path: str | Path, config: dict) -> dict:
     """The first keys of ``report.json``: PathGuard's version, the run's config and the bundle it ran on."""
-    return {"pathguard_version": __version__, "config": config,
-            "bundle": {"path": str(bundle_path), "name": bundle.name, "arch": bundle.meta["arch"],
-                       "model_sha256": bundle.model_digest}}
+    return {
+        "pathguard_version": __version__,
+        "config": config,
+        "bundle": {
+            "path": str(bundle_path),
+            "name": bundle.name,
+            "arch": bundle.meta["arch"],
+            "model_sha256": bundle.model_digest,
+        },
+    }
 
 
 def bundle_sentence(report: dict) -> str:

@@ -83,8 +83,15 @@ class Screener:
     to the model's weights are not seen). Results agree to float32 rounding (relative 1e-5).
     """
 
-    def __init__(self, model: DecoupledNet, prototypes: Prototypes, detector: FeatureDetector,
-                 classes: list[str], batch_size: int = 256, engine: str = "masked") -> None:
+    def __init__(
+        self,
+        model: DecoupledNet,
+        prototypes: Prototypes,
+        detector: FeatureDetector,
+        classes: list[str],
+        batch_size: int = 256,
+        engine: str = "masked",
+    ) -> None:
         if not model.gated:
             raise ValueError("screening needs a gated model")
         if engine not in ENGINES:
@@ -123,7 +130,7 @@ class Screener:
         device = next(self.model.parameters()).device
         parts: dict[str, list] = {k: [] for k in ("logits", "X", "active", "flops", "paths", "departure")}
         for start in range(0, len(images), self.batch_size):
-            out = self._forward_path(images[start:start + self.batch_size].to(device))
+            out = self._forward_path(images[start : start + self.batch_size].to(device))
             X, dist = path_features(out, self.prototypes)
             parts["logits"].append(out.logits.cpu())
             parts["X"].append(X.cpu())
@@ -135,6 +142,13 @@ class Screener:
         scores = self.detector.decision_function(cat["X"].double().numpy())
         probs = cat["logits"].softmax(1)
         return ScreenResult(
-            predictions=probs.argmax(1).numpy(), probabilities=probs.float().numpy(), scores=scores,
-            flags=scores > self.threshold, threshold=self.threshold, active_ratio=cat["active"].numpy(),
-            flops_ratio=cat["flops"].numpy(), paths=cat["paths"].numpy(), departure=cat["departure"].numpy())
+            predictions=probs.argmax(1).numpy(),
+            probabilities=probs.float().numpy(),
+            scores=scores,
+            flags=scores > self.threshold,
+            threshold=self.threshold,
+            active_ratio=cat["active"].numpy(),
+            flops_ratio=cat["flops"].numpy(),
+            paths=cat["paths"].numpy(),
+            departure=cat["departure"].numpy(),
+        )

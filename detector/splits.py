@@ -27,15 +27,18 @@ def bundle_splits(meta: dict, data_root: str | None = None) -> Splits:
     root = data_root or meta.get("train_config", {}).get("data_root")
     full = load_dataset(ds["name"], "train", root)
     if "fingerprint" in ds and full.fingerprint() != ds["fingerprint"]:
-        raise ValueError(f"dataset {ds['name']} at {root or 'its default place'} is not the one the bundle was "
-                         "trained on (fingerprint differs)")
+        raise ValueError(
+            f"dataset {ds['name']} at {root or 'its default place'} is not the one the bundle was "
+            "trained on (fingerprint differs)"
+        )
     tr, va = train_val_split(len(full), int(ds["val_images"]), int(ds["split_seed"]))
     return Splits(full.subset(tr, ":train"), full.subset(va, ":val"), load_dataset(ds["name"], "test", root))
 
 
 @torch.no_grad()
-def correctly_classified(model: DecoupledNet, data: ImageDataset, n: int, *, seed: int = 0,
-                         skip: int = 0, batch_size: int = 500) -> Tensor:
+def correctly_classified(
+    model: DecoupledNet, data: ImageDataset, n: int, *, seed: int = 0, skip: int = 0, batch_size: int = 500
+) -> Tensor:
     """Positions in ``data`` of ``n`` images the model classifies correctly, in a seeded random order,
     after skipping the first ``skip`` such images (so that consecutive calls give disjoint sets)."""
     device = next(model.parameters()).device
@@ -44,7 +47,7 @@ def correctly_classified(model: DecoupledNet, data: ImageDataset, n: int, *, see
     chosen: list[Tensor] = []
     have, skipped = 0, 0
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         ok = model(data.float_images(idx).to(device)).argmax(1).cpu() == data.labels[idx]
         good = idx[ok]
         if skipped < skip:

@@ -35,17 +35,30 @@ def _cmd_adaptive(args: argparse.Namespace) -> int:
     out = Path(run.out)
     report = run_adaptive(cfg, out, device=select_device(run.device), progress=not run.quiet)
     if run.json:
-        print(json.dumps({"headline": report["headline"], "rounds": [
-            {"name": r["name"], "summary": r["summary"]} for r in report["rounds"]]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "headline": report["headline"],
+                    "rounds": [{"name": r["name"], "summary": r["summary"]} for r in report["rounds"]],
+                },
+                indent=2,
+            )
+        )
     else:
         print((out / "report.md").read_text())
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    add_command(sub, "adaptive", _cmd_adaptive, AdaptiveConfig, AdaptiveRun,
-                help="adaptive white-box attacks on classifier + path detector, and hardening",
-                       description="Attack correctly classified test images with attacks that know the detector "
-                       "(detector-aware PGD, path mimicry) over a sweep of budgets and lambdas; refit the detector "
-                       "with adaptive examples made on validation images and attack it again. Writes report.json, "
-                "report.md and figures to --out. Prints a cost estimate first.")
+    add_command(
+        sub,
+        "adaptive",
+        _cmd_adaptive,
+        AdaptiveConfig,
+        AdaptiveRun,
+        help="adaptive white-box attacks on classifier + path detector, and hardening",
+        description="Attack correctly classified test images with attacks that know the detector "
+        "(detector-aware PGD, path mimicry) over a sweep of budgets and lambdas; refit the detector "
+        "with adaptive examples made on validation images and attack it again. Writes report.json, "
+        "report.md and figures to --out. Prints a cost estimate first.",
+    )

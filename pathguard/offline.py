@@ -104,17 +104,33 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     data = splits.test if run.split == "test" else splits.val
     idx = correctly_classified(bundle.model, data, run.n, seed=run.seed)
     images, labels = data.float_images(idx), data.labels[idx]
-    res = run_attack(bundle.model, images, labels, spec, seed=run.seed, batch_size=run.batch_size,
-                     progress=not run.quiet)
+    res = run_attack(
+        bundle.model, images, labels, spec, seed=run.seed, batch_size=run.batch_size, progress=not run.quiet
+    )
     with torch.no_grad():
         pred = bundle.model(res.adversarial).argmax(1)
     success = (pred != labels).float().mean().item()
     pert = res.perturbation(images)
-    save_result(Path(run.out), res, {"bundle": str(bundle_path), "split": data.name, "indices": idx.tolist(),
-                                    "success_rate": success})
-    print(json.dumps({"out": run.out, "attack": spec.name, "params": spec.params, "n": len(idx),
-                      "success_rate": round(success, 4), "mean_l2": round(pert["l2"].mean().item(), 4),
-                      "max_linf": round(pert["linf"].max().item(), 4), "seconds": round(res.seconds, 1)}, indent=2))
+    save_result(
+        Path(run.out),
+        res,
+        {"bundle": str(bundle_path), "split": data.name, "indices": idx.tolist(), "success_rate": success},
+    )
+    print(
+        json.dumps(
+            {
+                "out": run.out,
+                "attack": spec.name,
+                "params": spec.params,
+                "n": len(idx),
+                "success_rate": round(success, 4),
+                "mean_l2": round(pert["l2"].mean().item(), 4),
+                "max_linf": round(pert["linf"].max().item(), 4),
+                "seconds": round(res.seconds, 1),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -129,8 +145,25 @@ def _cmd_fit_detector(args: argparse.Namespace) -> int:
     cfg = config_from(FitConfig, args)
     cfg.bundle = cfg.bundle or default_bundle()
     info = fit_bundle_detector(cfg, progress=not config_from(QuietRun, args).quiet)
-    print(json.dumps({k: info[k] for k in ("classifier", "feature_groups", "threshold", "target_fpr", "per_attack",
-                                            "fit_images", "fit_seconds", "weights") if k in info}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: info[k]
+                for k in (
+                    "classifier",
+                    "feature_groups",
+                    "threshold",
+                    "target_fpr",
+                    "per_attack",
+                    "fit_images",
+                    "fit_seconds",
+                    "weights",
+                )
+                if k in info
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -148,8 +181,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
 @dataclass
 class EvaluateRun:
     out: str = opt("", "output directory (required)")
-    shard: tuple[int, int] | None = opt(None, "I/N: compute shard I (0-based) of N and stop", parse=_parse_shard,
-                                        metavar="I/N")
+    shard: tuple[int, int] | None = opt(
+        None, "I/N: compute shard I (0-based) of N and stop", parse=_parse_shard, metavar="I/N"
+    )
     json: bool = switch("print results as JSON instead of the Markdown report")
     quiet: bool = switch("no progress bars")
 
@@ -188,24 +222,58 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    add_command(sub, "train", _cmd_train, TrainRun, TrainConfig,
-                help="train a decoupled (or dense) model into a bundle directory")
+    add_command(
+        sub,
+        "train",
+        _cmd_train,
+        TrainRun,
+        TrainConfig,
+        help="train a decoupled (or dense) model into a bundle directory",
+    )
     add_command(sub, "info", _cmd_info, InfoRun, help="describe a bundle")
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    add_command(dsub, "fetch", _cmd_data_fetch, FetchRun,
-                help="make Fashion-MNIST available (Debian package or upstream download)")
-    add_command(sub, "attack", _cmd_attack, AttackRun,
-                help="attack correctly classified images of a bundle's dataset; save as .npz")
-    add_command(sub, "fit-detector", _cmd_fit_detector, FitConfig, QuietRun,
-                help="compute class prototypes and fit the bundle's path detector")
-    p = add_command(sub, "evaluate", _cmd_evaluate, EvaluateRun, EvalConfig,
-                    help="offline attack-evaluation suite; `evaluate merge` joins shards",
-                    description="Attack test images, fit and calibrate every detector, and write report.json, "
-                    "report.md and figures to --out. With --shard I/N only the adversarial images of shard I are "
-                    "computed; `pathguard evaluate merge --out DIR` then writes the report.")
+    add_command(
+        dsub,
+        "fetch",
+        _cmd_data_fetch,
+        FetchRun,
+        help="make Fashion-MNIST available (Debian package or upstream download)",
+    )
+    add_command(
+        sub,
+        "attack",
+        _cmd_attack,
+        AttackRun,
+        help="attack correctly classified images of a bundle's dataset; save as .npz",
+    )
+    add_command(
+        sub,
+        "fit-detector",
+        _cmd_fit_detector,
+        FitConfig,
+        QuietRun,
+        help="compute class prototypes and fit the bundle's path detector",
+    )
+    p = add_command(
+        sub,
+        "evaluate",
+        _cmd_evaluate,
+        EvaluateRun,
+        EvalConfig,
+        help="offline attack-evaluation suite; `evaluate merge` joins shards",
+        description="Attack test images, fit and calibrate every detector, and write report.json, "
+        "report.md and figures to --out. With --shard I/N only the adversarial images of shard I are "
+        "computed; `pathguard evaluate merge --out DIR` then writes the report.",
+    )
     p.set_defaults(merge=False)
     msub = p.add_subparsers(dest="evaluate_command")
-    m = add_command(msub, "merge", _cmd_evaluate, MergeRun, EvalConfig,
-                    help="merge DIR/shards/* into the report a single run writes")
+    m = add_command(
+        msub,
+        "merge",
+        _cmd_evaluate,
+        MergeRun,
+        EvalConfig,
+        help="merge DIR/shards/* into the report a single run writes",
+    )
     m.set_defaults(merge=True, shard=None)

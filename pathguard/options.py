@@ -127,13 +127,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
             parser.add_argument(flag, dest=dest, action="store_const", const=const, default=None, help=help_text)
             continue
         kwargs = {k: meta[k] for k in ("choices", "nargs") if k in meta}
-        parser.add_argument(flag, dest=dest, type=parser_of(typ, meta) if "nargs" not in meta else str,
-                            default=None, required=bool(meta.get("required")),
-                            metavar=meta.get("metavar", dest.upper()), help=help_text, **kwargs)
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=parser_of(typ, meta) if "nargs" not in meta else str,
+            default=None,
+            required=bool(meta.get("required")),
+            metavar=meta.get("metavar", dest.upper()),
+            help=help_text,
+            **kwargs,
+        )
 
 
-def _value(dest: str, f: dataclasses.Field, typ: Any, args: argparse.Namespace | None,
-           environ: Mapping[str, str]) -> Any:
+def _value(
+    dest: str, f: dataclasses.Field, typ: Any, args: argparse.Namespace | None, environ: Mapping[str, str]
+) -> Any:
     """The flag's value, else the environment's, else ``dataclasses.MISSING``."""
     given = getattr(args, dest, None) if args is not None else None
     if given is not None:
@@ -149,8 +157,13 @@ def _value(dest: str, f: dataclasses.Field, typ: Any, args: argparse.Namespace |
         raise ValueError(f"{env_name(dest)}={raw!r} is not a valid {typ}") from None
 
 
-def config_from(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
-                base: Any = None, prefix: str = "") -> T:
+def config_from(
+    cls: type[T],
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+    base: Any = None,
+    prefix: str = "",
+) -> T:
     """Build ``cls`` from the flags that were given, then ``PATHGUARD_*`` variables, then ``base`` (a
     config read from a file, which then stands in for the environment), then the defaults.
 
@@ -193,8 +206,13 @@ def required(help_text: str, **meta: Any) -> Any:
     return opt("", help_text, required=True, **meta)
 
 
-def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
-                *configs: type, **parser_kwargs: Any) -> argparse.ArgumentParser:
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    *configs: type,
+    **parser_kwargs: Any,
+) -> argparse.ArgumentParser:
     """A subcommand whose flags are those of ``configs`` (in order) and which runs ``func(args)``."""
     parser = sub.add_parser(name, **parser_kwargs)
     for cls in configs:

@@ -71,11 +71,17 @@ _FATAL = {"UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED", "DEADLINE_EXCEE
 
 
 def _row(path: str, i: int, n: int, r) -> dict:
-    row = {"image": path if n == 1 else f"{path}[{i}]", "class_index": r.class_index,
-           "class_name": r.class_name, "confidence": r.confidence,
-           "adversarial_score": r.adversarial_score, "is_adversarial": r.is_adversarial,
-           "threshold": r.threshold, "active_filter_ratio": r.active_filter_ratio,
-           "flops_fraction": r.flops_fraction}
+    row = {
+        "image": path if n == 1 else f"{path}[{i}]",
+        "class_index": r.class_index,
+        "class_name": r.class_name,
+        "confidence": r.confidence,
+        "adversarial_score": r.adversarial_score,
+        "is_adversarial": r.is_adversarial,
+        "threshold": r.threshold,
+        "active_filter_ratio": r.active_filter_ratio,
+        "flops_fraction": r.flops_fraction,
+    }
     if r.top_classes:
         row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability} for c in r.top_classes]
     return row
@@ -122,9 +128,16 @@ def _cmd_screen(args: argparse.Namespace) -> int:
     rows: dict[int, list[dict]] = {}  # input position -> its rows
     fatal = None
     try:
-        with PathGuardClient(cfg.target, token=token, tls=cfg.tls, tls_ca=cfg.tls_ca, client_cert=cfg.client_cert,
-                             client_key=cfg.client_key, timeout=cfg.timeout,
-                             insecure_token=cfg.insecure_token) as client:
+        with PathGuardClient(
+            cfg.target,
+            token=token,
+            tls=cfg.tls,
+            tls_ca=cfg.tls_ca,
+            client_cert=cfg.client_cert,
+            client_key=cfg.client_key,
+            timeout=cfg.timeout,
+            insecure_token=cfg.insecure_token,
+        ) as client:
             per_call = cfg.batch or client.describe().max_images_per_request
             for call in _calls(args.images, per_call, rows):
                 _screen_call(client, call, cfg.top_k, rows)
@@ -149,24 +162,32 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{image:<32} ERROR {row['error']['code']}: {row['error']['message']}")
             continue
         flag = "YES" if row["is_adversarial"] else "no"
-        lines.append(f"{image:<32} {row['class_name'][:16]:<16} {row['confidence']:>6.3f} "
-                     f"{row['adversarial_score']:>6.3f} {flag:<11} {row['active_filter_ratio']:>6.3f} "
-                     f"{row['flops_fraction']:>6.3f}")
+        lines.append(
+            f"{image:<32} {row['class_name'][:16]:<16} {row['confidence']:>6.3f} "
+            f"{row['adversarial_score']:>6.3f} {flag:<11} {row['active_filter_ratio']:>6.3f} "
+            f"{row['flops_fraction']:>6.3f}"
+        )
         for c in row.get("top_classes", [])[1:]:
             lines.append(f"{'':<32} {c['class_name'][:16]:<16} {c['probability']:>6.3f}")
     if rows and "threshold" in next((r for r in rows if "error" not in r), {}):
-        lines.append(f"(adversarial when score > threshold "
-                     f"{next(r for r in rows if 'error' not in r)['threshold']:.4f})")
+        lines.append(
+            f"(adversarial when score > threshold {next(r for r in rows if 'error' not in r)['threshold']:.4f})"
+        )
     return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    add_command(sub, "serve", _cmd_serve, ServeConfig,
-                help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
-                       description="Serve predict-and-screen over gRPC: pathguard.v1.PathGuard, KServe v2 "
-                                   "inference.GRPCInferenceService, grpc.health.v1 and reflection; Prometheus "
-                                   "metrics at http://HOST:METRICS_PORT/metrics. SIGTERM drains and exits 0; "
-                                   "SIGHUP reloads the bundle.")
+    add_command(
+        sub,
+        "serve",
+        _cmd_serve,
+        ServeConfig,
+        help="serve a bundle over gRPC (own API + KServe v2), metrics over HTTP",
+        description="Serve predict-and-screen over gRPC: pathguard.v1.PathGuard, KServe v2 "
+        "inference.GRPCInferenceService, grpc.health.v1 and reflection; Prometheus "
+        "metrics at http://HOST:METRICS_PORT/metrics. SIGTERM drains and exits 0; "
+        "SIGHUP reloads the bundle.",
+    )
     p = sub.add_parser("screen", help="screen image files with a running server and print a table or JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files, or .npy arrays (C,H,W)/(N,C,H,W)")
     add_config_arguments(p, ScreenRun)

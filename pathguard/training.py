@@ -14,19 +14,34 @@ from .options import add_config_arguments, config_from, opt, required, switch
 # What decoupling changes from `pathguard train`'s defaults (each still a flag): distillation from the dense
 # model, gates that start on but close to their threshold (a fine-tuning learning rate moves a bias of 3
 # too slowly to switch anything off), the one-sided alignment and a short ramp, so the routing settles early.
-DECOUPLE_DEFAULTS = {"distill": 0.5, "lr": 2e-3, "align_mode": "onesided", "aux_warmup": 0.2, "w_sparsity": 0.0,
-                     "target_flops": 0.25}
+DECOUPLE_DEFAULTS = {
+    "distill": 0.5,
+    "lr": 2e-3,
+    "align_mode": "onesided",
+    "aux_warmup": 0.2,
+    "w_sparsity": 0.0,
+    "target_flops": 0.25,
+}
 DECOUPLE_GATE_DEFAULTS = {"init_bias": 0.5}
 # the data, split and architecture come from the dense bundle's own training config, so the fine-tuning
 # never trains on the images the dense model was validated on
-_FROM_DENSE = ("arch", "dataset", "data_root", "val_size", "seed", "augment", "shift", "batch_size", "train_subset",
-               "head_hidden")
+_FROM_DENSE = (
+    "arch",
+    "dataset",
+    "data_root",
+    "val_size",
+    "seed",
+    "augment",
+    "shift",
+    "batch_size",
+    "train_subset",
+    "head_hidden",
+)
 
 
 @dataclass
 class DecoupleRun:
-    source: str = required("dense bundle to start from (same architecture, trained with --gated false)",
-                           flag="--from")
+    source: str = required("dense bundle to start from (same architecture, trained with --gated false)", flag="--from")
     out: str = required("bundle directory to write")
     config: str | None = opt(None, "JSON file of TrainConfig fields; flags override it")
     resume: bool = switch("continue the run in --out from its last checkpoint")
@@ -41,8 +56,14 @@ def decouple_base(source: str) -> TrainConfig:
     meta = read_meta(source)
     dense = meta.get("train_config") or {}
     defaults = TrainConfig().to_dict()
-    values = {**defaults, **{k: dense[k] for k in _FROM_DENSE if k in dense}, **DECOUPLE_DEFAULTS,
-              "arch": meta["arch"], "gated": True, "init_from": str(source)}
+    values = {
+        **defaults,
+        **{k: dense[k] for k in _FROM_DENSE if k in dense},
+        **DECOUPLE_DEFAULTS,
+        "arch": meta["arch"],
+        "gated": True,
+        "init_from": str(source),
+    }
     values["gate"] = {**defaults["gate"], **DECOUPLE_GATE_DEFAULTS}
     return TrainConfig.from_dict(values)
 
@@ -70,8 +91,9 @@ def _cmd_decouple(args: argparse.Namespace) -> int:
 class ReportRun:
     bundles: tuple[str, ...] = opt((), "trained bundles, one point each", nargs="+", required=True)
     dense: str | None = opt(None, "the dense twin: the accuracy the gap is measured against")
-    evaluation: tuple[str, ...] = opt((), "evaluation report.json files (matched to bundles by model digest)",
-                                      nargs="*")
+    evaluation: tuple[str, ...] = opt(
+        (), "evaluation report.json files (matched to bundles by model digest)", nargs="*"
+    )
     detector: str = opt("path", "detector whose AUROC the report shows")
     out: str = opt("reports/training", "folder for tradeoff.json, tradeoff.md and tradeoff.png")
 
@@ -80,23 +102,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from detector.training.report import tradeoff_report
 
     run = config_from(ReportRun, args)
-    report = tradeoff_report(list(run.bundles), run.out, dense=run.dense, evaluations=list(run.evaluation),
-                             detector=run.detector)
+    report = tradeoff_report(
+        list(run.bundles), run.out, dense=run.dense, evaluations=list(run.evaluation), detector=run.detector
+    )
     print((Path(run.out) / "tradeoff.md").read_text())
     return 0 if report["points"] else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("decouple", help="turn a trained dense bundle into a decoupled (gated) one",
-                       description="Initialise the gated network from a dense bundle of the same architecture "
-                       "(every gate on: it starts at the dense accuracy), then fine-tune it with distillation "
-                       "from the dense model towards --target-flops. Data, split and architecture come from the "
-                       "dense bundle; every training setting is a flag. A checkpoint is written every epoch.")
+    p = sub.add_parser(
+        "decouple",
+        help="turn a trained dense bundle into a decoupled (gated) one",
+        description="Initialise the gated network from a dense bundle of the same architecture "
+        "(every gate on: it starts at the dense accuracy), then fine-tune it with distillation "
+        "from the dense model towards --target-flops. Data, split and architecture come from the "
+        "dense bundle; every training setting is a flag. A checkpoint is written every epoch.",
+    )
     add_config_arguments(p, DecoupleRun)
     add_config_arguments(p, TrainConfig, skip=("init_from", "gated"))
     p.set_defaults(func=_cmd_decouple)
-    p = sub.add_parser("training-report", help="accuracy / FLOPs trade-off of trained bundles against the dense twin",
-                       description="Write tradeoff.json, tradeoff.md and tradeoff.png from the bundles' own test "
-                       "metrics (and evaluation reports' AUROC where given).")
+    p = sub.add_parser(
+        "training-report",
+        help="accuracy / FLOPs trade-off of trained bundles against the dense twin",
+        description="Write tradeoff.json, tradeoff.md and tradeoff.png from the bundles' own test "
+        "metrics (and evaluation reports' AUROC where given).",
+    )
     add_config_arguments(p, ReportRun)
     p.set_defaults(func=_cmd_report)

@@ -107,9 +107,15 @@ def _settle(outcomes: list[tuple[asyncio.Future, object, BaseException | None]])
 class DynamicBatcher:
     """Queue + worker thread around a :class:`Runner`. Start with :meth:`start`, end with :meth:`stop`."""
 
-    def __init__(self, runner: Runner | None = None, *, max_batch_size: int = MAX_BATCH_SIZE,
-                 max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000, max_queue_size: int = MAX_QUEUE_SIZE,
-                 max_queue_images: int | None = None) -> None:
+    def __init__(
+        self,
+        runner: Runner | None = None,
+        *,
+        max_batch_size: int = MAX_BATCH_SIZE,
+        max_queue_delay: float = MAX_QUEUE_DELAY_MS / 1000,
+        max_queue_size: int = MAX_QUEUE_SIZE,
+        max_queue_images: int | None = None,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_queue_size < 1:
@@ -203,8 +209,9 @@ class DynamicBatcher:
             raise
         self._arriving -= 1  # submit() follows at once and wakes the worker if the batch is ready
 
-    def submit(self, images: Tensor, deadline: float | None = None,
-               loop: asyncio.AbstractEventLoop | None = None) -> Future | asyncio.Future:
+    def submit(
+        self, images: Tensor, deadline: float | None = None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Future | asyncio.Future:
         """Queue validated images (N, C, H, W); the future resolves to their :class:`ScreenResult`.
 
         With ``loop`` (call from that loop's thread) the future is an :class:`asyncio.Future` of it, else a
@@ -249,9 +256,14 @@ class DynamicBatcher:
                 self._busy_since = time.monotonic()
                 queued = len(self._queue)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("batch of %d requests after %.1f ms idle + %.1f ms waiting; %d left queued, %d arriving",
-                              len(batch), 1000 * (waited - free_since), 1000 * (time.monotonic() - waited),
-                              queued, self._arriving)
+                    log.debug(
+                        "batch of %d requests after %.1f ms idle + %.1f ms waiting; %d left queued, %d arriving",
+                        len(batch),
+                        1000 * (waited - free_since),
+                        1000 * (time.monotonic() - waited),
+                        queued,
+                        self._arriving,
+                    )
             metrics.QUEUE_DEPTH.set(queued)
             try:
                 self._compute(batch, runner)
@@ -309,11 +321,25 @@ class DynamicBatcher:
             if not request.claim():
                 continue  # the caller cancelled or went away
             if request.deadline is not None and now >= request.deadline:
-                outcomes.append((request, None, DeadlineExpired(
-                    f"the deadline passed after {now - request.enqueued:.3f} s in the queue; not computed")))
+                outcomes.append(
+                    (
+                        request,
+                        None,
+                        DeadlineExpired(
+                            f"the deadline passed after {now - request.enqueued:.3f} s in the queue; not computed"
+                        ),
+                    )
+                )
             elif runner is None or tuple(request.images.shape[1:]) != tuple(runner.input_shape):
-                outcomes.append((request, None, InvalidInput(
-                    "the model was replaced by one with another input shape while this request waited")))
+                outcomes.append(
+                    (
+                        request,
+                        None,
+                        InvalidInput(
+                            "the model was replaced by one with another input shape while this request waited"
+                        ),
+                    )
+                )
             else:
                 live.append(request)
         if live:
@@ -342,8 +368,9 @@ class DynamicBatcher:
             metrics.BATCH_SIZE.observe(len(images))
             info = getattr(result, "info", None) or getattr(runner, "info", None)
             classes = info.classes if info is not None else tuple(str(i) for i in range(result.probabilities.shape[1]))
-            metrics.observe_results(result.predictions, result.scores, result.flags, result.active_ratio,
-                                    result.threshold, classes)
+            metrics.observe_results(
+                result.predictions, result.scores, result.flags, result.active_ratio, result.threshold, classes
+            )
             if len(live) == 1:
                 return [(live[0], result, None)]
             out: list[_Outcome] = []
@@ -392,4 +419,5 @@ def _batch_error(exc: Exception, doing: str) -> Exception:
     if isinstance(exc, ServiceError):
         return exc
     return BatchFailed(
-        f"{doing} the batch this request was part of failed ({type(exc).__name__}); the server log has the details")
+        f"{doing} the batch this request was part of failed ({type(exc).__name__}); the server log has the details"
+    )

@@ -56,14 +56,20 @@ class ImageResult:
     def from_proto(cls, r: pb.ImageResult) -> ImageResult:
         path = None
         if r.path_length:
-            path = np.unpackbits(np.frombuffer(r.path_bits, dtype=np.uint8))[:r.path_length]
-        return cls(class_index=r.class_index, class_name=r.class_name, adversarial_score=r.adversarial_score,
-                   is_adversarial=r.is_adversarial, threshold=r.threshold, active_filter_ratio=r.active_filter_ratio,
-                   flops_fraction=r.flops_fraction,
-                   probabilities=np.array(r.probabilities, dtype=np.float32) if len(r.probabilities) else None,
-                   top_classes=[ClassProbability(c.class_index, c.class_name, c.probability) for c in r.top_classes],
-                   path=path,
-                   layer_departure=np.array(r.layer_departure, dtype=np.float32) if len(r.layer_departure) else None)
+            path = np.unpackbits(np.frombuffer(r.path_bits, dtype=np.uint8))[: r.path_length]
+        return cls(
+            class_index=r.class_index,
+            class_name=r.class_name,
+            adversarial_score=r.adversarial_score,
+            is_adversarial=r.is_adversarial,
+            threshold=r.threshold,
+            active_filter_ratio=r.active_filter_ratio,
+            flops_fraction=r.flops_fraction,
+            probabilities=np.array(r.probabilities, dtype=np.float32) if len(r.probabilities) else None,
+            top_classes=[ClassProbability(c.class_index, c.class_name, c.probability) for c in r.top_classes],
+            path=path,
+            layer_departure=np.array(r.layer_departure, dtype=np.float32) if len(r.layer_departure) else None,
+        )
 
     @property
     def confidence(self) -> float:
@@ -105,11 +111,19 @@ class StreamItem:
     error: ScreenError | None = None
 
 
-def build_request(images: ImageInput, *, top_k: int = 0, include_path: bool = False,
-                  include_departure: bool = False, request_id: str = "") -> pb.ScreenRequest:
+def build_request(
+    images: ImageInput,
+    *,
+    top_k: int = 0,
+    include_path: bool = False,
+    include_departure: bool = False,
+    request_id: str = "",
+) -> pb.ScreenRequest:
     """The ``ScreenRequest`` for ``images`` (see the module docstring for what ``images`` may be)."""
-    request = pb.ScreenRequest(request_id=request_id, options=pb.ScreenOptions(
-        top_k=top_k, include_path=include_path, include_departure=include_departure))
+    request = pb.ScreenRequest(
+        request_id=request_id,
+        options=pb.ScreenOptions(top_k=top_k, include_path=include_path, include_departure=include_departure),
+    )
     if isinstance(images, (str, Path, bytes)):
         images = [images]
     if isinstance(images, (list, tuple)):
@@ -145,8 +159,10 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     shapes = {b.shape[1:] for b in batches}
     dtypes = {b.dtype for b in batches}
     if any(b.ndim != 4 for b in batches) or len(shapes) != 1 or len(dtypes) != 1:
-        raise ValueError(f"a list of arrays must hold (C, H, W) images or (N, C, H, W) batches of one shape and "
-                         f"dtype; got shapes {[a.shape for a in arrays]} and dtypes {sorted(map(str, dtypes))}")
+        raise ValueError(
+            f"a list of arrays must hold (C, H, W) images or (N, C, H, W) batches of one shape and "
+            f"dtype; got shapes {[a.shape for a in arrays]} and dtypes {sorted(map(str, dtypes))}"
+        )
     return np.concatenate(batches)
 
 
@@ -165,20 +181,36 @@ class PathGuardClient:
     insecure_token : send ``token`` over a plaintext channel anyway (it travels in clear; for loopback tests).
     """
 
-    def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
-                 tls_ca: str | Path | bytes | None = None, client_cert: str | Path | bytes | None = None,
-                 client_key: str | Path | bytes | None = None, timeout: float = 30.0,
-                 stream_timeout: float = DEFAULT_STREAM_TIMEOUT, insecure_token: bool = False,
-                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | bytes | None = None,
+        client_cert: str | Path | bytes | None = None,
+        client_key: str | Path | bytes | None = None,
+        timeout: float = 30.0,
+        stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
+        insecure_token: bool = False,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
         secure = bool(tls or tls_ca or client_cert)
         if token and not secure and not insecure_token:
-            raise ValueError(f"refusing to send a bearer token to {target} over plaintext: enable TLS (tls=True or "
-                             "tls_ca=...) or pass insecure_token=True")
-        opts = [("grpc.max_receive_message_length", max_message_mb << 20),
-                ("grpc.max_send_message_length", max_message_mb << 20), *options]
+            raise ValueError(
+                f"refusing to send a bearer token to {target} over plaintext: enable TLS (tls=True or "
+                "tls_ca=...) or pass insecure_token=True"
+            )
+        opts = [
+            ("grpc.max_receive_message_length", max_message_mb << 20),
+            ("grpc.max_send_message_length", max_message_mb << 20),
+            *options,
+        ]
         if secure:
-            creds = grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca), private_key=_pem(client_key),
-                                                 certificate_chain=_pem(client_cert))
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca), private_key=_pem(client_key), certificate_chain=_pem(client_cert)
+            )
             self._channel = grpc.secure_channel(target, creds, options=opts)
         else:
             self._channel = grpc.insecure_channel(target, options=opts)
@@ -187,36 +219,65 @@ class PathGuardClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
 
-    def screen(self, images: ImageInput, *, top_k: int = 0, include_path: bool = False,
-               include_departure: bool = False, timeout: float | None = None) -> list[ImageResult]:
+    def screen(
+        self,
+        images: ImageInput,
+        *,
+        top_k: int = 0,
+        include_path: bool = False,
+        include_departure: bool = False,
+        timeout: float | None = None,
+    ) -> list[ImageResult]:
         """Screen images in one call; one :class:`ImageResult` per image, in order."""
         request = build_request(images, top_k=top_k, include_path=include_path, include_departure=include_departure)
         response = self._stub.ScreenImages(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return [ImageResult.from_proto(r) for r in response.results]
 
-    def screen_stream(self, batches: Iterable[ImageInput], *, top_k: int = 0, include_path: bool = False,
-                      include_departure: bool = False, timeout: float | None = None) -> Iterator[StreamItem]:
+    def screen_stream(
+        self,
+        batches: Iterable[ImageInput],
+        *,
+        top_k: int = 0,
+        include_path: bool = False,
+        include_departure: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[StreamItem]:
         """Screen many requests over one bidirectional stream (pipelined); yields one item per request, in
         order, with ``request_id`` the request's position as a string. ``timeout`` bounds the whole stream
         (default :attr:`stream_timeout`)."""
-        requests = (build_request(b, top_k=top_k, include_path=include_path, include_departure=include_departure,
-                                  request_id=str(i)) for i, b in enumerate(batches))
-        for response in self._stub.ScreenStream(requests, timeout=timeout or self.stream_timeout,
-                                                metadata=self._metadata):
+        requests = (
+            build_request(
+                b, top_k=top_k, include_path=include_path, include_departure=include_departure, request_id=str(i)
+            )
+            for i, b in enumerate(batches)
+        )
+        for response in self._stub.ScreenStream(
+            requests, timeout=timeout or self.stream_timeout, metadata=self._metadata
+        ):
             error = None
             if response.HasField("error"):
                 error = ScreenError(response.error.code_name, response.error.message)
             yield StreamItem(response.request_id, [ImageResult.from_proto(r) for r in response.results], error)
 
     def describe(self, timeout: float | None = None) -> ModelDescription:
-        d = self._stub.DescribeModel(pb.DescribeModelRequest(), timeout=timeout or self.timeout,
-                                     metadata=self._metadata)
-        return ModelDescription(name=d.name, version=d.version, arch=d.arch, classes=list(d.classes),
-                                input_shape=tuple(d.input_shape), threshold=d.threshold,
-                                layers=[(layer.name, layer.filters) for layer in d.layers], path_length=d.path_length,
-                                max_images_per_request=d.max_images_per_request, max_batch_size=d.max_batch_size,
-                                encodings=list(d.encodings), dtypes=[pb.DataType.Name(t) for t in d.dtypes],
-                                metrics=dict(d.metrics))
+        d = self._stub.DescribeModel(
+            pb.DescribeModelRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return ModelDescription(
+            name=d.name,
+            version=d.version,
+            arch=d.arch,
+            classes=list(d.classes),
+            input_shape=tuple(d.input_shape),
+            threshold=d.threshold,
+            layers=[(layer.name, layer.filters) for layer in d.layers],
+            path_length=d.path_length,
+            max_images_per_request=d.max_images_per_request,
+            max_batch_size=d.max_batch_size,
+            encodings=list(d.encodings),
+            dtypes=[pb.DataType.Name(t) for t in d.dtypes],
+            metrics=dict(d.metrics),
+        )
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """``grpc.health.v1`` status name of ``service`` ("" = the server): "SERVING", "NOT_SERVING", ..."""

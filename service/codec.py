@@ -34,8 +34,9 @@ def parse_shape(shape: Sequence[int], input_shape: Sequence[int], max_images: in
     if len(shape) == 3:
         shape = (1, *shape)
     if len(shape) != 4:
-        raise InvalidInput(f"shape {list(shape)} must be (N, C, H, W) or (C, H, W) with (C, H, W) = "
-                           f"{tuple(input_shape)}")
+        raise InvalidInput(
+            f"shape {list(shape)} must be (N, C, H, W) or (C, H, W) with (C, H, W) = {tuple(input_shape)}"
+        )
     if any(s < 0 for s in shape):
         raise InvalidInput(f"shape {list(shape)} has a negative dimension")
     if shape[1:] != tuple(input_shape):
@@ -80,20 +81,23 @@ def _check_float(array: np.ndarray) -> None:
         raise InvalidInput(f"pixel values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
 
 
-def images_from_buffer(data: bytes, dtype: str, shape: Sequence[int], input_shape: Sequence[int],
-                       max_images: int) -> Tensor:
+def images_from_buffer(
+    data: bytes, dtype: str, shape: Sequence[int], input_shape: Sequence[int], max_images: int
+) -> Tensor:
     """Images from raw row-major bytes of ``dtype`` (a :data:`DTYPES` name) and ``shape``."""
     np_dtype = _dtype(dtype)
     shape = parse_shape(shape, input_shape, max_images)
     expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
-        raise InvalidInput(f"{len(data)} bytes of data do not match shape {list(shape)} of {dtype} "
-                           f"({expected} bytes expected)")
+        raise InvalidInput(
+            f"{len(data)} bytes of data do not match shape {list(shape)} of {dtype} ({expected} bytes expected)"
+        )
     return _to_unit_tensor(np.frombuffer(data, dtype=np_dtype).reshape(shape), input_shape, max_images)
 
 
-def images_from_values(values: Sequence[float] | np.ndarray, dtype: str, shape: Sequence[int],
-                       input_shape: Sequence[int], max_images: int) -> Tensor:
+def images_from_values(
+    values: Sequence[float] | np.ndarray, dtype: str, shape: Sequence[int], input_shape: Sequence[int], max_images: int
+) -> Tensor:
     """Images from a flat sequence of typed values (e.g. KServe ``fp32_contents``) and ``shape``."""
     np_dtype = _dtype(dtype)
     shape = parse_shape(shape, input_shape, max_images)
@@ -135,8 +139,10 @@ def _decode_one(index: int, blob: bytes, mode: str, height: int, width: int) -> 
         raise InvalidInput(f"image {index}: not a decodable PNG or JPEG file ({len(blob)} bytes)") from None
     with image:
         if image.size != (width, height):
-            raise InvalidInput(f"image {index} is {image.size[0]}x{image.size[1]} (width x height); the model "
-                               f"takes {width}x{height} (images are not resized)")
+            raise InvalidInput(
+                f"image {index} is {image.size[0]}x{image.size[1]} (width x height); the model "
+                f"takes {width}x{height} (images are not resized)"
+            )
         try:
             image.load()
             pixels = np.asarray(image.convert(mode), dtype=np.uint8)

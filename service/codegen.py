@@ -41,8 +41,15 @@ def generate(out_dir: Path = OUT_DIR, proto_root: Path = PROTO_ROOT) -> list[Pat
 
     include = str(resources.files("grpc_tools") / "_proto")
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["grpc_tools.protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={tmp}",
-                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *PROTOS]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{proto_root}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *PROTOS,
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {PROTOS} (see its messages above)")
         if out_dir.exists():

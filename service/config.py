@@ -23,6 +23,7 @@ DEFAULT_MAX_MESSAGE_MB = 16
 ENCODED_ROOM_PER_IMAGE = 16 << 10
 ENVELOPE_ROOM = 64 << 10
 
+
 def _opt(help_text: str, default: Any = None) -> Any:
     return field(default=default, metadata={"help": help_text})
 
@@ -42,40 +43,52 @@ class ServeConfig:
     # Loopback unless told otherwise: the image and the manifests set 0.0.0.0 (PATHGUARD_HOST).
     host: str = _opt("address to listen on (gRPC, metrics and probes); 0.0.0.0 for all interfaces", "127.0.0.1")
     port: int = _opt("gRPC port (0: any free port)", 50051)
-    metrics_port: int = _opt("HTTP port of Prometheus /metrics and the plaintext probes /healthz, /readyz "
-                             "(0: any free port)", 8002)
+    metrics_port: int = _opt(
+        "HTTP port of Prometheus /metrics and the plaintext probes /healthz, /readyz (0: any free port)", 8002
+    )
     # 0 asks the cgroup CPU quota: a container limited to 2 CPUs on a 64-core node must not start 64 threads.
-    threads: int = _opt("torch intra-op threads per worker (0: the CPU quota of this container shared out over "
-                        "the workers)", 0)
+    threads: int = _opt(
+        "torch intra-op threads per worker (0: the CPU quota of this container shared out over the workers)", 0
+    )
     # One process runs Python on one core at a time; more cores serve more calls with more processes.
-    workers: int = _opt("server processes sharing the port (SO_REUSEPORT), each with its own model copy "
-                        "(0: one per CPU of the quota)", 1)
+    workers: int = _opt(
+        "server processes sharing the port (SO_REUSEPORT), each with its own model copy (0: one per CPU of the quota)",
+        1,
+    )
     max_batch_size: int = _opt("most images the model computes in one batch", MAX_BATCH_SIZE)
     max_queue_delay_ms: float = _opt("longest a request waits for others to join its batch", MAX_QUEUE_DELAY_MS)
     max_queue_size: int = _opt("most requests waiting for the model; more get RESOURCE_EXHAUSTED", MAX_QUEUE_SIZE)
     max_queue_images: int = _opt("most images waiting for the model; more get RESOURCE_EXHAUSTED", 1024)
     grace_period: float = _opt("seconds accepted calls get to finish after SIGTERM", 20.0)
-    max_message_mb: int = _opt("largest request message, MiB (0: derived from the model's input shape and "
-                               "max_images_per_request)", 0)
+    max_message_mb: int = _opt(
+        "largest request message, MiB (0: derived from the model's input shape and max_images_per_request)", 0
+    )
     max_images_per_request: int = _opt("most images in one request", 64)
-    max_request_memory_mb: int = _opt("memory the requests in flight may take, MiB (charged per message before "
-                                      "it is parsed; beyond it RESOURCE_EXHAUSTED)", 384)
+    max_request_memory_mb: int = _opt(
+        "memory the requests in flight may take, MiB (charged per message before "
+        "it is parsed; beyond it RESOURCE_EXHAUSTED)",
+        384,
+    )
     engine: str = _opt("how the model runs: skipping (only filters whose gate is on; faster) or masked", "skipping")
     tls_cert: str | None = _opt("PEM server certificate (chain); enables TLS")
     tls_key: str | None = _opt("PEM private key of --tls-cert")
     tls_client_ca: str | None = _opt("PEM CA bundle; clients must present a certificate it signed (mTLS)")
-    auth_token_file: str | None = _opt("file of bearer tokens callers may send, one a line (health is exempt); "
-                                       "re-read on SIGHUP")
+    auth_token_file: str | None = _opt(
+        "file of bearer tokens callers may send, one a line (health is exempt); re-read on SIGHUP"
+    )
     # Clients keep one HTTP/2 connection for as long as it lives; a maximum age makes them reconnect (and
     # re-resolve), so new pods behind a headless Service get traffic after a scale-out.
     max_connection_age: float = _opt("seconds before a connection is asked to close (GOAWAY; 0: never)", 300.0)
     max_connection_age_grace: float = _opt("seconds calls on an aged connection get to finish", 30.0)
-    keepalive_min_interval: float = _opt("shortest interval between client keepalive pings; faster pingers "
-                                         "are disconnected", 10.0)
-    watchdog_seconds: float = _opt("health NOT_SERVING (readiness) once the worker makes no progress this long",
-                                   30.0)
-    liveness_seconds: float = _opt("the `liveness` health service NOT_SERVING once the worker makes no progress "
-                                   "this long (the liveness probe restarts the pod)", 120.0)
+    keepalive_min_interval: float = _opt(
+        "shortest interval between client keepalive pings; faster pingers are disconnected", 10.0
+    )
+    watchdog_seconds: float = _opt("health NOT_SERVING (readiness) once the worker makes no progress this long", 30.0)
+    liveness_seconds: float = _opt(
+        "the `liveness` health service NOT_SERVING once the worker makes no progress "
+        "this long (the liveness probe restarts the pod)",
+        120.0,
+    )
 
     def validate(self) -> ServeConfig:
         """Raise ``ValueError`` naming the first field out of range; return self."""
@@ -92,15 +105,27 @@ class ServeConfig:
         for name, zero in (("workers", "one per CPU"), ("threads", "the CPU quota")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: {zero})")
-        for name in ("max_batch_size", "max_queue_size", "max_queue_images", "max_images_per_request",
-                     "max_request_memory_mb"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "max_queue_images",
+            "max_images_per_request",
+            "max_request_memory_mb",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_queue_images < self.max_batch_size:
-            raise ValueError(f"max_queue_images={self.max_queue_images} must be >= "
-                             f"max_batch_size={self.max_batch_size}")
-        for name in ("max_queue_delay_ms", "grace_period", "max_message_mb", "max_connection_age",
-                     "max_connection_age_grace", "keepalive_min_interval"):
+            raise ValueError(
+                f"max_queue_images={self.max_queue_images} must be >= max_batch_size={self.max_batch_size}"
+            )
+        for name in (
+            "max_queue_delay_ms",
+            "grace_period",
+            "max_message_mb",
+            "max_connection_age",
+            "max_connection_age_grace",
+            "keepalive_min_interval",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("watchdog_seconds", "liveness_seconds"):
@@ -149,6 +174,7 @@ class ScreenConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if bool(self.client_cert) != bool(self.client_key):
-            raise ValueError(f"client_cert={self.client_cert!r} and client_key={self.client_key!r} "
-                             "must be given together")
+            raise ValueError(
+                f"client_cert={self.client_cert!r} and client_key={self.client_key!r} must be given together"
+            )
         return self

@@ -76,7 +76,7 @@ def _bounded(message: str) -> str:
     data = message.encode("utf-8", "replace")
     if len(data) <= MAX_MESSAGE_BYTES:
         return message
-    return data[:MAX_MESSAGE_BYTES - 16].decode("utf-8", "ignore") + " ...(truncated)"
+    return data[: MAX_MESSAGE_BYTES - 16].decode("utf-8", "ignore") + " ...(truncated)"
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

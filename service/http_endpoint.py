@@ -84,8 +84,9 @@ class _Handler(exposition.MetricsHandler):
         super().do_GET()
 
 
-def start_http_endpoint(host: str, port: int, probes: Probes,
-                        registry: CollectorRegistry | None = None) -> ThreadingHTTPServer:
+def start_http_endpoint(
+    host: str, port: int, probes: Probes, registry: CollectorRegistry | None = None
+) -> ThreadingHTTPServer:
     """Serve ``/metrics`` (``registry``, by default the server's :data:`service.metrics.REGISTRY`), ``/healthz``
     and ``/readyz`` at ``http://host:port`` from a daemon thread; port 0 picks a free one
     (``server.server_address[1]``). Stop it with ``shutdown()`` and ``server_close()``.

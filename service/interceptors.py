@@ -85,6 +85,7 @@ def _tolerant(deserializer: Callable[[bytes], object] | None, count: bool = Fals
             return deserializer(data)
         except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8 in a string field...
             return _Malformed(f"the request is not a well-formed protobuf message ({exc})")
+
     return deserialize
 
 
@@ -101,14 +102,20 @@ class _Arrived:
 def _arrival(budget: RequestBudget | None, ticket: Ticket | None) -> Callable[[bytes], _Arrived]:
     """The per-call "deserializer": charges the message's bytes to ``budget`` as they arrive and hands them on
     unparsed (the shared wrapper parses them, once they are charged and the call is admitted)."""
+
     def arrive(data: bytes) -> _Arrived:
         if budget is None:
             return _Arrived(data, ticket)
         charge = budget.charge(len(data))
         if charge is None:
-            return _Arrived(_OverBudget(f"the server is at its memory budget for requests in flight "
-                                        f"({budget.limit >> 20} MiB); retry later"), ticket)
+            return _Arrived(
+                _OverBudget(
+                    f"the server is at its memory budget for requests in flight ({budget.limit >> 20} MiB); retry later"
+                ),
+                ticket,
+            )
         return _Arrived(Charged(data, budget, charge), ticket)
+
     return arrive
 
 
@@ -154,8 +161,9 @@ def _parse(deserializer: Callable[[bytes], object] | None, data: object) -> obje
         raise InvalidInput(f"the request is not a well-formed protobuf message ({exc})") from None
 
 
-async def _parsed_stream(deserializer: Callable[[bytes], object] | None, requests: AsyncIterator,
-                         held: list) -> AsyncIterator:
+async def _parsed_stream(
+    deserializer: Callable[[bytes], object] | None, requests: AsyncIterator, held: list
+) -> AsyncIterator:
     async for data in requests:
         if isinstance(data, _Arrived) and data.ticket is not None and not held:
             held.append(data.ticket)  # released by the wrapper when the call ends
@@ -171,6 +179,7 @@ def _serializer(serializer: Callable[[object], bytes] | None) -> Callable[[objec
 
     def _serialize(message: object) -> bytes:  # a frame of its own, for profiles (bench/serve_cost.py)
         return serializer(message)
+
     return _serialize
 
 
@@ -188,7 +197,8 @@ class _CallMetrics:
         if children is None:
             children = self._children[code] = (
                 metrics.REQUESTS.labels(method=self.method, code=code.name),
-                metrics.REQUEST_DURATION.labels(method=self.method, code=code.name))
+                metrics.REQUEST_DURATION.labels(method=self.method, code=code.name),
+            )
         metrics.INFLIGHT.dec()
         children[0].inc()
         children[1].observe(seconds)
@@ -197,8 +207,14 @@ class _CallMetrics:
 class ServiceInterceptor(aio.ServerInterceptor):
     """See the module docstring. ``max_active`` None: no admission limit."""
 
-    def __init__(self, services: Collection[str], tokens: Iterable[str] = (), max_active: int | None = None,
-                 budget: RequestBudget | None = None, max_open: int | None = None) -> None:
+    def __init__(
+        self,
+        services: Collection[str],
+        tokens: Iterable[str] = (),
+        max_active: int | None = None,
+        budget: RequestBudget | None = None,
+        max_open: int | None = None,
+    ) -> None:
         self._services = frozenset(services)
         self.set_tokens(tokens)
         self._max_active = max_active
@@ -212,8 +228,9 @@ class ServiceInterceptor(aio.ServerInterceptor):
         self.active = 0  # admitted calls not finished yet
         self.finished = 0  # admitted calls finished, whatever their status
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable],
-                                details: grpc.HandlerCallDetails):
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable], details: grpc.HandlerCallDetails
+    ):
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -243,10 +260,12 @@ class ServiceInterceptor(aio.ServerInterceptor):
             wrapped = grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, calls, parse, serialize))
         elif handler.stream_stream:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                self._streaming(handler.stream_stream, calls, parse, serialize))
+                self._streaming(handler.stream_stream, calls, parse, serialize)
+            )
         elif handler.unary_stream:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, calls, parse, serialize))
+                self._streaming(handler.unary_stream, calls, parse, serialize)
+            )
         else:
             wrapped = grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, calls, parse, serialize))
         return wrapped, calls
@@ -263,8 +282,12 @@ class ServiceInterceptor(aio.ServerInterceptor):
             if isinstance(request, _Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             return await behavior(request, context)
-        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_tolerant(handler.request_deserializer),
-                                                   response_serializer=handler.response_serializer)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
     def set_tokens(self, tokens: Iterable[str]) -> None:
         """Accept these bearer tokens from now on (none: no authentication). Calls already admitted go on."""
@@ -286,22 +309,28 @@ class ServiceInterceptor(aio.ServerInterceptor):
     def _refused(handler, calls: _CallMetrics, code: grpc.StatusCode, message: str):
         """A handler for ``handler``'s method that answers ``code`` without reading the request: it takes the
         request as a stream and never iterates it, so gRPC never receives or parses the message."""
+
         def record() -> None:
             metrics.INFLIGHT.inc()
             calls.record(code, 0.0)
 
-        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer, count=True),
-                  "response_serializer": handler.response_serializer}
+        kwargs = {
+            "request_deserializer": _tolerant(handler.request_deserializer, count=True),
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary or handler.stream_unary:
+
             async def refuse(request_iterator, context: aio.ServicerContext):
                 record()
                 await context.abort(code, message)
+
             return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
 
         async def refuse_stream(request_iterator, context: aio.ServicerContext):
             record()
             await context.abort(code, message)
             yield  # pragma: no cover  (makes this an async generator; abort raised above)
+
         return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
 
     def _overloaded_message(self) -> str:
@@ -346,6 +375,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 _release_all(held)
             calls.record(grpc.StatusCode.OK, time.perf_counter() - start)
             return response
+
         return wrapper
 
     def _streaming(self, behavior, calls: _CallMetrics, parse, serialize):
@@ -363,10 +393,10 @@ class ServiceInterceptor(aio.ServerInterceptor):
             finally:
                 _release_all(held)
             calls.record(grpc.StatusCode.OK, time.perf_counter() - start)
+
         return wrapper
 
-    async def _fail(self, exc: BaseException, context: aio.ServicerContext, calls: _CallMetrics,
-                    start: float) -> None:
+    async def _fail(self, exc: BaseException, context: aio.ServicerContext, calls: _CallMetrics, start: float) -> None:
         """End a failed call: abort with the status ``exc`` maps to, or re-raise it (cancellation, a deadline,
         an abort already sent). Never returns."""
         status = self._record_failure(exc, context, calls, start)
@@ -374,8 +404,9 @@ class ServiceInterceptor(aio.ServerInterceptor):
             raise exc
         await context.abort(*status)
 
-    def _record_failure(self, exc: BaseException, context: aio.ServicerContext, calls: _CallMetrics,
-                        start: float) -> tuple[grpc.StatusCode, str] | None:
+    def _record_failure(
+        self, exc: BaseException, context: aio.ServicerContext, calls: _CallMetrics, start: float
+    ) -> tuple[grpc.StatusCode, str] | None:
         """Count a failed call; return the status to abort with, or None to let ``exc`` propagate
         (cancellation, a deadline, an abort already sent)."""
         elapsed = time.perf_counter() - start
@@ -394,5 +425,6 @@ class ServiceInterceptor(aio.ServerInterceptor):
     @staticmethod
     def _cancelled_code(context: aio.ServicerContext) -> grpc.StatusCode:
         remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
-            grpc.StatusCode.CANCELLED
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        )

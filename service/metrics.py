@@ -43,66 +43,177 @@ if not MULTIPROCESS:
 
 # Fine between 5 and 300 ms, where a batching server's latency lives (SLOs are set in that range), coarse
 # outside it. The same buckets for every duration, so that request and queue time can be compared.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075,
-                   0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.06,
+    0.075,
+    0.1,
+    0.125,
+    0.15,
+    0.175,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 _UNIT_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 # score - threshold: fine around 0, where the flag flips (a drift of the score distribution towards the
 # threshold shows here before the flag rate moves).
-MARGIN_BUCKETS = (-1.0, -0.5, -0.3, -0.2, -0.15, -0.1, -0.075, -0.05, -0.03, -0.02, -0.01, -0.005, 0.0,
-                  0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+MARGIN_BUCKETS = (
+    -1.0,
+    -0.5,
+    -0.3,
+    -0.2,
+    -0.15,
+    -0.1,
+    -0.075,
+    -0.05,
+    -0.03,
+    -0.02,
+    -0.01,
+    -0.005,
+    0.0,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+)
 
-REQUESTS = Counter("pathguard_requests", "RPCs handled, by method and gRPC status code.",
-                   ["method", "code"], registry=REGISTRY)
-REQUEST_DURATION = Histogram("pathguard_request_duration_seconds",
-                             "Time from receiving an RPC's message to its serialized answer (parsing, queue, "
-                             "model and serialization included), by method and gRPC status code.",
-                             ["method", "code"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-QUEUE_DURATION = Histogram("pathguard_queue_duration_seconds",
-                           "Time a request waited in the batching queue before its batch started.",
-                           buckets=LATENCY_BUCKETS, registry=REGISTRY)
-COMPUTE_DURATION = Histogram("pathguard_model_compute_duration_seconds",
-                             "Time the model took to screen one batch (forward pass, features and detector).",
-                             buckets=LATENCY_BUCKETS, registry=REGISTRY)
-BATCH_SIZE = Histogram("pathguard_batch_size", "Images per batch the model computed (after dynamic batching).",
-                       buckets=(1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 48, 64, 128, 256), registry=REGISTRY)
-QUEUE_DEPTH = Gauge("pathguard_queue_depth", "Requests waiting in the batching queue.", registry=REGISTRY,
-                    multiprocess_mode="livesum")
-INFLIGHT = Gauge("pathguard_inflight_requests", "RPCs being handled now (queued or computing included).",
-                 registry=REGISTRY, multiprocess_mode="livesum")
+REQUESTS = Counter(
+    "pathguard_requests", "RPCs handled, by method and gRPC status code.", ["method", "code"], registry=REGISTRY
+)
+REQUEST_DURATION = Histogram(
+    "pathguard_request_duration_seconds",
+    "Time from receiving an RPC's message to its serialized answer (parsing, queue, "
+    "model and serialization included), by method and gRPC status code.",
+    ["method", "code"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+QUEUE_DURATION = Histogram(
+    "pathguard_queue_duration_seconds",
+    "Time a request waited in the batching queue before its batch started.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+COMPUTE_DURATION = Histogram(
+    "pathguard_model_compute_duration_seconds",
+    "Time the model took to screen one batch (forward pass, features and detector).",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "pathguard_batch_size",
+    "Images per batch the model computed (after dynamic batching).",
+    buckets=(1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 48, 64, 128, 256),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "pathguard_queue_depth", "Requests waiting in the batching queue.", registry=REGISTRY, multiprocess_mode="livesum"
+)
+INFLIGHT = Gauge(
+    "pathguard_inflight_requests",
+    "RPCs being handled now (queued or computing included).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 IMAGES = Counter("pathguard_images", "Images screened.", registry=REGISTRY)
-PREDICTIONS = Counter("pathguard_predictions", "Images screened, by predicted class (drift monitoring).",
-                      ["class_name"], registry=REGISTRY)
-FLAGGED = Counter("pathguard_adversarial_flagged",
-                  "Images whose adversarial score exceeded the threshold, by predicted class (a targeted attack "
-                  "shows as one class's flags rising).", ["class_name"], registry=REGISTRY)
-ADVERSARIAL_SCORE = Histogram("pathguard_adversarial_score", "Adversarial score of each screened image.",
-                              buckets=(0.01, 0.05, *_UNIT_BUCKETS[:-1], 0.95, 0.99, 1.0), registry=REGISTRY)
-SCORE_MARGIN = Histogram("pathguard_adversarial_score_margin",
-                         "Adversarial score minus the threshold, per screened image (> 0: flagged).",
-                         buckets=MARGIN_BUCKETS, registry=REGISTRY)
-THRESHOLD = Gauge("pathguard_adversarial_threshold", "The loaded detector's threshold on the adversarial score.",
-                  registry=REGISTRY, multiprocess_mode="livemax")
-ACTIVE_FILTER_RATIO = Histogram("pathguard_active_filter_ratio", "Fraction of gated filters each image ran.",
-                                buckets=_UNIT_BUCKETS, registry=REGISTRY)
-REQUEST_BYTES_PARSED = Counter("pathguard_request_bytes_parsed",
-                               "Bytes of PathGuard and KServe request messages parsed (refused calls add none).",
-                               registry=REGISTRY)
-MODEL_INFO = Gauge("pathguard_model_info", "1 for the loaded model: name, version, architecture and threshold.",
-                   ["name", "version", "arch", "threshold"], registry=REGISTRY, multiprocess_mode="livemax")
-RELOADS = Counter("pathguard_reloads", "Bundle reloads (SIGHUP), by result (success or failure).", ["result"],
-                  registry=REGISTRY)
-RELOAD_DURATION = Histogram("pathguard_reload_duration_seconds",
-                            "Time to load, verify and warm up a bundle on reload (the old model serves meanwhile).",
-                            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=REGISTRY)
-LAST_RELOAD = Gauge("pathguard_last_reload_timestamp_seconds", "Unix time of the last successful reload.",
-                    registry=REGISTRY, multiprocess_mode="livemax")
+PREDICTIONS = Counter(
+    "pathguard_predictions",
+    "Images screened, by predicted class (drift monitoring).",
+    ["class_name"],
+    registry=REGISTRY,
+)
+FLAGGED = Counter(
+    "pathguard_adversarial_flagged",
+    "Images whose adversarial score exceeded the threshold, by predicted class (a targeted attack "
+    "shows as one class's flags rising).",
+    ["class_name"],
+    registry=REGISTRY,
+)
+ADVERSARIAL_SCORE = Histogram(
+    "pathguard_adversarial_score",
+    "Adversarial score of each screened image.",
+    buckets=(0.01, 0.05, *_UNIT_BUCKETS[:-1], 0.95, 0.99, 1.0),
+    registry=REGISTRY,
+)
+SCORE_MARGIN = Histogram(
+    "pathguard_adversarial_score_margin",
+    "Adversarial score minus the threshold, per screened image (> 0: flagged).",
+    buckets=MARGIN_BUCKETS,
+    registry=REGISTRY,
+)
+THRESHOLD = Gauge(
+    "pathguard_adversarial_threshold",
+    "The loaded detector's threshold on the adversarial score.",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+ACTIVE_FILTER_RATIO = Histogram(
+    "pathguard_active_filter_ratio",
+    "Fraction of gated filters each image ran.",
+    buckets=_UNIT_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_BYTES_PARSED = Counter(
+    "pathguard_request_bytes_parsed",
+    "Bytes of PathGuard and KServe request messages parsed (refused calls add none).",
+    registry=REGISTRY,
+)
+MODEL_INFO = Gauge(
+    "pathguard_model_info",
+    "1 for the loaded model: name, version, architecture and threshold.",
+    ["name", "version", "arch", "threshold"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+RELOADS = Counter(
+    "pathguard_reloads", "Bundle reloads (SIGHUP), by result (success or failure).", ["result"], registry=REGISTRY
+)
+RELOAD_DURATION = Histogram(
+    "pathguard_reload_duration_seconds",
+    "Time to load, verify and warm up a bundle on reload (the old model serves meanwhile).",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+LAST_RELOAD = Gauge(
+    "pathguard_last_reload_timestamp_seconds",
+    "Unix time of the last successful reload.",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
 # The GC collector's series, fed by a gc callback, so that they add up across worker processes too.
-GC_COLLECTIONS = Counter("python_gc_collections", "Number of times this generation was collected.",
-                         ["generation"], registry=REGISTRY)
-GC_COLLECTED = Counter("python_gc_objects_collected", "Objects collected during gc.", ["generation"],
-                       registry=REGISTRY)
-GC_UNCOLLECTABLE = Counter("python_gc_objects_uncollectable", "Uncollectable objects found during gc.",
-                           ["generation"], registry=REGISTRY)
+GC_COLLECTIONS = Counter(
+    "python_gc_collections", "Number of times this generation was collected.", ["generation"], registry=REGISTRY
+)
+GC_COLLECTED = Counter("python_gc_objects_collected", "Objects collected during gc.", ["generation"], registry=REGISTRY)
+GC_UNCOLLECTABLE = Counter(
+    "python_gc_objects_uncollectable", "Uncollectable objects found during gc.", ["generation"], registry=REGISTRY
+)
 
 # Both reload series exist from the start, so that increase() has a first point.
 RELOADS.labels(result="success")
@@ -132,8 +243,9 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
         return
     histogram._raise_if_not_observable()
     # observe() puts v in the first bucket with v <= bound: searchsorted 'left' finds exactly that bucket.
-    counts = np.bincount(np.searchsorted(histogram._upper_bounds, values, side="left"),
-                         minlength=len(histogram._upper_bounds))
+    counts = np.bincount(
+        np.searchsorted(histogram._upper_bounds, values, side="left"), minlength=len(histogram._upper_bounds)
+    )
     for bucket, n in zip(histogram._buckets, counts.tolist(), strict=False):
         if n:
             bucket.inc(n)
@@ -160,8 +272,14 @@ def _counters_for(classes: Sequence[str]) -> _ClassCounters:
     return counters
 
 
-def observe_results(predictions: np.ndarray, scores: np.ndarray, flags: np.ndarray, active_ratio: np.ndarray,
-                    threshold: float, classes: Sequence[str]) -> None:
+def observe_results(
+    predictions: np.ndarray,
+    scores: np.ndarray,
+    flags: np.ndarray,
+    active_ratio: np.ndarray,
+    threshold: float,
+    classes: Sequence[str],
+) -> None:
     """Record the per-image outputs of one computed batch."""
     IMAGES.inc(len(scores))
     counters = _counters_for(classes)

@@ -84,11 +84,16 @@ class ModelRuntime:
             model = bundle.model
             layers = tuple(zip(model.layer_names, model.gate_sizes, strict=True))
         info = ModelInfo(
-            name=str(meta.get("name") or "pathguard"), version=str(meta.get("model_version") or "1"),
-            arch=str(meta["arch"]), classes=tuple(str(c) for c in bundle.classes),
+            name=str(meta.get("name") or "pathguard"),
+            version=str(meta.get("model_version") or "1"),
+            arch=str(meta["arch"]),
+            classes=tuple(str(c) for c in bundle.classes),
             input_shape=tuple(int(s) for s in bundle.input_shape),  # type: ignore[arg-type]
-            threshold=screener.threshold, layers=layers, metrics=_flatten_metrics(meta.get("metrics", {})),
-            path=str(path))
+            threshold=screener.threshold,
+            layers=layers,
+            metrics=_flatten_metrics(meta.get("metrics", {})),
+            path=str(path),
+        )
         return cls(screener, info)
 
     @property
@@ -105,8 +110,13 @@ class ModelRuntime:
         for n in batch_sizes:
             self.screen(torch.full((n, *self.input_shape), 0.5))
         elapsed = time.perf_counter() - start
-        log.info("warmed up %s v%s on batch sizes %s in %.2f s", self.info.name, self.info.version,
-                 list(batch_sizes), elapsed)
+        log.info(
+            "warmed up %s v%s on batch sizes %s in %.2f s",
+            self.info.name,
+            self.info.version,
+            list(batch_sizes),
+            elapsed,
+        )
         return elapsed
 
 

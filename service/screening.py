@@ -48,16 +48,19 @@ class ScreeningService:
 
     def __init__(self, limits: Limits = Limits()) -> None:
         self.limits = limits
-        self._batcher = DynamicBatcher(max_batch_size=limits.max_batch_size,
-                                       max_queue_delay=limits.max_queue_delay_ms / 1000.0,
-                                       max_queue_size=limits.max_queue_size,
-                                       max_queue_images=limits.max_queue_images).start()
+        self._batcher = DynamicBatcher(
+            max_batch_size=limits.max_batch_size,
+            max_queue_delay=limits.max_queue_delay_ms / 1000.0,
+            max_queue_size=limits.max_queue_size,
+            max_queue_images=limits.max_queue_images,
+        ).start()
         self._runtime: ModelRuntime | None = None
         self._load_lock = threading.Lock()
         # Decoding (PNG/JPEG, typed values, large buffers) runs here, off the event loop: one request of 64
         # JPEGs must not stall every other call. PIL and numpy release the GIL for the heavy part.
-        self._decoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                           thread_name_prefix="pathguard-decode")
+        self._decoder = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pathguard-decode"
+        )
 
     # -- model lifecycle ------------------------------------------------------------------------
     def load(self, path: str | Path) -> ModelInfo:
@@ -74,8 +77,9 @@ class ScreeningService:
         if previous is None:
             log.info("serving %s v%s (%s) from %s", info.name, info.version, info.arch, path)
         else:
-            log.info("reloaded: now serving %s v%s from %s (was v%s)", info.name, info.version, path,
-                     previous.info.version)
+            log.info(
+                "reloaded: now serving %s v%s from %s (was v%s)", info.name, info.version, path, previous.info.version
+            )
         return info
 
     reload = load
@@ -121,8 +125,9 @@ class ScreeningService:
         if name != info.name:
             raise ModelNotFound(f"model {name!r} is not served here; this server serves {info.name!r}")
         if version and version != info.version:
-            raise ModelNotFound(f"version {version!r} of model {name!r} is not served here; "
-                                f"this server serves version {info.version!r}")
+            raise ModelNotFound(
+                f"version {version!r} of model {name!r} is not served here; this server serves version {info.version!r}"
+            )
         return info
 
     # -- decoding (validated against the current model) ----------------------------------------------
@@ -141,8 +146,7 @@ class ScreeningService:
         return codec.images_from_buffer(data, dtype, shape, self.info.input_shape, self.limits.max_images_per_request)
 
     def images_from_values(self, values: Sequence[float], dtype: str, shape: Sequence[int]) -> Tensor:
-        return codec.images_from_values(values, dtype, shape, self.info.input_shape,
-                                        self.limits.max_images_per_request)
+        return codec.images_from_values(values, dtype, shape, self.info.input_shape, self.limits.max_images_per_request)
 
     def images_from_encoded(self, files: Sequence[bytes]) -> Tensor:
         return codec.images_from_encoded(files, self.info.input_shape, self.limits.max_images_per_request)
@@ -157,4 +161,3 @@ class ScreeningService:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         return await self._batcher.submit(images, deadline, asyncio.get_running_loop())
-

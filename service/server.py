@@ -77,12 +77,14 @@ class ReloadableCredentials:
         self.config = config
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self.credentials = grpc.dynamic_ssl_server_credentials(
-            self._read(), self._fetch, require_client_authentication=bool(config.tls_client_ca))
+            self._read(), self._fetch, require_client_authentication=bool(config.tls_client_ca)
+        )
 
     def _read(self) -> grpc.ServerCertificateConfiguration:
         cfg = self.config
-        return grpc.ssl_server_certificate_configuration([(_read(cfg.tls_key), _read(cfg.tls_cert))],
-                                                         root_certificates=_read(cfg.tls_client_ca))
+        return grpc.ssl_server_certificate_configuration(
+            [(_read(cfg.tls_key), _read(cfg.tls_cert))], root_certificates=_read(cfg.tls_client_ca)
+        )
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # gRPC asks before each handshake: a new configuration once after reload(), else None (unchanged).
@@ -125,15 +127,21 @@ def request_memory_bound(config: ServeConfig, input_shape: tuple[int, int, int])
 def grpc_options(config: ServeConfig, receive_limit: int, reuseport: bool = False) -> list[tuple[str, int]]:
     """Channel arguments of the server: message limits, connection age, keepalive and its enforcement;
     ``reuseport`` for the workers of ``--workers N``, which share one port."""
-    options = [("grpc.max_receive_message_length", receive_limit),
-               ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_MB << 20),
-               ("grpc.so_reuseport", 1 if reuseport else 0),
-               ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-               ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_min_interval * 1000)),
-               ("grpc.http2.max_ping_strikes", 2), ("grpc.keepalive_permit_without_calls", 1)]
+    options = [
+        ("grpc.max_receive_message_length", receive_limit),
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_MB << 20),
+        ("grpc.so_reuseport", 1 if reuseport else 0),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_min_interval * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
     if config.max_connection_age > 0:
-        options += [("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000))]
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
+        ]
     return options
 
 
@@ -145,11 +153,17 @@ class PathGuardServer:
         shared (SO_REUSEPORT) and the supervisor serves the metrics."""
         self.config = config.validate()
         self.worker = worker
-        self.service = ScreeningService(Limits(
-            max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
-            max_queue_size=config.max_queue_size, max_queue_images=config.max_queue_images,
-            max_images_per_request=config.max_images_per_request, engine=config.engine,
-            model_name=config.model_name))
+        self.service = ScreeningService(
+            Limits(
+                max_batch_size=config.max_batch_size,
+                max_queue_delay_ms=config.max_queue_delay_ms,
+                max_queue_size=config.max_queue_size,
+                max_queue_images=config.max_queue_images,
+                max_images_per_request=config.max_images_per_request,
+                engine=config.engine,
+                model_name=config.model_name,
+            )
+        )
         self.health = health.aio.HealthServicer()
         self.probes = worker_probes() if worker else Probes()
         self.port: int | None = None
@@ -175,11 +189,13 @@ class PathGuardServer:
         # messages being received are not charged yet: at most as many at once as fit the budget twice
         # (their wire bytes, then their Python copy)
         max_open = max(1, budget.limit // (2 * self.receive_limit))
-        self._interceptor = ServiceInterceptor(SERVICES, tokens, max_active=max_active, budget=budget,
-                                               max_open=max_open)
+        self._interceptor = ServiceInterceptor(
+            SERVICES, tokens, max_active=max_active, budget=budget, max_open=max_open
+        )
         options = grpc_options(cfg, self.receive_limit, reuseport=self.worker)
-        server = aio.server(interceptors=[self._interceptor], options=options,
-                            maximum_concurrent_rpcs=max_active + PROBE_HEADROOM)
+        server = aio.server(
+            interceptors=[self._interceptor], options=options, maximum_concurrent_rpcs=max_active + PROBE_HEADROOM
+        )
         pb_grpc.add_PathGuardServicer_to_server(PathGuardServicer(self.service), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -197,13 +213,21 @@ class PathGuardServer:
             self.metrics_port = self._metrics_http.server_address[1]
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (%s%s), %s, %d torch threads, "
-                 "requests up to %d bytes (all requests in flight: at most %.0f MiB); loading %s", cfg.host, self.port,
-                 "mTLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
-                 f", {len(tokens)} bearer token(s)" if tokens else "",
-                 "metrics and probes from the supervisor" if self.worker
-                 else f"metrics on :{self.metrics_port}/metrics (probes /healthz, /readyz)", threads,
-                 self.receive_limit, request_memory_bound(cfg, input_shape) / 2**20, cfg.bundle)
+        log.info(
+            "listening on %s:%d (%s%s), %s, %d torch threads, "
+            "requests up to %d bytes (all requests in flight: at most %.0f MiB); loading %s",
+            cfg.host,
+            self.port,
+            "mTLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
+            f", {len(tokens)} bearer token(s)" if tokens else "",
+            "metrics and probes from the supervisor"
+            if self.worker
+            else f"metrics on :{self.metrics_port}/metrics (probes /healthz, /readyz)",
+            threads,
+            self.receive_limit,
+            request_memory_bound(cfg, input_shape) / 2**20,
+            cfg.bundle,
+        )
         if tokens and not cfg.tls_cert:
             log.warning("bearer-token auth without TLS sends the token in clear text")
         try:
@@ -229,8 +253,11 @@ class PathGuardServer:
             return False
         if self._interceptor is not None and cfg.auth_token_file:
             self._interceptor.set_tokens(tokens)
-        log.info("credentials re-read: %d bearer token(s)%s", len(tokens),
-                 ", TLS certificates (for new connections)" if self._credentials else "")
+        log.info(
+            "credentials re-read: %d bearer token(s)%s",
+            len(tokens),
+            ", TLS certificates (for new connections)" if self._credentials else "",
+        )
         return True
 
     async def _watch(self) -> None:
@@ -245,20 +272,31 @@ class PathGuardServer:
             if self._stopping:
                 return
             if now_ready != ready:
-                reason = "serving" if now_ready else (
-                    f"the batching worker has made no progress for {stalled:.1f} s" if alive
-                    else "the batching worker is gone")
-                (log.info if now_ready else log.error)("watchdog: %s; health %s", reason,
-                                                       "SERVING" if now_ready else "NOT_SERVING")
+                reason = (
+                    "serving"
+                    if now_ready
+                    else (
+                        f"the batching worker has made no progress for {stalled:.1f} s"
+                        if alive
+                        else "the batching worker is gone"
+                    )
+                )
+                (log.info if now_ready else log.error)(
+                    "watchdog: %s; health %s", reason, "SERVING" if now_ready else "NOT_SERVING"
+                )
                 self.probes.ready, self.probes.reason = now_ready, reason
-                await self._set_health(health_pb2.HealthCheckResponse.SERVING if now_ready
-                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING if now_ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
             if now_live != live:
-                (log.info if now_live else log.error)("watchdog: liveness %s", "SERVING" if now_live else
-                                                      "NOT_SERVING: the pod needs a restart")
+                (log.info if now_live else log.error)(
+                    "watchdog: liveness %s", "SERVING" if now_live else "NOT_SERVING: the pod needs a restart"
+                )
                 self.probes.live = now_live
-                await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING if now_live
-                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self.health.set(
+                    LIVENESS_SERVICE,
+                    health_pb2.HealthCheckResponse.SERVING if now_live else health_pb2.HealthCheckResponse.NOT_SERVING,
+                )
             ready, live = now_ready, now_live
 
     async def reload(self, path: str | None = None) -> ModelInfo | None:
@@ -308,7 +346,13 @@ class PathGuardServer:
         await stopping
         (log.warning if cut_off else log.info)(
             "drained in %.2f s: %d accepted calls finished (%d since start), %d cut off at the end of the "
-            "%.1f s grace period", time.monotonic() - start, finished - finished_before, finished, cut_off, grace)
+            "%.1f s grace period",
+            time.monotonic() - start,
+            finished - finished_before,
+            finished,
+            cut_off,
+            grace,
+        )
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -61,8 +61,9 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
     async def ScreenImages(self, request: pb.ScreenRequest, context) -> pb.ScreenResponse:
         return await self._screen(request, context)
 
-    async def ScreenStream(self, request_iterator: AsyncIterator[pb.ScreenRequest],
-                           context) -> AsyncIterator[pb.ScreenResponse]:
+    async def ScreenStream(
+        self, request_iterator: AsyncIterator[pb.ScreenRequest], context
+    ) -> AsyncIterator[pb.ScreenResponse]:
         window = asyncio.Semaphore(self.stream_window)
         pending: asyncio.Queue[tuple[pb.ScreenRequest, asyncio.Task] | None] = asyncio.Queue()
 
@@ -84,8 +85,10 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
                     response = await task
                 except ServiceError as exc:
                     code, message = status_of(exc)
-                    response = pb.ScreenResponse(request_id=request.request_id, error=pb.Error(
-                        code=code.value[0], code_name=code.name, message=message))
+                    response = pb.ScreenResponse(
+                        request_id=request.request_id,
+                        error=pb.Error(code=code.value[0], code_name=code.name, message=message),
+                    )
                 finally:
                     outstanding.remove(task)
                     window.release()
@@ -103,11 +106,20 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
     async def DescribeModel(self, request: pb.DescribeModelRequest, context) -> pb.ModelDescription:
         info, limits = self.service.info, self.service.limits
         return pb.ModelDescription(
-            name=info.name, version=info.version, arch=info.arch, classes=list(info.classes),
-            input_shape=list(info.input_shape), threshold=info.threshold,
-            layers=[pb.Layer(name=n, filters=f) for n, f in info.layers], path_length=info.path_length,
-            max_images_per_request=limits.max_images_per_request, max_batch_size=limits.max_batch_size,
-            encodings=sorted(ENCODINGS.values()), dtypes=sorted(_DTYPE_NAMES), metrics=info.metrics)
+            name=info.name,
+            version=info.version,
+            arch=info.arch,
+            classes=list(info.classes),
+            input_shape=list(info.input_shape),
+            threshold=info.threshold,
+            layers=[pb.Layer(name=n, filters=f) for n, f in info.layers],
+            path_length=info.path_length,
+            max_images_per_request=limits.max_images_per_request,
+            max_batch_size=limits.max_batch_size,
+            encodings=sorted(ENCODINGS.values()),
+            dtypes=sorted(_DTYPE_NAMES),
+            metrics=info.metrics,
+        )
 
     async def _screen(self, request: pb.ScreenRequest, context) -> pb.ScreenResponse:
         info = self.service.info
@@ -118,8 +130,12 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
             images = await self.service.decode(self._images, request)
         result = await self.service.screen(images, _remaining(context))
         info = _model_of(result, info)
-        return pb.ScreenResponse(request_id=request.request_id, model_name=info.name, model_version=info.version,
-                                 results=_image_results(result, info, request.options))
+        return pb.ScreenResponse(
+            request_id=request.request_id,
+            model_name=info.name,
+            model_version=info.version,
+            results=_image_results(result, info, request.options),
+        )
 
     def _images(self, request: pb.ScreenRequest) -> Tensor:
         which = request.WhichOneof("input")
@@ -130,8 +146,9 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
         tensor = request.tensor
         if tensor.dtype not in _DTYPE_NAMES:
             name = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else str(tensor.dtype)
-            raise InvalidInput(f"tensor.dtype {name} is not supported; use one of "
-                               f"{sorted(pb.DataType.Name(d) for d in _DTYPE_NAMES)}")
+            raise InvalidInput(
+                f"tensor.dtype {name} is not supported; use one of {sorted(pb.DataType.Name(d) for d in _DTYPE_NAMES)}"
+            )
         return self.service.images_from_buffer(tensor.data, _DTYPE_NAMES[tensor.dtype], tensor.shape)
 
 
@@ -141,9 +158,15 @@ def _image_results(result: ScreenResult, info: ModelInfo, options: pb.ScreenOpti
     active, flops = result.active_ratio.tolist(), result.flops_ratio.tolist()
     out = []
     for i, pred in enumerate(preds):
-        r = pb.ImageResult(class_index=pred, class_name=info.classes[pred], adversarial_score=scores[i],
-                           is_adversarial=flags[i], threshold=result.threshold, active_filter_ratio=active[i],
-                           flops_fraction=flops[i])
+        r = pb.ImageResult(
+            class_index=pred,
+            class_name=info.classes[pred],
+            adversarial_score=scores[i],
+            is_adversarial=flags[i],
+            threshold=result.threshold,
+            active_filter_ratio=active[i],
+            flops_fraction=flops[i],
+        )
         probs = result.probabilities[i]
         if k == 0:
             r.probabilities.extend(probs.tolist())
@@ -164,8 +187,11 @@ def _image_results(result: ScreenResult, info: ModelInfo, options: pb.ScreenOpti
 # ----------------------------------------------------------------------------------------------------
 INPUT_NAME = "images"
 # KServe datatype -> codec dtype and the typed-contents field that carries it.
-_KSERVE_INPUTS = {"FP32": ("float32", "fp32_contents"), "FP64": ("float64", "fp64_contents"),
-                  "UINT8": ("uint8", "uint_contents")}
+_KSERVE_INPUTS = {
+    "FP32": ("float32", "fp32_contents"),
+    "FP64": ("float64", "fp64_contents"),
+    "UINT8": ("uint8", "uint_contents"),
+}
 # name -> (datatype, shape after N given the model, value per image as a little-endian array)
 _KSERVE_OUTPUTS: dict[str, tuple[str, Callable[[ModelInfo], list[int]], Callable[[ScreenResult], np.ndarray]]] = {
     "probabilities": ("FP32", lambda info: [info.num_classes], lambda r: r.probabilities.astype("<f4")),
@@ -178,8 +204,9 @@ _KSERVE_OUTPUTS: dict[str, tuple[str, Callable[[ModelInfo], list[int]], Callable
 PLATFORM = "pathguard_pytorch"
 
 
-def _kserve_response(result: ScreenResult, info: ModelInfo, names: list[str],
-                     request_id: str) -> kserve_pb2.ModelInferResponse:
+def _kserve_response(
+    result: ScreenResult, info: ModelInfo, names: list[str], request_id: str
+) -> kserve_pb2.ModelInferResponse:
     response = kserve_pb2.ModelInferResponse(model_name=info.name, model_version=info.version, id=request_id)
     response.parameters["adversarial_threshold"].string_param = f"{result.threshold:.9g}"
     n = len(result)
@@ -217,10 +244,15 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         # TensorMetadata holds one datatype: the input is listed once per datatype it accepts, FP32 (the
         # model's own) first, so a client that reads only the first entry still gets a valid one.
         return kserve_pb2.ModelMetadataResponse(
-            name=info.name, versions=[info.version], platform=PLATFORM,
+            name=info.name,
+            versions=[info.version],
+            platform=PLATFORM,
             inputs=[tensor(name=INPUT_NAME, datatype=dt, shape=[-1, *info.input_shape]) for dt in _KSERVE_INPUTS],
-            outputs=[tensor(name=name, datatype=dt, shape=[-1, *dims(info)])
-                     for name, (dt, dims, _) in _KSERVE_OUTPUTS.items()])
+            outputs=[
+                tensor(name=name, datatype=dt, shape=[-1, *dims(info)])
+                for name, (dt, dims, _) in _KSERVE_OUTPUTS.items()
+            ],
+        )
 
     async def ModelInfer(self, request: kserve_pb2.ModelInferRequest, context) -> kserve_pb2.ModelInferResponse:
         info = self.service.check_model(request.model_name, request.model_version)
@@ -244,11 +276,14 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             # binary_data asks for raw bytes: over gRPC every output already is (raw_output_contents).
             # Anything else (classification, shared memory...) would change the answer: refused, not ignored.
             for key, value in output.parameters.items():
-                if key != "binary_data" or (value.WhichOneof("parameter_choice") == "bool_param"
-                                            and not value.bool_param):
-                    raise InvalidInput(f"output {output.name!r} parameter {key!r} is not supported; outputs are "
-                                       f"always sent in raw_output_contents (binary_data=true is the only "
-                                       f"parameter accepted)")
+                if key != "binary_data" or (
+                    value.WhichOneof("parameter_choice") == "bool_param" and not value.bool_param
+                ):
+                    raise InvalidInput(
+                        f"output {output.name!r} parameter {key!r} is not supported; outputs are "
+                        f"always sent in raw_output_contents (binary_data=true is the only "
+                        f"parameter accepted)"
+                    )
         return names
 
     def _images(self, request: kserve_pb2.ModelInferRequest) -> Tensor:
@@ -259,11 +294,15 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"expected exactly one input named {INPUT_NAME!r}, got {[i.name for i in inputs]}")
         tensor = inputs[0]
         if tensor.datatype not in _KSERVE_INPUTS:
-            raise InvalidInput(f"input {INPUT_NAME!r} datatype {tensor.datatype!r} is not supported; "
-                               f"use one of {sorted(_KSERVE_INPUTS)}")
+            raise InvalidInput(
+                f"input {INPUT_NAME!r} datatype {tensor.datatype!r} is not supported; "
+                f"use one of {sorted(_KSERVE_INPUTS)}"
+            )
         if len(tensor.shape) != 4:
-            raise InvalidInput(f"input {INPUT_NAME!r} shape {list(tensor.shape)} must be 4-D (N, C, H, W) with "
-                               f"(C, H, W) = {tuple(self.service.info.input_shape)}")
+            raise InvalidInput(
+                f"input {INPUT_NAME!r} shape {list(tensor.shape)} must be 4-D (N, C, H, W) with "
+                f"(C, H, W) = {tuple(self.service.info.input_shape)}"
+            )
         dtype, field = _KSERVE_INPUTS[tensor.datatype]
         raw = request.raw_input_contents
         if raw:

@@ -91,10 +91,10 @@ class _WorkerCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        cpu = CounterMetricFamily("pathguard_worker_cpu_seconds", "CPU time of each worker process.",
-                                  labels=["worker"])
-        rss = GaugeMetricFamily("pathguard_worker_resident_memory_bytes", "Resident memory of each worker process.",
-                                labels=["worker"])
+        cpu = CounterMetricFamily("pathguard_worker_cpu_seconds", "CPU time of each worker process.", labels=["worker"])
+        rss = GaugeMetricFamily(
+            "pathguard_worker_resident_memory_bytes", "Resident memory of each worker process.", labels=["worker"]
+        )
         live = 0
         ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
         for index, proc in list(self._supervisor.procs.items()):
@@ -144,8 +144,10 @@ class WorkerProbes:
     def reason(self) -> str:
         if self._supervisor.stopping:
             return "shutting down"
-        return "; ".join(f"worker {i}: {reason}" for i, live, ready, reason in self._states()
-                         if not (live and ready)) or "serving"
+        return (
+            "; ".join(f"worker {i}: {reason}" for i, live, ready, reason in self._states() if not (live and ready))
+            or "serving"
+        )
 
 
 def probe_path(probe_dir: str, index: int) -> str:
@@ -190,9 +192,16 @@ class Supervisor:
             self._probe_dir = metrics_dir  # the multiprocess collector reads *.db only
             http = start_http_endpoint(cfg.host, cfg.metrics_port, WorkerProbes(self, metrics_dir), registry)
             worker_cfg = replace(cfg, port=port, threads=threads, workers=1)
-            log.info("supervisor %d listening on %s:%d (%d workers, %d torch threads each), metrics on :%d/metrics "
-                     "(probes /healthz, /readyz)",
-                     os.getpid(), cfg.host, port, self.workers, threads, http.server_address[1])
+            log.info(
+                "supervisor %d listening on %s:%d (%d workers, %d torch threads each), metrics on :%d/metrics "
+                "(probes /healthz, /readyz)",
+                os.getpid(),
+                cfg.host,
+                port,
+                self.workers,
+                threads,
+                http.server_address[1],
+            )
             self._install_signals()
             try:
                 for index in range(self.workers):
@@ -211,8 +220,12 @@ class Supervisor:
         probe_file = probe_path(self._probe_dir, index)
         if os.path.exists(probe_file):
             os.remove(probe_file)  # a restarted worker starts not ready
-        env = {**os.environ, _WORKER_ENV: json.dumps({"index": index, "config": asdict(cfg)}),
-               _PARENT_ENV: str(os.getpid()), PROBE_FILE_ENV: probe_file}
+        env = {
+            **os.environ,
+            _WORKER_ENV: json.dumps({"index": index, "config": asdict(cfg)}),
+            _PARENT_ENV: str(os.getpid()),
+            PROBE_FILE_ENV: probe_file,
+        }
         self.procs[index] = subprocess.Popen([sys.executable, "-m", "service.workers"], env=env)
         self._started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, self.procs[index].pid)
@@ -226,8 +239,7 @@ class Supervisor:
                 mark_process_dead(proc.pid)
                 uptime = time.monotonic() - self._started[index]
                 if uptime < MIN_UPTIME_FOR_RESTART:
-                    log.error("worker %d (pid %d) exited with %d after %.1f s; stopping", index, proc.pid, code,
-                              uptime)
+                    log.error("worker %d (pid %d) exited with %d after %.1f s; stopping", index, proc.pid, code, uptime)
                     del self.procs[index]
                     self.exit_code = 1
                     self._stopping.set()
@@ -305,8 +317,9 @@ def _worker_main() -> int:
     parent = os.environ.pop(_PARENT_ENV, None)
     if parent is not None:
         exit_with_parent(int(parent))
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s %(levelname)s [worker {spec['index']}] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s [worker {spec['index']}] %(name)s: %(message)s"
+    )
     from .server import serve
 
     return serve(ServeConfig(**spec["config"]), worker=True)

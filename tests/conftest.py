@@ -25,6 +25,7 @@ def default_bundle() -> Path:
         pytest.fail(f"the default bundle is missing at {DEFAULT_BUNDLE}")
     return DEFAULT_BUNDLE
 
+
 # numpy/scikit-learn BLAS threads too: on small machines oversubscription makes small fits many times slower
 from threadpoolctl import threadpool_limits  # noqa: E402
 

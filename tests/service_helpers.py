@@ -104,10 +104,16 @@ def make_certificates(folder: Path) -> dict[str, Path]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def build(subject: str, issuer_name: x509.Name, issuer_key, public_key, *, ca: bool, usage=None, san=None):
-        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer_name)
-             .public_key(public_key).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(issuer_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if usage:
             b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if san:
@@ -117,24 +123,38 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     def write(stem: str, cert, key=None) -> None:
         (folder / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         if key is not None:
-            (folder / f"{stem}.key").write_bytes(key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            (folder / f"{stem}.key").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
 
     folder.mkdir(parents=True, exist_ok=True)
     ca_key, other_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = build("pathguard test CA", name("pathguard test CA"), ca_key, ca_key.public_key(), ca=True)
     other = build("other CA", name("other CA"), other_key, other_key.public_key(), ca=True)
     server_key, client_key, rogue_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    server = build("localhost", ca.subject, ca_key, server_key.public_key(), ca=False,
-                   usage=ExtendedKeyUsageOID.SERVER_AUTH,
-                   san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    client = build("client", ca.subject, ca_key, client_key.public_key(), ca=False,
-                   usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    rogue = build("rogue", other.subject, other_key, rogue_key.public_key(), ca=False,
-                  usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    server = build(
+        "localhost",
+        ca.subject,
+        ca_key,
+        server_key.public_key(),
+        ca=False,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    client = build(
+        "client", ca.subject, ca_key, client_key.public_key(), ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH
+    )
+    rogue = build(
+        "rogue", other.subject, other_key, rogue_key.public_key(), ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH
+    )
     write("ca", ca)
     write("server", server, server_key)
     write("client", client, client_key)
     write("rogue", rogue, rogue_key)
-    return {"ca": folder / "ca.pem", **{stem: folder / f"{stem}.pem" for stem in ("server", "client", "rogue")},
-            **{f"{stem}_key": folder / f"{stem}.key" for stem in ("server", "client", "rogue")}}
+    return {
+        "ca": folder / "ca.pem",
+        **{stem: folder / f"{stem}.pem" for stem in ("server", "client", "rogue")},
+        **{f"{stem}_key": folder / f"{stem}.key" for stem in ("server", "client", "rogue")},
+    }

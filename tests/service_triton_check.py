@@ -32,9 +32,12 @@ def main() -> int:
         "server_name": client.get_server_metadata().name,
     }
     meta = client.get_model_metadata(args.model)
-    out["metadata"] = {"name": meta.name, "versions": list(meta.versions),
-                       "inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
-                       "outputs": {t.name: [t.datatype, list(t.shape)] for t in meta.outputs}}
+    out["metadata"] = {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "inputs": [[t.name, t.datatype, list(t.shape)] for t in meta.inputs],
+        "outputs": {t.name: [t.datatype, list(t.shape)] for t in meta.outputs},
+    }
 
     inp = grpcclient.InferInput("images", list(images.shape), "FP32")
     inp.set_data_from_numpy(images)
@@ -45,8 +48,10 @@ def main() -> int:
         "probabilities": result.as_numpy("probabilities").tolist(),
         "adversarial_score": result.as_numpy("adversarial_score").tolist(),
         "is_adversarial": result.as_numpy("is_adversarial").tolist(),
-        "dtypes": {name: str(result.as_numpy(name).dtype) for name in
-                   ("predicted_class", "probabilities", "adversarial_score", "is_adversarial")},
+        "dtypes": {
+            name: str(result.as_numpy(name).dtype)
+            for name in ("predicted_class", "probabilities", "adversarial_score", "is_adversarial")
+        },
     }
 
     pixels = np.rint(images * 255).astype(np.uint8)
@@ -54,8 +59,10 @@ def main() -> int:
     inp.set_data_from_numpy(pixels)
     wanted = [grpcclient.InferRequestedOutput("predicted_class"), grpcclient.InferRequestedOutput("adversarial_score")]
     result = client.infer(args.model, [inp], outputs=wanted)
-    out["uint8"] = {"outputs": [o.name for o in result.get_response().outputs],
-                    "predicted_class": result.as_numpy("predicted_class").tolist()}
+    out["uint8"] = {
+        "outputs": [o.name for o in result.get_response().outputs],
+        "predicted_class": result.as_numpy("predicted_class").tolist(),
+    }
 
     try:
         client.infer("no-such-model", [inp])

@@ -23,7 +23,7 @@ def make_images(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarr
     images = rng.uniform(0.0, 0.4, (n, 1, size, size)).astype(np.float32)
     for i, k in enumerate(labels):
         r, c = CORNERS[k]
-        images[i, 0, r:r + 4, c:c + 4] = rng.uniform(0.45, 0.65)
+        images[i, 0, r : r + 4, c : c + 4] = rng.uniform(0.45, 0.65)
     return images, labels.astype(np.int64)
 
 
@@ -39,12 +39,32 @@ def write_dataset(root: Path, n_train: int = 800, n_test: int = 300) -> Path:
 def make_bundle(root: Path, *, fit_detector: bool = True, gated: bool = True) -> Path:
     """Train vgg8 on the synthetic set for 3 epochs and (optionally) fit its detector."""
     data = write_dataset(root / "data")
-    cfg = TrainConfig(dataset="npz", data_root=str(data), epochs=3, batch_size=64, lr=3e-3, val_size=200,
-                      augment=(), threads=1, gated=gated, w_sparsity=0.3, gate=GateConfig(init_bias=0.5))
+    cfg = TrainConfig(
+        dataset="npz",
+        data_root=str(data),
+        epochs=3,
+        batch_size=64,
+        lr=3e-3,
+        val_size=200,
+        augment=(),
+        threads=1,
+        gated=gated,
+        w_sparsity=0.3,
+        gate=GateConfig(init_bias=0.5),
+    )
     bundle = root / ("bundle" if gated else "dense")
     train(cfg, bundle, progress=False)
     if fit_detector and gated:
         # logistic regression: the adaptive tests need its exact gradient; the ensemble has its own tests
-        fit_bundle_detector(FitConfig(str(bundle), "fgsm:eps=0.15,pgd:eps=0.15;steps=5", classifier="logreg", n_fit=60,
-                                      n_calibration=60, prototype_images=400), progress=False)
+        fit_bundle_detector(
+            FitConfig(
+                str(bundle),
+                "fgsm:eps=0.15,pgd:eps=0.15;steps=5",
+                classifier="logreg",
+                n_fit=60,
+                n_calibration=60,
+                prototype_images=400,
+            ),
+            progress=False,
+        )
     return bundle

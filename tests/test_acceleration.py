@@ -63,8 +63,9 @@ def _assert_same_path(out, ref):
     assert [layer.name for layer in out.layers] == [layer.name for layer in ref.layers]
     for a, b in zip(out.layers, ref.layers):
         torch.testing.assert_close(a.pooled, b.pooled, rtol=1e-4, atol=1e-5 * float(b.pooled.abs().max()) + 1e-7)
-    torch.testing.assert_close(out.penultimate, ref.penultimate, rtol=1e-4,
-                               atol=1e-5 * float(ref.penultimate.abs().max()) + 1e-7)
+    torch.testing.assert_close(
+        out.penultimate, ref.penultimate, rtol=1e-4, atol=1e-5 * float(ref.penultimate.abs().max()) + 1e-7
+    )
 
 
 @pytest.mark.parametrize("arch", list_models())
@@ -82,9 +83,9 @@ def test_engine_matches_masked_model(arch):
         assert _rel_err(engine(x), ref.logits) <= REL_TOL
     engine = build_engine(model)
     for i in range(2):  # batch 1 runs its own code path
-        one = engine.forward_path(x[i:i + 1])
+        one = engine.forward_path(x[i : i + 1])
         with torch.no_grad():
-            _assert_same_path(one, model.forward_path(x[i:i + 1]))
+            _assert_same_path(one, model.forward_path(x[i : i + 1]))
 
 
 @pytest.mark.parametrize("arch", list_models())
@@ -167,8 +168,9 @@ def test_set_gate_densities_hits_its_target():
 # -- executed FLOPs, counted by hand ---------------------------------------------------------------------------
 def test_resnet_flops_match_hand_count():
     # stem 1 -> 4 at 8x8; block0 4 -> 4 (identity shortcut); block1 4 -> 8, stride 2 (1x1 projection); 3 classes
-    model = ResNet(1, widths=(4, 8), num_classes=3, in_channels=1, input_size=8, gate=GateConfig(),
-                   mean=(0.5,), std=(0.5,))
+    model = ResNet(
+        1, widths=(4, 8), num_classes=3, in_channels=1, input_size=8, gate=GateConfig(), mean=(0.5,), std=(0.5,)
+    )
     b0, b1 = model.blocks
     force_gates(b0.conv1, [True, False, True, False])  # 2 of 4
     force_gates(b0.conv2, [True, True, True, False])  # 3 of 4
@@ -197,8 +199,9 @@ def test_resnet_flops_match_hand_count():
 
 def test_vgg_hidden_head_layer_counted():
     # the MLP head's hidden Linear is part of the executed (ungated) cost
-    model = VGG(((4,),), num_classes=3, in_channels=1, input_size=4, head_hidden=5, gate=GateConfig(),
-                mean=(0.5,), std=(0.5,))
+    model = VGG(
+        ((4,),), num_classes=3, in_channels=1, input_size=4, head_hidden=5, gate=GateConfig(), mean=(0.5,), std=(0.5,)
+    )
     force_gates(model.features[0], [True, True, False, False])
     model.eval()
     with torch.no_grad():

@@ -80,8 +80,9 @@ def test_adaptive_attack_lowers_the_detector_score(parts):
     bundle, _, det, pipe = parts
     x, y = _correct(bundle.model, 40, seed=34)
     steps = 10
-    plain = run_attack(bundle.model, x, y, AttackSpec("pgd", {"eps": EPS, "alpha": 2.5 * EPS / steps, "steps": steps}),
-                       progress=False).adversarial
+    plain = run_attack(
+        bundle.model, x, y, AttackSpec("pgd", {"eps": EPS, "alpha": 2.5 * EPS / steps, "steps": steps}), progress=False
+    ).adversarial
     adaptive = DetectorPGD(pipe, eps=EPS, steps=steps, lam=0.3)(x, y).adversarial
     blind = DetectorPGD(pipe, eps=EPS, steps=steps, lam=0.0)(x, y).adversarial  # same loop, detector term off
     results = {}
@@ -167,9 +168,30 @@ def test_cli_writes_a_complete_report(tiny_bundle, tmp_path):
     from pathguard.main import main
 
     out, saved = tmp_path / "adaptive", tmp_path / "hardened"
-    rc = main(["adaptive", "--bundle", str(tiny_bundle), "--n", "20", "--eps", "0.1,0.15", "--lambdas", "0.3",
-               "--steps", "3", "--n-harden", "20", "--out", str(out), "--save-hardened", str(saved), "--quiet",
-               "--threads", str(torch.get_num_threads())])
+    rc = main(
+        [
+            "adaptive",
+            "--bundle",
+            str(tiny_bundle),
+            "--n",
+            "20",
+            "--eps",
+            "0.1,0.15",
+            "--lambdas",
+            "0.3",
+            "--steps",
+            "3",
+            "--n-harden",
+            "20",
+            "--out",
+            str(out),
+            "--save-hardened",
+            str(saved),
+            "--quiet",
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
+    )
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     assert [x["name"] for x in r["rounds"]] == ["original", "hardened"]
@@ -185,14 +207,27 @@ def test_cli_writes_a_complete_report(tiny_bundle, tmp_path):
             assert per["any"]["success_pipeline"] >= max(p["success_pipeline"] for p in per.values())
     assert len(r["rounds"][1]["transfer"]) == 2 * len(ADAPTIVE_ATTACKS)
     assert r["images"]["eval"]["set"].endswith("test") and r["images"]["hardening"]["set"].endswith("val")
-    assert set(r["headline"]) == {"eps", "original", "hardened", "original_classifier_alone",
-                                  "hardened_classifier_alone", "under_half"}
+    assert set(r["headline"]) == {
+        "eps",
+        "original",
+        "hardened",
+        "original_classifier_alone",
+        "hardened_classifier_alone",
+        "under_half",
+    }
     assert r["headline"]["eps"] == 0.1  # the goal budget, when it was run
     assert r["headline"]["hardened"] == r["rounds"][1]["summary"]["0.1"]["any"]["success_pipeline"]
     assert r["cost"]["total_upper_bound"] > 0 and r["cost"]["total_seconds"] > 0
     md = (out / "report.md").read_text()
-    for text in ("## Headline", "original detector", "hardened detector", "## Hardening", "path mimicry",
-                 "detector-aware PGD", "plain PGD"):
+    for text in (
+        "## Headline",
+        "original detector",
+        "hardened detector",
+        "## Hardening",
+        "path mimicry",
+        "detector-aware PGD",
+        "plain PGD",
+    ):
         assert text in md
     for fig in r["plots"]:
         assert (out / fig).stat().st_size > 1000
@@ -213,12 +248,43 @@ def test_cli_attacks_a_forest_detector_through_its_surrogate(tiny_bundle, tmp_pa
 
     copy = tmp_path / "forest"
     shutil.copytree(tiny_bundle, copy)
-    fit_bundle_detector(FitConfig(str(copy), "fgsm:eps=0.15,pgd:eps=0.15;steps=5", n_fit=60, n_calibration=60,
-                                  classifier="rf", prototype_images=400), progress=False)
+    fit_bundle_detector(
+        FitConfig(
+            str(copy),
+            "fgsm:eps=0.15,pgd:eps=0.15;steps=5",
+            n_fit=60,
+            n_calibration=60,
+            classifier="rf",
+            prototype_images=400,
+        ),
+        progress=False,
+    )
     out = tmp_path / "out"
-    rc = main(["adaptive", "--bundle", str(copy), "--n", "20", "--eps", "0.15", "--lambdas", "0.3", "--steps", "3",
-               "--attacks", "detector-pgd", "--n-harden", "20", "--out", str(out), "--quiet", "--no-plots",
-               "--threads", str(torch.get_num_threads())])
+    rc = main(
+        [
+            "adaptive",
+            "--bundle",
+            str(copy),
+            "--n",
+            "20",
+            "--eps",
+            "0.15",
+            "--lambdas",
+            "0.3",
+            "--steps",
+            "3",
+            "--attacks",
+            "detector-pgd",
+            "--n-harden",
+            "20",
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-plots",
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
+    )
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     sur = r["detector"]["surrogate"]
@@ -238,12 +304,45 @@ def test_cli_attacks_the_ensemble_detector_and_hardens_it(tiny_bundle, tmp_path)
 
     copy = tmp_path / "ensemble"
     shutil.copytree(tiny_bundle, copy)
-    fit_bundle_detector(FitConfig(str(copy), "fgsm:eps=0.15,pgd:eps=0.15;steps=5,deepfool:steps=5", n_fit=60,
-                                  n_calibration=60, classifier="ensemble", prototype_images=400), progress=False)
+    fit_bundle_detector(
+        FitConfig(
+            str(copy),
+            "fgsm:eps=0.15,pgd:eps=0.15;steps=5,deepfool:steps=5",
+            n_fit=60,
+            n_calibration=60,
+            classifier="ensemble",
+            prototype_images=400,
+        ),
+        progress=False,
+    )
     out = tmp_path / "out"
-    rc = main(["adaptive", "--bundle", str(copy), "--n", "20", "--eps", "0.15", "--lambdas", "0.3", "--steps", "3",
-               "--attacks", "detector-pgd", "--n-harden", "20", "--out", str(out), "--quiet", "--no-plots",
-               "--save-hardened", str(tmp_path / "hardened"), "--threads", str(torch.get_num_threads())])
+    rc = main(
+        [
+            "adaptive",
+            "--bundle",
+            str(copy),
+            "--n",
+            "20",
+            "--eps",
+            "0.15",
+            "--lambdas",
+            "0.3",
+            "--steps",
+            "3",
+            "--attacks",
+            "detector-pgd",
+            "--n-harden",
+            "20",
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-plots",
+            "--save-hardened",
+            str(tmp_path / "hardened"),
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
+    )
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     assert not r["detector"]["surrogate"]["exact"] and len(r["rounds"]) == 2

@@ -104,8 +104,13 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("layer", LOWER)
 def test_lower_layers_never_import_upper_ones(layer):
-    bad = sorted(f"{m} -> {t}" for m, targets in import_graph().items() if m.split(".")[0] == layer
-                 for t in targets if t.split(".")[0] in FORBIDDEN[layer])
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        if m.split(".")[0] == layer
+        for t in targets
+        if t.split(".")[0] in FORBIDDEN[layer]
+    )
     assert bad == []
 
 

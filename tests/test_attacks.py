@@ -7,8 +7,14 @@ from synthetic import make_images
 from detector import load_bundle
 from detector.attacks import ATTACKS, AttackSpec, cached_attack, parse_attack, parse_attacks, run_attack
 
-SMALL = {"bim": {"steps": 3}, "pgd": {"steps": 3}, "pgdl2": {"steps": 3}, "cw": {"steps": 10, "c": 10.0, "lr": 0.1},
-         "deepfool": {"steps": 3}, "apgd": {"steps": 3}}
+SMALL = {
+    "bim": {"steps": 3},
+    "pgd": {"steps": 3},
+    "pgdl2": {"steps": 3},
+    "cw": {"steps": 10, "c": 10.0, "lr": 0.1},
+    "deepfool": {"steps": 3},
+    "apgd": {"steps": 3},
+}
 
 
 @pytest.fixture(scope="module")

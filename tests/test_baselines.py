@@ -81,8 +81,11 @@ def test_mahalanobis_score_matches_the_closed_form():
 def test_mahalanobis_detector_picks_the_informative_noise_magnitude():
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(150), np.ones(150)]
-    blocks = {0.0: rng.normal(size=(300, 3)), 0.001: rng.normal(size=(300, 3)) + y[:, None],
-              0.002: rng.normal(size=(300, 3))}
+    blocks = {
+        0.0: rng.normal(size=(300, 3)),
+        0.001: rng.normal(size=(300, 3)) + y[:, None],
+        0.002: rng.normal(size=(300, 3)),
+    }
     X = np.concatenate(list(blocks.values()), axis=1)
     groups = [noise_group(e) for e in blocks for _ in range(3)]
     det = MahalanobisDetector().fit(X, y, groups=groups)
@@ -233,16 +236,19 @@ def test_kd_is_higher_on_clean_images_than_on_noise_and_bu_is_a_variance(tiny, f
 
 def test_featurizer_params_are_validated(tiny):
     model = tiny[0]
-    cases = [(lambda: LIDFeaturizer(model, k=0), "k=0"), (lambda: LIDFeaturizer(model, minibatch=10), "minibatch=10"),
-             (lambda: MahalanobisFeaturizer(model, noise=[-0.1]), "noise="),
-             (lambda: MahalanobisFeaturizer(model, layers="every"), "layers='every'"),
-             (lambda: KDBUFeaturizer(model, dropout=1.0), "dropout=1.0"),
-             (lambda: KDBUFeaturizer(model, mc_samples=1), "mc_samples=1"),
-             (lambda: KDBUFeaturizer(model, bandwidth=0), "bandwidth=0"),
-             (lambda: SqueezeFeaturizer(model, squeezers=["blur:3"]), "blur:3"),
-             (lambda: SqueezeFeaturizer(model, squeezers=["bits:9"]), "bits:9"),
-             (lambda: SqueezeFeaturizer(model, max_flip=1.0), "max_flip=1.0"),
-             (lambda: LIDFeaturizer(model).fit(tiny[1][:50], tiny[2][:50]), "minibatch=100")]
+    cases = [
+        (lambda: LIDFeaturizer(model, k=0), "k=0"),
+        (lambda: LIDFeaturizer(model, minibatch=10), "minibatch=10"),
+        (lambda: MahalanobisFeaturizer(model, noise=[-0.1]), "noise="),
+        (lambda: MahalanobisFeaturizer(model, layers="every"), "layers='every'"),
+        (lambda: KDBUFeaturizer(model, dropout=1.0), "dropout=1.0"),
+        (lambda: KDBUFeaturizer(model, mc_samples=1), "mc_samples=1"),
+        (lambda: KDBUFeaturizer(model, bandwidth=0), "bandwidth=0"),
+        (lambda: SqueezeFeaturizer(model, squeezers=["blur:3"]), "blur:3"),
+        (lambda: SqueezeFeaturizer(model, squeezers=["bits:9"]), "bits:9"),
+        (lambda: SqueezeFeaturizer(model, max_flip=1.0), "max_flip=1.0"),
+        (lambda: LIDFeaturizer(model).fit(tiny[1][:50], tiny[2][:50]), "minibatch=100"),
+    ]
     for make, match in cases:
         with pytest.raises(ValueError, match=match):
             make()
@@ -269,8 +275,12 @@ def test_combined_features_built_from_the_parts_equal_featurizing_again(tiny):
         return ImageSet("val", torch.arange(len(images)), images, labels)
 
     labels = model(clean).argmax(1)
-    sets = ImageSets(part(clean[:16], labels[:16]), part(clean[16:32], labels[16:32]),
-                     part(clean[32:], labels[32:]), part(ref, ref_labels))
+    sets = ImageSets(
+        part(clean[:16], labels[:16]),
+        part(clean[16:32], labels[16:32]),
+        part(clean[32:], labels[32:]),
+        part(ref, ref_labels),
+    )
     attacked = {"fgsm": torch.cat([adv[16:32], adv[32:]])}  # fitting images first, then evaluation images
     fitted = {k: FEATURIZERS[k](ctx).fit(ref, ref_labels) for k in ("squeeze", "lid")}
     direct = featurize(ConcatFeaturizer([fitted["squeeze"], fitted["lid"]]), sets, attacked)
@@ -288,8 +298,11 @@ BAD_PARAMS = {
     "mahalanobis": [({"noise": -0.001}, "noise=-0.001"), ({"cv": 1}, "cv=1"), ({"C": 0}, "C=0")],
     "kdbu": [({"C": -1.0}, "C=-1.0"), ({"max_depth": 0}, "max_depth=0")],
     "squeeze": [({"classifier": "svm"}, "classifier='svm'"), ({"target_fpr": 0}, "target_fpr=0")],
-    "path+mahalanobis": [({"feature_groups": ["pixels"]}, "feature_groups="),
-                         ({"classifier": "identity"}, "identity"), ({"cv": 0}, "cv=0")],
+    "path+mahalanobis": [
+        ({"feature_groups": ["pixels"]}, "feature_groups="),
+        ({"classifier": "identity"}, "identity"),
+        ({"cv": 0}, "cv=0"),
+    ],
 }
 
 
@@ -339,9 +352,19 @@ def test_evaluation_reports_every_baseline(tiny_bundle, tmp_path):
     from detector.evaluation import EvalConfig, run
 
     names = ("path", *BASELINES)
-    cfg = EvalConfig(bundle=str(tiny_bundle), attacks="fgsm:eps=0.15", detectors=names, n=24, n_fit=24,
-                     n_calibration=24, n_reference=100, batch_size=32, ablation=False, leave_one_out=False,
-                     plots=False)
+    cfg = EvalConfig(
+        bundle=str(tiny_bundle),
+        attacks="fgsm:eps=0.15",
+        detectors=names,
+        n=24,
+        n_fit=24,
+        n_calibration=24,
+        n_reference=100,
+        batch_size=32,
+        ablation=False,
+        leave_one_out=False,
+        plots=False,
+    )
     report = run(cfg, tmp_path, progress=False)
     md = (tmp_path / "report.md").read_text()
     for name in names:

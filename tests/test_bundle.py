@@ -21,15 +21,31 @@ def test_round_trip_identical_outputs(tiny_bundle, tmp_path):
 
 def test_bundle_describes_itself(tiny_bundle):
     meta = read_meta(tiny_bundle)
-    for key in ("arch", "arch_args", "train_config", "classes", "input_shape", "normalization", "dataset",
-                "seed", "metrics", "files", "command"):
+    for key in (
+        "arch",
+        "arch_args",
+        "train_config",
+        "classes",
+        "input_shape",
+        "normalization",
+        "dataset",
+        "seed",
+        "metrics",
+        "files",
+        "command",
+    ):
         assert key in meta, key
     test = meta["metrics"]["test"]
     for key in ("accuracy", "gate_density", "layer_density", "flops_ratio", "path_head_accuracy"):
         assert key in test, key
     assert len(meta["dataset"]["fingerprint"]) == 64
-    assert set(meta["files"]) >= {"model.safetensors", "detector.json", "detector.safetensors",
-                                  "prototypes.json", "prototypes.safetensors"}
+    assert set(meta["files"]) >= {
+        "model.safetensors",
+        "detector.json",
+        "detector.safetensors",
+        "prototypes.json",
+        "prototypes.safetensors",
+    }
 
 
 def test_altered_weights_refused_naming_file(tiny_bundle, tmp_path):

@@ -109,10 +109,16 @@ def test_ensemble_weights_are_non_negative_and_chosen_on_validation(paths):
     (X_train, _), (X_val, y_val), (X_test, _) = paths[0]["train"], paths[0]["val"], paths[0]["test"]
     groups, names, protos = paths[1], paths[2], paths[3]
     half = len(X_val) // 2
-    validation = (X_val[:half], {"spliced-early": spliced(X_val[half:], y_val[half:], names, protos, 2, seed=1),
-                                 "spliced-late": spliced(X_val[half:], y_val[half:], names, protos, 4, seed=2)})
-    est = PathEnsembleDetector(target_fpr=0.05).fit(X_train, groups=groups, layer_sizes=protos.layer_sizes,
-                                                    X_calibration=X_val[half:], validation=validation)
+    validation = (
+        X_val[:half],
+        {
+            "spliced-early": spliced(X_val[half:], y_val[half:], names, protos, 2, seed=1),
+            "spliced-late": spliced(X_val[half:], y_val[half:], names, protos, 4, seed=2),
+        },
+    )
+    est = PathEnsembleDetector(target_fpr=0.05).fit(
+        X_train, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_val[half:], validation=validation
+    )
     assert np.all(est.weights_ >= 0) and est.weights_.max() > 0
     assert est.selection_["families"] == ["spliced-early", "spliced-late"]
     assert all(min(r["weights"]) >= 0 for r in [est.selection_["chosen"]])
@@ -122,8 +128,9 @@ def test_ensemble_weights_are_non_negative_and_chosen_on_validation(paths):
         bumped = t + np.eye(t.shape[1])[i] * 5.0
         assert np.all(est._combined(bumped, est.weights_) >= est._combined(t, est.weights_))
     with pytest.raises(ValueError, match="weights"):
-        PathEnsembleDetector(weights=(1.0, -0.5, 1.0, 1.0, 1.0)).fit(X_train, groups=groups,
-                                                                 layer_sizes=protos.layer_sizes)
+        PathEnsembleDetector(weights=(1.0, -0.5, 1.0, 1.0, 1.0)).fit(
+            X_train, groups=groups, layer_sizes=protos.layer_sizes
+        )
     with pytest.raises(ValueError, match="validation"):
         PathEnsembleDetector().fit(X_train, groups=groups, layer_sizes=protos.layer_sizes)
 
@@ -131,8 +138,11 @@ def test_ensemble_weights_are_non_negative_and_chosen_on_validation(paths):
 @pytest.mark.parametrize("name", CLEAN_ONLY)
 def test_clean_only_state_round_trip(paths, name):
     (X_train, _), (X_val, _), (X_test, _) = paths[0]["train"], paths[0]["val"], paths[0]["test"]
-    est = DETECTORS[name].make(0.05, 0).fit(X_train, groups=paths[1], layer_sizes=paths[3].layer_sizes,
-                                            X_calibration=X_val)
+    est = (
+        DETECTORS[name]
+        .make(0.05, 0)
+        .fit(X_train, groups=paths[1], layer_sizes=paths[3].layer_sizes, X_calibration=X_val)
+    )
     tensors, info = est.to_state()
     again = detector_from_state(tensors, info)
     np.testing.assert_array_equal(again.decision_function(X_test), est.decision_function(X_test))
@@ -142,8 +152,11 @@ def test_clean_only_state_round_trip(paths, name):
 def test_low_margin_detector_flags_undecided_outputs(paths):
     (X_train, _), (X_val, _), (X_test, _) = paths[0]["train"], paths[0]["val"], paths[0]["test"]
     groups = np.asarray(paths[1])
-    est = DETECTORS["clean-margin"].make(0.05, 0).fit(X_train, groups=groups, layer_sizes=paths[3].layer_sizes,
-                                                      X_calibration=X_val)
+    est = (
+        DETECTORS["clean-margin"]
+        .make(0.05, 0)
+        .fit(X_train, groups=groups, layer_sizes=paths[3].layer_sizes, X_calibration=X_val)
+    )
     undecided = X_test.copy()
     logits = undecided[:, groups == "logits"]
     top2 = np.argsort(logits, axis=1)[:, -2:]

@@ -20,31 +20,44 @@ from service.config import ScreenConfig, ServeConfig
 # Every flag each subcommand had before the command line moved into pathguard/ (issue 17): deployments,
 # scripts and docs use them, so none may disappear or be renamed.
 FLAGS_BEFORE = {
-    "train": ("--align-distance --arch --augment --batch-size --config --data-root --dataset --device "
+    "train": (
+        "--align-distance --arch --augment --batch-size --config --data-root --dataset --device "
         "--epochs --gate-init-bias --gate-min-hidden --gate-noise --gate-noise-scale "
         "--gate-reduction --gate-temperature --gated --head-hidden --lr --mi-input --optimizer "
         "--out --quiet --schedule --seed --shift --sparsity-warmup --threads --train-subset "
-        "--val-size --w-align --w-infomax --w-mi --w-sparsity --weight-decay").split(),
+        "--val-size --w-align --w-infomax --w-mi --w-sparsity --weight-decay"
+    ).split(),
     "info": ("--json").split(),
     "data fetch": ("--data-root").split(),
-    "explain": ("--attack-file --bundle --data-root --image-files --images --indices --out "
-        "--prototype-images --seed --split --threshold").split(),
-    "attack": ("--attack --batch-size --bundle --c --data-root --eps --n --out --quiet --seed --split "
-        "--steps").split(),
-    "fit-detector": ("--attacks --bundle --cache-dir --classifier --data-root --features --n-calibration --n-fit "
-        "--quiet --seed --target-fpr").split(),
-    "evaluate merge": ("--ablation --attacks --batch-size --bundle --cache-dir --data-root --detectors --json "
+    "explain": (
+        "--attack-file --bundle --data-root --image-files --images --indices --out "
+        "--prototype-images --seed --split --threshold"
+    ).split(),
+    "attack": ("--attack --batch-size --bundle --c --data-root --eps --n --out --quiet --seed --split --steps").split(),
+    "fit-detector": (
+        "--attacks --bundle --cache-dir --classifier --data-root --features --n-calibration --n-fit "
+        "--quiet --seed --target-fpr"
+    ).split(),
+    "evaluate merge": (
+        "--ablation --attacks --batch-size --bundle --cache-dir --data-root --detectors --json "
         "--leave-one-out --n --n-calibration --n-fit --n-reference --out --plots --quiet --seed "
-        "--target-fpr").split(),
-    "evaluate": ("--ablation --attacks --batch-size --bundle --cache-dir --data-root --detectors --json "
+        "--target-fpr"
+    ).split(),
+    "evaluate": (
+        "--ablation --attacks --batch-size --bundle --cache-dir --data-root --detectors --json "
         "--leave-one-out --n --n-calibration --n-fit --n-reference --out --plots --quiet --seed "
-        "--shard --target-fpr").split(),
-    "adaptive": ("--attacks --batch-size --bundle --cache-dir --classifier-loss --data-root --device --eps "
+        "--shard --target-fpr"
+    ).split(),
+    "adaptive": (
+        "--attacks --batch-size --bundle --cache-dir --classifier-loss --data-root --device --eps "
         "--json --kappa --lambdas --mimicry-target --n --n-harden --no-balance --no-harden "
-        "--no-plots --out --quiet --save-hardened --seed --steps --surrogate --threads").split(),
-    "serve": ("--auth-token-file --bundle --engine --grace-period --host --max-batch-size "
+        "--no-plots --out --quiet --save-hardened --seed --steps --surrogate --threads"
+    ).split(),
+    "serve": (
+        "--auth-token-file --bundle --engine --grace-period --host --max-batch-size "
         "--max-images-per-request --max-message-mb --max-queue-delay-ms --max-queue-size "
-        "--metrics-port --port --threads --tls-cert --tls-client-ca --tls-key").split(),
+        "--metrics-port --port --threads --tls-cert --tls-client-ca --tls-key"
+    ).split(),
     "screen": ("--client-cert --client-key --json --target --timeout --tls-ca --token-file --top-k").split(),
 }
 
@@ -66,16 +79,19 @@ def test_every_earlier_flag_still_exists():
         assert set(flags) <= have, (command, sorted(set(flags) - have))
 
 
-@pytest.mark.parametrize("command, cls, field, flag, env_value, expected", [
-    (["train", "--out", "x"], TrainConfig, "epochs", "--epochs", "7", 7),
-    (["train", "--out", "x"], TrainConfig, "gate", "--gate-init-bias", "0.25", 0.25),
-    (["evaluate"], EvalConfig, "n", "--n", "9", 9),
-    (["fit-detector"], FitConfig, "classifier", "--classifier", "rf", "rf"),
-    (["adaptive", "--out", "x"], AdaptiveConfig, "eps", "--eps", "0.2,0.3", (0.2, 0.3)),
-    (["explain", "--out", "x"], ExplainConfig, "indices", "--indices", "1,2", (1, 2)),
-    (["serve"], ServeConfig, "max_batch_size", "--max-batch-size", "8", 8),
-    (["screen", "a.png"], ScreenConfig, "top_k", "--top-k", "3", 3),
-])
+@pytest.mark.parametrize(
+    "command, cls, field, flag, env_value, expected",
+    [
+        (["train", "--out", "x"], TrainConfig, "epochs", "--epochs", "7", 7),
+        (["train", "--out", "x"], TrainConfig, "gate", "--gate-init-bias", "0.25", 0.25),
+        (["evaluate"], EvalConfig, "n", "--n", "9", 9),
+        (["fit-detector"], FitConfig, "classifier", "--classifier", "rf", "rf"),
+        (["adaptive", "--out", "x"], AdaptiveConfig, "eps", "--eps", "0.2,0.3", (0.2, 0.3)),
+        (["explain", "--out", "x"], ExplainConfig, "indices", "--indices", "1,2", (1, 2)),
+        (["serve"], ServeConfig, "max_batch_size", "--max-batch-size", "8", 8),
+        (["screen", "a.png"], ScreenConfig, "top_k", "--top-k", "3", 3),
+    ],
+)
 def test_each_command_reads_flag_then_env_then_default(command, cls, field, flag, env_value, expected):
     env_name = "PATHGUARD_" + flag[2:].replace("-", "_").upper()
     parser = build_parser()

@@ -38,16 +38,24 @@ K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 SERVICEMONITOR_SCHEMA = DEPLOY / "schemas" / "servicemonitor.json"
 # Custom resources validated against the repository's schemas (the rest against Kubernetes' own).
-CRD_SCHEMAS = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "ServingRuntime": DEPLOY / "schemas" / "servingruntime.json",
-               "InferenceService": DEPLOY / "schemas" / "inferenceservice.json"}
+CRD_SCHEMAS = {
+    "ServiceMonitor": SERVICEMONITOR_SCHEMA,
+    "ServingRuntime": DEPLOY / "schemas" / "servingruntime.json",
+    "InferenceService": DEPLOY / "schemas" / "inferenceservice.json",
+}
 
 # The Kubernetes version the manifests are validated against: the oldest release this deployment supports
 # (native gRPC probes are GA since 1.27, backoffLimitPerIndex is beta and on by default since 1.29).
 KUBERNETES_VERSION = "1.30.0"
 
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-KUSTOMIZATIONS = {"base": K8S / "base", **{f"overlays/{o}": K8S / "overlays" / o for o in OVERLAYS},
-                  "eval": K8S / "eval", "prometheus-adapter": K8S / "prometheus-adapter", "kserve": DEPLOY / "kserve"}
+KUSTOMIZATIONS = {
+    "base": K8S / "base",
+    **{f"overlays/{o}": K8S / "overlays" / o for o in OVERLAYS},
+    "eval": K8S / "eval",
+    "prometheus-adapter": K8S / "prometheus-adapter",
+    "kserve": DEPLOY / "kserve",
+}
 SERVING = [f"overlays/{o}" for o in OVERLAYS]
 
 # The settings of `pathguard serve` that the manifests and the image must agree on.
@@ -55,6 +63,7 @@ SERVER_KEYS = ("port", "metrics_port", "grace_period")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 @cache
 def render(name: str) -> tuple[dict, ...]:
@@ -83,10 +92,16 @@ def one(name: str, kind: str, obj_name: str | None = None) -> dict:
 
 def pod_templates(name: str) -> list[tuple[str, dict]]:
     """Pod templates of workloads; a KServe ServingRuntime's containers as a template of their own."""
-    out = [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]) for d in render(name)
-           if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
-    return out + [(f"ServingRuntime/{d['metadata']['name']}", {"spec": {"containers": d["spec"]["containers"]}})
-                  for d in render(name) if d["kind"] == "ServingRuntime"]
+    out = [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"])
+        for d in render(name)
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    ]
+    return out + [
+        (f"ServingRuntime/{d['metadata']['name']}", {"spec": {"containers": d["spec"]["containers"]}})
+        for d in render(name)
+        if d["kind"] == "ServingRuntime"
+    ]
 
 
 def env_of(name: str, container: dict) -> dict[str, str]:
@@ -118,8 +133,18 @@ def expand(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), arg)
 
 
-_SUFFIX = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_SUFFIX = {
+    "m": 1e-3,
+    "": 1,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
 
 
 def quantity(value: str | int | float) -> float:
@@ -162,14 +187,48 @@ def server_defaults() -> dict[str, float]:
 # ----------------------------------------------------------------------------- rendering and validation
 
 EXPECTED_KINDS = {
-    "base": {"ServiceAccount", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
-             "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
-    "overlays/dev": {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
-                     "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"},
-    "overlays/prod": {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
-                      "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
-    "overlays/cpu-autoscaling": {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
-                                 "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
+    "base": {
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    },
+    "overlays/dev": {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    },
+    "overlays/prod": {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    },
+    "overlays/cpu-autoscaling": {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    },
     "eval": {"ConfigMap", "PersistentVolumeClaim", "Job"},
     "prometheus-adapter": {"ConfigMap"},
     "kserve": {"ServingRuntime", "InferenceService"},
@@ -188,8 +247,12 @@ def validate(doc: dict) -> None:
         schema = json.loads(CRD_SCHEMAS[doc["kind"]].read_text())
         jsonschema.Draft202012Validator(schema).validate(doc)
         if doc["kind"] == "ServingRuntime":
-            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime"},
-                   "spec": {"containers": doc["spec"]["containers"]}}
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "runtime"},
+                "spec": {"containers": doc["spec"]["containers"]},
+            }
             kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
     else:
         # strict: unknown fields are errors. A kind without a schema raises SchemaNotFoundError (no silent pass).
@@ -230,10 +293,12 @@ def test_validation_rejects_broken_objects():
 
     good = one("overlays/prod", "ServiceMonitor")
     validate(good)
-    for breakage in (lambda s: s["spec"]["endpoints"][0].update(interval="15 seconds"),
-                     lambda s: s["spec"]["endpoints"][0].update(sheme="http"),
-                     lambda s: s["spec"].pop("selector"),
-                     lambda s: s.update(apiVersion="monitoring.coreos.com/v1alpha1")):
+    for breakage in (
+        lambda s: s["spec"]["endpoints"][0].update(interval="15 seconds"),
+        lambda s: s["spec"]["endpoints"][0].update(sheme="http"),
+        lambda s: s["spec"].pop("selector"),
+        lambda s: s.update(apiVersion="monitoring.coreos.com/v1alpha1"),
+    ):
         sm = copy.deepcopy(good)
         breakage(sm)
         with pytest.raises(jsonschema.ValidationError):
@@ -241,6 +306,7 @@ def test_validation_rejects_broken_objects():
 
 
 # ------------------------------------------------------------------------------- serving invariants
+
 
 @pytest.mark.parametrize("name", SERVING)
 def test_ports_match_the_server(name, server_defaults):
@@ -353,10 +419,12 @@ def adapter_metrics() -> dict[str, str]:
         series = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", rule["seriesQuery"])[1]
         assert re.fullmatch(rule["name"]["matches"], series), rule
         assert {"<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"} <= set(
-            re.findall(r"<<\.[A-Za-z]+>>", rule["metricsQuery"])), rule
+            re.findall(r"<<\.[A-Za-z]+>>", rule["metricsQuery"])
+        ), rule
         # per pod: the series' namespace and pod labels map to those resources
-        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
-                                                  "pod": {"resource": "pod"}}, rule
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}, (
+            rule
+        )
         out[rule["name"]["as"]] = series
     return out
 
@@ -438,6 +506,7 @@ def test_pods_run_hardened_as_the_image_user(name):
 
 # ------------------------------------------------------------------------------- sharded evaluation
 
+
 def eval_jobs() -> tuple[dict, dict]:
     jobs = {j["spec"].get("completionMode", "NonIndexed"): j for j in objects("eval", "Job")}
     assert set(jobs) == {"Indexed", "NonIndexed"}, "one Indexed shard Job and one merge Job"
@@ -502,8 +571,11 @@ def test_merge_job_reads_what_the_shards_wrote():
         claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
         # Shard pods run on several nodes at once and all write to this volume.
         assert "ReadWriteMany" in pvcs[claim]["spec"]["accessModes"]
-        resolved[c["name"]] = (claim, mount["mountPath"], {f: flag(args, f) for f in
-                                                           ("--bundle", "--attacks", "--detectors", "--n", "--out")})
+        resolved[c["name"]] = (
+            claim,
+            mount["mountPath"],
+            {f: flag(args, f) for f in ("--bundle", "--attacks", "--detectors", "--n", "--out")},
+        )
     assert resolved[sc["name"]] == resolved[mc["name"]], "shards and merge must share the volume and the flags"
 
 
@@ -529,6 +601,7 @@ def test_eval_commands_parse_with_the_cli(subcommands):
 
 # ------------------------------------------------------------------------------------------ Dockerfile
 
+
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs: comments dropped, backslash continuations joined."""
     out, buf = [], ""
@@ -550,8 +623,25 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 def dockerfile_stages() -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
     """Global ARG defaults, and the instructions of each stage (starting with its FROM)."""
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
-    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "EXPOSE", "ENTRYPOINT", "CMD",
-             "LABEL", "HEALTHCHECK", "STOPSIGNAL", "VOLUME", "SHELL", "ONBUILD"}
+    known = {
+        "FROM",
+        "ARG",
+        "ENV",
+        "RUN",
+        "COPY",
+        "ADD",
+        "WORKDIR",
+        "USER",
+        "EXPOSE",
+        "ENTRYPOINT",
+        "CMD",
+        "LABEL",
+        "HEALTHCHECK",
+        "STOPSIGNAL",
+        "VOLUME",
+        "SHELL",
+        "ONBUILD",
+    }
     assert {op for op, _ in instructions} <= known, "unknown Dockerfile instruction"
     global_args, stages = {}, []
     for op, rest in instructions:
@@ -568,8 +658,11 @@ def dockerfile_stages() -> tuple[dict[str, str], list[list[tuple[str, str]]]]:
 
 def stage_names() -> dict[str, list[tuple[str, str]]]:
     """Named stages (``FROM ... AS name``) and their instructions."""
-    return {stage[0][1].split()[-1]: stage for stage in dockerfile_stages()[1]
-            if len(stage[0][1].split()) == 3 and stage[0][1].split()[1].upper() == "AS"}
+    return {
+        stage[0][1].split()[-1]: stage
+        for stage in dockerfile_stages()[1]
+        if len(stage[0][1].split()) == 3 and stage[0][1].split()[1].upper() == "AS"
+    }
 
 
 def target(name: str = "server") -> list[tuple[str, str]]:
@@ -641,10 +734,17 @@ def test_dockerfile_installs_cpu_torch_as_the_makefile_pins_it():
     runs = " ".join(rest for stage in dockerfile_stages()[1] for op, rest in stage if op == "RUN")
     assert re.search(r"\$\{?TORCH_PIP_ARGS\}? \$\{?TORCH_SPEC", runs)
     assert re.search(r"\$\{?EVAL_TORCH_PIP_ARGS\}? \$\{?EVAL_TORCH_SPEC", runs)
-    builder_args = {r.partition("=")[0]: r.partition("=")[2].strip('"')
-                    for stage in dockerfile_stages()[1] for op, r in stage if op == "ARG"}
-    assert builder_args["TORCH_PIP_ARGS"] == builder_args["EVAL_TORCH_PIP_ARGS"] == \
-        "--index-url https://download.pytorch.org/whl/cpu"
+    builder_args = {
+        r.partition("=")[0]: r.partition("=")[2].strip('"')
+        for stage in dockerfile_stages()[1]
+        for op, r in stage
+        if op == "ARG"
+    }
+    assert (
+        builder_args["TORCH_PIP_ARGS"]
+        == builder_args["EVAL_TORCH_PIP_ARGS"]
+        == "--index-url https://download.pytorch.org/whl/cpu"
+    )
     makefile = (ROOT / "Makefile").read_text()
     (make_spec,) = re.findall(r"(?m)^TORCH_SPEC \?= (.+)$", makefile)
     assert builder_args["EVAL_TORCH_SPEC"] == make_spec.strip()
@@ -723,8 +823,9 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_sends_only_what_the_image_copies():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    sources = [s for stage in dockerfile_stages()[1] for srcs, _, opts in copies(stage) if "from" not in opts
-               for s in srcs]
+    sources = [
+        s for stage in dockerfile_stages()[1] for srcs, _, opts in copies(stage) if "from" not in opts for s in srcs
+    ]
     assert sources
     for src in sources:
         assert not dockerignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
@@ -732,12 +833,19 @@ def test_dockerignore_sends_only_what_the_image_copies():
             assert (ROOT / src).exists(), f"COPY source {src} does not exist"
     assert not dockerignored("pathguard/main.py", patterns)
     assert not dockerignored("models/default/bundle.json", patterns)
-    for junk in (".venv/bin/python", ".git/HEAD", "runs/dense/train_log.jsonl", "tests/test_deploy.py",
-                 "detector/__pycache__/cli.cpython-311.pyc", "models/other/bundle.json"):
+    for junk in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/dense/train_log.jsonl",
+        "tests/test_deploy.py",
+        "detector/__pycache__/cli.cpython-311.pyc",
+        "models/other/bundle.json",
+    ):
         assert dockerignored(junk, patterns), f"{junk} would be sent to the Docker daemon"
 
 
 # ---------------------------------------------------------------------------------------------- README
+
 
 def test_readme_documents_existing_paths_and_the_build_command():
     readme = (DEPLOY / "README.md").read_text()
@@ -746,12 +854,19 @@ def test_readme_documents_existing_paths_and_the_build_command():
     assert referenced
     missing = sorted(p for p in referenced if not (ROOT / p).exists())
     assert not missing, f"README refers to missing paths: {missing}"
-    for step in ("kubectl apply -k deploy/k8s/overlays/", "kubectl wait", "suspend", "PATHGUARD_BUNDLE",
-                 "/metrics", "HorizontalPodAutoscaler"):
+    for step in (
+        "kubectl apply -k deploy/k8s/overlays/",
+        "kubectl wait",
+        "suspend",
+        "PATHGUARD_BUNDLE",
+        "/metrics",
+        "HorizontalPodAutoscaler",
+    ):
         assert step in readme, step
 
 
 # ---------------------------------------------------------------------------- memory, faults, KServe
+
 
 def idle_rss_bytes() -> int:
     """The idle server's resident memory, as measured by bench/flood.py (reports/service/flood.json)."""
@@ -768,8 +883,15 @@ def test_memory_limit_holds_the_idle_server_and_the_request_budget(name):
     from service.server import request_memory_bound
 
     _, container, env = server(name)
-    cfg = config_from(ServeConfig, None, {k: v for k, v in env.items() if k.startswith("PATHGUARD_")
-                                          and k not in ("PATHGUARD_BUNDLE", "PATHGUARD_THREADS")})
+    cfg = config_from(
+        ServeConfig,
+        None,
+        {
+            k: v
+            for k, v in env.items()
+            if k.startswith("PATHGUARD_") and k not in ("PATHGUARD_BUNDLE", "PATHGUARD_THREADS")
+        },
+    )
     shape = tuple(json.loads((ROOT / "models" / "default" / "bundle.json").read_text())["input_shape"])
     need = idle_rss_bytes() + request_memory_bound(cfg, shape) + (128 << 20)
     limit = quantity(container["resources"]["limits"]["memory"])
@@ -827,8 +949,11 @@ def test_kserve_probes_are_plaintext_http_beside_the_metrics():
     metrics_port = int(next(a for a in container["args"] if a.startswith("--metrics-port=")).split("=")[1])
     paths = {probe: container[probe]["httpGet"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert {p["port"] for p in paths.values()} == {metrics_port}
-    assert [paths[p]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")] == \
-        ["/readyz", "/readyz", "/healthz"]
+    assert [paths[p]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")] == [
+        "/readyz",
+        "/readyz",
+        "/healthz",
+    ]
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] and sc["runAsUser"] == dockerfile_user()[0] and sc["readOnlyRootFilesystem"]
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
@@ -836,10 +961,12 @@ def test_kserve_probes_are_plaintext_http_beside_the_metrics():
 
 def test_kserve_schemas_have_teeth():
     runtime, isvc, _ = kserve()
-    for doc, breakage in ((runtime, lambda d: d["spec"].update(protocolVersion=["grpc-v2"])),
-                          (runtime, lambda d: d["spec"]["containers"][0].update(livenesProbe={})),
-                          (isvc, lambda d: d["spec"]["predictor"]["model"].update(storageURI="s3://x")),
-                          (isvc, lambda d: d["spec"]["predictor"]["model"].update(protocolVersion="grpc"))):
+    for doc, breakage in (
+        (runtime, lambda d: d["spec"].update(protocolVersion=["grpc-v2"])),
+        (runtime, lambda d: d["spec"]["containers"][0].update(livenesProbe={})),
+        (isvc, lambda d: d["spec"]["predictor"]["model"].update(storageURI="s3://x")),
+        (isvc, lambda d: d["spec"]["predictor"]["model"].update(protocolVersion="grpc")),
+    ):
         broken = copy.deepcopy(doc)
         breakage(broken)
         with pytest.raises(jsonschema.ValidationError):

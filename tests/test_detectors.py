@@ -21,11 +21,14 @@ def _data(n=400, d=6, seed=0):
     return X, y
 
 
-@pytest.mark.parametrize("model", [
-    make_pipeline(StandardScaler(), LogisticRegression()),
-    RandomForestClassifier(n_estimators=15, random_state=0),
-    HistGradientBoostingClassifier(max_iter=20, random_state=0),
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        make_pipeline(StandardScaler(), LogisticRegression()),
+        RandomForestClassifier(n_estimators=15, random_state=0),
+        HistGradientBoostingClassifier(max_iter=20, random_state=0),
+    ],
+)
 def test_exported_scorer_matches_sklearn(model):
     X, y = _data()
     model.fit(X, y)
@@ -46,13 +49,18 @@ def test_contract(classifier):
     np.testing.assert_allclose(det.predict_proba(X)[:, 1], s)
     with pytest.raises(ValueError, match="features"):
         det.decision_function(X[:, :3])
-    assert (s[y == 1].mean() > s[y == 0].mean())
+    assert s[y == 1].mean() > s[y == 0].mean()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"classifier": "svm"}, "classifier='svm'"), ({"target_fpr": 1.5}, "target_fpr=1.5"),
-    ({"C": 0}, "C=0"), ({"n_estimators": 0}, "n_estimators=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"classifier": "svm"}, "classifier='svm'"),
+        ({"target_fpr": 1.5}, "target_fpr=1.5"),
+        ({"C": 0}, "C=0"),
+        ({"n_estimators": 0}, "n_estimators=0"),
+    ],
+)
 def test_bad_params_named(kwargs, match):
     X, y = _data()
     with pytest.raises(ValueError, match=match):
@@ -97,8 +105,9 @@ def test_round_trip_through_bundle_identical(tiny_bundle, tmp_path, classifier):
 
     X, y = _data()
     groups = ["soft", "hard", "density", "proto", "confidence", "confidence"]
-    det = PathDetector(feature_groups=["soft", "proto", "confidence"], classifier=classifier,
-                       n_estimators=20).fit(X, y, groups=groups)
+    det = PathDetector(feature_groups=["soft", "proto", "confidence"], classifier=classifier, n_estimators=20).fit(
+        X, y, groups=groups
+    )
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
     write_part(copy, "detector", tensors=det.to_state()[0], info=det.to_state()[1])

@@ -8,10 +8,23 @@ from pathguard.main import main
 
 ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5,deepfool:steps=5"
 # the cheaper detectors; every baseline is exercised by tests/test_baselines.py
-COMMON = ["--attacks", ATTACKS, "--detectors", "path,path-rf,confidence,bundle,lid,clean-knn,path-ensemble",
-          "--n", "40", "--n-fit", "30",
-          "--n-calibration", "30", "--n-reference", "200",
-          "--batch-size", "16", "--quiet"]
+COMMON = [
+    "--attacks",
+    ATTACKS,
+    "--detectors",
+    "path,path-rf,confidence,bundle,lid,clean-knn,path-ensemble",
+    "--n",
+    "40",
+    "--n-fit",
+    "30",
+    "--n-calibration",
+    "30",
+    "--n-reference",
+    "200",
+    "--batch-size",
+    "16",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")

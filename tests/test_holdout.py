@@ -51,8 +51,16 @@ def test_every_family_of_the_default_matrix_is_held_out_once():
 def test_leave_one_family_out_fits_on_no_row_of_the_held_out_family(family):
     feats, outcomes = _feature_sets(), _outcomes()
     fitted_on = holdout_plans(SPECS)["family"][family]
-    est, record = fit_estimator(Recorder(), feats, outcomes, fitted_on, families={s.label: s.family for s in SPECS},
-                                layer_sizes=[1], clean_set="val", reference_set="train")
+    est, record = fit_estimator(
+        Recorder(),
+        feats,
+        outcomes,
+        fitted_on,
+        families={s.label: s.family for s in SPECS},
+        layer_sizes=[1],
+        clean_set="val",
+        reference_set="train",
+    )
     held = [i for i, s in enumerate(SPECS) if s.family == family]
     codes = est.X[est.y == 1, 0].astype(int)
     attack_of_row = codes // 1000 - 1
@@ -72,5 +80,13 @@ def test_a_fit_with_no_successful_attack_refuses():
     feats = _feature_sets()
     outcomes = {s.label: AttackOutcome(np.zeros(20, bool), np.ones(20, bool), {}) for s in SPECS}
     with pytest.raises(NoAdversarialExamples):
-        fit_estimator(Recorder(), feats, outcomes, ["fgsm"], families={"fgsm": "gradient-sign-linf"},
-                      layer_sizes=[1], clean_set="val", reference_set="train")
+        fit_estimator(
+            Recorder(),
+            feats,
+            outcomes,
+            ["fgsm"],
+            families={"fgsm": "gradient-sign-linf"},
+            layer_sizes=[1],
+            clean_set="val",
+            reference_set="train",
+        )

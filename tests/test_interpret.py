@@ -62,8 +62,16 @@ def _links(report: Path) -> list[str]:
 
 
 def _check_outputs(out: Path, index: dict, n_inputs: int) -> None:
-    for name in ("report.md", "index.json", "similarity.png", "similarity.json", "specificity.png",
-                 "specificity.json", "usage_overview.png", "usage_overview.json"):
+    for name in (
+        "report.md",
+        "index.json",
+        "similarity.png",
+        "similarity.json",
+        "specificity.png",
+        "specificity.json",
+        "usage_overview.png",
+        "usage_overview.json",
+    ):
         assert (out / name).is_file(), name
     links = _links(out / "report.md")
     assert links and all((out / link).is_file() for link in links), [k for k in links if not (out / k).is_file()]
@@ -104,8 +112,22 @@ def test_explain_command_writes_everything(tiny_bundle, tmp_path):
     png = tmp_path / "square.png"
     Image.fromarray(image).resize((20, 20)).save(png)  # explain resizes it to 16x16
     out = tmp_path / "explain"
-    assert main(["explain", "--bundle", str(copy), "--out", str(out), "--image-files", str(png),
-                 "--prototype-images", "200"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--bundle",
+                str(copy),
+                "--out",
+                str(out),
+                "--image-files",
+                str(png),
+                "--prototype-images",
+                "200",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "index.json").read_text())
     _check_outputs(out, index, 1)
     assert index["prototypes"].startswith("computed now from the first 200 training images")
@@ -143,8 +165,9 @@ def test_adversarial_inputs_from_an_attack_file(tiny_bundle, tmp_path):
     y = torch.tensor([0, 1, 2])
     res = run_attack(bundle.model, x, y, AttackSpec("fgsm", {"eps": 0.1}), progress=False)
     save_result(tmp_path / "fgsm.npz", res)
-    cfg = ExplainConfig(bundle=str(tiny_bundle), out=str(tmp_path / "o"), images=2,
-                        attack_file=str(tmp_path / "fgsm.npz"))
+    cfg = ExplainConfig(
+        bundle=str(tiny_bundle), out=str(tmp_path / "o"), images=2, attack_file=str(tmp_path / "fgsm.npz")
+    )
     images, labels, names = _chosen_inputs(cfg, bundle)
     assert images.shape == (2, 1, 16, 16) and labels == [0, 1]
     assert names == ["fgsm adversarial #0", "fgsm adversarial #1"]

@@ -77,8 +77,16 @@ def _force_gates(layer: GatedConv, on: list[bool]) -> None:
 
 def test_flops_match_hand_count():
     # two stages of one conv each: 1 -> 4 channels at 8x8, then 4 -> 6 at 4x4, flatten 6*2*2 -> 3 classes
-    model = VGG(((4,), (6,)), num_classes=3, in_channels=1, input_size=8, head_hidden=0, gate=GateConfig(),
-                mean=(0.5,), std=(0.5,))
+    model = VGG(
+        ((4,), (6,)),
+        num_classes=3,
+        in_channels=1,
+        input_size=8,
+        head_hidden=0,
+        gate=GateConfig(),
+        mean=(0.5,),
+        std=(0.5,),
+    )
     l0, l1 = model.features
     _force_gates(l0, [True, False, True, False])  # 2 of 4 on
     _force_gates(l1, [True, True, True, False, False, False])  # 3 of 6 on

@@ -39,14 +39,17 @@ def test_adversarial_images_score_higher(tiny_bundle):
     assert attacked.flags.mean() > clean.flags.mean()
 
 
-@pytest.mark.parametrize("images,match", [
-    (torch.rand(2, 1, 16), "4 dimensions"),
-    (torch.rand(2, 3, 16, 16), r"\(C, H, W\) = \(1, 16, 16\)"),
-    (torch.zeros(0, 1, 16, 16), "no images"),
-    (torch.full((1, 1, 16, 16), float("nan")), "NaN"),
-    (torch.full((1, 1, 16, 16), 2.0), r"\[0, 1\]"),
-    (torch.zeros(1, 1, 16, 16, dtype=torch.uint8), "floating point"),
-])
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        (torch.rand(2, 1, 16), "4 dimensions"),
+        (torch.rand(2, 3, 16, 16), r"\(C, H, W\) = \(1, 16, 16\)"),
+        (torch.zeros(0, 1, 16, 16), "no images"),
+        (torch.full((1, 1, 16, 16), float("nan")), "NaN"),
+        (torch.full((1, 1, 16, 16), 2.0), r"\[0, 1\]"),
+        (torch.zeros(1, 1, 16, 16, dtype=torch.uint8), "floating point"),
+    ],
+)
 def test_bad_images_rejected(tiny_bundle, images, match):
     with pytest.raises(InvalidImages, match=match):
         load_bundle(tiny_bundle).screen(images)
@@ -73,8 +76,17 @@ def test_screening_with_the_ensemble_detector(tiny_bundle, tmp_path):
 
     copy = tmp_path / "ensemble"
     shutil.copytree(tiny_bundle, copy)
-    info = fit_bundle_detector(FitConfig(str(copy), "fgsm:eps=0.15,deepfool:steps=5", n_fit=60, n_calibration=60,
-                                         classifier="ensemble", prototype_images=400), progress=False)
+    info = fit_bundle_detector(
+        FitConfig(
+            str(copy),
+            "fgsm:eps=0.15,deepfool:steps=5",
+            n_fit=60,
+            n_calibration=60,
+            classifier="ensemble",
+            prototype_images=400,
+        ),
+        progress=False,
+    )
     assert info["estimator"] == "PathEnsembleDetector" and min(info["weights"].values()) >= 0
     bundle = load_bundle(copy)
     screener = bundle.screener()

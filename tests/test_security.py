@@ -32,9 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 TOKEN = "tok-7c0ffee-for-tests"
 CANARY = "CANARY-51f3a9e2"  # a string no server output has any business containing
 X, _ = make_images(2, seed=71)
-PROTECTED = [(service.full_name, method) for service in (pb.DESCRIPTOR.services_by_name["PathGuard"],
-                                                         kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
-             for method in service.methods]
+PROTECTED = [
+    (service.full_name, method)
+    for service in (
+        pb.DESCRIPTOR.services_by_name["PathGuard"],
+        kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+    )
+    for method in service.methods
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +61,13 @@ def call(channel: grpc.Channel, service: str, method, metadata=()) -> grpc.Statu
     try:
         if method.client_streaming:
             responses = channel.stream_stream(path, request_serializer=None, response_deserializer=None)(
-                iter([b""]), timeout=20, metadata=metadata)
+                iter([b""]), timeout=20, metadata=metadata
+            )
             list(responses)
         else:
             channel.unary_unary(path, request_serializer=None, response_deserializer=None)(
-                b"", timeout=20, metadata=metadata)
+                b"", timeout=20, metadata=metadata
+            )
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
@@ -74,20 +81,24 @@ def test_every_rpc_of_the_protected_services_needs_the_token(token_server, servi
     with grpc.insecure_channel(token_server.target) as channel:
         assert call(channel, service, method) == grpc.StatusCode.UNAUTHENTICATED
         assert call(channel, service, method, (("authorization", "Bearer nope"),)) == grpc.StatusCode.UNAUTHENTICATED
-        assert call(channel, service, method, (("authorization", f"Bearer {TOKEN}"),)) \
-            != grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            call(channel, service, method, (("authorization", f"Bearer {TOKEN}"),)) != grpc.StatusCode.UNAUTHENTICATED
+        )
 
 
-@pytest.mark.parametrize("header", [
-    TOKEN,  # no scheme
-    f"Basic {TOKEN}",
-    f"Bearer {TOKEN[:-1]}",  # a prefix
-    f"Bearer {TOKEN}x",  # an extension
-    f"Bearer {TOKEN.upper()}",
-    "Bearer ",
-    "Bearer",
-    f"Bearer {TOKEN} {TOKEN}",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        TOKEN,  # no scheme
+        f"Basic {TOKEN}",
+        f"Bearer {TOKEN[:-1]}",  # a prefix
+        f"Bearer {TOKEN}x",  # an extension
+        f"Bearer {TOKEN.upper()}",
+        "Bearer ",
+        "Bearer",
+        f"Bearer {TOKEN} {TOKEN}",
+    ],
+)
 def test_near_miss_tokens_are_refused(token_server, header):
     with PathGuardClient(token_server.target) as client:
         with pytest.raises(grpc.RpcError) as info:
@@ -105,15 +116,21 @@ def test_the_first_authorization_header_decides(token_server):
             client._stub.DescribeModel(pb.DescribeModelRequest(), timeout=10, metadata=both)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with PathGuardClient(token_server.target, token=TOKEN, insecure_token=True) as client:  # scheme: any case
-        assert client._stub.DescribeModel(pb.DescribeModelRequest(), timeout=10,
-                                          metadata=(("authorization", f"bearer {TOKEN}"),)).name
+        assert client._stub.DescribeModel(
+            pb.DescribeModelRequest(), timeout=10, metadata=(("authorization", f"bearer {TOKEN}"),)
+        ).name
 
 
 def test_mtls_and_token_are_both_required(tiny_bundle, certs, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    cfg = config_for(tiny_bundle, tls_cert=str(certs["server"]), tls_key=str(certs["server_key"]),
-                     tls_client_ca=str(certs["ca"]), auth_token_file=str(token_file))
+    cfg = config_for(
+        tiny_bundle,
+        tls_cert=str(certs["server"]),
+        tls_key=str(certs["server_key"]),
+        tls_client_ca=str(certs["ca"]),
+        auth_token_file=str(token_file),
+    )
     with BackgroundServer(cfg) as bg:
         mtls = {"tls_ca": certs["ca"], "client_cert": certs["client"], "client_key": certs["client_key"]}
         with PathGuardClient(bg.target, token=TOKEN, **mtls) as both:
@@ -168,10 +185,19 @@ def test_request_data_and_secrets_never_reach_metrics_health_or_logs(tiny_bundle
         ok = own.ScreenImages(pb.ScreenRequest(request_id=CANARY, tensor=good), timeout=20, metadata=auth)
         assert ok.request_id == CANARY  # echoed to its own caller, by design
         expect_error("token", own.ScreenImages, pb.ScreenRequest(tensor=good), (("authorization", f"Bearer {CANARY}"),))
-        expect_error("nan+id", own.ScreenImages, pb.ScreenRequest(request_id=CANARY, tensor=pb.Tensor(
-            dtype=pb.FLOAT32, shape=list(X.shape), data=np.full_like(X, np.nan).tobytes())))
-        expect_error("png", own.ScreenImages, pb.ScreenRequest(request_id=CANARY, encoded=pb.EncodedImages(
-            images=[CANARY.encode() * 10])))
+        expect_error(
+            "nan+id",
+            own.ScreenImages,
+            pb.ScreenRequest(
+                request_id=CANARY,
+                tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(X.shape), data=np.full_like(X, np.nan).tobytes()),
+            ),
+        )
+        expect_error(
+            "png",
+            own.ScreenImages,
+            pb.ScreenRequest(request_id=CANARY, encoded=pb.EncodedImages(images=[CANARY.encode() * 10])),
+        )
         for field, value in (("model_name", CANARY), ("id", CANARY)):
             req = kserve_pb2.ModelInferRequest(**{"model_name": "pathguard", field: value})
             req.inputs.add(name="images", datatype="FP32", shape=list(X.shape))
@@ -333,9 +359,14 @@ print(json.dumps({"control": control, "events": events}))
 def test_an_audit_hook_sees_no_unpickling_during_a_full_screening_run(tiny_bundle):
     """The hook is installed before anything of PathGuard (or torch) is imported, so it covers imports,
     bundle loading, screening in process and over both APIs, streaming and a reload."""
-    out = subprocess.run([sys.executable, "-c", AUDIT_SCRIPT, str(tiny_bundle), str(THREADS)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    out = subprocess.run(
+        [sys.executable, "-c", AUDIT_SCRIPT, str(tiny_bundle), str(THREADS)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["control"] == ["datetime.date"]

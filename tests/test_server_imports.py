@@ -32,15 +32,16 @@ def test_serve_command_line_and_server_import_without_offline_packages():
         "import service.server, service.screening\n"
         "from detector.bundle import load_bundle\n"
         f"load_bundle({str(DEFAULT_BUNDLE)!r})\n"
-        "print('ok', sorted(m for m in sys.modules if m.split('.')[0] in OFFLINE_ONLY))\n")
+        "print('ok', sorted(m for m in sys.modules if m.split('.')[0] in OFFLINE_ONLY))\n"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-2:] == ["ok", "[]"]
 
 
 def test_blocker_really_blocks():
-    proc = run_without_offline_packages("from detector.attacks import parse_attack\n"
-                                        "import torch\n"
-                                        "parse_attack('fgsm').build(torch.nn.Flatten())\n")
+    proc = run_without_offline_packages(
+        "from detector.attacks import parse_attack\nimport torch\nparse_attack('fgsm').build(torch.nn.Flatten())\n"
+    )
     assert proc.returncode != 0
     assert "ModuleNotFoundError: No module named 'torchattacks' (blocked)" in proc.stderr
 

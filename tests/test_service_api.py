@@ -29,8 +29,12 @@ def triton_check(target: str, model: str, images: np.ndarray, tmp_path: Path) ->
     """Run tests/service_triton_check.py (tritonclient.grpc, unmodified) against ``target``."""
     path = tmp_path / "images.npy"
     np.save(path, images.astype(np.float32))
-    proc = subprocess.run([sys.executable, str(TRITON_CHECK), "--url", target, "--model", model, "--images", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(TRITON_CHECK), "--url", target, "--model", model, "--images", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -40,7 +44,7 @@ def clean_and_adversarial(bundle_path: Path, n: int = 24) -> tuple[np.ndarray, n
     bundle = load_bundle(bundle_path)
     cfg = bundle.meta["train_config"]
     data = load_dataset(cfg["dataset"], "test", cfg.get("data_root"))
-    x, y = data.float_images(slice(0, 4 * n)), data.labels[:4 * n]
+    x, y = data.float_images(slice(0, 4 * n)), data.labels[: 4 * n]
     correct = bundle.screen(x).predictions == y.numpy()
     x, y = x[torch.from_numpy(correct)][:n], y[torch.from_numpy(correct)][:n]
     adv = run_attack(bundle.model, x, y, parse_attack("pgd"), progress=False).adversarial
@@ -66,9 +70,9 @@ def test_default_bundle_clean_and_adversarial_through_both_apis(request, default
     expected_both = load_bundle(default_bundle).screener(engine=engine).screen(torch.from_numpy(both))  # one batch
     seen = triton_check(server.target, load_bundle(default_bundle).meta["name"], both, tmp_path)
     scores = np.array(seen["fp32"]["adversarial_score"])
-    assert seen["fp32"]["predicted_class"][:len(clean)] == expected.predictions.tolist()
+    assert seen["fp32"]["predicted_class"][: len(clean)] == expected.predictions.tolist()
     np.testing.assert_allclose(scores, expected_both.scores, atol=1e-4)
-    assert scores[len(clean):].mean() > scores[:len(clean)].mean()
+    assert scores[len(clean) :].mean() > scores[: len(clean)].mean()
 
 
 def test_own_api_options_match_in_process_screening(request, tiny_bundle):
@@ -115,7 +119,7 @@ def test_encoded_png_and_uint8_tensor_give_the_same_answer(request, tiny_bundle)
 def test_stream_answers_in_order_and_reports_per_request_errors(request, tiny_bundle):
     server = shared_server(request, tiny_bundle)
     x, _ = make_images(12, seed=13)
-    batches = [x[i:i + 2] for i in range(0, 12, 2)]
+    batches = [x[i : i + 2] for i in range(0, 12, 2)]
     batches.insert(3, np.zeros((1, 1, 8, 8), np.float32))
     with PathGuardClient(server.target) as client:
         items = list(client.screen_stream(batches))
@@ -147,8 +151,12 @@ def test_kserve_with_tritonclient(request, tiny_bundle, tmp_path):
     np.testing.assert_allclose(fp32["probabilities"], expected.probabilities, atol=1e-4)
     np.testing.assert_allclose(fp32["adversarial_score"], expected.scores, atol=1e-4)
     assert fp32["is_adversarial"] == expected.flags.tolist()
-    assert fp32["dtypes"] == {"predicted_class": "int64", "probabilities": "float32",
-                              "adversarial_score": "float32", "is_adversarial": "bool"}
+    assert fp32["dtypes"] == {
+        "predicted_class": "int64",
+        "probabilities": "float32",
+        "adversarial_score": "float32",
+        "is_adversarial": "bool",
+    }
     assert seen["uint8"]["outputs"] == ["predicted_class", "adversarial_score"]
     assert seen["uint8"]["predicted_class"] == expected.predictions.tolist()
     assert seen["unknown_model"] == "StatusCode.NOT_FOUND"

@@ -40,9 +40,17 @@ class FakeRunner:
         ids = images[:, 0, 0, 0].long().numpy()
         self.batches.append(ids.tolist())
         n = len(ids)
-        return ScreenResult(predictions=ids, probabilities=np.zeros((n, 2), np.float32), scores=np.zeros(n),
-                            flags=np.zeros(n, bool), threshold=0.5, active_ratio=np.ones(n), flops_ratio=np.ones(n),
-                            paths=np.zeros((n, 3), np.uint8), departure=np.zeros((n, 1)))
+        return ScreenResult(
+            predictions=ids,
+            probabilities=np.zeros((n, 2), np.float32),
+            scores=np.zeros(n),
+            flags=np.zeros(n, bool),
+            threshold=0.5,
+            active_ratio=np.ones(n),
+            flops_ratio=np.ones(n),
+            paths=np.zeros((n, 3), np.uint8),
+            departure=np.zeros((n, 1)),
+        )
 
 
 def images(*ids: int) -> torch.Tensor:
@@ -135,12 +143,13 @@ def test_many_concurrent_callers_are_all_answered_in_batches(request, tiny_bundl
     expected = load_bundle(tiny_bundle).screen(torch.from_numpy(x)).predictions.tolist()
     before = scrape(server.metrics_url)
     with PathGuardClient(server.target) as client, ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(lambda i: client.screen(x[i:i + 1])[0].class_index, range(len(x))))
+        answers = list(pool.map(lambda i: client.screen(x[i : i + 1])[0].class_index, range(len(x))))
     after = scrape(server.metrics_url)
     assert answers == expected
     batches = sample(after, "pathguard_batch_size_count") - sample(before, "pathguard_batch_size_count")
-    singles = (sample(after, "pathguard_batch_size_bucket", le="1.0")
-               - sample(before, "pathguard_batch_size_bucket", le="1.0"))
+    singles = sample(after, "pathguard_batch_size_bucket", le="1.0") - sample(
+        before, "pathguard_batch_size_bucket", le="1.0"
+    )
     assert batches - singles > 0, "no batch held more than one image"
     assert batches < len(x)
 
@@ -178,8 +187,9 @@ def test_metrics_endpoint_counters_and_histograms_move(request, tiny_bundle):
 
 def test_queue_is_bounded_in_images_as_well_as_requests():
     runner = FakeRunner()
-    batcher = DynamicBatcher(runner, max_batch_size=4, max_queue_delay=0.0, max_queue_size=100,
-                             max_queue_images=6).start()
+    batcher = DynamicBatcher(
+        runner, max_batch_size=4, max_queue_delay=0.0, max_queue_size=100, max_queue_images=6
+    ).start()
     try:
         first = batcher.submit(images(1))
         assert runner.started.wait(10)  # request 1 computes; the queue is empty

@@ -31,8 +31,9 @@ def test_flag_wins_over_env_wins_over_default():
     assert cfg.bundle == DEFAULT_BUNDLE and cfg.host == "127.0.0.1" and cfg.tls_cert is None
     assert config_from(ServeConfig, None, {"PATHGUARD_HOST": "0.0.0.0"}).host == "0.0.0.0"
     assert config_from(ServeConfig, build_parser().parse_args(["serve", "--host", "::"]), {}).host == "::"
-    screen = config_from(ScreenConfig, build_parser().parse_args(["screen", "--tls", "x.png"]),
-                         {"PATHGUARD_INSECURE_TOKEN": "yes"})
+    screen = config_from(
+        ScreenConfig, build_parser().parse_args(["screen", "--tls", "x.png"]), {"PATHGUARD_INSECURE_TOKEN": "yes"}
+    )
     assert screen.tls is True and screen.insecure_token is True
     with pytest.raises(ValueError, match="PATHGUARD_TLS='maybe'"):
         config_from(ScreenConfig, None, {"PATHGUARD_TLS": "maybe"})
@@ -54,12 +55,34 @@ def test_bad_settings_are_named():
 def test_contract_flags_and_env_names_are_documented():
     """Deployments rely on these exact flags and variables: every one is in the README's table."""
     readme = README.read_text()
-    section = readme[readme.index("## Configuration"):readme.index("## The own API")]
-    contract = ["bundle", "model_name", "host", "port", "metrics_port", "threads", "workers", "max_batch_size",
-                "max_queue_delay_ms", "max_queue_size", "max_queue_images", "grace_period", "max_message_mb",
-                "max_images_per_request", "max_request_memory_mb", "engine", "tls_cert", "tls_key", "tls_client_ca",
-                "auth_token_file", "max_connection_age", "max_connection_age_grace", "keepalive_min_interval",
-                "watchdog_seconds", "liveness_seconds"]
+    section = readme[readme.index("## Configuration") : readme.index("## The own API")]
+    contract = [
+        "bundle",
+        "model_name",
+        "host",
+        "port",
+        "metrics_port",
+        "threads",
+        "workers",
+        "max_batch_size",
+        "max_queue_delay_ms",
+        "max_queue_size",
+        "max_queue_images",
+        "grace_period",
+        "max_message_mb",
+        "max_images_per_request",
+        "max_request_memory_mb",
+        "engine",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "auth_token_file",
+        "max_connection_age",
+        "max_connection_age_grace",
+        "keepalive_min_interval",
+        "watchdog_seconds",
+        "liveness_seconds",
+    ]
     assert [f.name for f in dataclasses.fields(ServeConfig)] == contract
     for name in contract:
         assert f"| `--{name.replace('_', '-')}` | `{env_name(name)}` |" in section, name
@@ -100,8 +123,21 @@ def test_pathguard_screen_reports_an_unreachable_server_and_a_missing_file(tmp_p
 
 def test_serve_refuses_a_broken_bundle_naming_it(tmp_path, capsys):
     missing = tmp_path / "nope"
-    code = main(["serve", "--bundle", str(missing), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                 "--threads", str(THREADS)])
+    code = main(
+        [
+            "serve",
+            "--bundle",
+            str(missing),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--threads",
+            str(THREADS),
+        ]
+    )
     assert code == 2
     assert f"bundle {missing}" in capsys.readouterr().err
 
@@ -110,13 +146,19 @@ def test_generated_code_is_reproducible(tmp_path):
     """`python -m service.codegen` reproduces the committed service/_proto byte for byte."""
     from grpc_tools import protoc  # noqa: F401  (fail clearly if grpcio-tools is missing)
 
-    committed = sorted(p.relative_to(codegen.OUT_DIR) for p in codegen.OUT_DIR.rglob("*")
-                       if p.is_file() and "__pycache__" not in p.parts)
+    committed = sorted(
+        p.relative_to(codegen.OUT_DIR)
+        for p in codegen.OUT_DIR.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     fresh_dir = tmp_path / "_proto"
     fresh = sorted(p.relative_to(fresh_dir) for p in codegen.generate(fresh_dir))
     grpc_file = "pathguard/v1/pathguard_pb2_grpc.py"
-    version_of = lambda root: next(line for line in (root / grpc_file).read_text().splitlines()  # noqa: E731
-                                   if line.startswith("GRPC_GENERATED_VERSION"))
+
+    def version_of(root):
+        lines = (root / grpc_file).read_text().splitlines()
+        return next(line for line in lines if line.startswith("GRPC_GENERATED_VERSION"))
+
     # pyproject pins grpcio-tools to the version that generated service/_proto, so they always agree; a
     # mismatch means the pin and the committed code drifted apart (bump both: the pin, then `make protos`).
     assert version_of(fresh_dir) == version_of(codegen.OUT_DIR), "grpcio-tools pin != generator of service/_proto"

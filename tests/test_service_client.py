@@ -86,10 +86,13 @@ def test_encoded_images_are_decoded_off_the_event_loop(request, tiny_bundle):
 
 def test_model_name_overrides_the_bundles_name(tiny_bundle):
     """--model-name (KServe passes the InferenceService's name): the model is served and described under it."""
-    with BackgroundServer(config_for(tiny_bundle, model_name="fraud-screen")) as bg, \
-            PathGuardClient(bg.target) as client:
+    with (
+        BackgroundServer(config_for(tiny_bundle, model_name="fraud-screen")) as bg,
+        PathGuardClient(bg.target) as client,
+    ):
         assert client.describe().name == "fraud-screen"
         stub = kserve_grpc.GRPCInferenceServiceStub(client._channel)
         assert stub.ModelReady(kserve_pb2.ModelReadyRequest(name="fraud-screen"), timeout=10).ready
-        assert stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name="fraud-screen"), timeout=10).name == \
-            "fraud-screen"
+        assert (
+            stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name="fraud-screen"), timeout=10).name == "fraud-screen"
+        )

@@ -25,16 +25,27 @@ GOOD, _ = make_images(2, seed=21)
 
 
 def tensor_request(array: np.ndarray, dtype=pb.FLOAT32, shape=None, data: bytes | None = None) -> pb.ScreenRequest:
-    return pb.ScreenRequest(tensor=pb.Tensor(dtype=dtype, shape=list(array.shape if shape is None else shape),
-                                             data=array.tobytes() if data is None else data))
+    return pb.ScreenRequest(
+        tensor=pb.Tensor(
+            dtype=dtype,
+            shape=list(array.shape if shape is None else shape),
+            data=array.tobytes() if data is None else data,
+        )
+    )
 
 
 def png_bomb(width: int = 200_000, height: int = 200_000) -> bytes:
     """A tiny PNG whose header claims a huge grayscale canvas."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def truncated_png() -> bytes:
@@ -54,8 +65,17 @@ def gif() -> bytes:
     return buf.getvalue()
 
 
-def kserve(datatype="FP32", shape=(1, 1, 16, 16), raw: bytes | None = None, *, model="pathguard", version="",
-           name="images", outputs=(), typed=None) -> kserve_pb2.ModelInferRequest:
+def kserve(
+    datatype="FP32",
+    shape=(1, 1, 16, 16),
+    raw: bytes | None = None,
+    *,
+    model="pathguard",
+    version="",
+    name="images",
+    outputs=(),
+    typed=None,
+) -> kserve_pb2.ModelInferRequest:
     req = kserve_pb2.ModelInferRequest(model_name=model, model_version=version)
     tensor = req.inputs.add(name=name, datatype=datatype, shape=list(shape))
     if typed is not None:
@@ -159,8 +179,11 @@ def test_own_api_bad_input(channel, case):
 @pytest.mark.parametrize("case", KSERVE_CASES, ids=[c[0] for c in KSERVE_CASES])
 def test_kserve_bad_input(channel, case):
     _, request, code, words = case
-    request = {"uint8": _uint8_over_255, "classification": _classification}[request]() \
-        if isinstance(request, str) else request
+    request = (
+        {"uint8": _uint8_over_255, "classification": _classification}[request]()
+        if isinstance(request, str)
+        else request
+    )
     with pytest.raises(grpc.RpcError) as info:
         kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     assert info.value.code() == code, info.value.details()
@@ -170,8 +193,10 @@ def test_kserve_bad_input(channel, case):
 
 def test_kserve_metadata_of_unknown_model_is_not_found(channel):
     stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-    for call, req in ((stub.ModelMetadata, kserve_pb2.ModelMetadataRequest(name="nope")),
-                      (stub.ModelReady, kserve_pb2.ModelReadyRequest(name="nope"))):
+    for call, req in (
+        (stub.ModelMetadata, kserve_pb2.ModelMetadataRequest(name="nope")),
+        (stub.ModelReady, kserve_pb2.ModelReadyRequest(name="nope")),
+    ):
         with pytest.raises(grpc.RpcError) as info:
             call(req, timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -66,8 +66,10 @@ def test_cancelled_calls_are_not_computed_and_leave_no_state(tiny_bundle):
             kserve = kserve_grpc.GRPCInferenceServiceStub(channel)
             blocker = own.ScreenImages(own_request(X[:1]), timeout=60)
             await loop.run_in_executor(None, gated.started.wait, 20)
-            kept = [own.ScreenImages(own_request(X[:2]), timeout=60),
-                    kserve.ModelInfer(kserve_request(X[:2]), timeout=60)]
+            kept = [
+                own.ScreenImages(own_request(X[:2]), timeout=60),
+                kserve.ModelInfer(kserve_request(X[:2]), timeout=60),
+            ]
             dropped = [own.ScreenImages(own_request(X[:3]), timeout=60) for _ in range(3)]
             dropped += [kserve.ModelInfer(kserve_request(X[:3]), timeout=60) for _ in range(3)]
             stream = own.ScreenStream(timeout=60)
@@ -80,8 +82,11 @@ def test_cancelled_calls_are_not_computed_and_leave_no_state(tiny_bundle):
             await loop.run_in_executor(None, wait_until, lambda: bg.server._interceptor.active == 3)
             gated.release()
             responses = [await call for call in (blocker, *kept)]
-            answers = [len(responses[0].results), len(responses[1].results),
-                       len(np.frombuffer(responses[2].raw_output_contents[1], dtype="<i8"))]
+            answers = [
+                len(responses[0].results),
+                len(responses[1].results),
+                len(np.frombuffer(responses[2].raw_output_contents[1], dtype="<i8")),
+            ]
             return answers, [(await call.code()).name for call in [*dropped, stream]]
 
     with BackgroundServer(config_for(tiny_bundle, max_batch_size=4, max_queue_delay_ms=0)) as bg:
@@ -94,8 +99,11 @@ def test_cancelled_calls_are_not_computed_and_leave_no_state(tiny_bundle):
         assert sorted(gated.batches) == [1, 4], gated.batches
         wait_until(lambda: bg.server._interceptor.active == 0, 10)
         after = scrape(bg.metrics_url)
-        assert sample(after, "pathguard_requests_total", method=SCREEN, code="CANCELLED") - \
-            sample(before, "pathguard_requests_total", method=SCREEN, code="CANCELLED") == 3
+        assert (
+            sample(after, "pathguard_requests_total", method=SCREEN, code="CANCELLED")
+            - sample(before, "pathguard_requests_total", method=SCREEN, code="CANCELLED")
+            == 3
+        )
         assert sample(after, "pathguard_inflight_requests") == sample(before, "pathguard_inflight_requests")
         assert bg.server.service.queue_depth == 0
         with grpc.insecure_channel(bg.target) as channel:
@@ -134,9 +142,14 @@ def test_deadlines_that_expire_in_the_queue_are_deadline_exceeded_and_not_comput
         # little earlier (it was set before the request travelled), and when the caller's cancellation wins
         # the race the server counts CANCELLED. Either way the call was answered, not computed.
         for method in (SCREEN, "inference.GRPCInferenceService/ModelInfer"):
-            assert sum(sample(after, "pathguard_requests_total", method=method, code=code)
-                       - sample(before, "pathguard_requests_total", method=method, code=code)
-                       for code in ("DEADLINE_EXCEEDED", "CANCELLED")) == 4
+            assert (
+                sum(
+                    sample(after, "pathguard_requests_total", method=method, code=code)
+                    - sample(before, "pathguard_requests_total", method=method, code=code)
+                    for code in ("DEADLINE_EXCEEDED", "CANCELLED")
+                )
+                == 4
+            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,7 +169,8 @@ def test_health_answers_when_open_streams_take_every_call_slot(tiny_bundle):
                 await s.write(own_request(X[:1]))
                 assert len((await s.read()).results) == 1
             await asyncio.get_running_loop().run_in_executor(
-                None, wait_until, lambda: bg.server._interceptor.active == limit)
+                None, wait_until, lambda: bg.server._interceptor.active == limit
+            )
             extra = own.ScreenStream(timeout=30)
             try:
                 await extra.read()
@@ -170,8 +184,9 @@ def test_health_answers_when_open_streams_take_every_call_slot(tiny_bundle):
                 unary = exc.code().name
             probes = []
             for _ in range(3):
-                status = (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                                          timeout=5)).status
+                status = (
+                    await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                ).status
                 probes.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
             for s in streams:
                 s.cancel()
@@ -191,8 +206,15 @@ def test_health_answers_when_open_streams_take_every_call_slot(tiny_bundle):
 # SIGTERM and reloads under load (pathguard serve in a subprocess, bench/load.py)
 # ----------------------------------------------------------------------------------------------------
 def load_config(bundle: Path, **overrides) -> LoadConfig:
-    base = dict(bundle=str(bundle), threads=THREADS, callers=16, duration=6.0, warmup=1.0, images_per_request=2,
-                server_args=["--max-batch-size", "8", "--max-queue-delay-ms", "10", "--grace-period", "60"])
+    base = dict(
+        bundle=str(bundle),
+        threads=THREADS,
+        callers=16,
+        duration=6.0,
+        warmup=1.0,
+        images_per_request=2,
+        server_args=["--max-batch-size", "8", "--max-queue-delay-ms", "10", "--grace-period", "60"],
+    )
     return LoadConfig(**{**base, **overrides})
 
 
@@ -233,7 +255,20 @@ def test_reloads_under_load_refuse_a_broken_bundle_then_swap_atomically(tiny_bun
 @pytest.mark.parametrize("how", ["wrong-checksum", "missing-file", "emptied-model"])
 def test_a_broken_bundle_is_refused_at_start_naming_the_file(tiny_bundle, tmp_path, capsys, how):
     bad, names = broken(tiny_bundle, tmp_path / "bundle", how)
-    code = main(["serve", "--bundle", str(bad), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                 "--threads", str(THREADS)])
+    code = main(
+        [
+            "serve",
+            "--bundle",
+            str(bad),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--threads",
+            str(THREADS),
+        ]
+    )
     assert code == 2
     assert names in capsys.readouterr().err

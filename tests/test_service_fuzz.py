@@ -22,9 +22,13 @@ from service._proto.pathguard.v1 import pathguard_pb2_grpc as pb_grpc
 from service.errors import MAX_MESSAGE_BYTES
 
 EXAMPLES = 300
-FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                HealthCheck.large_base_example])
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def model(channel) -> fuzz.Model:
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the in-process server's PIL warns
-@FUZZ_SETTINGS                                                              # on a 10^8-pixel header, then refuses
+@FUZZ_SETTINGS  # on a 10^8-pixel header, then refuses
 @given(data=st.data())
 def test_fuzzed_requests_get_exactly_the_codes_they_deserve(runner, model, data):
     case = data.draw(fuzz.any_case(model), label="case")
@@ -61,7 +65,8 @@ def test_the_server_is_still_serving_after_fuzzing_and_holds_no_calls(server, ch
     assert runner.cases >= EXAMPLES, "run after the fuzz test"
     assert fuzz.serving(channel)
     ok = pb_grpc.PathGuardStub(channel).ScreenImages(
-        pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.UINT8, shape=[1, 1, 16, 16], data=bytes(256))), timeout=30)
+        pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.UINT8, shape=[1, 1, 16, 16], data=bytes(256))), timeout=30
+    )
     assert len(ok.results) == 1
     assert server.server._interceptor.active == 0 and server.server.service.queue_depth == 0
     seen = {code.split(":")[1] for code in runner.codes}
@@ -69,14 +74,21 @@ def test_the_server_is_still_serving_after_fuzzing_and_holds_no_calls(server, ch
 
 
 # -- regressions found by fuzzing ----------------------------------------------------------------------
-MALFORMED = [(fuzz.SCREEN, b"\xff\xff\xff"), (fuzz.SCREEN, b"\x0a\x03\xff\xfe\xfd"),  # request_id: bad UTF-8
-             (fuzz.SCREEN, b"\x1a\x05\x08\x01\x12\x01"), (fuzz.INFER, b"\x0a\x02\xc3\x28"),  # model_name
-             (fuzz.INFER, b"\x22\x10\x0a"), (fuzz.DESCRIBE, b"\xff\xff\xff")]
+MALFORMED = [
+    (fuzz.SCREEN, b"\xff\xff\xff"),
+    (fuzz.SCREEN, b"\x0a\x03\xff\xfe\xfd"),  # request_id: bad UTF-8
+    (fuzz.SCREEN, b"\x1a\x05\x08\x01\x12\x01"),
+    (fuzz.INFER, b"\x0a\x02\xc3\x28"),  # model_name
+    (fuzz.INFER, b"\x22\x10\x0a"),
+    (fuzz.DESCRIBE, b"\xff\xff\xff"),
+]
 
 
-@pytest.mark.parametrize("method, payload", MALFORMED,
-                         ids=["corrupt", "bad-utf8-string", "truncated", "kserve-bad-utf8", "kserve-truncated",
-                              "describe-corrupt"])
+@pytest.mark.parametrize(
+    "method, payload",
+    MALFORMED,
+    ids=["corrupt", "bad-utf8-string", "truncated", "kserve-bad-utf8", "kserve-truncated", "describe-corrupt"],
+)
 def test_malformed_protobuf_is_invalid_argument(channel, method, payload):
     """gRPC itself answers UNKNOWN ("Unexpected DecodeError...") and logs a traceback per call."""
     with pytest.raises(grpc.RpcError) as info:
@@ -105,12 +117,16 @@ def _kserve(name: str = "pathguard", datatype: str = "FP32", shape=(1, 1, 16, 16
     return req
 
 
-@pytest.mark.parametrize("request_, code", [
-    (_kserve(name="m" * 100_000), grpc.StatusCode.NOT_FOUND),
-    (_kserve(name="\u00e9\u4e2d\U0001f600" * 5_000), grpc.StatusCode.NOT_FOUND),
-    (_kserve(datatype="Q" * 20_000), grpc.StatusCode.INVALID_ARGUMENT),
-    (_kserve(shape=[7] * 50_000), grpc.StatusCode.INVALID_ARGUMENT),
-], ids=["long-model-name", "long-unicode-model-name", "long-datatype", "50k-dimensions"])
+@pytest.mark.parametrize(
+    "request_, code",
+    [
+        (_kserve(name="m" * 100_000), grpc.StatusCode.NOT_FOUND),
+        (_kserve(name="\u00e9\u4e2d\U0001f600" * 5_000), grpc.StatusCode.NOT_FOUND),
+        (_kserve(datatype="Q" * 20_000), grpc.StatusCode.INVALID_ARGUMENT),
+        (_kserve(shape=[7] * 50_000), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+    ids=["long-model-name", "long-unicode-model-name", "long-datatype", "50k-dimensions"],
+)
 def test_an_echoed_value_never_changes_the_status_code(channel, request_, code):
     """Messages quote what was sent; unbounded, a long value pushed the status past the client's metadata limit
     and the caller got RESOURCE_EXHAUSTED or INTERNAL instead of the real code."""

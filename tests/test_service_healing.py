@@ -82,12 +82,13 @@ def test_an_exception_fails_exactly_its_batch(server, stage, doing):
     def hook(s: str) -> None:
         hold(s)
         fail(s)
+
     batcher.fault_hook = hook
     before = sample(scrape(server.metrics_url), "pathguard_requests_total", method=SCREEN, code="INTERNAL")
     with PathGuardClient(server.target) as client:
         first = client._stub.ScreenImages.future(request(X[:1]), timeout=30)
         assert hold.reached.wait(30)
-        queued = [client._stub.ScreenImages.future(request(X[i:i + 1]), timeout=30) for i in (1, 2)]
+        queued = [client._stub.ScreenImages.future(request(X[i : i + 1]), timeout=30) for i in (1, 2)]
         wait_until(lambda: batcher.queued == 2)
         release.set()
         assert len(first.result().results) == 1
@@ -116,4 +117,3 @@ def test_a_stuck_worker_turns_health_not_serving_until_it_moves(server):
         assert http_status(server, "/healthz") == 503
         release.set()
         assert_serving_again(server, client)
-

@@ -33,11 +33,14 @@ def test_receive_limit_is_derived_from_the_model(tiny_bundle):
     c, h, w = shape
     assert limit == cfg.max_images_per_request * (c * h * w * 8 + (16 << 10)) + (64 << 10) < (16 << 20)
     assert ServeConfig(max_message_mb=3).receive_limit(shape) == 3 << 20  # an explicit limit wins
-    with BackgroundServer(cfg) as bg, grpc.insecure_channel(bg.target, options=[
-            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+    with (
+        BackgroundServer(cfg) as bg,
+        grpc.insecure_channel(bg.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel,
+    ):
         assert bg.server.receive_limit == limit
-        call = channel.unary_unary("/pathguard.v1.PathGuard/ScreenImages",
-                                   response_deserializer=pb.ScreenResponse.FromString)
+        call = channel.unary_unary(
+            "/pathguard.v1.PathGuard/ScreenImages", response_deserializer=pb.ScreenResponse.FromString
+        )
         biggest = maximal_request(shape, limit, cfg.max_images_per_request)
         assert len(call(biggest, timeout=60).results) == cfg.max_images_per_request
         over = pb.ScreenRequest(encoded=pb.EncodedImages(images=[b"\0" * limit])).SerializeToString()
@@ -53,8 +56,7 @@ def test_flood_of_maximal_requests_stays_within_the_memory_bound(tiny_bundle):
     """Far more callers than the budget takes, each sending requests of the largest size the server accepts:
     resident memory stays within request_memory_bound() (+ slack) above the idle server's, and no call
     is INTERNAL (the excess gets RESOURCE_EXHAUSTED)."""
-    report = flood(str(tiny_bundle), FLOOD_CALLERS, CALLS_EACH, THREADS,
-                   ["--max-request-memory-mb", str(BUDGET_MB)])
+    report = flood(str(tiny_bundle), FLOOD_CALLERS, CALLS_EACH, THREADS, ["--max-request-memory-mb", str(BUDGET_MB)])
     shape = tuple(load_bundle(tiny_bundle).input_shape)
     assert report["bound_mb"] * 2**20 == request_memory_bound(ServeConfig(max_request_memory_mb=BUDGET_MB), shape)
     codes = report["codes"]
@@ -89,12 +91,18 @@ def test_a_client_pinging_too_often_is_disconnected(tiny_bundle):
     """Keepalive enforcement: pings faster than keepalive_min_interval end the connection (GOAWAY
     too_many_pings); a well-behaved client on another connection is unaffected."""
     with BackgroundServer(config_for(tiny_bundle, keepalive_min_interval=10)) as bg:
-        options = [("grpc.keepalive_time_ms", 100), ("grpc.keepalive_timeout_ms", 1000),
-                   ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+        options = [
+            ("grpc.keepalive_time_ms", 100),
+            ("grpc.keepalive_timeout_ms", 1000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
         with grpc.insecure_channel(bg.target, options=options) as channel:
+
             def idle():  # a stream that stays open without sending, while the client pings
                 time.sleep(15)
                 yield from ()
+
             stream = pb_grpc.PathGuardStub(channel).ScreenStream(idle(), timeout=20)
             with pytest.raises(grpc.RpcError) as info:
                 next(stream)
@@ -113,8 +121,9 @@ def test_failed_calls_give_back_their_budget_and_open_call_at_once(tiny_bundle):
     try:
         with BackgroundServer(config_for(tiny_bundle)) as bg, grpc.insecure_channel(bg.target) as channel:
             unary = channel.unary_unary(SCREEN, response_deserializer=pb.ScreenResponse.FromString)
-            stream = channel.stream_stream("/pathguard.v1.PathGuard/ScreenStream",
-                                           response_deserializer=pb.ScreenResponse.FromString)
+            stream = channel.stream_stream(
+                "/pathguard.v1.PathGuard/ScreenStream", response_deserializer=pb.ScreenResponse.FromString
+            )
             interceptor = bg.server._interceptor
             for _ in range(3):
                 with pytest.raises(grpc.RpcError):

@@ -32,8 +32,13 @@ def test_observe_many_equals_one_observe_per_value():
     metrics.observe_many(h_many, values)
 
     def samples(registry):
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in registry.collect() for s in family.samples if not s.name.endswith("_created")}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
     assert samples(one) == pytest.approx(samples(many))
 
 
@@ -57,8 +62,9 @@ def test_every_operator_metric_moves_and_per_class_counters_add_up(request, tiny
     predicted = {k: v - before.get(k, 0) for k, v in _family(after, "pathguard_predictions_total").items()}
     assert sum(predicted.values()) == n
     for name in {r.class_name for r in results}:
-        assert predicted[f'pathguard_predictions_total{{class_name="{name}"}}'] == \
-            sum(r.class_name == name for r in results)
+        assert predicted[f'pathguard_predictions_total{{class_name="{name}"}}'] == sum(
+            r.class_name == name for r in results
+        )
     flagged = {k: v - before.get(k, 0) for k, v in _family(after, "pathguard_adversarial_flagged_total").items()}
     assert sum(flagged.values()) == sum(r.is_adversarial for r in results)
     assert len(flagged) == len(predicted)  # every class has both series, zero or not
@@ -68,22 +74,33 @@ def test_every_operator_metric_moves_and_per_class_counters_add_up(request, tiny
     assert delta("pathguard_adversarial_score_margin_count") == n
     # (no _sum: prometheus-client leaves it out of a histogram with negative buckets)
     near = sum(abs(r.adversarial_score - threshold) <= 0.05 for r in results)
-    assert delta("pathguard_adversarial_score_margin_bucket", le="0.05") - \
-        delta("pathguard_adversarial_score_margin_bucket", le="-0.05") == near
-    above = n - (sample(after, "pathguard_adversarial_score_margin_bucket", le="0.0")
-                 - sample(before, "pathguard_adversarial_score_margin_bucket", le="0.0"))
+    assert (
+        delta("pathguard_adversarial_score_margin_bucket", le="0.05")
+        - delta("pathguard_adversarial_score_margin_bucket", le="-0.05")
+        == near
+    )
+    above = n - (
+        sample(after, "pathguard_adversarial_score_margin_bucket", le="0.0")
+        - sample(before, "pathguard_adversarial_score_margin_bucket", le="0.0")
+    )
     assert above == sum(r.is_adversarial for r in results)
     # model compute time per batch; request duration by code, with fine buckets between 5 and 300 ms
     assert delta("pathguard_model_compute_duration_seconds_count") == delta("pathguard_batch_size_count") >= 2
     assert delta("pathguard_request_duration_seconds_count", method=METHOD, code="OK") == 2
     assert delta("pathguard_request_duration_seconds_count", method=METHOD, code="INVALID_ARGUMENT") == 1
-    buckets = [float(k.split('le="')[1].split('"')[0]) for k in after
-               if k.startswith("pathguard_request_duration_seconds_bucket{") and f'method="{METHOD}"' in k
-               and 'code="OK"' in k and "+Inf" not in k]
+    buckets = [
+        float(k.split('le="')[1].split('"')[0])
+        for k in after
+        if k.startswith("pathguard_request_duration_seconds_bucket{")
+        and f'method="{METHOD}"' in k
+        and 'code="OK"' in k
+        and "+Inf" not in k
+    ]
     assert sum(0.005 <= b <= 0.3 for b in buckets) >= 15
     # GC and platform collectors, process collector
-    assert sum(_family(after, "python_gc_collections_total").values()) > \
-        sum(_family(before, "python_gc_collections_total").values())
+    assert sum(_family(after, "python_gc_collections_total").values()) > sum(
+        _family(before, "python_gc_collections_total").values()
+    )
     assert any(k.startswith("python_info{") for k in after)
     assert sample(after, "process_resident_memory_bytes") > 0
 

@@ -39,8 +39,9 @@ def expect_code(code: grpc.StatusCode, call, *args, **kwargs) -> grpc.RpcError:
 def test_tls_with_bearer_token(tiny_bundle, certs, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    cfg = config_for(tiny_bundle, tls_cert=str(certs["server"]), tls_key=str(certs["server_key"]),
-                     auth_token_file=str(token_file))
+    cfg = config_for(
+        tiny_bundle, tls_cert=str(certs["server"]), tls_key=str(certs["server_key"]), auth_token_file=str(token_file)
+    )
     with BackgroundServer(cfg) as bg:
         with PathGuardClient(bg.target, tls_ca=certs["ca"], token=TOKEN) as client:
             assert len(client.screen(X)) == 1
@@ -55,8 +56,9 @@ def test_tls_with_bearer_token(tiny_bundle, certs, tmp_path):
         with channel:
             stub = kserve_grpc.GRPCInferenceServiceStub(channel)
             expect_code(grpc.StatusCode.UNAUTHENTICATED, stub.ServerReady, kserve_pb2.ServerReadyRequest(), timeout=10)
-            ready = stub.ServerReady(kserve_pb2.ServerReadyRequest(), timeout=10,
-                                     metadata=(("authorization", f"Bearer {TOKEN}"),))
+            ready = stub.ServerReady(
+                kserve_pb2.ServerReadyRequest(), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),)
+            )
             assert ready.ready
         with pytest.raises(ValueError, match="over plaintext"):  # the client keeps the token off plaintext
             PathGuardClient(bg.target, token=TOKEN)
@@ -69,19 +71,26 @@ def test_tls_with_bearer_token(tiny_bundle, certs, tmp_path):
 
 
 def test_mtls_requires_a_client_certificate_from_the_ca(tiny_bundle, certs):
-    cfg = config_for(tiny_bundle, tls_cert=str(certs["server"]), tls_key=str(certs["server_key"]),
-                     tls_client_ca=str(certs["ca"]))
+    cfg = config_for(
+        tiny_bundle, tls_cert=str(certs["server"]), tls_key=str(certs["server_key"]), tls_client_ca=str(certs["ca"])
+    )
     with BackgroundServer(cfg) as bg:
-        with PathGuardClient(bg.target, tls_ca=certs["ca"], client_cert=certs["client"],
-                             client_key=certs["client_key"]) as client:
+        with PathGuardClient(
+            bg.target, tls_ca=certs["ca"], client_cert=certs["client"], client_key=certs["client_key"]
+        ) as client:
             assert len(client.screen(X)) == 1
         with PathGuardClient(bg.target, tls_ca=certs["ca"], timeout=5) as no_cert:
             expect_code(grpc.StatusCode.UNAVAILABLE, no_cert.screen, X)
-        with PathGuardClient(bg.target, tls_ca=certs["ca"], client_cert=certs["rogue"],
-                             client_key=certs["rogue_key"], timeout=5) as rogue:
+        with PathGuardClient(
+            bg.target, tls_ca=certs["ca"], client_cert=certs["rogue"], client_key=certs["rogue_key"], timeout=5
+        ) as rogue:
             expect_code(grpc.StatusCode.UNAVAILABLE, rogue.screen, X)
-        channel = grpc.secure_channel(bg.target, grpc.ssl_channel_credentials(
-            certs["ca"].read_bytes(), certs["client_key"].read_bytes(), certs["client"].read_bytes()))
+        channel = grpc.secure_channel(
+            bg.target,
+            grpc.ssl_channel_credentials(
+                certs["ca"].read_bytes(), certs["client_key"].read_bytes(), certs["client"].read_bytes()
+            ),
+        )
         with channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
@@ -114,9 +123,11 @@ def test_unauthenticated_16_mib_request_is_refused_before_it_is_read(tiny_bundle
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert parsed() == before, "a refused call's body was parsed"
             # the counter has teeth: an authorised call's bytes are counted
-            ok = own_stub.ScreenImages(pb.ScreenRequest(tensor=pb.Tensor(
-                dtype=pb.FLOAT32, shape=list(X.shape), data=X.tobytes())), timeout=30,
-                metadata=(("authorization", f"Bearer {TOKEN}"),))
+            ok = own_stub.ScreenImages(
+                pb.ScreenRequest(tensor=pb.Tensor(dtype=pb.FLOAT32, shape=list(X.shape), data=X.tobytes())),
+                timeout=30,
+                metadata=(("authorization", f"Bearer {TOKEN}"),),
+            )
             assert len(ok.results) == 1 and parsed() > before
 
 

@@ -40,9 +40,11 @@ def _count(server: ServerProcess, text: str) -> int:
 
 def _one_call_per_connection(target: str, images, n: int) -> list[int]:
     """n calls, each on a channel (connection) of its own, so SO_REUSEPORT spreads them over the workers."""
+
     def call(i: int) -> int:
         with PathGuardClient(target, timeout=60, options=OWN_CONNECTION) as client:
             return client.screen(images[i % len(images)][None])[0].class_index
+
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(call, range(n)))
 
@@ -73,22 +75,31 @@ def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
 
         # SIGTERM while accepted calls are in flight (64 images each, batches of one)
         with ThreadPoolExecutor(12) as pool:
+
             def big_call(_: int) -> int:
                 with PathGuardClient(server.target, timeout=120, options=OWN_CONNECTION) as client:
                     return len(client.screen(x))
+
             calls = [pool.submit(big_call, i) for i in range(12)]
+
             def all_accepted_some_pending() -> bool:  # every call in flight or answered, some still in flight
                 inflight = sample(scrape(server.metrics_url), "pathguard_inflight_requests")
                 return inflight > 0 and inflight + sum(call.done() for call in calls) >= len(calls)
+
             wait_until(all_accepted_some_pending, 60)
             server.proc.send_signal(signal.SIGTERM)
             results = [call.result(120) for call in calls]
         assert results == [len(x)] * 12
         assert server.proc.wait(90) == 0, server.log
         log = server.log
-        drained = {int(w): (int(f), int(total), int(cut)) for w, f, total, cut in re.findall(
-            r"\[worker (\d)\] service.server: drained in [\d.]+ s: (\d+) accepted calls finished \((\d+) since "
-            r"start\), (\d+) cut off", log)}
+        drained = {
+            int(w): (int(f), int(total), int(cut))
+            for w, f, total, cut in re.findall(
+                r"\[worker (\d)\] service.server: drained in [\d.]+ s: (\d+) accepted calls finished \((\d+) since "
+                r"start\), (\d+) cut off",
+                log,
+            )
+        }
         assert set(drained) == {0, 1}, log
         assert all(total > 0 for _, total, _ in drained.values()), f"a worker answered nothing: {drained}"
         assert sum(total for _, total, _ in drained.values()) == 32 + 12
@@ -99,9 +110,29 @@ def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pathguard", "serve", "--workers", "2", "--threads", "1",
-                           "--bundle", str(tmp_path / "missing"), "--host", "127.0.0.1", "--port", "0",
-                           "--metrics-port", "0"], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pathguard",
+            "serve",
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+            "--bundle",
+            str(tmp_path / "missing"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "stopping" in proc.stdout + proc.stderr
 
@@ -138,13 +169,17 @@ def test_probes_follow_the_workers_and_workers_die_with_a_killed_supervisor(tiny
 
 def test_exit_with_parent_stops_a_process_whose_parent_is_killed(tmp_path):
     """The fallback without prctl: the parent-pid watcher alone ends the child when its parent dies."""
-    child_code = ("import os, signal, sys, time; from service import workers; "
-                  "workers.sys = type('S', (), {'platform': 'other'}); "  # skip prctl: the watcher alone
-                  "workers.exit_with_parent(os.getppid(), poll=0.1); "
-                  "print(os.getpid(), flush=True); time.sleep(60)")
-    parent_code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child_code!r}], "
-                   "stdout=subprocess.PIPE, text=True); print(p.stdout.readline().strip(), flush=True); "
-                   "time.sleep(60)")
+    child_code = (
+        "import os, signal, sys, time; from service import workers; "
+        "workers.sys = type('S', (), {'platform': 'other'}); "  # skip prctl: the watcher alone
+        "workers.exit_with_parent(os.getppid(), poll=0.1); "
+        "print(os.getpid(), flush=True); time.sleep(60)"
+    )
+    parent_code = (
+        f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child_code!r}], "
+        "stdout=subprocess.PIPE, text=True); print(p.stdout.readline().strip(), flush=True); "
+        "time.sleep(60)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
     try:
         child = int(parent.stdout.readline())

@@ -20,8 +20,16 @@ def test_config_validates():
 
 def test_reproducible_by_seed_and_logged(tiny_bundle, tmp_path):
     data = tiny_bundle.parent / "data"
-    common = dict(dataset="npz", data_root=str(data), epochs=1, batch_size=64, val_size=200, train_subset=128,
-                  threads=1, augment=("hflip", "shift"))
+    common = dict(
+        dataset="npz",
+        data_root=str(data),
+        epochs=1,
+        batch_size=64,
+        val_size=200,
+        train_subset=128,
+        threads=1,
+        augment=("hflip", "shift"),
+    )
     a = train(TrainConfig(seed=5, **common), tmp_path / "a", progress=False)
     b = train(TrainConfig(seed=5, **common), tmp_path / "b", progress=False)
     from safetensors.torch import load_file
@@ -37,8 +45,28 @@ def test_reproducible_by_seed_and_logged(tiny_bundle, tmp_path):
 
 def test_cli_train_and_info(tiny_bundle, tmp_path, capsys):
     data = tiny_bundle.parent / "data"
-    rc = main(["train", "--out", str(tmp_path / "d"), "--dataset", "npz", "--data-root", str(data), "--epochs", "1",
-               "--gated", "false", "--train-subset", "64", "--val-size", "100", "--threads", "1", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "d"),
+            "--dataset",
+            "npz",
+            "--data-root",
+            str(data),
+            "--epochs",
+            "1",
+            "--gated",
+            "false",
+            "--train-subset",
+            "64",
+            "--val-size",
+            "100",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     meta = json.loads((tmp_path / "d" / "bundle.json").read_text())
     assert meta["gated"] is False and meta["train_config"]["gated"] is False

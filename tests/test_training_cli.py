@@ -18,8 +18,20 @@ def dense(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("cli")
     data = write_dataset(root / "data", n_train=500, n_test=100)
-    train(TrainConfig(dataset="npz", data_root=str(data), gated=False, epochs=1, batch_size=64, val_size=100,
-                      augment=(), threads=1), root / "dense", progress=False)
+    train(
+        TrainConfig(
+            dataset="npz",
+            data_root=str(data),
+            gated=False,
+            epochs=1,
+            batch_size=64,
+            val_size=100,
+            augment=(),
+            threads=1,
+        ),
+        root / "dense",
+        progress=False,
+    )
     return root / "dense"
 
 
@@ -43,8 +55,24 @@ def test_decouple_takes_data_from_the_dense_bundle_stops_and_resumes(dense, tmp_
 def test_train_flags_and_refused_checkpoint(dense, tmp_path, capsys):
     data_root = json.loads((dense / "bundle.json").read_text())["train_config"]["data_root"]
     out = tmp_path / "g"
-    args = ["train", "--out", str(out), "--dataset", "npz", "--data-root", data_root, *TINY, "--target-flops", "0.5",
-            "--align-mode", "onesided", "--aux-warmup", "0.3", "--w-sparsity", "0"]
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--dataset",
+        "npz",
+        "--data-root",
+        data_root,
+        *TINY,
+        "--target-flops",
+        "0.5",
+        "--align-mode",
+        "onesided",
+        "--aux-warmup",
+        "0.3",
+        "--w-sparsity",
+        "0",
+    ]
     assert main([*args, "--stop-after", "1"]) == 0
     tensors = next((out / "checkpoint").glob("*.safetensors"))
     tensors.write_bytes(tensors.read_bytes()[:-16])

@@ -24,8 +24,16 @@ def data(tmp_path_factory) -> Path:
 
 
 def _cfg(data: Path, **kw) -> TrainConfig:
-    base = dict(dataset="npz", data_root=str(data), batch_size=64, lr=3e-3, val_size=100, augment=(), threads=1,
-                gate=GateConfig(init_bias=0.5))
+    base = dict(
+        dataset="npz",
+        data_root=str(data),
+        batch_size=64,
+        lr=3e-3,
+        val_size=100,
+        augment=(),
+        threads=1,
+        gate=GateConfig(init_bias=0.5),
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -41,11 +49,13 @@ def dense(data, tmp_path_factory) -> Path:
 
 
 def test_flops_target_is_reached_and_spares_the_cheap_first_layer(data, tmp_path):
-    free = train(_cfg(data, epochs=2, train_subset=256, w_sparsity=0.0, w_align=0.0), tmp_path / "free",
-                 progress=False)
+    free = train(_cfg(data, epochs=2, train_subset=256, w_sparsity=0.0, w_align=0.0), tmp_path / "free", progress=False)
     target = 0.4
-    got = train(_cfg(data, epochs=5, w_sparsity=0.0, target_flops=target, align_mode="onesided", aux_warmup=0.2),
-                tmp_path / "target", progress=False)
+    got = train(
+        _cfg(data, epochs=5, w_sparsity=0.0, target_flops=target, align_mode="onesided", aux_warmup=0.2),
+        tmp_path / "target",
+        progress=False,
+    )
     assert free["flops_ratio"] > 0.8  # without the target nothing switches the gates off here
     assert abs(got["flops_ratio"] - target) < 0.08, got["flops_ratio"]
     assert got["accuracy"] > 0.8
@@ -88,8 +98,17 @@ def test_decouple_refuses_what_does_not_fit(data, dense):
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(data, tmp_path):
     # augmentation, logistic gate noise and a ramp: every RNG and schedule state must come back
-    cfg = _cfg(data, epochs=3, train_subset=256, augment=("hflip", "shift"), target_flops=0.5, aux_warmup=0.5,
-               align_mode="onesided", freeze_gates_epochs=1, gate=GateConfig(init_bias=0.5, noise="logistic"))
+    cfg = _cfg(
+        data,
+        epochs=3,
+        train_subset=256,
+        augment=("hflip", "shift"),
+        target_flops=0.5,
+        aux_warmup=0.5,
+        align_mode="onesided",
+        freeze_gates_epochs=1,
+        gate=GateConfig(init_bias=0.5, noise="logistic"),
+    )
     train(cfg, tmp_path / "whole", progress=False)
     assert not checkpoint_dir(tmp_path / "whole").exists()  # removed once the bundle is written
     assert train(cfg, tmp_path / "split", progress=False, stop_after=1) == {"stopped_after_epoch": 1}
@@ -154,8 +173,14 @@ def test_tradeoff_report_from_tiny_bundles(data, dense, tiny_bundle, tmp_path):
     train(_cfg(data, epochs=1, train_subset=128, target_flops=0.5), half, progress=False)
     meta = {b: json.loads((b / "bundle.json").read_text()) for b in (dense, half, tiny_bundle)}
     evaluation = tmp_path / "eval.json"  # the two fields the report reads from `pathguard evaluate`'s report.json
-    evaluation.write_text(json.dumps({"bundle": {"model_sha256": meta[half]["files"]["model.safetensors"]},
-                                      "results": {"path": {"fgsm": {"auroc": 0.9}, "pgd": {"auroc": 0.8}}}}))
+    evaluation.write_text(
+        json.dumps(
+            {
+                "bundle": {"model_sha256": meta[half]["files"]["model.safetensors"]},
+                "results": {"path": {"fgsm": {"auroc": 0.9}, "pgd": {"auroc": 0.8}}},
+            }
+        )
+    )
     out = tmp_path / "reports"
     rep = tradeoff_report([half, tiny_bundle], out, dense=dense, evaluations=[evaluation])
     assert {f.name for f in out.iterdir()} == {"tradeoff.json", "tradeoff.md", "tradeoff.png"}

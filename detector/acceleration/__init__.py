@@ -6,17 +6,28 @@ and benchmarks.
 """
 
 from .engine import (
-                     BATCH_MODES,
-                     EXECUTORS,
-                     Compact,
-                     EngineConfig,
-                     EngineConv,
-                     SkippingEngine,
-                     build_engine,
-                     fold_batchnorm,
-                     register_executor,
+    BATCH_MODES,
+    EXECUTORS,
+    Compact,
+    EngineConfig,
+    EngineConv,
+    SkippingEngine,
+    build_engine,
+    fold_batchnorm,
+    register_executor,
 )
 from .gates import force_gates, set_gate_densities
 
-__all__ = ["BATCH_MODES", "EXECUTORS", "Compact", "EngineConfig", "EngineConv", "SkippingEngine", "build_engine",
-           "fold_batchnorm", "force_gates", "register_executor", "set_gate_densities"]
+__all__ = [
+    "BATCH_MODES",
+    "EXECUTORS",
+    "Compact",
+    "EngineConfig",
+    "EngineConv",
+    "SkippingEngine",
+    "build_engine",
+    "fold_batchnorm",
+    "force_gates",
+    "register_executor",
+    "set_gate_densities",
+]

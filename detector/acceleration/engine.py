@@ -104,8 +104,16 @@ def fold_sequential(seq: nn.Sequential) -> nn.Sequential:
         m = items[i]
         if isinstance(m, nn.Conv2d) and i + 1 < len(items) and isinstance(items[i + 1], nn.BatchNorm2d):
             w, b = fold_batchnorm(m.weight.detach(), items[i + 1], None if m.bias is None else m.bias.detach())
-            conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                             dilation=m.dilation, groups=m.groups, bias=True).to(device=w.device, dtype=w.dtype)
+            conv = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                stride=m.stride,
+                padding=m.padding,
+                dilation=m.dilation,
+                groups=m.groups,
+                bias=True,
+            ).to(device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 conv.weight.copy_(w)
                 conv.bias.copy_(b)
@@ -373,8 +381,11 @@ class EngineConv(nn.Module):
         g = (p > GATE_THRESHOLD).to(p.dtype)
         per_pair = self.kernel_size[0] * self.kernel_size[1] * oh * ow
         out_active = g.sum(1)
-        macs = out_active * float(self.in_channels * per_pair) if in_active is None else \
-            out_active.mul(in_active).mul_(float(per_pair))
+        macs = (
+            out_active * float(self.in_channels * per_pair)
+            if in_active is None
+            else out_active.mul(in_active).mul_(float(per_pair))
+        )
         macs.add_(float(self.acm_macs))
         # the pre-gate response of every filter needs the filters the engine skips
         return LayerPath(name, p, g, self._nan.expand(n, -1), pooled, macs, dense)
@@ -451,8 +462,9 @@ class ResNetExecutor(_Executor):
         self.stem = fold_sequential(model.stem)
         self.conv1 = nn.ModuleList(EngineConv(b.conv1, config) for b in model.blocks)
         self.conv2 = nn.ModuleList(EngineConv(b.conv2, config) for b in model.blocks)
-        self.shortcuts = nn.ModuleList(nn.Identity() if b.shortcut is None else fold_sequential(b.shortcut)
-                                       for b in model.blocks)
+        self.shortcuts = nn.ModuleList(
+            nn.Identity() if b.shortcut is None else fold_sequential(b.shortcut) for b in model.blocks
+        )
         self.identity = [b.shortcut is None for b in model.blocks]
         self.names = list(model._names)
         self.classifier = copy.deepcopy(model.classifier)
@@ -461,8 +473,9 @@ class ResNetExecutor(_Executor):
         x = self.stem(x)
         if x.shape[0] == 1:
             return self._run_single(x, path)
-        for name, conv1, conv2, shortcut, identity in zip(self.names, self.conv1, self.conv2, self.shortcuts,
-                                                         self.identity):
+        for name, conv1, conv2, shortcut, identity in zip(
+            self.names, self.conv1, self.conv2, self.shortcuts, self.identity
+        ):
             h, p1, _ = conv1.forward(Compact(x, None, x.shape[1]))
             y, p2, _ = conv2.forward(h)
             if path is not None:
@@ -474,22 +487,28 @@ class ResNetExecutor(_Executor):
         return self.classifier(h), h
 
     def _run_single(self, x: Tensor, path: list[LayerPath] | None) -> tuple[Tensor, Tensor]:
-        for name, conv1, conv2, shortcut, identity in zip(self.names, self.conv1, self.conv2, self.shortcuts,
-                                                         self.identity):
+        for name, conv1, conv2, shortcut, identity in zip(
+            self.names, self.conv1, self.conv2, self.shortcuts, self.identity
+        ):
             h, out1, p1 = conv1.single(x, None)
             y, out2, p2 = conv2.single(h, out1)
             if path is not None:
                 path.append(conv1.record(f"{name}.conv1", None, Compact(h, out1, conv1.out_channels), p1))
-                path.append(conv2.record(f"{name}.conv2", None if p1 is None else path[-1].hard.sum(1),
-                                         Compact(y, out2, conv2.out_channels), p2))
+                path.append(
+                    conv2.record(
+                        f"{name}.conv2",
+                        None if p1 is None else path[-1].hard.sum(1),
+                        Compact(y, out2, conv2.out_channels),
+                        p2,
+                    )
+                )
             x = x if identity else shortcut(x)
             x = F.relu_(x.add_(y) if out2 is None else x.index_add_(1, out2, y))
         h = x.mean(dim=(2, 3))
         return self.classifier(h), h
 
 
-EXECUTORS: dict[type, Callable[[DecoupledNet, EngineConfig], _Executor]] = {
-    VGG: VGGExecutor, ResNet: ResNetExecutor}
+EXECUTORS: dict[type, Callable[[DecoupledNet, EngineConfig], _Executor]] = {VGG: VGGExecutor, ResNet: ResNetExecutor}
 
 
 def register_executor(model_type: type, builder: Callable[[DecoupledNet, EngineConfig], _Executor]) -> None:
@@ -516,12 +535,16 @@ class SkippingEngine:
 
     def __init__(self, model: DecoupledNet, config: EngineConfig | None = None) -> None:
         if model.training:
-            raise ValueError("build the engine from a model in eval mode (model.eval()): it folds BatchNorm "
-                             "running statistics into the convolutions")
+            raise ValueError(
+                "build the engine from a model in eval mode (model.eval()): it folds BatchNorm "
+                "running statistics into the convolutions"
+            )
         builder = next((b for t, b in EXECUTORS.items() if isinstance(model, t)), None)
         if builder is None:
-            raise NotImplementedError(f"no engine executor for {type(model).__name__}; register one with "
-                                      "detector.acceleration.engine.register_executor")
+            raise NotImplementedError(
+                f"no engine executor for {type(model).__name__}; register one with "
+                "detector.acceleration.engine.register_executor"
+            )
         self.config = config or EngineConfig()
         self.executor = builder(model, self.config).eval().requires_grad_(False)
         self.mean, self.std = model.mean.clone(), model.std.clone()

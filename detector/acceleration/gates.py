@@ -19,8 +19,14 @@ from ..models import ControllingModule, DecoupledNet, GatedConv
 
 
 @torch.no_grad()
-def set_gate_densities(model: DecoupledNet, images: Tensor, density: float | Sequence[float] = (0.3, 0.6), *,
-                       concentration: float = 2.0, seed: int = 0) -> list[float]:
+def set_gate_densities(
+    model: DecoupledNet,
+    images: Tensor,
+    density: float | Sequence[float] = (0.3, 0.6),
+    *,
+    concentration: float = 2.0,
+    seed: int = 0,
+) -> list[float]:
     """Set the controlling modules' last Linear so each layer's gates are on for about ``density`` of inputs.
 
     Parameters
@@ -58,8 +64,11 @@ def set_gate_densities(model: DecoupledNet, images: Tensor, density: float | Seq
         acm.fc2.weight.div_(scale[:, None])
         z = z / scale
         c = acm.fc2.out_features
-        per_filter = torch.from_numpy(rng.beta(d * concentration, (1 - d) * concentration, c)).float() \
-            if 0 < d < 1 else torch.full((c,), d)
+        per_filter = (
+            torch.from_numpy(rng.beta(d * concentration, (1 - d) * concentration, c)).float()
+            if 0 < d < 1
+            else torch.full((c,), d)
+        )
         # filter j is on when z_j + b_j > 0: b_j = minus the (1 - f_j) quantile of z_j over the images
         bias = -torch.quantile(z, 1 - per_filter, dim=0).diagonal()
         # the extremes: a filter meant always off (on) sits clearly below (above) every input

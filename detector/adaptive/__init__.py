@@ -6,5 +6,15 @@ from .mimicry import PathMimicry
 from .pipeline import Pipeline
 from .surrogate import DetectorSurrogate, FittedSurrogate, LinearSurrogate, build_surrogate, fit_surrogate
 
-__all__ = ["AdaptiveAttack", "AdaptiveResult", "DetectorPGD", "DetectorSurrogate", "FittedSurrogate",
-           "LinearSurrogate", "PathMimicry", "Pipeline", "build_surrogate", "fit_surrogate"]
+__all__ = [
+    "AdaptiveAttack",
+    "AdaptiveResult",
+    "DetectorPGD",
+    "DetectorSurrogate",
+    "FittedSurrogate",
+    "LinearSurrogate",
+    "PathMimicry",
+    "Pipeline",
+    "build_surrogate",
+    "fit_surrogate",
+]

@@ -83,9 +83,20 @@ class AdaptiveAttack:
 
     name = ""
 
-    def __init__(self, pipeline: Pipeline, *, eps: float, steps: int = 40, alpha: float | None = None,
-                 lam: float = 1.0, balance: bool = True, classifier_loss: str = "margin", kappa: float = 0.0,
-                 random_start: bool = True, early_stop: bool = True) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        eps: float,
+        steps: int = 40,
+        alpha: float | None = None,
+        lam: float = 1.0,
+        balance: bool = True,
+        classifier_loss: str = "margin",
+        kappa: float = 0.0,
+        random_start: bool = True,
+        early_stop: bool = True,
+    ) -> None:
         if not 0 < eps <= 1:
             raise ValueError(f"eps={eps} must be in (0, 1] (Linf, [0, 1] pixel space)")
         if steps < 1:
@@ -119,8 +130,16 @@ class AdaptiveAttack:
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------
-    def __call__(self, images: Tensor, labels: Tensor, *, seed: int = 0, batch_size: int = 250,
-                 progress: bool = False, desc: str = "") -> AdaptiveResult:
+    def __call__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        seed: int = 0,
+        batch_size: int = 250,
+        progress: bool = False,
+        desc: str = "",
+    ) -> AdaptiveResult:
         """Attack images (N, C, H, W) in [0, 1] with true labels (N,), in seeded batches."""
         if images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"images must be (N, C, H, W) with N labels; got {tuple(images.shape)} and {len(labels)}")
@@ -137,8 +156,16 @@ class AdaptiveAttack:
             model.eval()
             for p in model.parameters():  # gradients w.r.t. the input only
                 p.requires_grad_(False)
-            with straight_through(model), tqdm(total=n_batches * self.steps, desc=desc or self.name,
-                                               disable=not progress, file=sys.stderr, leave=False) as bar:
+            with (
+                straight_through(model),
+                tqdm(
+                    total=n_batches * self.steps,
+                    desc=desc or self.name,
+                    disable=not progress,
+                    file=sys.stderr,
+                    leave=False,
+                ) as bar,
+            ):
                 for b in range(n_batches):
                     sl = slice(b * batch_size, (b + 1) * batch_size)
                     gen = torch.Generator().manual_seed(_batch_seed(seed, b))
@@ -218,6 +245,15 @@ class AdaptiveAttack:
         return targeted_margin_loss(logits, targets, self.kappa)
 
     def describe(self) -> dict:
-        return {"attack": self.name, "eps": self.eps, "steps": self.steps, "alpha": self.alpha, "lam": self.lam,
-                "balance": self.balance, "classifier_loss": self.classifier_loss, "kappa": self.kappa,
-                "random_start": self.random_start, "early_stop": self.early_stop}
+        return {
+            "attack": self.name,
+            "eps": self.eps,
+            "steps": self.steps,
+            "alpha": self.alpha,
+            "lam": self.lam,
+            "balance": self.balance,
+            "classifier_loss": self.classifier_loss,
+            "kappa": self.kappa,
+            "random_start": self.random_start,
+            "early_stop": self.early_stop,
+        }

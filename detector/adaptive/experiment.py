@@ -58,21 +58,27 @@ class AdaptiveConfig:
     steps: int = field(default=30, metadata={"help": "PGD steps of every attack"})
     classifier_loss: str = field(default="margin", metadata={"choices": CLASSIFIER_LOSSES})
     kappa: float = field(default=0.0, metadata={"help": "margin of the hinge losses, logit units"})
-    balance: bool = field(default=True, metadata={"help": "do not normalise the two gradients per image",
-                                                  "flag": "--no-balance", "switch": True})
+    balance: bool = field(
+        default=True,
+        metadata={"help": "do not normalise the two gradients per image", "flag": "--no-balance", "switch": True},
+    )
     mimicry_target: str = field(default="runner-up", metadata={"help": "'runner-up' or a class index"})
-    surrogate: str = field(default="mlp", metadata={"help": "surrogate for tree-ensemble detectors",
-                                                    "choices": SURROGATE_KINDS})
-    harden: bool = field(default=True, metadata={"help": "skip hardening and the second round",
-                                                 "flag": "--no-harden", "switch": True})
+    surrogate: str = field(
+        default="mlp", metadata={"help": "surrogate for tree-ensemble detectors", "choices": SURROGATE_KINDS}
+    )
+    harden: bool = field(
+        default=True, metadata={"help": "skip hardening and the second round", "flag": "--no-harden", "switch": True}
+    )
     n_harden: int = field(default=250, metadata={"help": "validation images attacked for hardening"})
     seed: int = 0
     batch_size: int = 250
     data_root: str | None = None
-    cache_dir: str | None = field(default=None, metadata={
-        "help": "reuse the attacks that rebuild the detector's training rows"})
-    save_hardened: str | None = field(default=None, metadata={
-        "help": "write a copy of the bundle with the hardened detector", "metavar": "DIR"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "reuse the attacks that rebuild the detector's training rows"}
+    )
+    save_hardened: str | None = field(
+        default=None, metadata={"help": "write a copy of the bundle with the hardened detector", "metavar": "DIR"}
+    )
     plots: bool = field(default=True, metadata={"help": "no plots", "flag": "--no-plots", "switch": True})
 
     def __post_init__(self) -> None:
@@ -124,16 +130,30 @@ def _alpha(eps: float, steps: int) -> float:
 
 
 def make_attack(name: str, pipe: Pipeline, cfg: AdaptiveConfig, eps: float, lam: float) -> AdaptiveAttack:
-    kwargs = {"eps": eps, "steps": cfg.steps, "alpha": _alpha(eps, cfg.steps), "lam": lam, "balance": cfg.balance,
-              "classifier_loss": cfg.classifier_loss, "kappa": cfg.kappa}
+    kwargs = {
+        "eps": eps,
+        "steps": cfg.steps,
+        "alpha": _alpha(eps, cfg.steps),
+        "lam": lam,
+        "balance": cfg.balance,
+        "classifier_loss": cfg.classifier_loss,
+        "kappa": cfg.kappa,
+    }
     if name == "mimicry":
         target = cfg.mimicry_target if cfg.mimicry_target == "runner-up" else int(cfg.mimicry_target)
         return PathMimicry(pipe, target=target, **kwargs)
     return ADAPTIVE_ATTACKS[name](pipe, **kwargs)
 
 
-def outcome(rnd: Round, key: tuple, adv: Tensor, clean: Tensor, labels: Tensor, seconds: float | None = None,
-            image_steps: int | None = None) -> dict:
+def outcome(
+    rnd: Round,
+    key: tuple,
+    adv: Tensor,
+    clean: Tensor,
+    labels: Tensor,
+    seconds: float | None = None,
+    image_steps: int | None = None,
+) -> dict:
     """Score adversarial images with the round's real pipeline and record the row of the report."""
     pipe = rnd.pipeline
     pred, scores, _ = pipe.evaluate(adv)
@@ -141,12 +161,19 @@ def outcome(rnd: Round, key: tuple, adv: Tensor, clean: Tensor, labels: Tensor, 
     evades = wrong & (scores <= pipe.threshold)
     m = detection_metrics(rnd.clean_scores, scores[wrong], pipe.threshold)
     attack, eps, lam = key
-    row = {"attack": attack, "eps": eps, "lambda": lam,
-           "success_classifier": float(wrong.mean()), "success_pipeline": float(evades.mean()),
-           "auroc": m["auroc"], "tpr_at_threshold": m["tpr_at_fpr"],
-           "median_score": float(np.median(scores[wrong])) if wrong.any() else None,
-           "max_linf": float((adv - clean).abs().amax().item()),
-           "seconds": None if seconds is None else round(seconds, 1), "image_steps": image_steps}
+    row = {
+        "attack": attack,
+        "eps": eps,
+        "lambda": lam,
+        "success_classifier": float(wrong.mean()),
+        "success_pipeline": float(evades.mean()),
+        "auroc": m["auroc"],
+        "tpr_at_threshold": m["tpr_at_fpr"],
+        "median_score": float(np.median(scores[wrong])) if wrong.any() else None,
+        "max_linf": float((adv - clean).abs().amax().item()),
+        "seconds": None if seconds is None else round(seconds, 1),
+        "image_steps": image_steps,
+    }
     rnd.evades[key], rnd.wrong[key], rnd.scores[key] = evades, wrong, scores
     return row
 
@@ -164,15 +191,21 @@ def summarize(rnd: Round, cfg: AdaptiveConfig) -> dict:
                 continue
             e = np.any([rnd.evades[k] for k in keys], axis=0)
             w = np.any([rnd.wrong[k] for k in keys], axis=0)
-            aurocs = [r["auroc"] for r in rnd.rows
-                      if (r["attack"], r["eps"]) == (attack, eps) and r["auroc"] is not None]
-            per[attack] = {"success_classifier": float(w.mean()), "success_pipeline": float(e.mean()),
-                           "min_auroc": min(aurocs) if aurocs else None}
+            aurocs = [
+                r["auroc"] for r in rnd.rows if (r["attack"], r["eps"]) == (attack, eps) and r["auroc"] is not None
+            ]
+            per[attack] = {
+                "success_classifier": float(w.mean()),
+                "success_pipeline": float(e.mean()),
+                "min_auroc": min(aurocs) if aurocs else None,
+            }
             union_e |= e
             union_w |= w
-        per["any"] = {"success_classifier": float(union_w.mean()), "success_pipeline": float(union_e.mean()),
-                      "min_auroc": min((p["min_auroc"] for p in per.values() if p["min_auroc"] is not None),
-                                       default=None)}
+        per["any"] = {
+            "success_classifier": float(union_w.mean()),
+            "success_pipeline": float(union_e.mean()),
+            "min_auroc": min((p["min_auroc"] for p in per.values() if p["min_auroc"] is not None), default=None),
+        }
         out[str(eps)] = per
     return out
 
@@ -190,8 +223,9 @@ def measure_step_seconds(pipe: Pipeline, images: Tensor, labels: Tensor) -> floa
     return (time.perf_counter() - t0) / max(res.image_steps, 1)
 
 
-def estimate_cost(cfg: AdaptiveConfig, rate: float, base_attacks: list[AttackSpec], n_fit: int,
-                  need_base: bool) -> dict:
+def estimate_cost(
+    cfg: AdaptiveConfig, rate: float, base_attacks: list[AttackSpec], n_fit: int, need_base: bool
+) -> dict:
     """Upper bound on the run time (no early stopping), in seconds, from a measured per-image step cost.
 
     A plain attack step (one backward pass, no path features) is counted as half an adaptive one.
@@ -204,10 +238,17 @@ def estimate_cost(cfg: AdaptiveConfig, rate: float, base_attacks: list[AttackSpe
     if need_base:
         base = 0.5 * n_fit * sum(int(s.params.get("steps", 1)) for s in base_attacks)
     rounds = 2 if cfg.harden else 1
-    parts = {"round_attacks": rounds * adaptive * rate, "plain_pgd": plain * rate, "hardening_attacks": harden * rate,
-             "detector_training_rows": base * rate}
-    return {"seconds_per_image_step": rate, **{k: round(v, 1) for k, v in parts.items()},
-            "total_upper_bound": round(sum(parts.values()), 1)}
+    parts = {
+        "round_attacks": rounds * adaptive * rate,
+        "plain_pgd": plain * rate,
+        "hardening_attacks": harden * rate,
+        "detector_training_rows": base * rate,
+    }
+    return {
+        "seconds_per_image_step": rate,
+        **{k: round(v, 1) for k, v in parts.items()},
+        "total_upper_bound": round(sum(parts.values()), 1),
+    }
 
 
 def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes, FeatureDetector]:
@@ -218,33 +259,50 @@ def _load(cfg: AdaptiveConfig, device: torch.device) -> tuple[Bundle, Prototypes
     return bundle, as_device(protos, device), det
 
 
-def _attack_round(rnd: Round, cfg: AdaptiveConfig, images: Tensor, labels: Tensor, progress: bool,
-                  adversarial: dict[tuple, Tensor]) -> None:
+def _attack_round(
+    rnd: Round, cfg: AdaptiveConfig, images: Tensor, labels: Tensor, progress: bool, adversarial: dict[tuple, Tensor]
+) -> None:
     for name in cfg.attacks:
         for eps in cfg.eps:
             for lam in cfg.lambdas:
                 key = (name, eps, lam)
                 res = make_attack(name, rnd.pipeline, cfg, eps, lam)(
-                    images, labels, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
-                    desc=f"{rnd.name}: {name} eps={eps} lambda={lam}")
+                    images,
+                    labels,
+                    seed=cfg.seed,
+                    batch_size=cfg.batch_size,
+                    progress=progress,
+                    desc=f"{rnd.name}: {name} eps={eps} lambda={lam}",
+                )
                 adversarial[key] = res.adversarial
                 row = outcome(rnd, key, res.adversarial, images, labels, res.seconds, res.image_steps)
                 rnd.rows.append(row)
-                log.info("%s %s eps=%g lambda=%g: fools the classifier on %.1f%%, classifier + detector on %.1f%% "
-                         "(%.0f s)", rnd.name, name, eps, lam, 100 * row["success_classifier"],
-                         100 * row["success_pipeline"], res.seconds)
+                log.info(
+                    "%s %s eps=%g lambda=%g: fools the classifier on %.1f%%, classifier + detector on %.1f%% (%.0f s)",
+                    rnd.name,
+                    name,
+                    eps,
+                    lam,
+                    100 * row["success_classifier"],
+                    100 * row["success_pipeline"],
+                    res.seconds,
+                )
 
 
-def _first_round(cfg: AdaptiveConfig, pipe: Pipeline, x: Tensor, y: Tensor,
-                 progress: bool) -> tuple[Round, dict[float, Tensor], dict[tuple, Tensor], np.ndarray]:
+def _first_round(
+    cfg: AdaptiveConfig, pipe: Pipeline, x: Tensor, y: Tensor, progress: bool
+) -> tuple[Round, dict[float, Tensor], dict[tuple, Tensor], np.ndarray]:
     """Round 1, the shipped detector: plain PGD at every budget (the reference), then the adaptive attacks.
     Returns the round, the plain adversarial images by eps, the adaptive ones by key, and the clean rows."""
     r1 = Round("original", pipe)
     _, r1.clean_scores, X_clean = pipe.evaluate(x)
     plain: dict[float, Tensor] = {}
     for eps in cfg.eps:
-        spec = AttackSpec(REFERENCE, {"eps": eps, "alpha": _alpha(eps, cfg.steps), "steps": cfg.steps,
-                                      "random_start": True}, f"pgd:eps={eps}")
+        spec = AttackSpec(
+            REFERENCE,
+            {"eps": eps, "alpha": _alpha(eps, cfg.steps), "steps": cfg.steps, "random_start": True},
+            f"pgd:eps={eps}",
+        )
         res = run_attack(pipe.model, x, y, spec, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
         plain[eps] = res.adversarial
         r1.rows.append(outcome(r1, (REFERENCE, eps, None), res.adversarial, x, y, res.seconds, cfg.n * cfg.steps))
@@ -253,38 +311,61 @@ def _first_round(cfg: AdaptiveConfig, pipe: Pipeline, x: Tensor, y: Tensor,
     return r1, plain, adv1, X_clean
 
 
-def _harden(cfg: AdaptiveConfig, pipe: Pipeline, base, split_name: str, trees: bool,
-            progress: bool) -> tuple[FeatureDetector, object, dict]:
+def _harden(
+    cfg: AdaptiveConfig, pipe: Pipeline, base, split_name: str, trees: bool, progress: bool
+) -> tuple[FeatureDetector, object, dict]:
     """Adaptive examples on the detector's own (validation) fitting images; the detector refitted with them.
     Returns the hardened detector, its surrogate and the report's ``hardening`` section."""
     th = time.perf_counter()
     det = pipe.detector
-    hx, hy = base.fit_images[:cfg.n_harden], base.fit_labels[:cfg.n_harden]
+    hx, hy = base.fit_images[: cfg.n_harden], base.fit_labels[: cfg.n_harden]
     blocks, per = [], {}
     for name in cfg.attacks:
         for eps in cfg.eps:
             for lam in cfg.lambdas:
-                res = make_attack(name, pipe, cfg, eps, lam)(hx, hy, seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                                                             progress=progress,
-                                                             desc=f"hardening: {name} eps={eps} lambda={lam}")
+                res = make_attack(name, pipe, cfg, eps, lam)(
+                    hx,
+                    hy,
+                    seed=cfg.seed + 1,
+                    batch_size=cfg.batch_size,
+                    progress=progress,
+                    desc=f"hardening: {name} eps={eps} lambda={lam}",
+                )
                 blocks.append(rows_of(res.adversarial, pipe.model, pipe.prototypes, hy))
                 per[f"{name} eps={eps} lambda={lam}"] = len(blocks[-1])
     adaptive_rows = np.concatenate(blocks)
     hardened = harden_detector(det, base, adaptive_rows)
-    surrogate = build_surrogate(hardened, np.concatenate([base.X, adaptive_rows]) if trees else None,
-                                kind=cfg.surrogate, seed=cfg.seed)
-    hardening = {"images": {"set": split_name, "n": len(hx), "what": "the first n_harden of the detector's "
-                            "fitting images"},
-                 "base_rows": base.describe, "adaptive_rows": int(len(adaptive_rows)), "per_attack": per,
-                 "threshold_before": det.threshold_, "threshold_after": hardened.threshold_,
-                 "surrogate": surrogate.describe(), "seconds": round(time.perf_counter() - th, 1)}
-    log.info("hardened the detector with %d adaptive examples (threshold %.4g -> %.4g)", len(adaptive_rows),
-             det.threshold_, hardened.threshold_)
+    surrogate = build_surrogate(
+        hardened, np.concatenate([base.X, adaptive_rows]) if trees else None, kind=cfg.surrogate, seed=cfg.seed
+    )
+    hardening = {
+        "images": {"set": split_name, "n": len(hx), "what": "the first n_harden of the detector's fitting images"},
+        "base_rows": base.describe,
+        "adaptive_rows": int(len(adaptive_rows)),
+        "per_attack": per,
+        "threshold_before": det.threshold_,
+        "threshold_after": hardened.threshold_,
+        "surrogate": surrogate.describe(),
+        "seconds": round(time.perf_counter() - th, 1),
+    }
+    log.info(
+        "hardened the detector with %d adaptive examples (threshold %.4g -> %.4g)",
+        len(adaptive_rows),
+        det.threshold_,
+        hardened.threshold_,
+    )
     return hardened, surrogate, hardening
 
 
-def _second_round(cfg: AdaptiveConfig, pipe: Pipeline, plain: dict[float, Tensor], adv1: dict[tuple, Tensor],
-                  x: Tensor, y: Tensor, progress: bool) -> Round:
+def _second_round(
+    cfg: AdaptiveConfig,
+    pipe: Pipeline,
+    plain: dict[float, Tensor],
+    adv1: dict[tuple, Tensor],
+    x: Tensor,
+    y: Tensor,
+    progress: bool,
+) -> Round:
     """Round 2: the hardened detector, attacked adaptively again; round 1's examples rescored (transfer)."""
     r2 = Round("hardened", pipe)
     _, r2.clean_scores, _ = pipe.evaluate(x)
@@ -299,8 +380,7 @@ def _second_round(cfg: AdaptiveConfig, pipe: Pipeline, plain: dict[float, Tensor
 
 # Over 60 lines on purpose: the experiment's steps in order (load, cost, round 1, hardening, round 2,
 # report); each step is its own function, what remains is the wiring and the report's assembly.
-def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str = "cpu",
-                 progress: bool = True) -> dict:
+def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str = "cpu", progress: bool = True) -> dict:
     """Run the whole adaptive evaluation and write report.json, report.md and figures to ``out``."""
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -318,14 +398,19 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     assert record is not None  # _load checked that the bundle has a detector
     base_specs = record.attacks
     n_fit = int(record.fit_images.get("n_clean", 0))
-    cost = estimate_cost(cfg, measure_step_seconds(Pipeline(model, protos, det, None), x, y), base_specs, n_fit,
-                         need_base)
-    log.info("estimated cost: at most %.0f min on this machine (%.2f ms per image and gradient step; early "
-             "stopping usually saves a good part)", cost["total_upper_bound"] / 60,
-             1000 * cost["seconds_per_image_step"])
+    cost = estimate_cost(
+        cfg, measure_step_seconds(Pipeline(model, protos, det, None), x, y), base_specs, n_fit, need_base
+    )
+    log.info(
+        "estimated cost: at most %.0f min on this machine (%.2f ms per image and gradient step; early "
+        "stopping usually saves a good part)",
+        cost["total_upper_bound"] / 60,
+        1000 * cost["seconds_per_image_step"],
+    )
     if need_base:
-        base = base_training_set(bundle, splits, protos, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                 progress=progress)
+        base = base_training_set(
+            bundle, splits, protos, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, progress=progress
+        )
     surrogate = build_surrogate(det, base.X if trees else None, kind=cfg.surrogate, seed=cfg.seed)
     pipe1 = Pipeline(model, protos, det, surrogate)
 
@@ -343,22 +428,47 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
         hardened, surrogate2, hardening = _harden(cfg, pipe1, base, splits.val.name, trees, progress)
         rounds.append(_second_round(cfg, Pipeline(model, protos, hardened, surrogate2), plain, adv1, x, y, progress))
         if cfg.save_hardened:
-            hardening["saved_to"] = str(save_hardened(bundle, hardened, Path(cfg.save_hardened), {
-                "by": "pathguard adaptive", "config": cfg.to_dict(), "adaptive_rows": hardening["adaptive_rows"],
-                "per_attack": hardening["per_attack"], "images": hardening["images"]}))
+            hardening["saved_to"] = str(
+                save_hardened(
+                    bundle,
+                    hardened,
+                    Path(cfg.save_hardened),
+                    {
+                        "by": "pathguard adaptive",
+                        "config": cfg.to_dict(),
+                        "adaptive_rows": hardening["adaptive_rows"],
+                        "per_attack": hardening["per_attack"],
+                        "images": hardening["images"],
+                    },
+                )
+            )
 
     report = {
         **report_header(bundle, cfg.bundle, cfg.to_dict()),
-        "device": str(device), "threads": torch.get_num_threads(),
-        "detector": {"classifier": getattr(det, "classifier", "ensemble"),
-                     "feature_groups": list(getattr(det, "feature_groups", None) or getattr(det, "components", [])),
-                     "target_fpr": det.target_fpr, "threshold": det.threshold_, "surrogate": surrogate_info},
-        "images": {"eval": {"set": splits.test.name, "n": len(eval_idx), "seed": cfg.seed,
-                            "indices": eval_idx.tolist()},
-                   "hardening": hardening["images"] if hardening else None},
-        "rounds": [{"name": r.name, "threshold": r.pipeline.threshold,
-                    "clean_fpr": float(np.mean(r.clean_scores > r.pipeline.threshold)),
-                    "rows": r.rows, "summary": summarize(r, cfg), "transfer": r.transfer} for r in rounds],
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "detector": {
+            "classifier": getattr(det, "classifier", "ensemble"),
+            "feature_groups": list(getattr(det, "feature_groups", None) or getattr(det, "components", [])),
+            "target_fpr": det.target_fpr,
+            "threshold": det.threshold_,
+            "surrogate": surrogate_info,
+        },
+        "images": {
+            "eval": {"set": splits.test.name, "n": len(eval_idx), "seed": cfg.seed, "indices": eval_idx.tolist()},
+            "hardening": hardening["images"] if hardening else None,
+        },
+        "rounds": [
+            {
+                "name": r.name,
+                "threshold": r.pipeline.threshold,
+                "clean_fpr": float(np.mean(r.clean_scores > r.pipeline.threshold)),
+                "rows": r.rows,
+                "summary": summarize(r, cfg),
+                "transfer": r.transfer,
+            }
+            for r in rounds
+        ],
         "hardening": hardening,
         "cost": {**cost, "total_seconds": round(time.perf_counter() - t0, 1)},
     }
@@ -369,8 +479,6 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
     write_report(out, report, rounds if cfg.plots else None)
     log.info("wrote %s", out / "report.md")
     return report
-
-
 
 
 def headline(report: dict) -> dict:

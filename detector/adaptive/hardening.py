@@ -43,26 +43,39 @@ class DetectorTrainingSet:
     describe: dict = field(default_factory=dict)
 
 
-def base_training_set(bundle: Bundle, splits: Splits, prototypes: Prototypes, *, cache_dir: Path | None = None,
-                      progress: bool = False) -> DetectorTrainingSet:
+def base_training_set(
+    bundle: Bundle, splits: Splits, prototypes: Prototypes, *, cache_dir: Path | None = None, progress: bool = False
+) -> DetectorTrainingSet:
     """Rebuild the training and calibration rows of the bundle's fitted detector from ``detector.json``."""
     record = bundle.detector_record()
     if record is None:
         raise ValueError(f"bundle {bundle.path} has no fitted detector; run `pathguard fit-detector` first")
     fit, cal, specs = record.fit_images, record.calibration_images, record.attacks
     if not fit or not cal or not specs:
-        raise ValueError(f"bundle {bundle.path}: detector.json does not record its fitting images, calibration "
-                         "images and attacks, so its training rows cannot be rebuilt for hardening")
+        raise ValueError(
+            f"bundle {bundle.path}: detector.json does not record its fitting images, calibration "
+            "images and attacks, so its training rows cannot be rebuilt for hardening"
+        )
     if fit["set"] != splits.val.name or cal["set"] != splits.val.name:
-        raise ValueError(f"bundle {bundle.path}: the detector was fitted on {fit['set']!r}, not on the validation "
-                         f"split {splits.val.name!r}")
+        raise ValueError(
+            f"bundle {bundle.path}: the detector was fitted on {fit['set']!r}, not on the validation "
+            f"split {splits.val.name!r}"
+        )
     model = bundle.model
     fit_idx = correctly_classified(model, splits.val, int(fit["n_clean"]), seed=int(fit["seed"]))
     cal_idx = correctly_classified(model, splits.val, int(cal["n"]), seed=int(cal["seed"]), skip=int(cal["skip"]))
     images, labels = splits.val.float_images(fit_idx), splits.val.labels[fit_idx]
     X, y, groups, per_attack, source = adversarial_training_set(
-        model, prototypes, images, labels, specs, digest=bundle.model_digest,
-        cache_dir=cache_dir, seed=int(fit["seed"]), progress=progress)
+        model,
+        prototypes,
+        images,
+        labels,
+        specs,
+        digest=bundle.model_digest,
+        cache_dir=cache_dir,
+        seed=int(fit["seed"]),
+        progress=progress,
+    )
     X_cal = extract_path_features(model, prototypes, splits.val.float_images(cal_idx)).X
     X_ref = None
     reference = bundle.part("detector")[1].get("reference_images")
@@ -70,17 +83,32 @@ def base_training_set(bundle: Bundle, splits: Splits, prototypes: Prototypes, *,
         n_ref = int(reference["n"])
         X_ref = extract_path_features(model, prototypes, splits.train.float_images(torch.arange(n_ref))).X
     families = {s.label: s.family for s in specs}
-    return DetectorTrainingSet(X, y, groups, X_cal, images, labels, X_ref,
-                               np.asarray([families.get(a, "") for a in source]), {
-        "fit_images": {"set": splits.val.name, "n_clean": len(fit_idx), "seed": int(fit["seed"])},
-        "calibration_images": {"set": splits.val.name, "n": len(cal_idx), "skip": int(cal["skip"]),
-                               "seed": int(cal["seed"])},
-        "attacks": [s.label for s in specs], "per_attack": per_attack, "n_rows": int(len(y)),
-        "n_adversarial": int(y.sum())})
+    return DetectorTrainingSet(
+        X,
+        y,
+        groups,
+        X_cal,
+        images,
+        labels,
+        X_ref,
+        np.asarray([families.get(a, "") for a in source]),
+        {
+            "fit_images": {"set": splits.val.name, "n_clean": len(fit_idx), "seed": int(fit["seed"])},
+            "calibration_images": {
+                "set": splits.val.name,
+                "n": len(cal_idx),
+                "skip": int(cal["skip"]),
+                "seed": int(cal["seed"]),
+            },
+            "attacks": [s.label for s in specs],
+            "per_attack": per_attack,
+            "n_rows": int(len(y)),
+            "n_adversarial": int(y.sum()),
+        },
+    )
 
 
-def harden_detector(detector: FeatureDetector, base: DetectorTrainingSet,
-                    adaptive_rows: np.ndarray) -> FeatureDetector:
+def harden_detector(detector: FeatureDetector, base: DetectorTrainingSet, adaptive_rows: np.ndarray) -> FeatureDetector:
     """A new detector with ``detector``'s parameters, fitted on the base rows plus ``adaptive_rows`` (all labelled
     adversarial) and calibrated on the base calibration rows at the same target false-positive rate."""
     if adaptive_rows.ndim != 2 or adaptive_rows.shape[1] != base.X.shape[1]:
@@ -91,8 +119,12 @@ def harden_detector(detector: FeatureDetector, base: DetectorTrainingSet,
         validation["adaptive"] = adaptive_rows
         params = {**detector.get_params(), "weights": None}
         return PathEnsembleDetector(**params).fit(
-            base.X_reference, groups=base.groups, layer_sizes=[int(s) for s in detector.components_[0].layer_sizes_],
-            X_calibration=base.X_calibration, validation=(base.X[base.y == 0], validation))
+            base.X_reference,
+            groups=base.groups,
+            layer_sizes=[int(s) for s in detector.components_[0].layer_sizes_],
+            X_calibration=base.X_calibration,
+            validation=(base.X[base.y == 0], validation),
+        )
     X = np.concatenate([base.X, adaptive_rows])
     y = np.concatenate([base.y, np.ones(len(adaptive_rows))])
     return PathDetector(**detector.get_params()).fit(X, y, groups=base.groups, X_calibration=base.X_calibration)
@@ -121,5 +153,10 @@ def rows_of(images: Tensor, model, prototypes: Prototypes, labels: Tensor) -> np
 
 
 def as_device(prototypes: Prototypes, device: torch.device) -> Prototypes:
-    return Prototypes(prototypes.frequency.to(device), prototypes.soft_mean.to(device), prototypes.counts,
-                      prototypes.layer_sizes, prototypes.layer_names)
+    return Prototypes(
+        prototypes.frequency.to(device),
+        prototypes.soft_mean.to(device),
+        prototypes.counts,
+        prototypes.layer_sizes,
+        prototypes.layer_names,
+    )

@@ -44,8 +44,9 @@ class PathMimicry(AdaptiveAttack):
 
     def terms(self, out: PathOutput, X: Tensor, labels: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
         proto = self._soft_mean[targets]
-        per_layer = [((layer.soft - proto[:, sl]) ** 2).mean(1)
-                     for layer, sl in zip(out.layers, self._slices, strict=True)]
+        per_layer = [
+            ((layer.soft - proto[:, sl]) ** 2).mean(1) for layer, sl in zip(out.layers, self._slices, strict=True)
+        ]
         dist = torch.stack(per_layer, dim=1).mean(1)
         return self.classifier_term(out.logits, labels, targets), dist
 

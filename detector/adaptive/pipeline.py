@@ -51,7 +51,7 @@ class Pipeline:
         self.model.eval()
         preds, scores, feats = [], [], []
         for start in range(0, len(images), batch_size):
-            out, X = self.forward(images[start:start + batch_size].to(self.device))
+            out, X = self.forward(images[start : start + batch_size].to(self.device))
             preds.append(out.logits.argmax(1).cpu().numpy())
             scores.append(self.real_scores(X))
             feats.append(X.cpu().double().numpy())

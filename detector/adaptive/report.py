@@ -10,8 +10,12 @@ import numpy as np
 from ..reporting import bundle_sentence, write_json_and_markdown
 from .base import GOAL_EPS
 
-NAMES = {"pgd": "plain PGD (reference)", "detector-pgd": "detector-aware PGD", "mimicry": "path mimicry",
-         "any": "any of them"}
+NAMES = {
+    "pgd": "plain PGD (reference)",
+    "detector-pgd": "detector-aware PGD",
+    "mimicry": "path mimicry",
+    "any": "any of them",
+}
 
 
 def _pct(v) -> str:
@@ -36,20 +40,30 @@ def render_markdown(r: dict) -> str:
     rounds = r["rounds"]
     fpr = det["target_fpr"]
     lines = [
-        "# PathGuard adaptive-attack report", "",
+        "# PathGuard adaptive-attack report",
+        "",
         f"{bundle_sentence(r)}; path detector: {det['classifier']} on "
         f"{', '.join(det['feature_groups'])}, threshold calibrated at {_pct(fpr)} FPR on clean validation images.",
         "",
-        "## Headline", "",
+        "## Headline",
+        "",
         f"At eps {h['eps']} (Linf, [0, 1] pixels), an attacker who knows the model and the detector and tries every "
         "attack and lambda below fools classifier + detector on "
-        + "; ".join(f"**{_pct(h[x['name']])}** of the images against the {x['name']} detector (the classifier alone "
-                    f"on {_pct(h[x['name'] + '_classifier_alone'])})" for x in rounds)
+        + "; ".join(
+            f"**{_pct(h[x['name']])}** of the images against the {x['name']} detector (the classifier alone "
+            f"on {_pct(h[x['name'] + '_classifier_alone'])})"
+            for x in rounds
+        )
         + f". Goal (fewer than half, against the {'hardened' if len(rounds) > 1 else 'shipped'} detector): "
         + ("met." if h["under_half"] else "**not met**.")
-        + ("" if h["eps"] == GOAL_EPS else f" (eps {GOAL_EPS} was not in this run; this is the largest budget that "
-           "was.)"), "",
-        "## Threat model of this run", "",
+        + (
+            ""
+            if h["eps"] == GOAL_EPS
+            else f" (eps {GOAL_EPS} was not in this run; this is the largest budget that was.)"
+        ),
+        "",
+        "## Threat model of this run",
+        "",
         "- White-box attacker: knows the weights, the gates, the class prototypes, the detector and its threshold; "
         "sends float images in [0, 1] within an Linf ball of radius eps around a correctly classified test image.",
         "- Success against the classifier: the prediction differs from the true label. Success against "
@@ -65,8 +79,10 @@ def render_markdown(r: dict) -> str:
         f"- path mimicry: towards the {cfg['mimicry_target']} class, plus lambda x squared distance between the soft "
         "path and that class's mean soft path (prototype); its gradients ignore the detector.",
         "- plain PGD: torchattacks PGD on cross-entropy, same budget, steps and step size (the kind of attack the "
-        "detector was fitted on).", "",
-        "## Images", "",
+        "detector was fitted on).",
+        "",
+        "## Images",
+        "",
         f"- Evaluation: {r['images']['eval']['n']} correctly classified images of `{r['images']['eval']['set']}` "
         "(never used to fit or calibrate a detector); seed and indices in report.json.",
     ]
@@ -74,47 +90,74 @@ def render_markdown(r: dict) -> str:
         hi = r["hardening"]["images"]
         lines.append(f"- Hardening examples: {hi['n']} images of `{hi['set']}` ({hi['what']}).")
     for rd in rounds:
-        lines += ["", f"## Round: {rd['name']} detector (threshold {rd['threshold']:.4g}; clean test images flagged "
-                  f"{_pct(rd['clean_fpr'])})", "",
-                  "Per budget, each attack at its best over lambda (an image counts if any lambda succeeds):", "",
-                  "| eps | attack | fools classifier | fools classifier + detector | lowest AUROC |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Round: {rd['name']} detector (threshold {rd['threshold']:.4g}; clean test images flagged "
+            f"{_pct(rd['clean_fpr'])})",
+            "",
+            "Per budget, each attack at its best over lambda (an image counts if any lambda succeeds):",
+            "",
+            "| eps | attack | fools classifier | fools classifier + detector | lowest AUROC |",
+            "|---|---|---|---|---|",
+        ]
         for eps, per in rd["summary"].items():
             for attack, s in per.items():
-                lines.append(f"| {eps} | {NAMES.get(attack, attack)} | {_pct(s['success_classifier'])} | "
-                             f"{_pct(s['success_pipeline'])} | {_f(s['min_auroc'])} |")
-        lines += ["", "Every run (AUROC: clean test images vs misclassified adversarial ones; TPR at the calibrated "
-                  "threshold):", "",
-                  "| attack | eps | lambda | fools classifier | fools classifier + detector | AUROC | TPR | "
-                  "median score | max Linf | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {eps} | {NAMES.get(attack, attack)} | {_pct(s['success_classifier'])} | "
+                    f"{_pct(s['success_pipeline'])} | {_f(s['min_auroc'])} |"
+                )
+        lines += [
+            "",
+            "Every run (AUROC: clean test images vs misclassified adversarial ones; TPR at the calibrated threshold):",
+            "",
+            "| attack | eps | lambda | fools classifier | fools classifier + detector | AUROC | TPR | "
+            "median score | max Linf | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in rd["rows"]:
             lines.append(_row(row))
         if rd.get("transfer"):
-            lines += ["", "Round-1 adaptive examples (made against the shipped detector), scored by the hardened one:",
-                      "", "| attack | eps | lambda | fools classifier | fools classifier + detector | AUROC | TPR | "
-                      "median score | max Linf | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "Round-1 adaptive examples (made against the shipped detector), scored by the hardened one:",
+                "",
+                "| attack | eps | lambda | fools classifier | fools classifier + detector | AUROC | TPR | "
+                "median score | max Linf | seconds |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for row in rd["transfer"]:
                 lines.append(_row(row))
     if r.get("hardening"):
         hd = r["hardening"]
-        lines += ["", "## Hardening", "",
-                  f"The detector was refitted on its original {hd['base_rows']['n_rows']} rows "
-                  f"({hd['base_rows']['n_adversarial']} adversarial, from {', '.join(hd['base_rows']['attacks'])}) "
-                  f"plus {hd['adaptive_rows']} successful adaptive examples, and recalibrated on the same clean "
-                  f"validation images (threshold {hd['threshold_before']:.4g} -> {hd['threshold_after']:.4g}). "
-                  f"It took {hd['seconds']:.0f} s." + (f" Saved to `{hd['saved_to']}`." if hd.get("saved_to") else "")]
+        lines += [
+            "",
+            "## Hardening",
+            "",
+            f"The detector was refitted on its original {hd['base_rows']['n_rows']} rows "
+            f"({hd['base_rows']['n_adversarial']} adversarial, from {', '.join(hd['base_rows']['attacks'])}) "
+            f"plus {hd['adaptive_rows']} successful adaptive examples, and recalibrated on the same clean "
+            f"validation images (threshold {hd['threshold_before']:.4g} -> {hd['threshold_after']:.4g}). "
+            f"It took {hd['seconds']:.0f} s." + (f" Saved to `{hd['saved_to']}`." if hd.get("saved_to") else ""),
+        ]
     c = r["cost"]
-    lines += ["", "## Cost", "",
-              f"{_f(1000 * c['seconds_per_image_step'], 2)} ms per image and adaptive step on {r['device']} "
-              f"({r['threads']} threads); upper bound estimated before the run {c['total_upper_bound'] / 60:.0f} min, "
-              f"actual {c['total_seconds'] / 60:.1f} min.", "",
-              "## Caveats", "",
-              "- These are lower bounds on what an attacker achieves: more steps, restarts, other losses or other "
-              "lambdas may do better. A number here is not a guarantee.",
-              "- Images are sent as floats; an attacker restricted to 8-bit images would have to round them (not "
-              "measured here).",
-              "- The clean false-positive rate on the evaluation images can differ from the calibration target; it "
-              "is reported per round.", ""]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"{_f(1000 * c['seconds_per_image_step'], 2)} ms per image and adaptive step on {r['device']} "
+        f"({r['threads']} threads); upper bound estimated before the run {c['total_upper_bound'] / 60:.0f} min, "
+        f"actual {c['total_seconds'] / 60:.1f} min.",
+        "",
+        "## Caveats",
+        "",
+        "- These are lower bounds on what an attacker achieves: more steps, restarts, other losses or other "
+        "lambdas may do better. A number here is not a guarantee.",
+        "- Images are sent as floats; an attacker restricted to 8-bit images would have to round them (not "
+        "measured here).",
+        "- The clean false-positive rate on the evaluation images can differ from the calibration target; it "
+        "is reported per round.",
+        "",
+    ]
     if r.get("plots"):
         lines += ["## Figures", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
     return "\n".join(lines)
@@ -122,10 +165,12 @@ def render_markdown(r: dict) -> str:
 
 def _row(row: dict) -> str:
     lam = "–" if row["lambda"] is None else f"{row['lambda']:g}"
-    return (f"| {NAMES.get(row['attack'], row['attack'])} | {row['eps']:g} | {lam} | "
-            f"{_pct(row['success_classifier'])} | {_pct(row['success_pipeline'])} | {_f(row['auroc'])} | "
-            f"{_pct(row['tpr_at_threshold'])} | {_f(row['median_score'], 4)} | {_f(row['max_linf'], 4)} | "
-            f"{_f(row['seconds'], 1)} |")
+    return (
+        f"| {NAMES.get(row['attack'], row['attack'])} | {row['eps']:g} | {lam} | "
+        f"{_pct(row['success_classifier'])} | {_pct(row['success_pipeline'])} | {_f(row['auroc'])} | "
+        f"{_pct(row['tpr_at_threshold'])} | {_f(row['median_score'], 4)} | {_f(row['max_linf'], 4)} | "
+        f"{_f(row['seconds'], 1)} |"
+    )
 
 
 def write_plots(out: Path, report: dict, rounds) -> list[str]:
@@ -145,8 +190,12 @@ def write_plots(out: Path, report: dict, rounds) -> list[str]:
         clf = [summ["summary"][str(e)]["any"]["success_classifier"] for e in eps]
         ax.plot(eps, clf, ls="--", c="grey", label="classifier alone (any attack)")
         ax.axhline(0.5, c="red", ls=":", lw=1)
-        ax.set(title=f"{rd.name} detector", xlabel="eps (Linf, [0, 1] pixels)",
-               ylabel="fools classifier + detector", ylim=(-0.02, 1.02))
+        ax.set(
+            title=f"{rd.name} detector",
+            xlabel="eps (Linf, [0, 1] pixels)",
+            ylabel="fools classifier + detector",
+            ylim=(-0.02, 1.02),
+        )
         ax.legend(fontsize=7)
     name = "adaptive_success.png"
     fig.savefig(out / name, dpi=110, bbox_inches="tight")

@@ -92,8 +92,9 @@ class FittedSurrogate(DetectorSurrogate):
     cross-entropy against the detector's scores as soft labels, on standardised columns.
     """
 
-    def __init__(self, columns: np.ndarray, threshold: float, net: nn.Module, mean: Tensor, scale: Tensor,
-                 kind: str) -> None:
+    def __init__(
+        self, columns: np.ndarray, threshold: float, net: nn.Module, mean: Tensor, scale: Tensor, kind: str
+    ) -> None:
         super().__init__(columns, threshold)
         self.net = net
         self.register_buffer("mean", mean)
@@ -108,8 +109,16 @@ class FittedSurrogate(DetectorSurrogate):
         return {**super().describe(), "fitted": self.kind}
 
 
-def fit_surrogate(detector: FeatureDetector, X: np.ndarray, *, kind: str = "mlp", hidden: int = 64,
-                  epochs: int = 400, weight_decay: float = 1e-4, seed: int = 0) -> FittedSurrogate:
+def fit_surrogate(
+    detector: FeatureDetector,
+    X: np.ndarray,
+    *,
+    kind: str = "mlp",
+    hidden: int = 64,
+    epochs: int = 400,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> FittedSurrogate:
     """Fit a :class:`FittedSurrogate` to ``detector``'s scores on feature rows X (n_samples, n_features).
 
     X should hold clean and adversarial rows (the detector's own training rows are a good choice), so that
@@ -146,8 +155,9 @@ def fit_surrogate(detector: FeatureDetector, X: np.ndarray, *, kind: str = "mlp"
     return FittedSurrogate(cols, float(detector.threshold_), net, mean, scale, kind)
 
 
-def build_surrogate(detector: FeatureDetector, X_fit: np.ndarray | None = None, *, kind: str = "mlp",
-                    seed: int = 0) -> DetectorSurrogate:
+def build_surrogate(
+    detector: FeatureDetector, X_fit: np.ndarray | None = None, *, kind: str = "mlp", seed: int = 0
+) -> DetectorSurrogate:
     """The exact surrogate of a linear (or identity) detector; a fitted one for tree ensembles.
 
     X_fit : feature rows to fit on; required for tree-ensemble detectors.
@@ -155,8 +165,9 @@ def build_surrogate(detector: FeatureDetector, X_fit: np.ndarray | None = None, 
     scorer = getattr(detector, "scorer_", None)  # the ensemble has none: it is fitted like a tree ensemble
     if scorer is None or isinstance(scorer, TreeScorer):
         if X_fit is None:
-            raise ValueError("a detector that is not linear in its features needs X_fit, feature rows to fit its "
-                             "surrogate on")
+            raise ValueError(
+                "a detector that is not linear in its features needs X_fit, feature rows to fit its surrogate on"
+            )
         return fit_surrogate(detector, X_fit, kind=kind, seed=seed)
     if isinstance(scorer, LinearScorer):
         return LinearSurrogate(scorer, detector.columns_, float(detector.threshold_))

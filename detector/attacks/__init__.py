@@ -3,5 +3,15 @@
 from .registry import ATTACKS, FAMILIES, AttackSpec, parse_attack, parse_attacks
 from .runner import AttackResult, cached_attack, load_result, run_attack, save_result
 
-__all__ = ["ATTACKS", "FAMILIES", "AttackResult", "AttackSpec", "cached_attack", "load_result", "parse_attack",
-           "parse_attacks", "run_attack", "save_result"]
+__all__ = [
+    "ATTACKS",
+    "FAMILIES",
+    "AttackResult",
+    "AttackSpec",
+    "cached_attack",
+    "load_result",
+    "parse_attack",
+    "parse_attacks",
+    "run_attack",
+    "save_result",
+]

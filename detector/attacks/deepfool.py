@@ -48,8 +48,9 @@ class BatchedDeepFool(Attack):
             logits = self.get_logits(x)
             still = logits.argmax(1) == labels[idx]
             k = logits.shape[1]
-            grads = torch.stack([torch.autograd.grad(logits[:, j].sum(), x, retain_graph=j < k - 1)[0]
-                                 for j in range(k)], 1)  # (n, K, C, H, W)
+            grads = torch.stack(
+                [torch.autograd.grad(logits[:, j].sum(), x, retain_graph=j < k - 1)[0] for j in range(k)], 1
+            )  # (n, K, C, H, W)
             y = labels[idx]
             rows = torch.arange(len(idx), device=x.device)
             f = (logits - logits[rows, y][:, None]).detach()  # f_k - f_y

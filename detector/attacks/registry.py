@@ -30,23 +30,57 @@ FAMILIES = ("gradient-sign-linf", "optimisation-l2", "minimal-perturbation", "qu
 
 ATTACKS: dict[str, AttackInfo] = {
     "fgsm": AttackInfo("torchattacks.FGSM", {"eps": 0.1}, "linf", "Goodfellow et al. 2015", "gradient-sign-linf"),
-    "bim": AttackInfo("torchattacks.BIM", {"eps": 0.1, "alpha": 0.01, "steps": 20}, "linf", "Kurakin et al. 2017",
-                      "gradient-sign-linf"),
-    "pgd": AttackInfo("torchattacks.PGD", {"eps": 0.1, "alpha": 0.01, "steps": 20, "random_start": True}, "linf",
-                      "Madry et al. 2018", "gradient-sign-linf"),
-    "pgdl2": AttackInfo("torchattacks.PGDL2", {"eps": 1.5, "alpha": 0.15, "steps": 20, "random_start": True}, "l2",
-                        "Madry et al. 2018, L2", "optimisation-l2"),
-    "cw": AttackInfo("torchattacks.CW", {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01}, None,
-                     "Carlini & Wagner 2017, L2", "optimisation-l2"),
-    "deepfool": AttackInfo("detector.attacks.deepfool.BatchedDeepFool", {"steps": 50, "overshoot": 0.02}, None,
-                           "Moosavi-Dezfooli et al. 2016, L2 (batched; see detector.attacks.deepfool)",
-                           "minimal-perturbation"),
-    "apgd": AttackInfo("torchattacks.APGD", {"eps": 0.1, "steps": 20, "norm": "Linf", "loss": "ce", "n_restarts": 1},
-                       "linf", "Croce & Hein 2020 (AutoAttack's APGD-CE)", "gradient-sign-linf"),
+    "bim": AttackInfo(
+        "torchattacks.BIM",
+        {"eps": 0.1, "alpha": 0.01, "steps": 20},
+        "linf",
+        "Kurakin et al. 2017",
+        "gradient-sign-linf",
+    ),
+    "pgd": AttackInfo(
+        "torchattacks.PGD",
+        {"eps": 0.1, "alpha": 0.01, "steps": 20, "random_start": True},
+        "linf",
+        "Madry et al. 2018",
+        "gradient-sign-linf",
+    ),
+    "pgdl2": AttackInfo(
+        "torchattacks.PGDL2",
+        {"eps": 1.5, "alpha": 0.15, "steps": 20, "random_start": True},
+        "l2",
+        "Madry et al. 2018, L2",
+        "optimisation-l2",
+    ),
+    "cw": AttackInfo(
+        "torchattacks.CW",
+        {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01},
+        None,
+        "Carlini & Wagner 2017, L2",
+        "optimisation-l2",
+    ),
+    "deepfool": AttackInfo(
+        "detector.attacks.deepfool.BatchedDeepFool",
+        {"steps": 50, "overshoot": 0.02},
+        None,
+        "Moosavi-Dezfooli et al. 2016, L2 (batched; see detector.attacks.deepfool)",
+        "minimal-perturbation",
+    ),
+    "apgd": AttackInfo(
+        "torchattacks.APGD",
+        {"eps": 0.1, "steps": 20, "norm": "Linf", "loss": "ce", "n_restarts": 1},
+        "linf",
+        "Croce & Hein 2020 (AutoAttack's APGD-CE)",
+        "gradient-sign-linf",
+    ),
     # Score-based black box: random square patches, no gradient. The query budget keeps the default
     # evaluation under 20 minutes on 2 cores (torchattacks' default is 5000).
-    "square": AttackInfo("torchattacks.Square", {"eps": 0.1, "n_queries": 300, "p_init": 0.8, "loss": "margin"},
-                         "linf", "Andriushchenko et al. 2020 (Square Attack, margin loss)", "query-based"),
+    "square": AttackInfo(
+        "torchattacks.Square",
+        {"eps": 0.1, "n_queries": 300, "p_init": 0.8, "loss": "margin"},
+        "linf",
+        "Andriushchenko et al. 2020 (Square Attack, margin loss)",
+        "query-based",
+    ),
 }
 
 
@@ -76,13 +110,17 @@ class AttackSpec:
         info = ATTACKS[self.name]
         unknown = set(self.params) - set(info.defaults)
         if unknown:
-            raise ValueError(f"attack {self.name!r} has no parameter(s) {sorted(unknown)}; "
-                             f"it takes {sorted(info.defaults)}")
+            raise ValueError(
+                f"attack {self.name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(info.defaults)}"
+            )
         full = {**info.defaults, **self.params}
         object.__setattr__(self, "params", full)
         if info.norm is not None and not 0 < float(full["eps"]) <= (1.0 if info.norm == "linf" else 100.0):
-            raise ValueError(f"eps={full['eps']} for {self.name} must be in (0, 1] (Linf, [0,1] pixels)"
-                             if info.norm == "linf" else f"eps={full['eps']} for {self.name} must be > 0")
+            raise ValueError(
+                f"eps={full['eps']} for {self.name} must be in (0, 1] (Linf, [0,1] pixels)"
+                if info.norm == "linf"
+                else f"eps={full['eps']} for {self.name} must be > 0"
+            )
         if not self.label:
             object.__setattr__(self, "label", self.name)
 

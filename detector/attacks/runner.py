@@ -43,8 +43,17 @@ def _batch_seed(seed: int, batch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{batch}".encode()).digest()[:4], "little")
 
 
-def run_attack(model: torch.nn.Module, images: Tensor, labels: Tensor, spec: AttackSpec, *, seed: int = 0,
-               batch_size: int = 250, batches: list[int] | None = None, progress: bool = True) -> AttackResult:
+def run_attack(
+    model: torch.nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    spec: AttackSpec,
+    *,
+    seed: int = 0,
+    batch_size: int = 250,
+    batches: list[int] | None = None,
+    progress: bool = True,
+) -> AttackResult:
     """Attack ``images`` (N, C, H, W) in [0, 1] with true ``labels`` (N,).
 
     ``batches`` restricts the run to those batch indices (for sharding); the other rows of the result
@@ -80,11 +89,20 @@ def cache_key(model_digest: str, images: Tensor, spec: AttackSpec, seed: int, ba
 
 def save_result(path: Path, result: AttackResult, extra: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"attack": result.spec.name, "params": result.spec.params, "label": result.spec.label,
-            "seconds": result.seconds, **(extra or {})}
+    meta = {
+        "attack": result.spec.name,
+        "params": result.spec.params,
+        "label": result.spec.label,
+        "seconds": result.seconds,
+        **(extra or {}),
+    }
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, adversarial=result.adversarial.numpy().astype(np.float32),
-                        labels=result.labels.numpy(), meta=np.array(json.dumps(meta)))
+    np.savez_compressed(
+        tmp,
+        adversarial=result.adversarial.numpy().astype(np.float32),
+        labels=result.labels.numpy(),
+        meta=np.array(json.dumps(meta)),
+    )
     tmp.replace(path)
 
 
@@ -103,8 +121,18 @@ def load_result(path: Path, spec: AttackSpec) -> AttackResult:
     return AttackResult(spec, torch.from_numpy(adversarial), torch.from_numpy(labels), float(meta["seconds"]))
 
 
-def cached_attack(model: torch.nn.Module, model_digest: str, images: Tensor, labels: Tensor, spec: AttackSpec, *,
-                  cache_dir: Path | None, seed: int = 0, batch_size: int = 250, progress: bool = True) -> AttackResult:
+def cached_attack(
+    model: torch.nn.Module,
+    model_digest: str,
+    images: Tensor,
+    labels: Tensor,
+    spec: AttackSpec,
+    *,
+    cache_dir: Path | None,
+    seed: int = 0,
+    batch_size: int = 250,
+    progress: bool = True,
+) -> AttackResult:
     """:func:`run_attack`, reusing ``cache_dir/<attack>-<key>.npz`` when the same attack was run before."""
     if cache_dir is None:
         return run_attack(model, images, labels, spec, seed=seed, batch_size=batch_size, progress=progress)

@@ -35,8 +35,9 @@ class ImageDataset:
             raise ValueError(f"labels shape {tuple(self.labels.shape)} does not match {self.images.shape[0]} images")
         self.labels = self.labels.long()
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"labels must lie in [0, {len(self.classes)}), "
-                             f"got [{self.labels.min()}, {self.labels.max()}]")
+            raise ValueError(
+                f"labels must lie in [0, {len(self.classes)}), got [{self.labels.min()}, {self.labels.max()}]"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]

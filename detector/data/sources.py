@@ -16,12 +16,24 @@ from .dataset import ImageDataset, to_uint8
 from .formats import read_cifar_batch, read_cifar_meta, read_idx, read_npz
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -53,15 +65,25 @@ def fashion_mnist_dirs(root: Path | None) -> list[Path]:
 
 
 def load_fashion_mnist(split: str, root: Path | None = None) -> ImageDataset:
-    return _idx_dataset("fashion-mnist", fashion_mnist_dirs(root), FASHION_MNIST_CLASSES, split,
-                        "Run `pathguard data fetch` (installs Debian's dataset-fashion-mnist or downloads it).")
+    return _idx_dataset(
+        "fashion-mnist",
+        fashion_mnist_dirs(root),
+        FASHION_MNIST_CLASSES,
+        split,
+        "Run `pathguard data fetch` (installs Debian's dataset-fashion-mnist or downloads it).",
+    )
 
 
 def load_mnist(split: str, root: Path | None = None) -> ImageDataset:
     if root is None:
         raise DatasetNotFound("mnist: give --data-root, a folder holding the four IDX files (or MNIST/raw/)")
-    return _idx_dataset("mnist", [root / "MNIST" / "raw", root / "mnist", root], [str(i) for i in range(10)],
-                        split, "Put the four MNIST IDX files (.gz or not) there.")
+    return _idx_dataset(
+        "mnist",
+        [root / "MNIST" / "raw", root / "mnist", root],
+        [str(i) for i in range(10)],
+        split,
+        "Put the four MNIST IDX files (.gz or not) there.",
+    )
 
 
 def load_cifar10(split: str, root: Path | None = None) -> ImageDataset:
@@ -69,8 +91,9 @@ def load_cifar10(split: str, root: Path | None = None) -> ImageDataset:
         raise DatasetNotFound("cifar10: give --data-root, the folder holding cifar-10-batches-py/")
     base = next((d for d in (root / "cifar-10-batches-py", root) if (d / "test_batch").is_file()), None)
     if base is None:
-        raise DatasetNotFound(f"cifar10: no cifar-10-batches-py/test_batch under {root}; "
-                              "unpack cifar-10-python.tar.gz there")
+        raise DatasetNotFound(
+            f"cifar10: no cifar-10-batches-py/test_batch under {root}; unpack cifar-10-python.tar.gz there"
+        )
     files = [base / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [base / "test_batch"]
     parts = [read_cifar_batch(f) for f in files if f.is_file()]
     if not parts:

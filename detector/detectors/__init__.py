@@ -8,7 +8,22 @@ from .featurizer import Featurizer, FeaturizerContext, PathFeaturizer
 from .path import PathDetector
 from .registry import DETECTORS, FEATURIZERS, DetectorEntry, get_detector, register_detector, register_featurizer
 
-__all__ = ["DETECTORS", "FEATURIZERS", "CleanDetector", "DetectorEntry", "FeatureDetector", "Featurizer",
-           "FeaturizerContext", "LayerConsistencyDetector", "PathDetector", "PathEnsembleDetector",
-           "PathFeaturizer", "PathLikelihoodDetector", "detector_from_state", "get_detector", "register_detector",
-           "register_featurizer", "threshold_at_fpr"]
+__all__ = [
+    "DETECTORS",
+    "FEATURIZERS",
+    "CleanDetector",
+    "DetectorEntry",
+    "FeatureDetector",
+    "Featurizer",
+    "FeaturizerContext",
+    "LayerConsistencyDetector",
+    "PathDetector",
+    "PathEnsembleDetector",
+    "PathFeaturizer",
+    "PathLikelihoodDetector",
+    "detector_from_state",
+    "get_detector",
+    "register_detector",
+    "register_featurizer",
+    "threshold_at_fpr",
+]

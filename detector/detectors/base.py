@@ -50,8 +50,15 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
     random_state : int, seed of the tree ensembles.
     """
 
-    def __init__(self, classifier: str = "logreg", target_fpr: float = 0.05, C: float = 1.0,
-                 n_estimators: int = 200, max_depth: int | None = None, random_state: int = 0) -> None:
+    def __init__(
+        self,
+        classifier: str = "logreg",
+        target_fpr: float = 0.05,
+        C: float = 1.0,
+        n_estimators: int = 200,
+        max_depth: int | None = None,
+        random_state: int = 0,
+    ) -> None:
         self.classifier = classifier
         self.target_fpr = target_fpr
         self.C = C
@@ -80,11 +87,20 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
         if self.classifier == "logreg":
             return make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=5000))
         if self.classifier == "rf":
-            return RandomForestClassifier(n_estimators=self.n_estimators, max_depth=self.max_depth,
-                                          min_samples_leaf=2, n_jobs=1, random_state=self.random_state)
-        return HistGradientBoostingClassifier(max_iter=self.n_estimators, max_depth=self.max_depth,
-                                              learning_rate=0.1, early_stopping=False,
-                                              random_state=self.random_state)
+            return RandomForestClassifier(
+                n_estimators=self.n_estimators,
+                max_depth=self.max_depth,
+                min_samples_leaf=2,
+                n_jobs=1,
+                random_state=self.random_state,
+            )
+        return HistGradientBoostingClassifier(
+            max_iter=self.n_estimators,
+            max_depth=self.max_depth,
+            learning_rate=0.1,
+            early_stopping=False,
+            random_state=self.random_state,
+        )
 
     # -- estimator contract ---------------------------------------------------------------------
     def fit(self, X, y, *, groups: Sequence[str] | None = None, X_calibration=None) -> FeatureDetector:
@@ -146,8 +162,13 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
         tensors, scorer_info = self.scorer_.to_state()
         tensors = {f"scorer.{k}": v for k, v in tensors.items()}
         tensors["columns"] = torch.from_numpy(self.columns_.astype(np.int64))
-        info = {"estimator": type(self).__name__, "params": self.get_params(), "scorer": scorer_info,
-                "threshold": self.threshold_, "n_features_in": int(self.n_features_in_)}
+        info = {
+            "estimator": type(self).__name__,
+            "params": self.get_params(),
+            "scorer": scorer_info,
+            "threshold": self.threshold_,
+            "n_features_in": int(self.n_features_in_),
+        }
         return tensors, info
 
     @classmethod
@@ -156,8 +177,9 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
             raise ValueError(f"state is of a {info.get('estimator')!r}, not a {cls.__name__}")
         det = cls(**info["params"])
         det._check_params()
-        det.scorer_ = scorer_from_state({k[7:]: v for k, v in tensors.items() if k.startswith("scorer.")},
-                                        info["scorer"])
+        det.scorer_ = scorer_from_state(
+            {k[7:]: v for k, v in tensors.items() if k.startswith("scorer.")}, info["scorer"]
+        )
         det.columns_ = tensors["columns"].numpy()
         det.n_features_in_ = int(info["n_features_in"])
         det.threshold_ = float(info["threshold"])

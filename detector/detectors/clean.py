@@ -88,8 +88,7 @@ class CleanDetector(FeatureDetector):
     def _groups(self) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def fit(self, X, y=None, *, groups: Sequence[str], layer_sizes: Sequence[int],
-            X_calibration=None) -> CleanDetector:
+    def fit(self, X, y=None, *, groups: Sequence[str], layer_sizes: Sequence[int], X_calibration=None) -> CleanDetector:
         self._check_params()
         X = check_array(X, dtype=np.float64)
         if y is not None and np.any(np.asarray(y) != 0):
@@ -141,11 +140,20 @@ class CleanDetector(FeatureDetector):
         tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k + "_"))) for k in self._STATE}
         if "reference" in tensors:  # stored as float16: the values already are (see _half), half the bytes
             tensors["reference"] = tensors["reference"].to(torch.float16)
-        tensors.update({"columns": torch.from_numpy(self.columns_.astype(np.int64)),
-                        "logit_columns": torch.from_numpy(self.logit_columns_.astype(np.int64)),
-                        "layer_sizes": torch.from_numpy(self.layer_sizes_), "null": self.null_.to_tensor()})
-        info = {"estimator": type(self).__name__, "params": self.get_params(), "threshold": self.threshold_,
-                "n_features_in": int(self.n_features_in_)}
+        tensors.update(
+            {
+                "columns": torch.from_numpy(self.columns_.astype(np.int64)),
+                "logit_columns": torch.from_numpy(self.logit_columns_.astype(np.int64)),
+                "layer_sizes": torch.from_numpy(self.layer_sizes_),
+                "null": self.null_.to_tensor(),
+            }
+        )
+        info = {
+            "estimator": type(self).__name__,
+            "params": self.get_params(),
+            "threshold": self.threshold_,
+            "n_features_in": int(self.n_features_in_),
+        }
         return tensors, info
 
     @classmethod
@@ -192,9 +200,17 @@ class PathLikelihoodDetector(CleanDetector):
     target_fpr, random_state : see :class:`CleanDetector`.
     """
 
-    def __init__(self, density: str = "gaussian", feature_groups: Sequence[str] | None = None, k: int = 10,
-                 max_reference: int = 500, logit: bool = False, standardize: bool = False,
-                 target_fpr: float = 0.05, random_state: int = 0) -> None:
+    def __init__(
+        self,
+        density: str = "gaussian",
+        feature_groups: Sequence[str] | None = None,
+        k: int = 10,
+        max_reference: int = 500,
+        logit: bool = False,
+        standardize: bool = False,
+        target_fpr: float = 0.05,
+        random_state: int = 0,
+    ) -> None:
         super().__init__(target_fpr=target_fpr, random_state=random_state)
         self.density = density
         self.feature_groups = feature_groups
@@ -205,8 +221,11 @@ class PathLikelihoodDetector(CleanDetector):
 
     @property
     def _STATE(self) -> tuple[str, ...]:  # type: ignore[override]
-        state = {"bernoulli": ("log_freq", "log_1m_freq"), "gaussian": ("means", "precision"),
-                 "knn": ("reference", "reference_class")}[self.density]
+        state = {
+            "bernoulli": ("log_freq", "log_1m_freq"),
+            "gaussian": ("means", "precision"),
+            "knn": ("reference", "reference_class"),
+        }[self.density]
         return state + (("center", "spread") if self.standardize else ())
 
     def _check_params(self) -> None:
@@ -249,7 +268,7 @@ class PathLikelihoodDetector(CleanDetector):
             self.means_, self.precision_ = means, np.linalg.pinv(cov)
         else:
             rng = np.random.default_rng(self.random_state)
-            keep = np.concatenate([rng.permutation(np.flatnonzero(pred == c))[:self.max_reference] for c in range(K)])
+            keep = np.concatenate([rng.permutation(np.flatnonzero(pred == c))[: self.max_reference] for c in range(K)])
             self.reference_, self.reference_class_ = _half(X[keep]), pred[keep].astype(np.int64)
 
     def _raw(self, X: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -267,7 +286,7 @@ class PathLikelihoodDetector(CleanDetector):
             if len(ref) == 0:
                 out[rows] = np.inf
                 continue
-            d2 = (Xf[rows] ** 2).sum(1)[:, None] - 2 * Xf[rows] @ ref.T + (ref ** 2).sum(1)[None, :]
+            d2 = (Xf[rows] ** 2).sum(1)[:, None] - 2 * Xf[rows] @ ref.T + (ref**2).sum(1)[None, :]
             k = min(self.k, len(ref))
             out[rows] = np.sqrt(np.clip(np.partition(d2, k - 1, axis=1)[:, :k], 0, None)).mean(1)
         return out
@@ -297,8 +316,15 @@ class LayerConsistencyDetector(CleanDetector):
     target_fpr, random_state : see :class:`CleanDetector`.
     """
 
-    def __init__(self, method: str = "knn", C: float = 0.1, k: int = 50, max_reference: int = 5000,
-                 target_fpr: float = 0.05, random_state: int = 0) -> None:
+    def __init__(
+        self,
+        method: str = "knn",
+        C: float = 0.1,
+        k: int = 50,
+        max_reference: int = 5000,
+        target_fpr: float = 0.05,
+        random_state: int = 0,
+    ) -> None:
         super().__init__(target_fpr=target_fpr, random_state=random_state)
         self.method = method
         self.C = C
@@ -330,7 +356,7 @@ class LayerConsistencyDetector(CleanDetector):
         if int(self.layer_sizes_.sum()) != G:
             raise ValueError(f"layer_sizes sum to {int(self.layer_sizes_.sum())}, but the soft path has {G} columns")
         if self.method == "knn":
-            keep = np.random.default_rng(self.random_state).permutation(len(X))[:self.max_reference]
+            keep = np.random.default_rng(self.random_state).permutation(len(X))[: self.max_reference]
             self.reference_, self.reference_class_ = _half(X[keep]), pred[keep].astype(np.int64)
             return
         from sklearn.linear_model import LogisticRegression
@@ -349,8 +375,9 @@ class LayerConsistencyDetector(CleanDetector):
     def layer_log_posteriors(self, X: np.ndarray) -> np.ndarray:
         """(n, L, K) log q_l(k | p_l) for soft-path columns X (n, G) ("logreg" only)."""
         Z = (X - self.mean_) / self.scale_
-        logits = np.stack([Z[:, a:b] @ self.coef_[:, a:b].T + self.intercept_[i]
-                           for i, (a, b) in enumerate(self._bounds())], 1)
+        logits = np.stack(
+            [Z[:, a:b] @ self.coef_[:, a:b].T + self.intercept_[i] for i, (a, b) in enumerate(self._bounds())], 1
+        )
         return logits - np.logaddexp.reduce(logits, axis=2, keepdims=True)
 
     def layer_disagreement(self, X: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -363,10 +390,10 @@ class LayerConsistencyDetector(CleanDetector):
         out = np.zeros((len(X), len(self.layer_sizes_)))
         for i, (a, b) in enumerate(self._bounds()):
             for s in range(0, len(X), 512):
-                q, r = Xf[s:s + 512, a:b], ref[:, a:b]
-                d2 = (q ** 2).sum(1)[:, None] - 2 * q @ r.T + (r ** 2).sum(1)[None, :]
+                q, r = Xf[s : s + 512, a:b], ref[:, a:b]
+                d2 = (q**2).sum(1)[:, None] - 2 * q @ r.T + (r**2).sum(1)[None, :]
                 nn = np.argpartition(d2, k - 1, axis=1)[:, :k]
-                out[s:s + 512, i] = (self.reference_class_[nn] != pred[s:s + 512, None]).sum(1)
+                out[s : s + 512, i] = (self.reference_class_[nn] != pred[s : s + 512, None]).sum(1)
         return out
 
     def _raw(self, X: np.ndarray, pred: np.ndarray) -> np.ndarray:

@@ -65,11 +65,28 @@ class CombinedDetector(MahalanobisDetector):
     ``fit`` must be given ``groups``, the group of each column of X.
     """
 
-    def __init__(self, feature_groups: Sequence[str] = PATH_GROUPS, noise: float | None = None, cv: int = 5,
-                 classifier: str = "logreg", target_fpr: float = 0.05, C: float = 1.0, n_estimators: int = 200,
-                 max_depth: int | None = None, random_state: int = 0) -> None:
-        super().__init__(noise=noise, cv=cv, classifier=classifier, target_fpr=target_fpr, C=C,
-                         n_estimators=n_estimators, max_depth=max_depth, random_state=random_state)
+    def __init__(
+        self,
+        feature_groups: Sequence[str] = PATH_GROUPS,
+        noise: float | None = None,
+        cv: int = 5,
+        classifier: str = "logreg",
+        target_fpr: float = 0.05,
+        C: float = 1.0,
+        n_estimators: int = 200,
+        max_depth: int | None = None,
+        random_state: int = 0,
+    ) -> None:
+        super().__init__(
+            noise=noise,
+            cv=cv,
+            classifier=classifier,
+            target_fpr=target_fpr,
+            C=C,
+            n_estimators=n_estimators,
+            max_depth=max_depth,
+            random_state=random_state,
+        )
         self.feature_groups = feature_groups
 
     def _check_params(self) -> None:
@@ -92,10 +109,20 @@ class CombinedDetector(MahalanobisDetector):
         return params
 
 
-register_featurizer("path+mahalanobis", lambda ctx: ConcatFeaturizer([
-    PathFeaturizer(ctx.model, ctx.prototypes, ctx.batch_size),
-    MahalanobisFeaturizer(ctx.model, batch_size=ctx.batch_size)]))
-register_detector(DetectorEntry(
-    "path+mahalanobis", "path+mahalanobis",
-    lambda fpr, seed: CombinedDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
-    "logistic regression on all path features plus the Mahalanobis baseline's per-stage scores"))
+register_featurizer(
+    "path+mahalanobis",
+    lambda ctx: ConcatFeaturizer(
+        [
+            PathFeaturizer(ctx.model, ctx.prototypes, ctx.batch_size),
+            MahalanobisFeaturizer(ctx.model, batch_size=ctx.batch_size),
+        ]
+    ),
+)
+register_detector(
+    DetectorEntry(
+        "path+mahalanobis",
+        "path+mahalanobis",
+        lambda fpr, seed: CombinedDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
+        "logistic regression on all path features plus the Mahalanobis baseline's per-stage scores",
+    )
+)

@@ -60,9 +60,15 @@ class PathEnsembleDetector(FeatureDetector):
     selection_ : dict, how ``weights_`` were chosen (None for fixed weights).
     """
 
-    def __init__(self, components: Sequence[str] = ("knn", "summary", "margin", "layer", "bernoulli"),
-                 weights: Sequence[float] | None = None, grid: Sequence[float] = (0.0, 0.5, 1.0),
-                 combine: str = "max", target_fpr: float = 0.05, random_state: int = 0) -> None:
+    def __init__(
+        self,
+        components: Sequence[str] = ("knn", "summary", "margin", "layer", "bernoulli"),
+        weights: Sequence[float] | None = None,
+        grid: Sequence[float] = (0.0, 0.5, 1.0),
+        combine: str = "max",
+        target_fpr: float = 0.05,
+        random_state: int = 0,
+    ) -> None:
         self.components = components
         self.combine = combine
         self.weights = weights
@@ -83,15 +89,22 @@ class PathEnsembleDetector(FeatureDetector):
         if self.weights is not None:
             w = np.asarray(self.weights, dtype=np.float64)
             if w.shape != (len(self.components),) or np.any(w < 0) or not np.any(w > 0):
-                raise ValueError(f"weights={list(self.weights)} must be {len(self.components)} values >= 0, "
-                                 "not all 0")
+                raise ValueError(f"weights={list(self.weights)} must be {len(self.components)} values >= 0, not all 0")
         if not self.grid or any(g < 0 for g in self.grid):
             raise ValueError(f"grid={list(self.grid)} must be non-empty and >= 0")
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"target_fpr={self.target_fpr} must be in (0, 1)")
 
-    def fit(self, X, y=None, *, groups: Sequence[str], layer_sizes: Sequence[int], X_calibration=None,
-            validation: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> PathEnsembleDetector:
+    def fit(
+        self,
+        X,
+        y=None,
+        *,
+        groups: Sequence[str],
+        layer_sizes: Sequence[int],
+        X_calibration=None,
+        validation: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+    ) -> PathEnsembleDetector:
         """Fit every component on clean rows X, their nulls and the threshold on ``X_calibration``.
 
         validation : (clean rows, {family: adversarial rows}) of *validation* images, needed when
@@ -108,9 +121,11 @@ class PathEnsembleDetector(FeatureDetector):
             cut = len(X) * 3 // 4
             X, X_calibration = X[order[:cut]], X[order[cut:]]
         self.components_: list[CleanDetector] = [
-            COMPONENTS[c](self.random_state).set_params(target_fpr=self.target_fpr).fit(
-                X, groups=groups, layer_sizes=layer_sizes, X_calibration=X_calibration)
-            for c in self.components]
+            COMPONENTS[c](self.random_state)
+            .set_params(target_fpr=self.target_fpr)
+            .fit(X, groups=groups, layer_sizes=layer_sizes, X_calibration=X_calibration)
+            for c in self.components
+        ]
         self.n_features_in_ = X.shape[1]
         self.classes_ = np.array([0, 1])
         self.columns_ = self._read_columns()
@@ -139,18 +154,25 @@ class PathEnsembleDetector(FeatureDetector):
             if not np.any(w > 0) or (w.max() != max(self.grid)):  # scale-free: one weight at the grid's top
                 continue
             s_clean = self._combined(t_clean, w)
-            aucs = {f: float(roc_auc_score(np.r_[np.zeros(len(s_clean)), np.ones(len(t))],
-                                           np.r_[s_clean, self._combined(t, w)]))
-                    for f, t in t_adv.items()}
+            aucs = {
+                f: float(
+                    roc_auc_score(np.r_[np.zeros(len(s_clean)), np.ones(len(t))], np.r_[s_clean, self._combined(t, w)])
+                )
+                for f, t in t_adv.items()
+            }
             key = (min(aucs.values()), float(np.mean(list(aucs.values()))), -int(np.sum(w > 0)))
             table.append({"weights": w.tolist(), "worst_auroc": key[0], "per_family": aucs})
             if best_key is None or key > best_key:
                 best, best_key = w, key
         chosen = next(r for r in table if r["weights"] == best.tolist())
-        return best, {"rule": "max worst per-family AUROC on validation rows (ties: mean AUROC, fewer weights)",
-                      "families": sorted(t_adv), "n_clean": int(len(clean)),
-                      "n_adversarial": {f: int(len(a)) for f, a in adversarial.items()},
-                      "chosen": chosen, "candidates": len(table)}
+        return best, {
+            "rule": "max worst per-family AUROC on validation rows (ties: mean AUROC, fewer weights)",
+            "families": sorted(t_adv),
+            "n_clean": int(len(clean)),
+            "n_adversarial": {f: int(len(a)) for f, a in adversarial.items()},
+            "chosen": chosen,
+            "candidates": len(table),
+        }
 
     def calibrate(self, X_clean) -> PathEnsembleDetector:
         self.threshold_ = threshold_at_fpr(self.decision_function(X_clean), self.target_fpr)
@@ -181,9 +203,14 @@ class PathEnsembleDetector(FeatureDetector):
         params["components"] = [self.components[i] for i in used]
         params["grid"] = list(params["grid"])
         params["weights"] = None if params["weights"] is None else [float(params["weights"][i]) for i in used]
-        return tensors, {"estimator": type(self).__name__, "params": params, "components": parts,
-                         "threshold": self.threshold_, "n_features_in": int(self.n_features_in_),
-                         "selection": self.selection_}
+        return tensors, {
+            "estimator": type(self).__name__,
+            "params": params,
+            "components": parts,
+            "threshold": self.threshold_,
+            "n_features_in": int(self.n_features_in_),
+            "selection": self.selection_,
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], info: dict) -> PathEnsembleDetector:
@@ -197,8 +224,9 @@ class PathEnsembleDetector(FeatureDetector):
             if est is None:
                 raise ValueError(f"unknown component estimator {part.get('estimator')!r}")
             prefix = f"c{i}."
-            det.components_.append(est.from_state({k[len(prefix):]: v for k, v in tensors.items()
-                                                   if k.startswith(prefix)}, part))
+            det.components_.append(
+                est.from_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, part)
+            )
         det.columns_ = det._read_columns()
         det.weights_ = tensors["weights"].numpy()
         if np.any(det.weights_ < 0):
@@ -213,25 +241,50 @@ def _clean(name: str, make, description: str) -> None:
     register_detector(DetectorEntry(name, "path", make, description))
 
 
-_clean("clean-bernoulli", lambda fpr, seed: PathLikelihoodDetector("bernoulli", target_fpr=fpr, random_state=seed),
-       "clean-only: per-class Bernoulli likelihood of the hard path under the predicted class")
-_clean("clean-gaussian", lambda fpr, seed: PathLikelihoodDetector("gaussian", target_fpr=fpr, random_state=seed),
-       "clean-only: Mahalanobis distance of the soft path to its predicted class (tied, shrunk covariance)")
-_clean("clean-knn", lambda fpr, seed: COMPONENTS["knn"](seed).set_params(target_fpr=fpr),
-       "clean-only: mean distance to the 10 nearest clean soft paths of the predicted class (standardised columns)")
-_clean("clean-layer", lambda fpr, seed: COMPONENTS["layer"](seed).set_params(target_fpr=fpr),
-       "clean-only: layer consistency, votes of each layer's 50 nearest clean paths against the final prediction")
-_clean("clean-summary", lambda fpr, seed: COMPONENTS["summary"](seed).set_params(target_fpr=fpr),
-       "clean-only: Mahalanobis distance of per-layer densities, prototype departures, confidence and logits to "
-       "the predicted class")
-_clean("clean-margin", lambda fpr, seed: COMPONENTS["margin"](seed).set_params(target_fpr=fpr),
-       "clean-only: low softmax margin (top-1 minus top-2 probability), one-sided; not a path score")
-_clean("clean-ensemble", lambda fpr, seed: PathEnsembleDetector(
-    components=("knn", "summary", "margin"), weights=(1.0, 1.0, 1.0), target_fpr=fpr, random_state=seed),
-       "clean-only: min-p combination (max of -log p, equal weights) of the knn, summary and margin detectors")
-_clean("path-ensemble", lambda fpr, seed: PathEnsembleDetector(target_fpr=fpr, random_state=seed),
-       "min-p combination with weights >= 0 of the knn, summary, margin, layer and bernoulli p-values; weights "
-       "chosen by worst per-family AUROC on the validation fitting images")
+_clean(
+    "clean-bernoulli",
+    lambda fpr, seed: PathLikelihoodDetector("bernoulli", target_fpr=fpr, random_state=seed),
+    "clean-only: per-class Bernoulli likelihood of the hard path under the predicted class",
+)
+_clean(
+    "clean-gaussian",
+    lambda fpr, seed: PathLikelihoodDetector("gaussian", target_fpr=fpr, random_state=seed),
+    "clean-only: Mahalanobis distance of the soft path to its predicted class (tied, shrunk covariance)",
+)
+_clean(
+    "clean-knn",
+    lambda fpr, seed: COMPONENTS["knn"](seed).set_params(target_fpr=fpr),
+    "clean-only: mean distance to the 10 nearest clean soft paths of the predicted class (standardised columns)",
+)
+_clean(
+    "clean-layer",
+    lambda fpr, seed: COMPONENTS["layer"](seed).set_params(target_fpr=fpr),
+    "clean-only: layer consistency, votes of each layer's 50 nearest clean paths against the final prediction",
+)
+_clean(
+    "clean-summary",
+    lambda fpr, seed: COMPONENTS["summary"](seed).set_params(target_fpr=fpr),
+    "clean-only: Mahalanobis distance of per-layer densities, prototype departures, confidence and logits to "
+    "the predicted class",
+)
+_clean(
+    "clean-margin",
+    lambda fpr, seed: COMPONENTS["margin"](seed).set_params(target_fpr=fpr),
+    "clean-only: low softmax margin (top-1 minus top-2 probability), one-sided; not a path score",
+)
+_clean(
+    "clean-ensemble",
+    lambda fpr, seed: PathEnsembleDetector(
+        components=("knn", "summary", "margin"), weights=(1.0, 1.0, 1.0), target_fpr=fpr, random_state=seed
+    ),
+    "clean-only: min-p combination (max of -log p, equal weights) of the knn, summary and margin detectors",
+)
+_clean(
+    "path-ensemble",
+    lambda fpr, seed: PathEnsembleDetector(target_fpr=fpr, random_state=seed),
+    "min-p combination with weights >= 0 of the knn, summary, margin, layer and bernoulli p-values; weights "
+    "chosen by worst per-family AUROC on the validation fitting images",
+)
 
 
 ESTIMATOR_TYPES: dict[str, type] = {"PathEnsembleDetector": PathEnsembleDetector, **ESTIMATORS}

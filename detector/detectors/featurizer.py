@@ -52,8 +52,9 @@ class PathFeaturizer:
         if self.prototypes is None:
             from ..data import ImageDataset
 
-            data = ImageDataset((images * 255).round().to(torch.uint8), labels, [str(i) for i in range(
-                self.model.num_classes)])
+            data = ImageDataset(
+                (images * 255).round().to(torch.uint8), labels, [str(i) for i in range(self.model.num_classes)]
+            )
             self.prototypes = compute_prototypes(self.model, data)
         return self
 

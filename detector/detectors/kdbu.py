@@ -44,12 +44,12 @@ def kde_log_density(x: Tensor | np.ndarray, reference: Tensor | np.ndarray, band
     reference = torch.as_tensor(reference, dtype=torch.float64)
     h2 = float(bandwidth) ** 2
     sq = torch.cdist(x, reference).square()
-    return (torch.logsumexp(-sq / (2 * h2), dim=1) - np.log(len(reference))
-            - 0.5 * x.shape[1] * np.log(2 * np.pi * h2))
+    return torch.logsumexp(-sq / (2 * h2), dim=1) - np.log(len(reference)) - 0.5 * x.shape[1] * np.log(2 * np.pi * h2)
 
 
-def select_bandwidth(features: Tensor, labels: Tensor, factors: Sequence[float] = BANDWIDTH_FACTORS,
-                     seed: int = 0) -> float:
+def select_bandwidth(
+    features: Tensor, labels: Tensor, factors: Sequence[float] = BANDWIDTH_FACTORS, seed: int = 0
+) -> float:
     """Bandwidth with the best held-out log-likelihood of class-conditional KDEs (2-fold per class).
 
     Candidates are ``factors`` times the median distance of a feature to its nearest same-class neighbour.
@@ -64,7 +64,7 @@ def select_bandwidth(features: Tensor, labels: Tensor, factors: Sequence[float] 
         d = torch.cdist(f, f).fill_diagonal_(float("inf"))
         nn_dist.append(d.min(dim=1).values)
         perm = torch.randperm(len(f), generator=gen)
-        halves.append((f[perm[: len(f) // 2]], f[perm[len(f) // 2:]]))
+        halves.append((f[perm[: len(f) // 2]], f[perm[len(f) // 2 :]]))
     base = float(torch.cat(nn_dist).median().clamp_min(1e-12))
 
     def heldout(h: float) -> float:
@@ -92,8 +92,16 @@ class KDBUFeaturizer:
     reference_ : list of Tensor (M_c, D), penultimate features of the reference images of each class.
     """
 
-    def __init__(self, model: DecoupledNet, *, bandwidth: float | None = None, dropout: float = 0.5,
-                 mc_samples: int = 50, seed: int = 0, batch_size: int = 500) -> None:
+    def __init__(
+        self,
+        model: DecoupledNet,
+        *,
+        bandwidth: float | None = None,
+        dropout: float = 0.5,
+        mc_samples: int = 50,
+        seed: int = 0,
+        batch_size: int = 500,
+    ) -> None:
         if bandwidth is not None and not bandwidth > 0:
             raise ValueError(f"bandwidth={bandwidth} must be > 0 or None")
         if not 0 < dropout < 1:
@@ -114,8 +122,10 @@ class KDBUFeaturizer:
         """(penultimate (N, D), logits (N, K)) on the model's device."""
         self.model.eval()
         device = next(self.model.parameters()).device
-        outs = [self.model.forward_path(images[s:s + self.batch_size].to(device))
-                for s in range(0, len(images), self.batch_size)]
+        outs = [
+            self.model.forward_path(images[s : s + self.batch_size].to(device))
+            for s in range(0, len(images), self.batch_size)
+        ]
         return torch.cat([o.penultimate for o in outs]), torch.cat([o.logits for o in outs])
 
     def fit(self, images: Tensor, labels: Tensor) -> KDBUFeaturizer:
@@ -130,8 +140,9 @@ class KDBUFeaturizer:
         if missing:
             raise ValueError(f"no reference images of classes {missing}")
         self.reference_ = [feats[labels == c].double() for c in range(self.model.num_classes)]
-        self.bandwidth_ = float(self.bandwidth) if self.bandwidth is not None else select_bandwidth(
-            feats, labels, seed=self.seed)
+        self.bandwidth_ = (
+            float(self.bandwidth) if self.bandwidth is not None else select_bandwidth(feats, labels, seed=self.seed)
+        )
         self.groups, self.names = list(GROUPS), list(GROUPS)
         return self
 
@@ -152,11 +163,12 @@ class KDBUFeaturizer:
         gen = torch.Generator(device=feats.device).manual_seed(self.seed)
         keep = 1.0 - self.dropout
         # T thinned heads, the same for every input: an input's bu does not depend on its batch
-        masks = torch.bernoulli(torch.full((self.mc_samples, 1, feats.shape[1]), keep, device=feats.device),
-                                generator=gen)
+        masks = torch.bernoulli(
+            torch.full((self.mc_samples, 1, feats.shape[1]), keep, device=feats.device), generator=gen
+        )
         bu = []
         for s in range(0, len(feats), self.batch_size):
-            f = feats[s:s + self.batch_size]
+            f = feats[s : s + self.batch_size]
             probs = self.model.classifier(f * masks / keep).softmax(-1)  # (T, n, K)
             bu.append(probs.var(dim=0, unbiased=False).mean(dim=-1).cpu().double())
         bu_all = torch.cat(bu) if bu else torch.zeros(0, dtype=torch.float64)
@@ -177,7 +189,12 @@ class KDBUDetector(FeatureDetector):
 
 
 register_featurizer("kdbu", lambda ctx: KDBUFeaturizer(ctx.model, seed=ctx.seed, batch_size=ctx.batch_size))
-register_detector(DetectorEntry(
-    "kdbu", "kdbu", lambda fpr, seed: KDBUDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
-    "KD+BU (Feinman et al. 2017): logistic regression on the class-conditional kernel density of the "
-    "penultimate features and the MC-dropout variance (dropout 0.5 on the penultimate features, T=50)"))
+register_detector(
+    DetectorEntry(
+        "kdbu",
+        "kdbu",
+        lambda fpr, seed: KDBUDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
+        "KD+BU (Feinman et al. 2017): logistic regression on the class-conditional kernel density of the "
+        "penultimate features and the MC-dropout variance (dropout 0.5 on the penultimate features, T=50)",
+    )
+)

@@ -84,8 +84,9 @@ class LIDFeaturizer:
     reference_ : list of Tensor (M, D_l), the reference images' representation at each layer.
     """
 
-    def __init__(self, model: DecoupledNet, *, k: int = 20, minibatch: int = 100, seed: int = 0,
-                 batch_size: int = 500) -> None:
+    def __init__(
+        self, model: DecoupledNet, *, k: int = 20, minibatch: int = 100, seed: int = 0, batch_size: int = 500
+    ) -> None:
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         if minibatch <= k:
@@ -102,7 +103,7 @@ class LIDFeaturizer:
         device = next(self.model.parameters()).device
         per_layer: list[list[Tensor]] = []
         for start in range(0, len(images), self.batch_size):
-            out = self.model.forward_path(images[start:start + self.batch_size].to(device))
+            out = self.model.forward_path(images[start : start + self.batch_size].to(device))
             reps = [layer.pooled for layer in out.layers] + [out.penultimate, out.logits]
             per_layer = per_layer or [[] for _ in reps]
             for acc, r in zip(per_layer, reps, strict=True):
@@ -127,7 +128,7 @@ class LIDFeaturizer:
         gen = torch.Generator().manual_seed(self.seed)
         n_ref = len(self.reference_[0])
         for start in range(0, len(images), self.minibatch):
-            idx = torch.randperm(n_ref, generator=gen)[:self.minibatch]
+            idx = torch.randperm(n_ref, generator=gen)[: self.minibatch]
             stop = start + self.minibatch
             for j, (rep, ref) in enumerate(zip(reps, self.reference_, strict=True)):
                 out[start:stop, j] = lid_mle(rep[start:stop], ref[idx], self.k)
@@ -153,7 +154,13 @@ class LIDDetector(FeatureDetector):
 
 
 register_featurizer("lid", lambda ctx: LIDFeaturizer(ctx.model, seed=ctx.seed, batch_size=ctx.batch_size))
-register_detector(DetectorEntry(
-    "lid", "lid", lambda fpr, seed: LIDDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
-    "LID (Ma et al. 2018): logistic regression on per-layer MLE LIDs (k=20, random clean minibatches of 100), "
-    "noisy clean images as extra negatives", noisy_negatives=True))
+register_detector(
+    DetectorEntry(
+        "lid",
+        "lid",
+        lambda fpr, seed: LIDDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
+        "LID (Ma et al. 2018): logistic regression on per-layer MLE LIDs (k=20, random clean minibatches of 100), "
+        "noisy clean images as extra negatives",
+        noisy_negatives=True,
+    )
+)

@@ -54,8 +54,9 @@ def noise_group(eps: float) -> str:
     return f"noise={float(eps):g}"
 
 
-def class_gaussians(features: Tensor | np.ndarray, labels: Tensor | np.ndarray,
-                    n_classes: int) -> tuple[Tensor, Tensor]:
+def class_gaussians(
+    features: Tensor | np.ndarray, labels: Tensor | np.ndarray, n_classes: int
+) -> tuple[Tensor, Tensor]:
     """Class means and the precision of the tied covariance (maximum likelihood, as sklearn's
     ``EmpiricalCovariance``): ``Sigma = (1/N) sum_i (f_i - mu_{y_i})(f_i - mu_{y_i})^T``.
 
@@ -119,8 +120,9 @@ class MahalanobisFeaturizer:
     means_, precisions_ : per layer, Tensor (K, D_l) and (D_l, D_l) float64.
     """
 
-    def __init__(self, model: DecoupledNet, *, noise: Sequence[float] = NOISE_GRID, layers: str = "stages",
-                 batch_size: int = 500) -> None:
+    def __init__(
+        self, model: DecoupledNet, *, noise: Sequence[float] = NOISE_GRID, layers: str = "stages", batch_size: int = 500
+    ) -> None:
         noise = tuple(float(e) for e in noise)
         if not noise or min(noise) < 0 or len(set(noise)) != len(noise):
             raise ValueError(f"noise={list(noise)} must be distinct magnitudes >= 0, at least one")
@@ -141,13 +143,18 @@ class MahalanobisFeaturizer:
         device = next(self.model.parameters()).device
         with torch.no_grad():
             path_names = [layer.name for layer in self.model.forward_path(images[:1].to(device)).layers]
-        self.layer_index_ = list(range(len(path_names))) if self.layers == "all" \
-            else stage_end_layers(self.model, path_names)
+        self.layer_index_ = (
+            list(range(len(path_names))) if self.layers == "all" else stage_end_layers(self.model, path_names)
+        )
         with torch.no_grad():
-            chunks = [self._features(self.model.forward_path(images[s:s + self.batch_size].to(device)))
-                      for s in range(0, len(images), self.batch_size)]
-        fitted = [class_gaussians(torch.cat([c[j].cpu() for c in chunks]), labels, self.model.num_classes)
-                  for j in range(len(chunks[0]))]
+            chunks = [
+                self._features(self.model.forward_path(images[s : s + self.batch_size].to(device)))
+                for s in range(0, len(images), self.batch_size)
+            ]
+        fitted = [
+            class_gaussians(torch.cat([c[j].cpu() for c in chunks]), labels, self.model.num_classes)
+            for j in range(len(chunks[0]))
+        ]
         self.means_ = [m.to(device) for m, _ in fitted]
         self.precisions_ = [p.to(device) for _, p in fitted]
         layer_names = [self.model.layer_names[i] for i in self.layer_index_] + ["penultimate"]
@@ -156,8 +163,10 @@ class MahalanobisFeaturizer:
         return self
 
     def _scores(self, out: PathOutput) -> list[Tensor]:
-        return [mahalanobis_score(f, m, p) for f, m, p in zip(self._features(out), self.means_, self.precisions_,
-                                                                    strict=True)]
+        return [
+            mahalanobis_score(f, m, p)
+            for f, m, p in zip(self._features(out), self.means_, self.precisions_, strict=True)
+        ]
 
     def _batch(self, x: Tensor) -> Tensor:
         """(n, M * L) scores of one batch."""
@@ -165,16 +174,19 @@ class MahalanobisFeaturizer:
         with torch.enable_grad():
             clean = self._scores(self.model.forward_path(x))
             # sign of the gradient of the reference's loss, mean(-M_l); x' = x - eps * that sign
-            steps = [torch.where(torch.autograd.grad(-s.sum(), x, retain_graph=j < len(clean) - 1)[0] >= 0, 1.0, -1.0)
-                     for j, s in enumerate(clean)]
+            steps = [
+                torch.where(torch.autograd.grad(-s.sum(), x, retain_graph=j < len(clean) - 1)[0] >= 0, 1.0, -1.0)
+                for j, s in enumerate(clean)
+            ]
         cols = []
         with torch.no_grad():
             for eps in self.noise:
                 if eps == 0.0:
                     cols += [s.detach() for s in clean]
                     continue
-                cols += [self._scores(self.model.forward_path(x.detach() - eps * step))[j]
-                         for j, step in enumerate(steps)]
+                cols += [
+                    self._scores(self.model.forward_path(x.detach() - eps * step))[j] for j, step in enumerate(steps)
+                ]
         return torch.stack(cols, dim=1)
 
     def transform(self, images: Tensor) -> np.ndarray:
@@ -183,13 +195,15 @@ class MahalanobisFeaturizer:
             raise NotFittedError("MahalanobisFeaturizer.transform called before fit")
         self.model.eval()
         device = next(self.model.parameters()).device
-        blocks = [self._batch(images[s:s + self.batch_size].to(device)).cpu()
-                  for s in range(0, len(images), self.batch_size)]
+        blocks = [
+            self._batch(images[s : s + self.batch_size].to(device)).cpu()
+            for s in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(blocks).numpy() if blocks else np.zeros((0, len(self.names)))
 
 
 def _noise_of(group: str) -> float | None:
-    return float(group[len("noise="):]) if group.startswith("noise=") else None
+    return float(group[len("noise=") :]) if group.startswith("noise=") else None
 
 
 class MahalanobisDetector(FeatureDetector):
@@ -205,11 +219,25 @@ class MahalanobisDetector(FeatureDetector):
     ``fit`` must be given ``groups``, the group of each column of X.
     """
 
-    def __init__(self, noise: float | None = None, cv: int = 5, classifier: str = "logreg",
-                 target_fpr: float = 0.05, C: float = 1.0, n_estimators: int = 200, max_depth: int | None = None,
-                 random_state: int = 0) -> None:
-        super().__init__(classifier=classifier, target_fpr=target_fpr, C=C, n_estimators=n_estimators,
-                         max_depth=max_depth, random_state=random_state)
+    def __init__(
+        self,
+        noise: float | None = None,
+        cv: int = 5,
+        classifier: str = "logreg",
+        target_fpr: float = 0.05,
+        C: float = 1.0,
+        n_estimators: int = 200,
+        max_depth: int | None = None,
+        random_state: int = 0,
+    ) -> None:
+        super().__init__(
+            classifier=classifier,
+            target_fpr=target_fpr,
+            C=C,
+            n_estimators=n_estimators,
+            max_depth=max_depth,
+            random_state=random_state,
+        )
         self.noise = noise
         self.cv = cv
 
@@ -232,9 +260,16 @@ class MahalanobisDetector(FeatureDetector):
         if len(by_noise) == 1 or folds < 2:
             return next(iter(by_noise))
         split = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
-        auroc = {e: cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=5000)),
-                                    X[:, cols], y, cv=split, scoring="roc_auc").mean()
-                 for e, cols in by_noise.items()}
+        auroc = {
+            e: cross_val_score(
+                make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=5000)),
+                X[:, cols],
+                y,
+                cv=split,
+                scoring="roc_auc",
+            ).mean()
+            for e, cols in by_noise.items()
+        }
         log.info("Mahalanobis cross-validated AUROC by noise: %s", auroc)
         return max(auroc, key=lambda e: (auroc[e], -e))
 
@@ -243,8 +278,9 @@ class MahalanobisDetector(FeatureDetector):
         self._check_params()
         X, y = check_X_y(X, y, dtype=np.float64)
         if groups is None or len(groups) != X.shape[1]:
-            raise ValueError(f"{type(self).__name__}.fit needs groups=, the feature group of each of the "
-                             f"{X.shape[1]} columns")
+            raise ValueError(
+                f"{type(self).__name__}.fit needs groups=, the feature group of each of the {X.shape[1]} columns"
+            )
         by_noise = self._noise_columns(groups)
         if self.noise is not None:
             if float(self.noise) not in by_noise:
@@ -272,8 +308,12 @@ class MahalanobisDetector(FeatureDetector):
 
 
 register_featurizer("mahalanobis", lambda ctx: MahalanobisFeaturizer(ctx.model, batch_size=ctx.batch_size))
-register_detector(DetectorEntry(
-    "mahalanobis", "mahalanobis",
-    lambda fpr, seed: MahalanobisDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
-    "Mahalanobis (Lee et al. 2018): logistic regression on per-stage tied-covariance Gaussian scores after "
-    "input pre-processing, noise magnitude chosen by cross-validation on the fitting data"))
+register_detector(
+    DetectorEntry(
+        "mahalanobis",
+        "mahalanobis",
+        lambda fpr, seed: MahalanobisDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
+        "Mahalanobis (Lee et al. 2018): logistic regression on per-stage tied-covariance Gaussian scores after "
+        "input pre-processing, noise magnitude chosen by cross-validation on the fitting data",
+    )
+)

@@ -20,11 +20,24 @@ class PathDetector(FeatureDetector):
     classifier, target_fpr, C, n_estimators, max_depth, random_state : see :class:`FeatureDetector`.
     """
 
-    def __init__(self, feature_groups: Sequence[str] = GROUPS, classifier: str = "logreg", target_fpr: float = 0.05,
-                 C: float = 1.0, n_estimators: int = 200, max_depth: int | None = None,
-                 random_state: int = 0) -> None:
-        super().__init__(classifier=classifier, target_fpr=target_fpr, C=C, n_estimators=n_estimators,
-                         max_depth=max_depth, random_state=random_state)
+    def __init__(
+        self,
+        feature_groups: Sequence[str] = GROUPS,
+        classifier: str = "logreg",
+        target_fpr: float = 0.05,
+        C: float = 1.0,
+        n_estimators: int = 200,
+        max_depth: int | None = None,
+        random_state: int = 0,
+    ) -> None:
+        super().__init__(
+            classifier=classifier,
+            target_fpr=target_fpr,
+            C=C,
+            n_estimators=n_estimators,
+            max_depth=max_depth,
+            random_state=random_state,
+        )
         self.feature_groups = feature_groups
 
     def _check_params(self) -> None:

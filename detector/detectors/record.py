@@ -7,8 +7,17 @@ from typing import Any
 
 from ..attacks.registry import AttackSpec
 
-_KEYS = ("classifier", "feature_groups", "target_fpr", "attacks", "fit_images", "calibration_images", "per_attack",
-         "fit_seconds", "hardened")
+_KEYS = (
+    "classifier",
+    "feature_groups",
+    "target_fpr",
+    "attacks",
+    "fit_images",
+    "calibration_images",
+    "per_attack",
+    "fit_seconds",
+    "hardened",
+)
 
 
 @dataclass

@@ -49,17 +49,37 @@ def get_detector(name: str) -> DetectorEntry:
 
 
 register_featurizer("path", lambda ctx: PathFeaturizer(ctx.model, ctx.prototypes, ctx.batch_size))
-register_detector(DetectorEntry(
-    "path", "path", lambda fpr, seed: PathDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
-    "logistic regression on all path features (soft/hard path, densities, prototype distances, confidence)"))
-register_detector(DetectorEntry(
-    "path-rf", "path", lambda fpr, seed: PathDetector(classifier="rf", target_fpr=fpr, random_state=seed),
-    "random forest on all path features"))
-register_detector(DetectorEntry(
-    "path-gb", "path", lambda fpr, seed: PathDetector(classifier="gb", target_fpr=fpr, random_state=seed),
-    "gradient boosting on all path features"))
-register_detector(DetectorEntry(
-    "confidence", "path",
-    lambda fpr, seed: PathDetector(feature_groups=["confidence"], classifier="logreg", target_fpr=fpr,
-                                   random_state=seed),
-    "logistic regression on confidence alone (max probability, margin, entropy): the ablation baseline"))
+register_detector(
+    DetectorEntry(
+        "path",
+        "path",
+        lambda fpr, seed: PathDetector(classifier="logreg", target_fpr=fpr, random_state=seed),
+        "logistic regression on all path features (soft/hard path, densities, prototype distances, confidence)",
+    )
+)
+register_detector(
+    DetectorEntry(
+        "path-rf",
+        "path",
+        lambda fpr, seed: PathDetector(classifier="rf", target_fpr=fpr, random_state=seed),
+        "random forest on all path features",
+    )
+)
+register_detector(
+    DetectorEntry(
+        "path-gb",
+        "path",
+        lambda fpr, seed: PathDetector(classifier="gb", target_fpr=fpr, random_state=seed),
+        "gradient boosting on all path features",
+    )
+)
+register_detector(
+    DetectorEntry(
+        "confidence",
+        "path",
+        lambda fpr, seed: PathDetector(
+            feature_groups=["confidence"], classifier="logreg", target_fpr=fpr, random_state=seed
+        ),
+        "logistic regression on confidence alone (max probability, margin, entropy): the ablation baseline",
+    )
+)

@@ -34,8 +34,10 @@ class LinearScorer:
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         arrays = {"mean": self.mean, "scale": self.scale, "coef": self.coef}
-        return {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in arrays.items()}, \
-            {"kind": "linear", "intercept": float(self.intercept)}
+        return {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in arrays.items()}, {
+            "kind": "linear",
+            "intercept": float(self.intercept),
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], info: dict) -> LinearScorer:
@@ -79,15 +81,20 @@ class TreeScorer:
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in self._ARRAYS}
         tensors["is_leaf"] = tensors["is_leaf"].to(torch.uint8)
-        return tensors, {"kind": "trees", "combine": self.combine, "baseline": self.baseline,
-                         "max_depth": self.max_depth}
+        return tensors, {
+            "kind": "trees",
+            "combine": self.combine,
+            "baseline": self.baseline,
+            "max_depth": self.max_depth,
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], info: dict) -> TreeScorer:
         arrays = {k: tensors[k].numpy() for k in cls._ARRAYS}
         arrays["is_leaf"] = arrays["is_leaf"].astype(bool)
-        return cls(**arrays, combine=info["combine"], baseline=float(info["baseline"]),
-                   max_depth=int(info["max_depth"]))
+        return cls(
+            **arrays, combine=info["combine"], baseline=float(info["baseline"]), max_depth=int(info["max_depth"])
+        )
 
 
 def _concat_trees(trees: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -121,17 +128,32 @@ def export_scorer(model) -> LinearScorer | TreeScorer | IdentityScorer:
             t = est.tree_
             v = t.value[:, 0, :]
             frac = v[:, 1] / np.maximum(v.sum(axis=1), 1e-12)
-            trees.append({"left": t.children_left, "right": t.children_right, "feature": t.feature,
-                          "threshold": t.threshold, "value": frac, "is_leaf": t.children_left == -1})
+            trees.append(
+                {
+                    "left": t.children_left,
+                    "right": t.children_right,
+                    "feature": t.feature,
+                    "threshold": t.threshold,
+                    "value": frac,
+                    "is_leaf": t.children_left == -1,
+                }
+            )
         depth = max(est.tree_.max_depth for est in model.estimators_)
         return TreeScorer(**_concat_trees(trees), combine="mean", baseline=0.0, max_depth=int(depth))
     if isinstance(model, HistGradientBoostingClassifier):
         trees = []
         for (pred,) in model._predictors:  # one tree per iteration in binary classification
             nodes = pred.nodes
-            trees.append({"left": nodes["left"], "right": nodes["right"], "feature": nodes["feature_idx"],
-                          "threshold": nodes["num_threshold"], "value": nodes["value"],
-                          "is_leaf": nodes["is_leaf"].astype(bool)})
+            trees.append(
+                {
+                    "left": nodes["left"],
+                    "right": nodes["right"],
+                    "feature": nodes["feature_idx"],
+                    "threshold": nodes["num_threshold"],
+                    "value": nodes["value"],
+                    "is_leaf": nodes["is_leaf"].astype(bool),
+                }
+            )
         depth = max(int(p[0].nodes["depth"].max()) for p in model._predictors) if trees else 0
         baseline = float(np.ravel(model._baseline_prediction)[0])
         return TreeScorer(**_concat_trees(trees), combine="sigmoid_sum", baseline=baseline, max_depth=depth)

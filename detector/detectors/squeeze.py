@@ -43,7 +43,7 @@ SELECTION_IMAGES = 1000
 
 def reduce_bit_depth(x: Tensor, bits: int) -> Tensor:
     """Images (N, C, H, W) in [0, 1] quantised to ``bits`` in [1, 8] bits per channel."""
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     return torch.round(x * levels) / levels
 
 
@@ -99,8 +99,9 @@ class SqueezeFeaturizer:
     flip_rates_ : {spec: share of clean reference predictions it changed}, for the candidates tried.
     """
 
-    def __init__(self, model: nn.Module, *, squeezers: Sequence[str] | None = None, max_flip: float = 0.02,
-                 batch_size: int = 500) -> None:
+    def __init__(
+        self, model: nn.Module, *, squeezers: Sequence[str] | None = None, max_flip: float = 0.02, batch_size: int = 500
+    ) -> None:
         if squeezers is not None:
             squeezers = tuple(squeezers)
             if not squeezers:
@@ -121,8 +122,15 @@ class SqueezeFeaturizer:
 
     @torch.no_grad()
     def _flip_rate(self, images: Tensor, pred: Tensor, spec: str) -> float:
-        changed = sum(int((self.model(squeeze(images[s:s + self.batch_size], spec)).argmax(1)
-                           != pred[s:s + self.batch_size]).sum()) for s in range(0, len(images), self.batch_size))
+        changed = sum(
+            int(
+                (
+                    self.model(squeeze(images[s : s + self.batch_size], spec)).argmax(1)
+                    != pred[s : s + self.batch_size]
+                ).sum()
+            )
+            for s in range(0, len(images), self.batch_size)
+        )
         self.flip_rates_[spec] = changed / len(images)
         return self.flip_rates_[spec]
 
@@ -139,7 +147,7 @@ class SqueezeFeaturizer:
             if len(x) == 0:
                 raise ValueError("choosing the default squeezers needs clean reference images, got none")
             step = self.batch_size
-            pred = torch.cat([self.model(x[s:s + step]).argmax(1) for s in range(0, len(x), step)])
+            pred = torch.cat([self.model(x[s : s + step]).argmax(1) for s in range(0, len(x), step)])
             bits = [f"bits:{b}" for b in range(1, 6) if self._flip_rate(x, pred, f"bits:{b}") <= self.max_flip]
             medians = ["median:2"]
             if x.shape[1] == 1 and self._flip_rate(x, pred, "median:3") <= self.max_flip:
@@ -159,7 +167,7 @@ class SqueezeFeaturizer:
         device = self._device()
         rows = []
         for s in range(0, len(images), self.batch_size):
-            x = images[s:s + self.batch_size].to(device)
+            x = images[s : s + self.batch_size].to(device)
             p = self.model(x).softmax(1)
             d = torch.stack([(self.model(squeeze(x, q)).softmax(1) - p).abs().sum(1) / 2 for q in self.squeezers_], 1)
             rows.append(torch.cat([d, d.amax(1, keepdim=True)], 1).clamp(0, 1).cpu().double())
@@ -172,10 +180,23 @@ class SqueezeDetector(FeatureDetector):
     the featurizer's squeezers); another classifier learns from the per-squeezer ``"squeeze"`` columns.
     Without ``groups`` in ``fit`` all columns are read. Parameters: see :class:`FeatureDetector`."""
 
-    def __init__(self, classifier: str = "select", target_fpr: float = 0.05, C: float = 1.0,
-                 n_estimators: int = 200, max_depth: int | None = None, random_state: int = 0) -> None:
-        super().__init__(classifier=classifier, target_fpr=target_fpr, C=C, n_estimators=n_estimators,
-                         max_depth=max_depth, random_state=random_state)
+    def __init__(
+        self,
+        classifier: str = "select",
+        target_fpr: float = 0.05,
+        C: float = 1.0,
+        n_estimators: int = 200,
+        max_depth: int | None = None,
+        random_state: int = 0,
+    ) -> None:
+        super().__init__(
+            classifier=classifier,
+            target_fpr=target_fpr,
+            C=C,
+            n_estimators=n_estimators,
+            max_depth=max_depth,
+            random_state=random_state,
+        )
 
     def _check_params(self) -> None:
         if self.classifier == "select":
@@ -196,8 +217,9 @@ class SqueezeDetector(FeatureDetector):
             raise ValueError(f"no column of X belongs to group {want!r}")
         return cols
 
-    def fit(self, X, y, *, groups: Sequence[str] | None = None, X_calibration=None,
-            names: Sequence[str] | None = None) -> SqueezeDetector:
+    def fit(
+        self, X, y, *, groups: Sequence[str] | None = None, X_calibration=None, names: Sequence[str] | None = None
+    ) -> SqueezeDetector:
         if self.classifier != "select":
             return super().fit(X, y, groups=groups, X_calibration=X_calibration)
         self._check_params()
@@ -229,7 +251,12 @@ class SqueezeDetector(FeatureDetector):
 
 
 register_featurizer("squeeze", lambda ctx: SqueezeFeaturizer(ctx.model, batch_size=ctx.batch_size))
-register_detector(DetectorEntry(
-    "squeeze", "squeeze", lambda fpr, seed: SqueezeDetector(target_fpr=fpr, random_state=seed),
-    "feature squeezing (Xu et al. 2018): max L1 change of the softmax over the squeezers picked by detection on "
-    "the validation fitting images (candidates: bit depths and medians that keep 98% of clean predictions)"))
+register_detector(
+    DetectorEntry(
+        "squeeze",
+        "squeeze",
+        lambda fpr, seed: SqueezeDetector(target_fpr=fpr, random_state=seed),
+        "feature squeezing (Xu et al. 2018): max L1 change of the softmax over the squeezers picked by detection on "
+        "the validation fitting images (candidates: bit depths and medians that keep 98% of clean predictions)",
+    )
+)

@@ -27,12 +27,31 @@ def shard_rows(n_images: int, batch_size: int, batches: list[int]) -> Tensor:
     return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
-def compute_all(model, digest: str, images: Tensor, labels: Tensor, specs: list[AttackSpec], *, seed: int,
-                batch_size: int, cache_dir: str | None, progress: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
+def compute_all(
+    model,
+    digest: str,
+    images: Tensor,
+    labels: Tensor,
+    specs: list[AttackSpec],
+    *,
+    seed: int,
+    batch_size: int,
+    cache_dir: str | None,
+    progress: bool,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
     adv, seconds = {}, {}
     for spec in specs:
-        res = cached_attack(model, digest, images, labels, spec, cache_dir=Path(cache_dir) if cache_dir else None,
-                            seed=seed, batch_size=batch_size, progress=progress)
+        res = cached_attack(
+            model,
+            digest,
+            images,
+            labels,
+            spec,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
         adv[spec.label], seconds[spec.label] = res.adversarial, res.seconds
     return adv, seconds
 
@@ -41,8 +60,21 @@ def shard_path(out: Path, shard: int, n_shards: int) -> Path:
     return out / "shards" / f"shard-{shard}-of-{n_shards}.npz"
 
 
-def compute_shard(model, images: Tensor, labels: Tensor, specs: list[AttackSpec], *, seed: int, batch_size: int,
-                  shard: int, n_shards: int, out: Path, config: dict, digest: str, progress: bool) -> Path:
+def compute_shard(
+    model,
+    images: Tensor,
+    labels: Tensor,
+    specs: list[AttackSpec],
+    *,
+    seed: int,
+    batch_size: int,
+    shard: int,
+    n_shards: int,
+    out: Path,
+    config: dict,
+    digest: str,
+    progress: bool,
+) -> Path:
     """Attack this shard's batches and write them to ``out/shards/shard-I-of-N.npz`` (+ ``.json``)."""
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard {shard}/{n_shards}: the index must be in [0, {n_shards})")
@@ -51,17 +83,29 @@ def compute_shard(model, images: Tensor, labels: Tensor, specs: list[AttackSpec]
     arrays: dict[str, np.ndarray] = {"rows": rows.numpy()}
     seconds = {}
     for spec in specs:
-        res = run_attack(model, images, labels, spec, seed=seed, batch_size=batch_size, batches=batches,
-                         progress=progress)
+        res = run_attack(
+            model, images, labels, spec, seed=seed, batch_size=batch_size, batches=batches, progress=progress
+        )
         arrays[f"adv:{spec.label}"] = res.adversarial[rows].numpy()
         seconds[spec.label] = res.seconds
     path = shard_path(out, shard, n_shards)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path.with_suffix(".tmp.npz"), **arrays)
     path.with_suffix(".tmp.npz").replace(path)
-    path.with_suffix(".json").write_text(json.dumps(
-        {"shard": shard, "n_shards": n_shards, "digest": digest, "config": config, "n_images": len(images),
-         "batches": batches, "attack_seconds": seconds}, indent=2))
+    path.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "shard": shard,
+                "n_shards": n_shards,
+                "digest": digest,
+                "config": config,
+                "n_images": len(images),
+                "batches": batches,
+                "attack_seconds": seconds,
+            },
+            indent=2,
+        )
+    )
     return path
 
 
@@ -74,8 +118,10 @@ def load_shards(out: Path) -> tuple[dict, dict[str, Tensor], dict[str, float]]:
     n_shards, digest = infos[0]["n_shards"], infos[0]["digest"]
     for info in infos:
         if info["n_shards"] != n_shards or info["digest"] != digest:
-            raise ValueError(f"shard files under {out / 'shards'} come from different runs "
-                             f"(n_shards {info['n_shards']} vs {n_shards}, digest {info['digest']} vs {digest})")
+            raise ValueError(
+                f"shard files under {out / 'shards'} come from different runs "
+                f"(n_shards {info['n_shards']} vs {n_shards}, digest {info['digest']} vs {digest})"
+            )
     present = sorted(info["shard"] for info in infos)
     if present != list(range(n_shards)):
         missing = sorted(set(range(n_shards)) - set(present))

@@ -47,11 +47,12 @@ class AttackOutcome:
 
 @torch.no_grad()
 def _predict(model, images: Tensor, batch: int = 500) -> Tensor:
-    return torch.cat([model(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
+    return torch.cat([model(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
 
 
-def attack_outcomes(model, sets: ImageSets, adv: dict[str, Tensor],
-                    specs: list[AttackSpec]) -> dict[str, AttackOutcome]:
+def attack_outcomes(
+    model, sets: ImageSets, adv: dict[str, Tensor], specs: list[AttackSpec]
+) -> dict[str, AttackOutcome]:
     n_fit = len(sets.fit.indices)
     clean, labels = sets.attack_images
     out = {}
@@ -62,20 +63,32 @@ def attack_outcomes(model, sets: ImageSets, adv: dict[str, Tensor],
         l2, linf = d.norm(dim=1).numpy(), d.abs().amax(dim=1).numpy()
         ev = slice(n_fit, None)
         s_ev = success[ev]
-        out[spec.label] = AttackOutcome(success[:n_fit], s_ev, {
-            "name": spec.name, "params": spec.params, "norm": spec.norm, "budget": spec.budget,
-            "n": int(len(s_ev)), "n_successful": int(s_ev.sum()), "success_rate": float(s_ev.mean()),
-            "fit_success_rate": float(success[:n_fit].mean()),
-            "mean_l2": float(l2[ev].mean()), "mean_linf": float(linf[ev].mean()),
-            "mean_l2_successful": float(l2[ev][s_ev].mean()) if s_ev.any() else None,
-            "mean_linf_successful": float(linf[ev][s_ev].mean()) if s_ev.any() else None,
-            "max_linf": float(linf.max()), "max_l2": float(l2.max()),
-        })
+        out[spec.label] = AttackOutcome(
+            success[:n_fit],
+            s_ev,
+            {
+                "name": spec.name,
+                "params": spec.params,
+                "norm": spec.norm,
+                "budget": spec.budget,
+                "n": int(len(s_ev)),
+                "n_successful": int(s_ev.sum()),
+                "success_rate": float(s_ev.mean()),
+                "fit_success_rate": float(success[:n_fit].mean()),
+                "mean_l2": float(l2[ev].mean()),
+                "mean_linf": float(linf[ev].mean()),
+                "mean_l2_successful": float(l2[ev][s_ev].mean()) if s_ev.any() else None,
+                "mean_linf_successful": float(linf[ev][s_ev].mean()) if s_ev.any() else None,
+                "max_linf": float(linf.max()),
+                "max_l2": float(l2.max()),
+            },
+        )
     return out
 
 
-def featurize(featurizer, sets: ImageSets, adv: dict[str, Tensor], *, reference: bool = False,
-              noisy: bool = False, seed: int = 0) -> FeatureSets:
+def featurize(
+    featurizer, sets: ImageSets, adv: dict[str, Tensor], *, reference: bool = False, noisy: bool = False, seed: int = 0
+) -> FeatureSets:
     """Features of every image set; ``reference`` adds the reference images (for clean-only detectors),
     ``noisy`` the noisy twins of the fitting images per attack (:func:`design.noisy_like`)."""
     n_fit = len(sets.fit.indices)
@@ -88,28 +101,42 @@ def featurize(featurizer, sets: ImageSets, adv: dict[str, Tensor], *, reference:
         eval_adv[label] = featurizer.transform(a[n_fit:])
         if noisy:
             fit_noisy[label] = featurizer.transform(noisy_like(sets.fit.images, a[:n_fit], seed))
-    return FeatureSets(featurizer.transform(sets.calibration.images), featurizer.transform(sets.fit.images),
-                       eval_clean, fit_adv, eval_adv, list(featurizer.groups), per_image,
-                       featurizer.transform(sets.reference.images) if reference else None, fit_noisy,
-                       list(getattr(featurizer, "names", []) or featurizer.groups))
+    return FeatureSets(
+        featurizer.transform(sets.calibration.images),
+        featurizer.transform(sets.fit.images),
+        eval_clean,
+        fit_adv,
+        eval_adv,
+        list(featurizer.groups),
+        per_image,
+        featurizer.transform(sets.reference.images) if reference else None,
+        fit_noisy,
+        list(getattr(featurizer, "names", []) or featurizer.groups),
+    )
 
 
 def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
     """The features of ``ConcatFeaturizer(parts)`` from the parts' own, without featurizing again."""
+
     def cat(blocks):
         return np.concatenate(blocks, axis=1)
 
     first = parts[0]
-    return FeatureSets(cat([p.calibration for p in parts]), cat([p.fit_clean for p in parts]),
-                       cat([p.eval_clean for p in parts]),
-                       {k: cat([p.fit_adv[k] for p in parts]) for k in first.fit_adv},
-                       {k: cat([p.eval_adv[k] for p in parts]) for k in first.eval_adv},
-                       [g for p in parts for g in p.groups], sum(p.seconds_per_image for p in parts),
-                       names=[n for p in parts for n in p.names])
+    return FeatureSets(
+        cat([p.calibration for p in parts]),
+        cat([p.fit_clean for p in parts]),
+        cat([p.eval_clean for p in parts]),
+        {k: cat([p.fit_adv[k] for p in parts]) for k in first.fit_adv},
+        {k: cat([p.eval_adv[k] for p in parts]) for k in first.eval_adv},
+        [g for p in parts for g in p.groups],
+        sum(p.seconds_per_image for p in parts),
+        names=[n for p in parts for n in p.names],
+    )
 
 
-def score(est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, AttackOutcome],
-          seen: set[str] | None = None) -> tuple[dict, dict]:
+def score(
+    est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, AttackOutcome], seen: set[str] | None = None
+) -> tuple[dict, dict]:
     """Per attack: metrics on successful attacks (with an ``all`` sub-dict for every attacked image, and
     ``seen``: whether the attack's examples were in the fit), and the scores themselves (for plots)."""
     clean = est.decision_function(feats.eval_clean)
@@ -117,8 +144,11 @@ def score(est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, AttackOu
     for label, X in feats.eval_adv.items():
         s = est.decision_function(X)
         ok = outcomes[label].eval_success
-        results[label] = {**detection_metrics(clean, s[ok], est.threshold_),
-                          "all": detection_metrics(clean, s, est.threshold_), "seen": label in (seen or set())}
+        results[label] = {
+            **detection_metrics(clean, s[ok], est.threshold_),
+            "all": detection_metrics(clean, s, est.threshold_),
+            "seen": label in (seen or set()),
+        }
         scores[label] = s[ok]
     return results, scores
 
@@ -128,12 +158,19 @@ def forward_seconds_per_image(model, images: Tensor, batch: int = 500) -> float:
     model(images[:batch])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(images), batch):
-        model(images[i:i + batch])
+        model(images[i : i + batch])
     return (time.perf_counter() - t0) / len(images)
 
 
-def _heldout(est_factory, feats, outcomes, plans: dict[str, list[str]], fit_kw: dict,
-             held_attacks: dict[str, list[str]], reuse=None) -> dict:
+def _heldout(
+    est_factory,
+    feats,
+    outcomes,
+    plans: dict[str, list[str]],
+    fit_kw: dict,
+    held_attacks: dict[str, list[str]],
+    reuse=None,
+) -> dict:
     """AUROC / TPR on each held-out key's attacks, the detector refitted on ``plans[key]`` only."""
     out = {}
     for key, fitted_on in plans.items():
@@ -157,8 +194,9 @@ def _heldout(est_factory, feats, outcomes, plans: dict[str, list[str]], fit_kw: 
 
 # Over 60 lines on purpose: featurize once per featurizer, then fit/score every detector; the two loops
 # share the feature cache and timings, and the per-detector work is already in helpers.
-def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[AttackSpec],
-            adv: dict[str, Tensor]) -> tuple[dict, dict]:
+def analyze(
+    cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[AttackSpec], adv: dict[str, Tensor]
+) -> tuple[dict, dict]:
     """Fit and score every detector of ``cfg``; returns (report sections, scores for plots)."""
     model = bundle.model.eval()
     attacks = [s.label for s in specs]
@@ -188,12 +226,15 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
         fz = FEATURIZERS[key](ctx).fit(sets.reference.images, sets.reference.labels)
         featurizer_fit_s[key] = time.perf_counter() - t0
         log.info("featurizing with %s", key)
-        features[key] = featurize(fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats,
-                                  seed=cfg.seed)
+        features[key] = featurize(fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats, seed=cfg.seed)
 
     layer_sizes = list(protos.layer_sizes) if protos is not None else list(model.gate_sizes)
-    fit_kw = {"families": families, "layer_sizes": layer_sizes, "clean_set": sets.fit.name,
-              "reference_set": sets.reference.name}
+    fit_kw = {
+        "families": families,
+        "layer_sizes": layer_sizes,
+        "clean_set": sets.fit.name,
+        "reference_set": sets.reference.name,
+    }
     results, plot_scores, detectors, loo, lofo, timing = {}, {}, {}, {}, {}, {}
     for name in cfg.detectors:
         if name == "bundle":
@@ -215,11 +256,19 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
         t0 = time.perf_counter()
         results[name], plot_scores[name] = score(est, feats, outcomes, seen)
         decide_s = (time.perf_counter() - t0) / (len(feats.eval_clean) * (1 + len(attacks)))
-        detectors[name] = {"description": entry_desc, "featurizer": fkey, "threshold": float(est.threshold_),
-                           "n_features": int(est.n_features_in_), "fitting": fitting,
-                           "clean_only": bool(getattr(est, "clean_only", False)), **_choices(est)}
-        timing[name] = {"fit_seconds": round(fit_s, 2),
-                        "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s}
+        detectors[name] = {
+            "description": entry_desc,
+            "featurizer": fkey,
+            "threshold": float(est.threshold_),
+            "n_features": int(est.n_features_in_),
+            "fitting": fitting,
+            "clean_only": bool(getattr(est, "clean_only", False)),
+            **_choices(est),
+        }
+        timing[name] = {
+            "fit_seconds": round(fit_s, 2),
+            "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s,
+        }
         if name != "bundle" and not getattr(est, "clean_only", False) and len(attacks) > 1:
             _holdout_tables(cfg, entries[name], est, feats, outcomes, plans, fit_kw, families, loo, lofo, name)
 
@@ -228,8 +277,13 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
         feats = features["path"]
         variants = {f"only:{g}": [g] for g in GROUPS} | {f"without:{g}": [h for h in GROUPS if h != g] for g in GROUPS}
         for vname, groups in variants.items():
-            est, _ = fit_estimator(PathDetector(feature_groups=groups, target_fpr=cfg.target_fpr,
-                                                random_state=cfg.seed), feats, outcomes, attacks, **fit_kw)
+            est, _ = fit_estimator(
+                PathDetector(feature_groups=groups, target_fpr=cfg.target_fpr, random_state=cfg.seed),
+                feats,
+                outcomes,
+                attacks,
+                **fit_kw,
+            )
             res, _ = score(est, feats, outcomes)
             ablation[vname] = {a: {"auroc": r["auroc"], "tpr_at_fpr": r["tpr_at_fpr"]} for a, r in res.items()}
 
@@ -246,8 +300,9 @@ def analyze(cfg: EvalConfig, bundle: Bundle, sets: ImageSets, specs: list[Attack
     return report, plot_scores
 
 
-def _holdout_tables(cfg: EvalConfig, entry, est, feats, outcomes, plans, fit_kw, families, loo, lofo,
-                    name: str) -> None:
+def _holdout_tables(
+    cfg: EvalConfig, entry, est, feats, outcomes, plans, fit_kw, families, loo, lofo, name: str
+) -> None:
     """Fill ``loo[name]`` (leave one attack out) and ``lofo[name]`` (leave one family out) as ``cfg`` asks."""
     attacks = list(families)
 
@@ -256,8 +311,12 @@ def _holdout_tables(cfg: EvalConfig, entry, est, feats, outcomes, plans, fit_kw,
 
     reuse = est if hasattr(est, "components") else None
     if cfg.leave_one_out:
-        loo[name] = {a: per[a] for a, per in _heldout(make, feats, outcomes, plans["attack"], fit_kw,
-                                                      {a: [a] for a in attacks}, reuse).items()}
+        loo[name] = {
+            a: per[a]
+            for a, per in _heldout(
+                make, feats, outcomes, plans["attack"], fit_kw, {a: [a] for a in attacks}, reuse
+            ).items()
+        }
     if cfg.leave_one_family_out:
         held = {f: [a for a in attacks if families[a] == f] for f in plans["family"]}
         lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse)
@@ -297,12 +356,14 @@ def _shipped_families(info: dict) -> set[str]:
 def _shipped_fitting(info: dict) -> str:
     fit = info.get("fit_images", {})
     attacks = ", ".join(a["label"] for a in info.get("attacks", [])) or "none"
-    return (f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
-            f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks}); "
-            f"components on {info.get('reference_images', {}).get('n', '?')} clean training images"
-            if info.get("estimator") == "PathEnsembleDetector" else
-            f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
-            f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks})")
+    return (
+        f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
+        f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks}); "
+        f"components on {info.get('reference_images', {}).get('n', '?')} clean training images"
+        if info.get("estimator") == "PathEnsembleDetector"
+        else f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
+        f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks})"
+    )
 
 
 def unseen_summary(results: dict, lofo: dict, detectors: dict, families: dict[str, str]) -> dict:
@@ -321,8 +382,13 @@ def unseen_summary(results: dict, lofo: dict, detectors: dict, families: dict[st
         if not aucs:
             continue
         worst = min(aucs, key=aucs.get)
-        out[name] = {"source": "main table (clean-only)" if detectors[name]["clean_only"] else
-                     ("leave-one-family-out" if name in lofo else "unseen cells of the main table"),
-                     "worst_auroc": aucs[worst], "worst_attack": worst, "min_tpr_at_fpr": min(tprs.values()),
-                     "per_attack": aucs}
+        out[name] = {
+            "source": "main table (clean-only)"
+            if detectors[name]["clean_only"]
+            else ("leave-one-family-out" if name in lofo else "unseen cells of the main table"),
+            "worst_auroc": aucs[worst],
+            "worst_attack": worst,
+            "min_tpr_at_fpr": min(tprs.values()),
+            "per_attack": aucs,
+        }
     return out

@@ -24,9 +24,24 @@ class EvalConfig:
     # Clean-only detectors first (every attack unseen), the shipped kind (path-ensemble), then the supervised
     # path detectors and the baselines. path-rf and path+mahalanobis stay registered but out of the default
     # run, which must fit in 20 minutes on 2 cores with the wider attack matrix.
-    detectors: tuple[str, ...] = ("clean-bernoulli", "clean-gaussian", "clean-knn", "clean-layer", "clean-summary",
-                                  "clean-margin", "clean-ensemble", "path-ensemble", "bundle", "path", "path-gb",
-                                  "confidence", "lid", "mahalanobis", "kdbu", "squeeze")
+    detectors: tuple[str, ...] = (
+        "clean-bernoulli",
+        "clean-gaussian",
+        "clean-knn",
+        "clean-layer",
+        "clean-summary",
+        "clean-margin",
+        "clean-ensemble",
+        "path-ensemble",
+        "bundle",
+        "path",
+        "path-gb",
+        "confidence",
+        "lid",
+        "mahalanobis",
+        "kdbu",
+        "squeeze",
+    )
     n: int = 500  # test images per attack (500 keeps the default matrix of 8 attacks under 20 min on 2 cores)
     n_fit: int = 500  # validation images whose attacks fit the detectors
     n_calibration: int = 1000  # clean validation images for thresholds

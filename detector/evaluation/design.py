@@ -40,12 +40,20 @@ class FitRecord:
         adv = sum(len(v) for v in self.adversarial.values())
         noisy = f" + {self.n_noisy} noisy clean" if self.n_noisy else ""
         head = "weights chosen on " if self.kind.endswith("validation") else ""
-        return (f"{head}{self.n_clean} clean {self.clean_set}{noisy} + {adv} adversarial "
-                f"({', '.join(sorted(self.adversarial))})")
+        return (
+            f"{head}{self.n_clean} clean {self.clean_set}{noisy} + {adv} adversarial "
+            f"({', '.join(sorted(self.adversarial))})"
+        )
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "n_clean": self.n_clean, "clean_set": self.clean_set, "n_noisy": self.n_noisy,
-                "adversarial": {a: int(len(v)) for a, v in self.adversarial.items()}, "text": self.describe()}
+        return {
+            "kind": self.kind,
+            "n_clean": self.n_clean,
+            "clean_set": self.clean_set,
+            "n_noisy": self.n_noisy,
+            "adversarial": {a: int(len(v)) for a, v in self.adversarial.items()},
+            "text": self.describe(),
+        }
 
 
 def holdout_plans(specs: list[AttackSpec]) -> dict[str, dict[str, list[str]]]:
@@ -53,8 +61,10 @@ def holdout_plans(specs: list[AttackSpec]) -> dict[str, dict[str, list[str]]]:
     families with no attack in ``specs`` are left out."""
     labels = [s.label for s in specs]
     by_family = {f: [s.label for s in specs if s.family == f] for f in FAMILIES}
-    return {"attack": {a: [b for b in labels if b != a] for a in labels},
-            "family": {f: [b for b in labels if b not in held] for f, held in by_family.items() if held}}
+    return {
+        "attack": {a: [b for b in labels if b != a] for a in labels},
+        "family": {f: [b for b in labels if b not in held] for f, held in by_family.items() if held},
+    }
 
 
 def family_of(specs: list[AttackSpec]) -> dict[str, str]:
@@ -77,8 +87,18 @@ def noisy_like(clean, adversarial, seed: int):
     return (clean + noise).clamp(0, 1)
 
 
-def fit_estimator(est, feats, outcomes: dict, attacks: list[str], *, families: dict[str, str],
-                  layer_sizes: list[int], clean_set: str, reference_set: str, reuse=None):
+def fit_estimator(
+    est,
+    feats,
+    outcomes: dict,
+    attacks: list[str],
+    *,
+    families: dict[str, str],
+    layer_sizes: list[int],
+    clean_set: str,
+    reference_set: str,
+    reuse=None,
+):
     """Fit ``est`` on the rows ``attacks`` allow; returns (estimator, :class:`FitRecord`).
 
     Clean-only estimators (``est.clean_only``) get the clean reference rows; the ensemble with weights to
@@ -104,8 +124,13 @@ def fit_estimator(est, feats, outcomes: dict, attacks: list[str], *, families: d
             est.weights_, est.selection_ = est._select(*validation)
             est.calibrate(feats.calibration)
         else:
-            est.fit(feats.reference, groups=feats.groups, layer_sizes=layer_sizes, X_calibration=feats.calibration,
-                    validation=validation)
+            est.fit(
+                feats.reference,
+                groups=feats.groups,
+                layer_sizes=layer_sizes,
+                X_calibration=feats.calibration,
+                validation=validation,
+            )
         return est, FitRecord("clean-only + weights on validation", len(feats.fit_clean), clean_set, rows)
     negatives = [feats.fit_clean]
     n_noisy = 0

@@ -40,8 +40,9 @@ class ImageSets:
         return torch.cat([self.fit.images, self.eval.images]), torch.cat([self.fit.labels, self.eval.labels])
 
 
-def select_images(model: DecoupledNet, splits: Splits, *, n: int, n_fit: int, n_calibration: int,
-                  n_reference: int, seed: int) -> ImageSets:
+def select_images(
+    model: DecoupledNet, splits: Splits, *, n: int, n_fit: int, n_calibration: int, n_reference: int, seed: int
+) -> ImageSets:
     """Correctly classified images: calibration then fit from the validation split, eval from the test set."""
     cal = correctly_classified(model, splits.val, n_calibration, seed=seed)
     fit = correctly_classified(model, splits.val, n_fit, seed=seed, skip=n_calibration)

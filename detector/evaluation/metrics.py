@@ -9,8 +9,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 def detection_metrics(clean: np.ndarray, adv: np.ndarray, threshold: float) -> dict:
     """Scores of clean and adversarial images -> metrics; flagged means score > threshold."""
     if len(adv) == 0:
-        return {"auroc": None, "tpr_at_fpr": None, "fpr_at_threshold": float(np.mean(clean > threshold)),
-                "detection_accuracy": None, "n_clean": int(len(clean)), "n_adv": 0}
+        return {
+            "auroc": None,
+            "tpr_at_fpr": None,
+            "fpr_at_threshold": float(np.mean(clean > threshold)),
+            "detection_accuracy": None,
+            "n_clean": int(len(clean)),
+            "n_adv": 0,
+        }
     y = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
     s = np.r_[clean, adv]
     tp, fp = np.sum(adv > threshold), np.sum(clean > threshold)

@@ -9,8 +9,9 @@ import matplotlib.pyplot as plt
 from .metrics import roc_points
 
 
-def write_plots(out: Path, scores: dict[str, dict], results: dict, thresholds: dict[str, float],
-                attacks: list[str]) -> list[str]:
+def write_plots(
+    out: Path, scores: dict[str, dict], results: dict, thresholds: dict[str, float], attacks: list[str]
+) -> list[str]:
     """One ROC figure per attack (every detector) and one histogram figure per detector."""
     files = []
     for attack in attacks:
@@ -21,8 +22,11 @@ def write_plots(out: Path, scores: dict[str, dict], results: dict, thresholds: d
             fpr, tpr = roc_points(s["clean"], s[attack])
             ax.plot(fpr, tpr, label=f"{det} (AUROC {results[det][attack]['auroc']:.3f})")
         ax.plot([0, 1], [0, 1], ls=":", c="grey")
-        ax.set(xlabel="false-positive rate (clean flagged)", ylabel="true-positive rate (adversarial flagged)",
-               title=f"ROC, {attack} (successful attacks)")
+        ax.set(
+            xlabel="false-positive rate (clean flagged)",
+            ylabel="true-positive rate (adversarial flagged)",
+            title=f"ROC, {attack} (successful attacks)",
+        )
         ax.legend(fontsize=7, loc="lower right")
         name = f"roc_{_safe(attack)}.png"
         fig.savefig(out / name, dpi=110, bbox_inches="tight")

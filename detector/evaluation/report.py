@@ -23,10 +23,13 @@ def render_markdown(r: dict) -> str:
     cfg, attacks, results = r["config"], list(r["attacks"]), r["results"]
     fpr = cfg["target_fpr"]
     lines = [
-        "# PathGuard evaluation report", "",
+        "# PathGuard evaluation report",
+        "",
         f"{bundle_sentence(r)}. Clean test accuracy {_pct(r['clean_accuracy'])} "
-        f"on {r['clean_accuracy_n']} test images.", "",
-        "## Images", "",
+        f"on {r['clean_accuracy_n']} test images.",
+        "",
+        "## Images",
+        "",
         f"- Evaluation: {r['images']['eval']['n']} correctly classified images of `{r['images']['eval']['set']}` "
         "(attacked and scored; none used in fitting).",
         f"- Fitting: {r['images']['fit']['n']} correctly classified images of `{r['images']['fit']['set']}` and "
@@ -34,26 +37,44 @@ def render_markdown(r: dict) -> str:
         f"- Calibration: {r['images']['calibration']['n']} other clean images of "
         f"`{r['images']['calibration']['set']}`; each threshold is set there at {_pct(fpr)} FPR.",
         f"- Featurizer reference: {r['images']['reference']['n']} clean images of `{r['images']['reference']['set']}`.",
-        f"- Seed {cfg['seed']}; exact indices are in report.json.", "",
+        f"- Seed {cfg['seed']}; exact indices are in report.json.",
+        "",
     ]
     lines += _unseen_section(r, fpr)
-    lines += ["## Attacks (on the evaluation images)", "",
-              "| attack | family | parameters | success rate | mean L2 | mean Linf | seconds |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Attacks (on the evaluation images)",
+        "",
+        "| attack | family | parameters | success rate | mean L2 | mean Linf | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for a, s in r["attacks"].items():
         params = ", ".join(f"{k}={v}" for k, v in s["params"].items())
-        lines.append(f"| {a} | {s.get('family', '–')} | {params} | {_pct(s['success_rate'])} | {_f(s['mean_l2'])} | "
-                     f"{_f(s['mean_linf'])} | {_f(r['timing']['attack_seconds'].get(a), 1)} |")
-    lines += ["", "## Detectors and what each was fitted on", "",
-              "Clean-only detectors never see an adversarial example; the others' fitting sets are listed. Rows "
-              "fitted on other images than the rest say so.", "",
-              "| detector | fitted on | description |", "|---|---|---|"]
+        lines.append(
+            f"| {a} | {s.get('family', '–')} | {params} | {_pct(s['success_rate'])} | {_f(s['mean_l2'])} | "
+            f"{_f(s['mean_linf'])} | {_f(r['timing']['attack_seconds'].get(a), 1)} |"
+        )
+    lines += [
+        "",
+        "## Detectors and what each was fitted on",
+        "",
+        "Clean-only detectors never see an adversarial example; the others' fitting sets are listed. Rows "
+        "fitted on other images than the rest say so.",
+        "",
+        "| detector | fitted on | description |",
+        "|---|---|---|",
+    ]
     for det, info in r["detectors"].items():
         lines.append(f"| {det} | {info.get('fitting', {}).get('text', '–')} | {info['description']} |")
     for title, key in (("successful attacks only", None), ("all attacked images", "all")):
-        lines += ["", f"## Detection, {title}: AUROC / TPR at {_pct(fpr)} FPR", "",
-                  "Cells marked **u** are attacks the detector never saw in fitting (unseen); the rest were seen.",
-                  "", "| detector | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+        lines += [
+            "",
+            f"## Detection, {title}: AUROC / TPR at {_pct(fpr)} FPR",
+            "",
+            "Cells marked **u** are attacks the detector never saw in fitting (unseen); the rest were seen.",
+            "",
+            "| detector | " + " | ".join(attacks) + " |",
+            "|---|" + "---|" * len(attacks),
+        ]
         for det, per in results.items():
             cells = []
             for a in attacks:
@@ -61,25 +82,44 @@ def render_markdown(r: dict) -> str:
                 mark = "" if per[a].get("seen", True) else " **u**"
                 cells.append(f"{_f(m['auroc'])} / {_pct(m['tpr_at_fpr'])}{mark}")
             lines.append(f"| {det} | " + " | ".join(cells) + " |")
-    lines += ["", "Actual false-positive rate on the evaluation's clean images at each calibrated threshold: "
-              + ", ".join(f"{d} {_pct(next(iter(per.values()))['fpr_at_threshold'])}" for d, per in results.items())
-              + "."]
+    lines += [
+        "",
+        "Actual false-positive rate on the evaluation's clean images at each calibrated threshold: "
+        + ", ".join(f"{d} {_pct(next(iter(per.values()))['fpr_at_threshold'])}" for d, per in results.items())
+        + ".",
+    ]
     lines += _holdout_sections(r, attacks)
     lines += _baseline_notes(r)
     if r.get("ablation"):
-        lines += ["", "## Which path features carry the signal (logistic regression, AUROC)", "",
-                  "| features | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+        lines += [
+            "",
+            "## Which path features carry the signal (logistic regression, AUROC)",
+            "",
+            "| features | " + " | ".join(attacks) + " |",
+            "|---|" + "---|" * len(attacks),
+        ]
         for v, per in r["ablation"].items():
             lines.append(f"| {v} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
-    lines += ["", "## Detector cost", "", "| detector | fit seconds | scoring cost per image (x one forward pass) |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        "## Detector cost",
+        "",
+        "| detector | fit seconds | scoring cost per image (x one forward pass) |",
+        "|---|---|---|",
+    ]
     for det, t in r["timing"]["detectors"].items():
         lines.append(f"| {det} | {_f(t['fit_seconds'], 1)} | {_f(t['score_cost_ratio'], 1)} |")
-    lines += ["", f"Total time {_f(r['timing']['total_seconds'], 0)} s.", "",
-              "## Caveat", "",
-              "These detectors see the network's own features. An attacker who knows the detector and optimises "
-              "against it too (Carlini & Wagner 2017; Tramer et al. 2020) can do much better than the attacks "
-              "above; `pathguard adaptive` measures that attacker (README, Threat model).", ""]
+    lines += [
+        "",
+        f"Total time {_f(r['timing']['total_seconds'], 0)} s.",
+        "",
+        "## Caveat",
+        "",
+        "These detectors see the network's own features. An attacker who knows the detector and optimises "
+        "against it too (Carlini & Wagner 2017; Tramer et al. 2020) can do much better than the attacks "
+        "above; `pathguard adaptive` measures that attacker (README, Threat model).",
+        "",
+    ]
     if r.get("plots"):
         lines += ["## Figures", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
     return "\n".join(lines)
@@ -88,20 +128,33 @@ def render_markdown(r: dict) -> str:
 def _holdout_sections(r: dict, attacks: list[str]) -> list[str]:
     lines = []
     if r.get("leave_one_attack_out"):
-        lines += ["", "## Leave one attack out: AUROC on the attack held out of fitting", "",
-                  "| detector | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+        lines += [
+            "",
+            "## Leave one attack out: AUROC on the attack held out of fitting",
+            "",
+            "| detector | " + " | ".join(attacks) + " |",
+            "|---|" + "---|" * len(attacks),
+        ]
         for det, per in r["leave_one_attack_out"].items():
             lines.append(f"| {det} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
     if r.get("leave_one_family_out"):
         fams = list(next(iter(r["leave_one_family_out"].values())))
-        lines += ["", "## Leave one family out: AUROC / TPR on the attacks of the family held out of fitting", "",
-                  "| detector | " + " | ".join(f"{a} ({r['attacks'][a].get('family')})" for a in attacks) + " |",
-                  "|---|" + "---|" * len(attacks)]
+        lines += [
+            "",
+            "## Leave one family out: AUROC / TPR on the attacks of the family held out of fitting",
+            "",
+            "| detector | " + " | ".join(f"{a} ({r['attacks'][a].get('family')})" for a in attacks) + " |",
+            "|---|" + "---|" * len(attacks),
+        ]
         for det, per in r["leave_one_family_out"].items():
             cells = {a: m for f in fams for a, m in per.get(f, {}).items()}
-            lines.append(f"| {det} | " + " | ".join(
-                f"{_f(cells[a]['auroc'])} / {_pct(cells[a]['tpr_at_fpr'])}" if a in cells else "–"
-                for a in attacks) + " |")
+            lines.append(
+                f"| {det} | "
+                + " | ".join(
+                    f"{_f(cells[a]['auroc'])} / {_pct(cells[a]['tpr_at_fpr'])}" if a in cells else "–" for a in attacks
+                )
+                + " |"
+            )
     return lines
 
 
@@ -109,33 +162,44 @@ def _unseen_section(r: dict, fpr: float) -> list[str]:
     summary = r.get("unseen_summary") or {}
     if not summary:
         return []
-    lines = ["## Unseen attacks first", "",
-             "Per detector, the worst AUROC (successful attacks) and lowest TPR at "
-             f"{_pct(fpr)} FPR over attacks it was never fitted on: clean-only detectors from the main table (every "
-             "attack is unseen), the others from leave-one-family-out (fit without the family, score on it).", "",
-             "| detector | worst unseen AUROC | on | lowest unseen TPR | from |", "|---|---|---|---|---|"]
+    lines = [
+        "## Unseen attacks first",
+        "",
+        "Per detector, the worst AUROC (successful attacks) and lowest TPR at "
+        f"{_pct(fpr)} FPR over attacks it was never fitted on: clean-only detectors from the main table (every "
+        "attack is unseen), the others from leave-one-family-out (fit without the family, score on it).",
+        "",
+        "| detector | worst unseen AUROC | on | lowest unseen TPR | from |",
+        "|---|---|---|---|---|",
+    ]
     for det, s in sorted(summary.items(), key=lambda kv: -kv[1]["worst_auroc"]):
-        lines.append(f"| {det} | {_f(s['worst_auroc'])} | {s['worst_attack']} | {_pct(s['min_tpr_at_fpr'])} | "
-                     f"{s['source']} |")
+        lines.append(
+            f"| {det} | {_f(s['worst_auroc'])} | {s['worst_attack']} | {_pct(s['min_tpr_at_fpr'])} | {s['source']} |"
+        )
     clean_fpr = {d: next(iter(per.values()))["fpr_at_threshold"] for d, per in r["results"].items()}
-    lines += ["", "False-positive rate measured on the evaluation's clean test images at each calibrated threshold: "
-              + ", ".join(f"{d} {_pct(v)}" for d, v in clean_fpr.items()) + ".", ""]
+    lines += [
+        "",
+        "False-positive rate measured on the evaluation's clean test images at each calibrated threshold: "
+        + ", ".join(f"{d} {_pct(v)}" for d, v in clean_fpr.items())
+        + ".",
+        "",
+    ]
     return lines
 
 
 BASELINE_NOTES = {
     "squeeze": "Feature squeezing (Xu et al. 2018): squeezers picked by detection (AUROC) on the validation fitting "
-               "images among the bit depths 1-5 and 2x2/3x3 medians that keep 98% of clean predictions. Deviation: "
-               "non-local means (their colour-image squeezer) is not a candidate; the images are grey.",
+    "images among the bit depths 1-5 and 2x2/3x3 medians that keep 98% of clean predictions. Deviation: "
+    "non-local means (their colour-image squeezer) is not a candidate; the images are grey.",
     "lid": "LID (Ma et al. 2018): k=20 over minibatches of 100, noisy negatives (Gaussian noise of each adversarial "
-           "example's L2 norm) as in their recipe. Deviation: the minibatch is drawn from clean training images "
-           "rather than the scored batch itself (at serving time there is no clean batch to compare with); LIDs are "
-           "taken on pooled layer outputs, not flattened feature maps.",
+    "example's L2 norm) as in their recipe. Deviation: the minibatch is drawn from clean training images "
+    "rather than the scored batch itself (at serving time there is no clean batch to compare with); LIDs are "
+    "taken on pooled layer outputs, not flattened feature maps.",
     "kdbu": "KD+BU (Feinman et al. 2017): the model was trained without dropout, so the Bayesian-uncertainty half "
-            "applies MC dropout (p=0.5, T=50) to the penultimate features at test time only; this is not the "
-            "dropout-trained model their method assumes and can understate BU.",
+    "applies MC dropout (p=0.5, T=50) to the penultimate features at test time only; this is not the "
+    "dropout-trained model their method assumes and can understate BU.",
     "mahalanobis": "Mahalanobis (Lee et al. 2018): per-stage scores with input pre-processing, magnitude chosen on "
-                   "the fitting images; logistic regression on the stage scores.",
+    "the fitting images; logistic regression on the stage scores.",
 }
 
 
@@ -143,13 +207,17 @@ def _baseline_notes(r: dict) -> list[str]:
     dets = r["detectors"]
     notes = [f"- **{d}**: {BASELINE_NOTES[d]}" for d in BASELINE_NOTES if d in dets]
     if "squeeze" in dets and dets["squeeze"].get("squeezers"):
-        notes.append(f"- Squeezers picked in this run: {', '.join(dets['squeeze']['squeezers'])} (AUROC "
-                     f"{_f(dets['squeeze'].get('selection_auroc_on_fitting_rows'))} on the fitting rows).")
+        notes.append(
+            f"- Squeezers picked in this run: {', '.join(dets['squeeze']['squeezers'])} (AUROC "
+            f"{_f(dets['squeeze'].get('selection_auroc_on_fitting_rows'))} on the fitting rows)."
+        )
     for d, info in dets.items():
         if info.get("weights"):
             w = ", ".join(f"{k} {v:g}" for k, v in info["weights"].items())
             sel = info.get("selection") or {}
-            notes.append(f"- **{d}** weights ({w}) chosen by worst per-family AUROC on the validation fitting images "
-                         f"(families {', '.join(sel.get('families', []))}; {sel.get('candidates', '?')} candidate "
-                         "vectors); never on test images.")
+            notes.append(
+                f"- **{d}** weights ({w}) chosen by worst per-family AUROC on the validation fitting images "
+                f"(families {', '.join(sel.get('families', []))}; {sel.get('candidates', '?')} candidate "
+                "vectors); never on test images."
+            )
     return ["", "## Baselines and selections", ""] + notes if notes else []

@@ -36,8 +36,15 @@ class Prepared:
 def _prepare(cfg: EvalConfig) -> Prepared:
     bundle = load_bundle(cfg.bundle)
     splits = bundle_splits(bundle.meta, cfg.data_root)
-    sets = select_images(bundle.model, splits, n=cfg.n, n_fit=cfg.n_fit, n_calibration=cfg.n_calibration,
-                         n_reference=cfg.n_reference, seed=cfg.seed)
+    sets = select_images(
+        bundle.model,
+        splits,
+        n=cfg.n,
+        n_fit=cfg.n_fit,
+        n_calibration=cfg.n_calibration,
+        n_reference=cfg.n_reference,
+        seed=cfg.seed,
+    )
     return Prepared(bundle, splits, sets, parse_attacks(cfg.attacks))
 
 
@@ -45,7 +52,7 @@ def _prepare(cfg: EvalConfig) -> Prepared:
 def _accuracy(model, data, batch: int = 1000) -> float:
     correct = 0
     for i in range(0, len(data), batch):
-        correct += int((model(data.float_images(slice(i, i + batch))).argmax(1) == data.labels[i:i + batch]).sum())
+        correct += int((model(data.float_images(slice(i, i + batch))).argmax(1) == data.labels[i : i + batch]).sum())
     return correct / len(data)
 
 
@@ -53,8 +60,20 @@ def run_shard(cfg: EvalConfig, shard: int, n_shards: int, out: Path, progress: b
     """Compute the adversarial images of shard ``shard`` of ``n_shards``."""
     p = _prepare(cfg)
     images, labels = p.sets.attack_images
-    return compute_shard(p.bundle.model, images, labels, p.specs, seed=cfg.seed, batch_size=cfg.batch_size, shard=shard,
-                         n_shards=n_shards, out=out, config=cfg.to_dict(), digest=cfg.digest(), progress=progress)
+    return compute_shard(
+        p.bundle.model,
+        images,
+        labels,
+        p.specs,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        shard=shard,
+        n_shards=n_shards,
+        out=out,
+        config=cfg.to_dict(),
+        digest=cfg.digest(),
+        progress=progress,
+    )
 
 
 def run(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
@@ -62,8 +81,17 @@ def run(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     p = _prepare(cfg)
     images, labels = p.sets.attack_images
-    adv, seconds = compute_all(p.bundle.model, p.bundle.model_digest, images, labels, p.specs,
-                               seed=cfg.seed, batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, progress=progress)
+    adv, seconds = compute_all(
+        p.bundle.model,
+        p.bundle.model_digest,
+        images,
+        labels,
+        p.specs,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        cache_dir=cfg.cache_dir,
+        progress=progress,
+    )
     return _finish(cfg, out, p, adv, seconds, t0)
 
 
@@ -82,8 +110,9 @@ def merge(out: Path, cfg: EvalConfig | None = None, progress: bool = True) -> di
     return _finish(cfg, out, p, adv, seconds, t0)
 
 
-def _finish(cfg: EvalConfig, out: Path, p: Prepared, adv: dict[str, Tensor], attack_seconds: dict[str, float],
-            t0: float) -> dict:
+def _finish(
+    cfg: EvalConfig, out: Path, p: Prepared, adv: dict[str, Tensor], attack_seconds: dict[str, float], t0: float
+) -> dict:
     """Analyse the adversarial images ``adv`` (by attack label) and write the report to ``out``."""
     bundle, splits, sets, specs = p.bundle, p.splits, p.sets, p.specs
     out.mkdir(parents=True, exist_ok=True)
@@ -92,8 +121,12 @@ def _finish(cfg: EvalConfig, out: Path, p: Prepared, adv: dict[str, Tensor], att
         **report_header(bundle, cfg.bundle, cfg.to_dict()),
         "clean_accuracy": _accuracy(bundle.model, splits.test),
         "clean_accuracy_n": len(splits.test),
-        "images": {"calibration": sets.calibration.describe(), "fit": sets.fit.describe(),
-                   "eval": sets.eval.describe(), "reference": sets.reference.describe() | {"indices": "first n"}},
+        "images": {
+            "calibration": sets.calibration.describe(),
+            "fit": sets.fit.describe(),
+            "eval": sets.eval.describe(),
+            "reference": sets.reference.describe() | {"indices": "first n"},
+        },
         **body,
     }
     if cfg.plots:
@@ -101,7 +134,8 @@ def _finish(cfg: EvalConfig, out: Path, p: Prepared, adv: dict[str, Tensor], att
 
         thresholds = {d: info["threshold"] for d, info in body["detectors"].items()}
         report["plots"] = [write_heatmap(out, {**report, "results": body["results"]})] + write_plots(
-            out, scores, body["results"], thresholds, [s.label for s in specs])
+            out, scores, body["results"], thresholds, [s.label for s in specs]
+        )
     report["timing"]["attack_seconds"] = attack_seconds
     report["timing"]["total_seconds"] = time.perf_counter() - t0
     write_report(out, report)

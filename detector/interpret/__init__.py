@@ -20,9 +20,21 @@ from .analysis import (
     specificity,
 )
 
-__all__ = ["Departure", "ExplainConfig", "Specificity", "bundle_prototypes", "cosine_matrix", "departures",
-           "explain", "filter_order", "jaccard_matrix", "layer_frequencies", "similarities", "similarity",
-           "specificity"]
+__all__ = [
+    "Departure",
+    "ExplainConfig",
+    "Specificity",
+    "bundle_prototypes",
+    "cosine_matrix",
+    "departures",
+    "explain",
+    "filter_order",
+    "jaccard_matrix",
+    "layer_frequencies",
+    "similarities",
+    "similarity",
+    "specificity",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -70,9 +70,13 @@ def similarity(freq: Tensor, method: str = "jaccard", threshold: float = GATE_TH
 def similarities(protos: Prototypes, threshold: float = GATE_THRESHOLD) -> dict:
     """Both similarity matrices, over the whole path and per layer."""
     per_layer = layer_frequencies(protos)
-    return {method: {"path": similarity(protos.frequency, method, threshold),
-                     "layers": {n: similarity(f, method, threshold) for n, f in per_layer.items()}}
-            for method in SIMILARITIES}
+    return {
+        method: {
+            "path": similarity(protos.frequency, method, threshold),
+            "layers": {n: similarity(f, method, threshold) for n, f in per_layer.items()},
+        }
+        for method in SIMILARITIES
+    }
 
 
 @dataclass
@@ -111,8 +115,9 @@ def specificity(freq: Tensor, threshold: float = 0.5) -> Specificity:
     total = freq.sum(0)
     share = freq / total.clamp_min(1e-12)
     entropy = -(share * share.clamp_min(1e-12).log()).sum(0)
-    selectivity = torch.where(total > 0, 1 - entropy / math.log(k), torch.zeros_like(total)) if k > 1 \
-        else torch.ones_like(total)
+    selectivity = (
+        torch.where(total > 0, 1 - entropy / math.log(k), torch.zeros_like(total)) if k > 1 else torch.ones_like(total)
+    )
     return Specificity(users, freq.argmax(0), selectivity.clamp(0, 1), threshold)
 
 

@@ -71,18 +71,26 @@ class ExplainConfig:
     bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
     out: str = field(default="", metadata={"help": "output directory", "required": True})
     images: int = field(default=4, metadata={"help": "how many random images of --split to explain"})
-    indices: tuple[int, ...] = field(default=(), metadata={"help": "explain these positions of --split instead, "
-                                                                  "e.g. 3,17,42", "parse": _ints})
-    image_files: tuple[str, ...] = field(default=(), metadata={"help": "explain these image files instead",
-                                                               "nargs": "+", "metavar": "FILE"})
-    attack_file: str | None = field(default=None, metadata={
-        "help": "explain the first --images adversarial images of an .npz written by `pathguard attack` instead",
-        "metavar": "NPZ"})
+    indices: tuple[int, ...] = field(
+        default=(), metadata={"help": "explain these positions of --split instead, e.g. 3,17,42", "parse": _ints}
+    )
+    image_files: tuple[str, ...] = field(
+        default=(), metadata={"help": "explain these image files instead", "nargs": "+", "metavar": "FILE"}
+    )
+    attack_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "explain the first --images adversarial images of an .npz written by `pathguard attack` instead",
+            "metavar": "NPZ",
+        },
+    )
     split: str = field(default="test", metadata={"choices": ("test", "val")})
-    threshold: float = field(default=GATE_THRESHOLD, metadata={
-        "help": "frequency above which a filter is in a class's prototype path"})
-    prototype_images: int = field(default=5000, metadata={
-        "help": "training images to compute prototypes from if the bundle has none"})
+    threshold: float = field(
+        default=GATE_THRESHOLD, metadata={"help": "frequency above which a filter is in a class's prototype path"}
+    )
+    prototype_images: int = field(
+        default=5000, metadata={"help": "training images to compute prototypes from if the bundle has none"}
+    )
     seed: int = 0
     data_root: str | None = None
 
@@ -148,12 +156,17 @@ def _chosen_inputs(cfg: ExplainConfig, bundle: Bundle) -> tuple[Tensor, list[int
         from ..attacks.runner import read_result
 
         adv, labels, meta = read_result(cfg.attack_file)
-        adv, labels, attack = adv[:cfg.images], labels[:cfg.images], meta.get("attack", "attack")
+        adv, labels, attack = adv[: cfg.images], labels[: cfg.images], meta.get("attack", "attack")
         if tuple(adv.shape[1:]) != tuple(bundle.input_shape):
-            raise ValueError(f"{cfg.attack_file}: images of shape {tuple(adv.shape[1:])} do not fit the model's "
-                             f"{tuple(bundle.input_shape)}")
-        return (torch.from_numpy(adv.astype(np.float32)), [int(v) for v in labels],
-                [f"{attack} adversarial #{i}" for i in range(len(adv))])
+            raise ValueError(
+                f"{cfg.attack_file}: images of shape {tuple(adv.shape[1:])} do not fit the model's "
+                f"{tuple(bundle.input_shape)}"
+            )
+        return (
+            torch.from_numpy(adv.astype(np.float32)),
+            [int(v) for v in labels],
+            [f"{attack} adversarial #{i}" for i in range(len(adv))],
+        )
     if not cfg.indices and cfg.images == 0:
         return torch.zeros(0, *bundle.input_shape), [], []
     from ..splits import bundle_splits
@@ -166,7 +179,7 @@ def _chosen_inputs(cfg: ExplainConfig, bundle: Bundle) -> tuple[Tensor, list[int
             raise ValueError(f"indices {bad} are outside the {cfg.split} split's {len(data)} images")
         idx = torch.tensor(cfg.indices, dtype=torch.long)
     else:
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.images]
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.images]
     return data.float_images(idx), data.labels[idx].tolist(), [f"{data.name} #{int(i)}" for i in idx]
 
 
@@ -182,15 +195,24 @@ def explain(cfg: ExplainConfig, bundle: Bundle | None = None) -> dict:
     (out / "inputs").mkdir(exist_ok=True)
     protos, source = bundle_prototypes(bundle, cfg.prototype_images, cfg.data_root)
     classes, layers = list(bundle.classes), list(protos.layer_names)
-    index: dict = {"bundle": str(cfg.bundle), "arch": bundle.meta["arch"], "classes": classes, "layers": layers,
-                   "layer_sizes": protos.layer_sizes, "prototypes": source, "config": asdict(cfg),
-                   "class_counts": protos.counts.int().tolist(), "files": {}}
+    index: dict = {
+        "bundle": str(cfg.bundle),
+        "arch": bundle.meta["arch"],
+        "classes": classes,
+        "layers": layers,
+        "layer_sizes": protos.layer_sizes,
+        "prototypes": source,
+        "config": asdict(cfg),
+        "class_counts": protos.counts.int().tolist(),
+        "files": {},
+    }
 
     index["files"]["usage"] = _usage(out, protos, classes, layers)
     index["class_density"] = dict(zip(classes, _round(protos.frequency.mean(1), 4)))
     index["files"]["similarity"], index["similarity_summary"] = _similarity(out, protos, classes, layers, cfg.threshold)
-    index["files"]["specificity"], index["specificity_summary"] = _specificity(out, protos, classes, layers,
-                                                                               cfg.threshold)
+    index["files"]["specificity"], index["specificity_summary"] = _specificity(
+        out, protos, classes, layers, cfg.threshold
+    )
     index["files"]["inputs"], index["inputs"] = _inputs(out, model, protos, classes, layers, images, labels, names)
     index["files"]["report"] = write_report(out, index)
     _write_json(out / "index.json", index)
@@ -204,18 +226,32 @@ def _usage(out: Path, protos: Prototypes, classes: list[str], layers: list[str])
         order = analysis.filter_order(freq)
         stem = f"usage/{_safe(name)}"
         _plots().layer_usage(out / f"{stem}.png", freq[:, order].numpy(), classes, name)
-        _write_json(out / f"{stem}.json", {
-            "layer": name, "classes": classes, "filters": freq.shape[1],
-            "frequency": _round(freq), "frequency_doc": "frequency[k][j]: fraction of class k's (correctly "
-            "classified training) inputs for which filter j of this layer is on",
-            "filter_order": order.tolist(), "filter_order_doc": "column order of the picture"})
+        _write_json(
+            out / f"{stem}.json",
+            {
+                "layer": name,
+                "classes": classes,
+                "filters": freq.shape[1],
+                "frequency": _round(freq),
+                "frequency_doc": "frequency[k][j]: fraction of class k's (correctly "
+                "classified training) inputs for which filter j of this layer is on",
+                "filter_order": order.tolist(),
+                "filter_order_doc": "column order of the picture",
+            },
+        )
         files.append({"layer": name, "png": f"{stem}.png", "json": f"{stem}.json"})
         density.append(freq.mean(1))
     dens = torch.stack(density, dim=1)  # (K, L)
     _plots().usage_overview(out / "usage_overview.png", dens.numpy(), classes, layers)
-    _write_json(out / "usage_overview.json", {"classes": classes, "layers": layers, "density": _round(dens),
-                                              "density_doc": "density[k][l]: mean over layer l's filters of how "
-                                              "often they are on for class k"})
+    _write_json(
+        out / "usage_overview.json",
+        {
+            "classes": classes,
+            "layers": layers,
+            "density": _round(dens),
+            "density_doc": "density[k][l]: mean over layer l's filters of how often they are on for class k",
+        },
+    )
     return {"overview": {"png": "usage_overview.png", "json": "usage_overview.json"}, "layers": files}
 
 
@@ -224,31 +260,43 @@ def _off_diagonal_mean(m: Tensor) -> float:
     return float((m.sum() - m.diagonal().sum()) / max(k * (k - 1), 1))
 
 
-def _similarity(out: Path, protos: Prototypes, classes: list[str], layers: list[str],
-                threshold: float) -> tuple[dict, dict]:
+def _similarity(
+    out: Path, protos: Prototypes, classes: list[str], layers: list[str], threshold: float
+) -> tuple[dict, dict]:
     sims = analysis.similarities(protos, threshold)
     jac, cos = sims["jaccard"]["path"], sims["cosine"]["path"]
     per_layer = [_off_diagonal_mean(sims["jaccard"]["layers"][n]) for n in layers]
     _plots().similarity_figure(out / "similarity.png", jac.numpy(), cos.numpy(), np.array(per_layer), classes, layers)
     k = len(classes)
-    pairs = sorted(((float(jac[a, b]), classes[a], classes[b]) for a in range(k) for b in range(a + 1, k)),
-                   reverse=True)
-    summary = {"most_similar": [{"classes": [a, b], "jaccard": round(s, 4)} for s, a, b in pairs[:5]],
-               "least_similar": [{"classes": [a, b], "jaccard": round(s, 4)} for s, a, b in pairs[-5:][::-1]],
-               "mean_jaccard_between_classes": round(_off_diagonal_mean(jac), 4),
-               "mean_jaccard_between_classes_per_layer": dict(zip(layers, [round(v, 4) for v in per_layer]))}
-    _write_json(out / "similarity.json", {
-        "classes": classes, "threshold": threshold,
-        "jaccard": _round(jac), "jaccard_doc": "Jaccard index of the sets of filters each class switches on for "
-        "more than `threshold` of its inputs (its prototype path), over all gated layers",
-        "cosine": _round(cos), "cosine_doc": "cosine similarity of the classes' filter-frequency vectors",
-        "per_layer": {n: {m: _round(sims[m]["layers"][n]) for m in analysis.SIMILARITIES} for n in layers},
-        **summary})
+    pairs = sorted(
+        ((float(jac[a, b]), classes[a], classes[b]) for a in range(k) for b in range(a + 1, k)), reverse=True
+    )
+    summary = {
+        "most_similar": [{"classes": [a, b], "jaccard": round(s, 4)} for s, a, b in pairs[:5]],
+        "least_similar": [{"classes": [a, b], "jaccard": round(s, 4)} for s, a, b in pairs[-5:][::-1]],
+        "mean_jaccard_between_classes": round(_off_diagonal_mean(jac), 4),
+        "mean_jaccard_between_classes_per_layer": dict(zip(layers, [round(v, 4) for v in per_layer])),
+    }
+    _write_json(
+        out / "similarity.json",
+        {
+            "classes": classes,
+            "threshold": threshold,
+            "jaccard": _round(jac),
+            "jaccard_doc": "Jaccard index of the sets of filters each class switches on for "
+            "more than `threshold` of its inputs (its prototype path), over all gated layers",
+            "cosine": _round(cos),
+            "cosine_doc": "cosine similarity of the classes' filter-frequency vectors",
+            "per_layer": {n: {m: _round(sims[m]["layers"][n]) for m in analysis.SIMILARITIES} for n in layers},
+            **summary,
+        },
+    )
     return {"png": "similarity.png", "json": "similarity.json"}, summary
 
 
-def _specificity(out: Path, protos: Prototypes, classes: list[str], layers: list[str],
-                 threshold: float) -> tuple[dict, dict]:
+def _specificity(
+    out: Path, protos: Prototypes, classes: list[str], layers: list[str], threshold: float
+) -> tuple[dict, dict]:
     spec = analysis.specificity(protos.frequency, threshold)
     kinds = spec.kind(len(classes))
     counts = {kind: [] for kind in analysis.KINDS}
@@ -263,27 +311,52 @@ def _specificity(out: Path, protos: Prototypes, classes: list[str], layers: list
         for j, kind in enumerate(layer_kinds):
             if kind == "specific":
                 g = sl.start + j
-                specific.append({"layer": name, "filter": j, "class": classes[int(spec.owner[g])],
-                                 "frequency": round(float(protos.frequency[spec.owner[g], g]), 4),
-                                 "selectivity": round(float(spec.selectivity[g]), 4)})
+                specific.append(
+                    {
+                        "layer": name,
+                        "filter": j,
+                        "class": classes[int(spec.owner[g])],
+                        "frequency": round(float(protos.frequency[spec.owner[g], g]), 4),
+                        "selectivity": round(float(spec.selectivity[g]), 4),
+                    }
+                )
     per_class = [sum(1 for s in specific if s["class"] == c) for c in classes]
     _plots().specificity_figure(out / "specificity.png", counts, layers, per_class, classes, selectivity)
-    summary = {"filters": int(len(kinds)), **{kind: kinds.count(kind) for kind in analysis.KINDS},
-               "specific_per_class": dict(zip(classes, per_class))}
-    _write_json(out / "specificity.json", {
-        "classes": classes, "threshold": threshold,
-        "kinds_doc": "a class uses a filter when the filter is on for more than `threshold` of its inputs; "
-        "unused: no class, specific: exactly one, some: 2 up to half the classes, shared: more than half",
-        "per_layer": per_layer, "specific_filters": specific,
-        "users": spec.users.tolist(), "owner": spec.owner.tolist(), "selectivity": _round(spec.selectivity),
-        "selectivity_doc": "1 - entropy of the filter's frequencies across classes / log K: 1 = one class only",
-        **summary})
+    summary = {
+        "filters": int(len(kinds)),
+        **{kind: kinds.count(kind) for kind in analysis.KINDS},
+        "specific_per_class": dict(zip(classes, per_class)),
+    }
+    _write_json(
+        out / "specificity.json",
+        {
+            "classes": classes,
+            "threshold": threshold,
+            "kinds_doc": "a class uses a filter when the filter is on for more than `threshold` of its inputs; "
+            "unused: no class, specific: exactly one, some: 2 up to half the classes, shared: more than half",
+            "per_layer": per_layer,
+            "specific_filters": specific,
+            "users": spec.users.tolist(),
+            "owner": spec.owner.tolist(),
+            "selectivity": _round(spec.selectivity),
+            "selectivity_doc": "1 - entropy of the filter's frequencies across classes / log K: 1 = one class only",
+            **summary,
+        },
+    )
     return {"png": "specificity.png", "json": "specificity.json"}, summary
 
 
 @torch.no_grad()
-def _inputs(out: Path, model, protos: Prototypes, classes: list[str], layers: list[str], images: Tensor,
-            labels: list[int | None], names: list[str]) -> tuple[list[dict], list[dict]]:
+def _inputs(
+    out: Path,
+    model,
+    protos: Prototypes,
+    classes: list[str],
+    layers: list[str],
+    images: Tensor,
+    labels: list[int | None],
+    names: list[str],
+) -> tuple[list[dict], list[dict]]:
     if len(images) == 0:
         return [], []
     path = model.forward_path(images)
@@ -301,30 +374,57 @@ def _inputs(out: Path, model, protos: Prototypes, classes: list[str], layers: li
         others[:, pred] = float("inf")
         runner = int(others.mean(0).argmin())
         reference[f"to the nearest other class ({classes[runner]})"] = dep.hamming_all[:, runner].numpy()
-        title = f"{name}\npredicted {classes[pred]} ({float(probs[i, pred]):.2f})" + \
-            ("" if label is None else f", true {classes[label]}")
+        title = f"{name}\npredicted {classes[pred]} ({float(probs[i, pred]):.2f})" + (
+            "" if label is None else f", true {classes[label]}"
+        )
         stem = f"inputs/input_{i:03d}"
-        _plots().input_figure(out / f"{stem}.png", images[i].numpy(), title, protos.frequency[pred].numpy(),
-                           hard[i].numpy(), bounds, layers, dep.hamming.numpy(), reference)
+        _plots().input_figure(
+            out / f"{stem}.png",
+            images[i].numpy(),
+            title,
+            protos.frequency[pred].numpy(),
+            hard[i].numpy(),
+            bounds,
+            layers,
+            dep.hamming.numpy(),
+            reference,
+        )
         worst = int(dep.hamming.argmax())
-        summary = {"input": name, "png": f"{stem}.png", "json": f"{stem}.json", "predicted": classes[pred],
-                   "probability": round(float(probs[i, pred]), 4),
-                   "true": None if label is None else classes[label],
-                   "mean_departure": round(float(dep.hamming.mean()), 4),
-                   "largest_departure": {"layer": layers[worst], "hamming": round(float(dep.hamming[worst]), 4)},
-                   "flops_ratio": round(float(path.flops_ratio[i]), 4)}
-        _write_json(out / f"{stem}.json", {
-            **summary, "probabilities": dict(zip(classes, _round(probs[i]))),
-            "layers": [{"layer": n, "hamming_to_predicted": round(float(dep.hamming[j]), 4),
+        summary = {
+            "input": name,
+            "png": f"{stem}.png",
+            "json": f"{stem}.json",
+            "predicted": classes[pred],
+            "probability": round(float(probs[i, pred]), 4),
+            "true": None if label is None else classes[label],
+            "mean_departure": round(float(dep.hamming.mean()), 4),
+            "largest_departure": {"layer": layers[worst], "hamming": round(float(dep.hamming[worst]), 4)},
+            "flops_ratio": round(float(path.flops_ratio[i]), 4),
+        }
+        _write_json(
+            out / f"{stem}.json",
+            {
+                **summary,
+                "probabilities": dict(zip(classes, _round(probs[i]))),
+                "layers": [
+                    {
+                        "layer": n,
+                        "hamming_to_predicted": round(float(dep.hamming[j]), 4),
                         "hamming_to_class": dict(zip(classes, _round(dep.hamming_all[j]))),
                         "nearest_class": classes[int(dep.nearest[j])],
-                        "extra_filters": dep.extra[j], "missing_filters": dep.missing[j],
+                        "extra_filters": dep.extra[j],
+                        "missing_filters": dep.missing[j],
                         "log_likelihood_under_predicted": round(float(dep.log_likelihood[j]), 4),
-                        "active": int(path.layers[j].hard[i].sum()), "filters": int(path.layers[j].hard.shape[1])}
-                       for j, n in enumerate(layers)],
-            "doc": "hamming: fraction of the layer's filters where this input's on/off differs from the class's "
-                   "prototype path; extra_filters: on here but not in the predicted class's prototype; "
-                   "missing_filters: in the prototype but off here"})
+                        "active": int(path.layers[j].hard[i].sum()),
+                        "filters": int(path.layers[j].hard.shape[1]),
+                    }
+                    for j, n in enumerate(layers)
+                ],
+                "doc": "hamming: fraction of the layer's filters where this input's on/off differs from the class's "
+                "prototype path; extra_filters: on here but not in the predicted class's prototype; "
+                "missing_filters: in the prototype but off here",
+            },
+        )
         files.append({"png": f"{stem}.png", "json": f"{stem}.json"})
         summaries.append(summary)
     return files, summaries

@@ -47,19 +47,23 @@ def usage_overview(path: Path, density: np.ndarray, classes: list[str], layers: 
     ax.set_xticks(np.arange(len(layers)), layers, fontsize=6, rotation=60, ha="right")
     if len(layers) <= 16 and len(classes) <= 12:
         for (i, j), v in np.ndenumerate(density):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                    color="w" if v < 0.6 * density.max() else "k")
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 * density.max() else "k"
+            )
     ax.set_title("fraction of each layer's filters on, per class", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     return _save(fig, path)
 
 
-def similarity_figure(path: Path, jaccard: np.ndarray, cosine: np.ndarray, per_layer: np.ndarray,
-                      classes: list[str], layers: list[str]) -> str:
+def similarity_figure(
+    path: Path, jaccard: np.ndarray, cosine: np.ndarray, per_layer: np.ndarray, classes: list[str], layers: list[str]
+) -> str:
     """Class-by-class Jaccard and cosine matrices, and the mean off-diagonal similarity of each layer."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1, 1, 1.2]}, layout="constrained")
-    for ax, mat, title in ((axes[0], jaccard, "Jaccard of prototype paths"),
-                           (axes[1], cosine, "cosine of filter frequencies")):
+    for ax, mat, title in (
+        (axes[0], jaccard, "Jaccard of prototype paths"),
+        (axes[1], cosine, "cosine of filter frequencies"),
+    ):
         im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=1)
         _class_ticks(ax, classes)
         _class_ticks(ax, classes, "x")
@@ -81,11 +85,16 @@ def similarity_figure(path: Path, jaccard: np.ndarray, cosine: np.ndarray, per_l
 KIND_COLORS = {"unused": "#bbbbbb", "specific": "#d62728", "some": "#ff7f0e", "shared": "#1f77b4"}
 
 
-def specificity_figure(path: Path, counts: dict[str, list[int]], layers: list[str], per_class: list[int],
-                       classes: list[str], selectivity: list[np.ndarray]) -> str:
+def specificity_figure(
+    path: Path,
+    counts: dict[str, list[int]],
+    layers: list[str],
+    per_class: list[int],
+    classes: list[str],
+    selectivity: list[np.ndarray],
+) -> str:
     """Per layer, the share of filters used by no class / one / some / most; specific filters per class."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.3, 1, 1]},
-                             layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.3, 1, 1]}, layout="constrained")
     ax = axes[0]
     x = np.arange(len(layers))
     total = np.maximum(np.sum([counts[k] for k in counts], axis=0), 1)
@@ -116,8 +125,17 @@ def specificity_figure(path: Path, counts: dict[str, list[int]], layers: list[st
 _DIFF_CMAP = ListedColormap(["#2166ac", "#f7f7f7", "#b2182b"])  # missing, same, extra
 
 
-def input_figure(path: Path, image: np.ndarray, title: str, proto_freq: np.ndarray, gates: np.ndarray,
-                 bounds: list[int], layers: list[str], hamming: np.ndarray, reference: dict[str, np.ndarray]) -> str:
+def input_figure(
+    path: Path,
+    image: np.ndarray,
+    title: str,
+    proto_freq: np.ndarray,
+    gates: np.ndarray,
+    bounds: list[int],
+    layers: list[str],
+    hamming: np.ndarray,
+    reference: dict[str, np.ndarray],
+) -> str:
     """One input: the image, its per-layer distance to class prototypes, and its path against the prototype.
 
     proto_freq, gates : (G,) predicted class's filter frequencies and the input's hard path.
@@ -142,15 +160,18 @@ def input_figure(path: Path, image: np.ndarray, title: str, proto_freq: np.ndarr
     ax.legend(fontsize=7)
     ax.set_title("where the path departs from class prototypes, layer by layer", fontsize=9)
     diff = gates.astype(int) - (proto_freq > GATE_THRESHOLD).astype(int)
-    rows = ((proto_freq[None, :], "viridis", (0, 1), "prototype: fraction on"),
-            (gates[None, :], "Greys", (0, 1), "this input (black: on)"),
-            (diff[None, :], _DIFF_CMAP, (-1, 1), "red: extra on, blue: missing"))
+    rows = (
+        (proto_freq[None, :], "viridis", (0, 1), "prototype: fraction on"),
+        (gates[None, :], "Greys", (0, 1), "this input (black: on)"),
+        (diff[None, :], _DIFF_CMAP, (-1, 1), "red: extra on, blue: missing"),
+    )
     for r, (data, cmap, (lo, hi), label) in enumerate(rows):
         ax = fig.add_subplot(grid[1 + r, :])
         ax.imshow(data, aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_yticks([0], [label], fontsize=7)
         for b in bounds[1:-1]:
             ax.axvline(b - 0.5, color="k", lw=0.6)
-        ax.set_xticks([] if r < 2 else [(a + b) / 2 for a, b in zip(bounds[:-1], bounds[1:])],
-                      [] if r < 2 else layers, fontsize=6)
+        ax.set_xticks(
+            [] if r < 2 else [(a + b) / 2 for a, b in zip(bounds[:-1], bounds[1:])], [] if r < 2 else layers, fontsize=6
+        )
     return _save(fig, path)

@@ -6,5 +6,16 @@ from .gates import GATE_THRESHOLD, ControllingModule, GateConfig, GatedConv, Lay
 from .path import PathOutput
 from .registry import create_model, list_models, register_model
 
-__all__ = ["GATE_THRESHOLD", "ControllingModule", "DecoupledNet", "GateConfig", "GatedConv", "LayerPath", "PathOutput",
-           "create_model", "list_models", "register_model", "straight_through"]
+__all__ = [
+    "GATE_THRESHOLD",
+    "ControllingModule",
+    "DecoupledNet",
+    "GateConfig",
+    "GatedConv",
+    "LayerPath",
+    "PathOutput",
+    "create_model",
+    "list_models",
+    "register_model",
+    "straight_through",
+]

@@ -21,8 +21,9 @@ class DecoupledNet(nn.Module):
     mutual-information term (METHOD.md section 2); it reads the concatenated path.
     """
 
-    def __init__(self, *, num_classes: int, in_channels: int, input_size: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self, *, num_classes: int, in_channels: int, input_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
         super().__init__()
         if len(mean) != in_channels or len(std) != in_channels:
             raise ValueError(f"mean={list(mean)} and std={list(std)} must have in_channels={in_channels} entries")

@@ -207,8 +207,17 @@ class GatedConv(nn.Module):
                 dense = self.conv_macs(a.shape[-2:])
                 full = torch.full((n, a.shape[1]), 1.0, device=a.device)
                 mean = a.mean(dim=(2, 3))
-                path.append(LayerPath(name, full, full, self._encode(a, mean), mean,
-                                      torch.full((n,), float(dense), device=a.device), dense))
+                path.append(
+                    LayerPath(
+                        name,
+                        full,
+                        full,
+                        self._encode(a, mean),
+                        mean,
+                        torch.full((n,), float(dense), device=a.device),
+                        dense,
+                    )
+                )
             return a, None
         p, g = self.acm(x)
         if path is None:
@@ -220,8 +229,7 @@ class GatedConv(nn.Module):
         per_pair = self.conv.kernel_size[0] * self.conv.kernel_size[1] * a.shape[-2] * a.shape[-1]
         macs = active_in * out_active * per_pair + self.acm.macs()
         # GAP is linear and g is constant per channel, so GAP(y) = g * GAP(a): no second pass over y.
-        path.append(LayerPath(name, p, g, self._encode(a, mean), g * mean, macs,
-                              self.conv_macs(a.shape[-2:])))
+        path.append(LayerPath(name, p, g, self._encode(a, mean), g * mean, macs, self.conv_macs(a.shape[-2:])))
         return y, g
 
     def _encode(self, a: Tensor, mean: Tensor) -> Tensor:
@@ -235,8 +243,6 @@ class GatedConv(nn.Module):
     def conv_macs(self, out_hw: tuple[int, int] | torch.Size) -> int:
         k = self.conv.kernel_size[0] * self.conv.kernel_size[1]
         return self.conv.in_channels * self.conv.out_channels * k * int(out_hw[0]) * int(out_hw[1])
-
-
 
 
 @contextmanager

@@ -29,22 +29,31 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor, path: list[LayerPath] | None, name: str) -> Tensor:
         h, g1 = self.conv1(x, path=path, name=f"{name}.conv1")
-        y, _ = self.conv2(h, in_active=None if g1 is None else g1.sum(1), path=path,
-                          name=f"{name}.conv2")
+        y, _ = self.conv2(h, in_active=None if g1 is None else g1.sum(1), path=path, name=f"{name}.conv2")
         return F.relu(y + (x if self.shortcut is None else self.shortcut(x)))
 
 
 class ResNet(DecoupledNet):
     """Stem conv (16 filters), three stages of ``depth`` basic blocks (16, 32, 64), GAP, Linear."""
 
-    def __init__(self, depth: int, *, widths: Sequence[int] = (16, 32, 64), num_classes: int = 10,
-                 in_channels: int = 3, input_size: int = 32, gate: GateConfig | None = None,
-                 mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-                 std: Sequence[float] = (0.2470, 0.2435, 0.2616)) -> None:
-        super().__init__(num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-                         mean=mean, std=std)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+    def __init__(
+        self,
+        depth: int,
+        *,
+        widths: Sequence[int] = (16, 32, 64),
+        num_classes: int = 10,
+        in_channels: int = 3,
+        input_size: int = 32,
+        gate: GateConfig | None = None,
+        mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
+        std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+    ) -> None:
+        super().__init__(num_classes=num_classes, in_channels=in_channels, input_size=input_size, mean=mean, std=std)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
         size = input_size
         self._static = in_channels * widths[0] * 9 * size * size
         blocks, cin = [], widths[0]

@@ -20,11 +20,19 @@ class VGG(DecoupledNet):
     on the flattened map.
     """
 
-    def __init__(self, stages: Sequence[Sequence[int]], *, num_classes: int = 10, in_channels: int = 1,
-                 input_size: int = 28, head_hidden: int = 256, gate: GateConfig | None = None,
-                 mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> None:
-        super().__init__(num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-                         mean=mean, std=std)
+    def __init__(
+        self,
+        stages: Sequence[Sequence[int]],
+        *,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int = 28,
+        head_hidden: int = 256,
+        gate: GateConfig | None = None,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+    ) -> None:
+        super().__init__(num_classes=num_classes, in_channels=in_channels, input_size=input_size, mean=mean, std=std)
         layers, cin, size = [], in_channels, input_size
         self.stage_ends: list[int] = []
         for widths in stages:
@@ -70,6 +78,12 @@ def vgg8(**kwargs) -> VGG:
 @register_model
 def vgg16(**kwargs) -> VGG:
     """CIFAR-style VGG-16: thirteen convs, 32x32 RGB input."""
-    kwargs = {"in_channels": 3, "input_size": 32, "head_hidden": 512,
-              "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616), **kwargs}
+    kwargs = {
+        "in_channels": 3,
+        "input_size": 32,
+        "head_hidden": 512,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+        **kwargs,
+    }
     return VGG(((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)), **kwargs)

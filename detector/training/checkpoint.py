@@ -47,8 +47,18 @@ def read_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(_read_meta(checkpoint_dir(run_dir))["train_config"])
 
 
-def save_checkpoint(run_dir: str | Path, *, epoch: int, step: int, cfg: TrainConfig, model: torch.nn.Module,
-                    opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    epoch: int,
+    step: int,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    gen: torch.Generator,
+    extra: dict | None = None,
+) -> Path:
     """Write the state at the end of ``epoch`` (replacing the previous checkpoint); returns the JSON path."""
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -68,9 +78,18 @@ def save_checkpoint(run_dir: str | Path, *, epoch: int, step: int, cfg: TrainCon
             tensors[f"rng.cuda.{i}"] = s
     name = f"checkpoint-{epoch:04d}.safetensors"
     _save_tensors(d / name, tensors)
-    meta = {"format": FORMAT, "version": VERSION, "epoch": epoch, "step": step, "train_config": cfg.to_dict(),
-            "optimizer": {"param_groups": opt_sd["param_groups"], "state": plain_state},
-            "scheduler": sched.state_dict(), "extra": extra or {}, "tensors": name, "sha256": sha256_file(d / name)}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "epoch": epoch,
+        "step": step,
+        "train_config": cfg.to_dict(),
+        "optimizer": {"param_groups": opt_sd["param_groups"], "state": plain_state},
+        "scheduler": sched.state_dict(),
+        "extra": extra or {},
+        "tensors": name,
+        "sha256": sha256_file(d / name),
+    }
     try:
         json.dumps(meta)
     except TypeError as exc:  # a scheduler or optimizer holding something JSON cannot say: refuse, never pickle
@@ -82,16 +101,27 @@ def save_checkpoint(run_dir: str | Path, *, epoch: int, step: int, cfg: TrainCon
     return d / META
 
 
-_NEED = {"format": str, "version": int, "epoch": int, "step": int, "train_config": dict, "optimizer": dict,
-         "scheduler": dict, "extra": dict, "tensors": str, "sha256": str}
+_NEED = {
+    "format": str,
+    "version": int,
+    "epoch": int,
+    "step": int,
+    "train_config": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "extra": dict,
+    "tensors": str,
+    "sha256": str,
+}
 
 
 def _read_meta(d: Path) -> dict:
     path = d / META
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from: {path} not found")
-    meta = read_document(path, required=_NEED, fmt=FORMAT, version=VERSION, error=CheckpointError,
-                         where=f"checkpoint {path}")
+    meta = read_document(
+        path, required=_NEED, fmt=FORMAT, version=VERSION, error=CheckpointError, where=f"checkpoint {path}"
+    )
     if Path(meta["tensors"]).name != meta["tensors"]:
         raise CheckpointError(f"checkpoint {path}: tensor file name {meta['tensors']!r} must not contain a path")
     return meta
@@ -103,8 +133,15 @@ def _config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
-def load_checkpoint(run_dir: str | Path, *, cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    sched: Any, gen: torch.Generator) -> dict:
+def load_checkpoint(
+    run_dir: str | Path,
+    *,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    gen: torch.Generator,
+) -> dict:
     """Restore model, optimizer, scheduler and RNG states in place; returns the checkpoint's JSON.
 
     Refuses (CheckpointError) a checkpoint whose files are missing, altered or unreadable, or that was
@@ -115,15 +152,19 @@ def load_checkpoint(run_dir: str | Path, *, cfg: TrainConfig, model: torch.nn.Mo
     where = d / META
     diffs = _config_differences(meta["train_config"], cfg)
     if diffs:
-        raise CheckpointError(f"checkpoint {where} was written by a different training config; resuming would "
-                              f"not continue the same run: {'; '.join(diffs)}")
+        raise CheckpointError(
+            f"checkpoint {where} was written by a different training config; resuming would "
+            f"not continue the same run: {'; '.join(diffs)}"
+        )
     tensor_path = d / meta["tensors"]
     if not tensor_path.is_file():
         raise CheckpointError(f"checkpoint {where}: its tensor file {tensor_path.name} is missing")
     actual = sha256_file(tensor_path)
     if actual != meta["sha256"]:
-        raise CheckpointError(f"checkpoint {where}: {tensor_path.name} does not match its SHA-256 (expected "
-                              f"{meta['sha256'][:16]}..., found {actual[:16]}...): the file was altered or is corrupt")
+        raise CheckpointError(
+            f"checkpoint {where}: {tensor_path.name} does not match its SHA-256 (expected "
+            f"{meta['sha256'][:16]}..., found {actual[:16]}...): the file was altered or is corrupt"
+        )
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as exc:

@@ -46,22 +46,36 @@ class TrainConfig:
     align_distance: str = "mse"  # mse | bce
     sparsity_warmup: float = 0.0  # fraction of training over which w_sparsity alone ramps up from 0 (legacy)
     # density you can ask for: executed FLOPs relative to the dense twin, as the bundle reports them
-    target_flops: float = field(default=0.0, metadata={"help": "executed-FLOPs ratio to train towards, e.g. 0.25 "
-                                                      "(controlling modules included; 0: no target)"})
+    target_flops: float = field(
+        default=0.0,
+        metadata={
+            "help": "executed-FLOPs ratio to train towards, e.g. 0.25 (controlling modules included; 0: no target)"
+        },
+    )
     w_flops: float = field(default=20.0, metadata={"help": "weight of (flops_ratio - target_flops)^2"})
-    align_mode: str = field(default="max", metadata={
-        "help": "max: MSE to e / max e (first recipe); onesided: only switched-off filters must be silent; "
-                "rescaled: e rescaled to the density sqrt(target_flops) implies"})
-    aux_warmup: float = field(default=0.0, metadata={
-        "help": "fraction of training over which every auxiliary loss term ramps up from 0, together"})
+    align_mode: str = field(
+        default="max",
+        metadata={
+            "help": "max: MSE to e / max e (first recipe); onesided: only switched-off filters must be silent; "
+            "rescaled: e rescaled to the density sqrt(target_flops) implies"
+        },
+    )
+    aux_warmup: float = field(
+        default=0.0,
+        metadata={"help": "fraction of training over which every auxiliary loss term ramps up from 0, together"},
+    )
     # decoupling a trained dense model (pathguard decouple)
-    init_from: str | None = field(default=None, metadata={
-        "help": "dense bundle of the same arch whose weights start the gated net (every gate on)"})
-    distill: float = field(default=0.0, metadata={
-        "help": "weight of distillation from the init_from model (CE gets 1 - distill)"})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "dense bundle of the same arch whose weights start the gated net (every gate on)"},
+    )
+    distill: float = field(
+        default=0.0, metadata={"help": "weight of distillation from the init_from model (CE gets 1 - distill)"}
+    )
     distill_temperature: float = field(default=4.0, metadata={"help": "temperature T of the distillation KL"})
-    freeze_gates_epochs: int = field(default=0, metadata={
-        "help": "the last N epochs train with the controlling modules frozen"})
+    freeze_gates_epochs: int = field(
+        default=0, metadata={"help": "the last N epochs train with the controlling modules frozen"}
+    )
     head_hidden: int = -1  # VGG head width; -1 keeps the architecture's default
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -73,9 +87,13 @@ class TrainConfig:
         self._check_ranges()
 
     def _check_choices(self) -> None:
-        choices = {"optimizer": ("adamw", "sgd"), "schedule": ("onecycle", "cosine", "constant"),
-                   "mi_input": ("hard", "soft"), "align_distance": ("mse", "bce"),
-                   "align_mode": ("max", "onesided", "rescaled")}
+        choices = {
+            "optimizer": ("adamw", "sgd"),
+            "schedule": ("onecycle", "cosine", "constant"),
+            "mi_input": ("hard", "soft"),
+            "align_distance": ("mse", "bce"),
+            "align_mode": ("max", "onesided", "rescaled"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")

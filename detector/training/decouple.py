@@ -38,8 +38,9 @@ def importance_rank(bn: nn.BatchNorm2d) -> Tensor:
     return rank / max(len(rank) - 1, 1)
 
 
-def decouple_from(cfg: TrainConfig,
-                  dataset_fingerprint: str | None = None) -> tuple[DecoupledNet, dict, nn.Module, str]:
+def decouple_from(
+    cfg: TrainConfig, dataset_fingerprint: str | None = None
+) -> tuple[DecoupledNet, dict, nn.Module, str]:
     """Gated model initialised from the dense bundle ``cfg.init_from``.
 
     Returns ``(model, arch_args, teacher, teacher_digest)``; the teacher is the dense model in eval mode
@@ -59,8 +60,10 @@ def decouple_from(cfg: TrainConfig,
         raise ValueError(f"{where} has head_hidden={arch_args.get('head_hidden')} but head_hidden={cfg.head_hidden}")
     fp = (meta.get("dataset") or {}).get("fingerprint")
     if dataset_fingerprint and fp and fp != dataset_fingerprint:
-        raise ValueError(f"{where} was trained on a different dataset (fingerprint {fp[:12]}..., "
-                         f"this run's {dataset_fingerprint[:12]}...)")
+        raise ValueError(
+            f"{where} was trained on a different dataset (fingerprint {fp[:12]}..., "
+            f"this run's {dataset_fingerprint[:12]}...)"
+        )
     if cfg.gate.init_bias <= 0:
         raise ValueError(f"gate.init_bias={cfg.gate.init_bias} must be > 0 when decoupling: every gate starts on")
     model = create_model(cfg.arch, gated=True, gate=cfg.gate, **arch_args)

@@ -75,8 +75,12 @@ def flops_target_loss(flops_ratio: Tensor, target: float) -> Tensor:
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton's distillation term: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
 
 
 def mi_variational_loss(path_logits: Tensor, labels: Tensor) -> Tensor:

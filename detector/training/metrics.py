@@ -10,8 +10,9 @@ from ..models import DecoupledNet
 
 
 @torch.no_grad()
-def collect_paths(model: DecoupledNet, data: ImageDataset, batch_size: int = 500,
-                  device: torch.device | str = "cpu") -> dict[str, Tensor]:
+def collect_paths(
+    model: DecoupledNet, data: ImageDataset, batch_size: int = 500, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
     """Run ``data`` through ``model`` in eval mode; return logits, hard path, density, flops ratio."""
     model.eval()
     keys = ("logits", "hard", "density", "flops_ratio", "path_logits")

@@ -15,8 +15,17 @@ from ..bundle import BundleError, read_meta, verify_files
 
 log = logging.getLogger(__name__)
 
-_CONFIG_KEYS = ("epochs", "target_flops", "w_sparsity", "align_mode", "aux_warmup", "init_from", "distill",
-                "freeze_gates_epochs", "seed")
+_CONFIG_KEYS = (
+    "epochs",
+    "target_flops",
+    "w_sparsity",
+    "align_mode",
+    "aux_warmup",
+    "init_from",
+    "distill",
+    "freeze_gates_epochs",
+    "seed",
+)
 
 
 def _point(path: Path, meta: dict) -> dict:
@@ -24,16 +33,25 @@ def _point(path: Path, meta: dict) -> dict:
     if not isinstance(test, dict) or "accuracy" not in test:
         raise BundleError(f"bundle {path}: bundle.json has no test metrics (metrics.test.accuracy)")
     cfg = meta.get("train_config") or {}
-    point = {"name": path.name, "path": str(path), "gated": meta["gated"],
-             "model_sha256": meta["files"]["model.safetensors"],
-             "config": {k: cfg.get(k) for k in _CONFIG_KEYS if k in cfg},
-             "accuracy": test["accuracy"], "n_test": test.get("n"), "flops_ratio": test.get("flops_ratio", 1.0),
-             "epoch_seconds": test.get("epoch_seconds")}
+    point = {
+        "name": path.name,
+        "path": str(path),
+        "gated": meta["gated"],
+        "model_sha256": meta["files"]["model.safetensors"],
+        "config": {k: cfg.get(k) for k in _CONFIG_KEYS if k in cfg},
+        "accuracy": test["accuracy"],
+        "n_test": test.get("n"),
+        "flops_ratio": test.get("flops_ratio", 1.0),
+        "epoch_seconds": test.get("epoch_seconds"),
+    }
     if meta["gated"]:
-        point.update(gate_density=test.get("gate_density"), layer_density=test.get("layer_density"),
-                     path_head_accuracy=test.get("path_head_accuracy"),
-                     hamming_same_class=test.get("hamming_same_class"),
-                     hamming_other_class=test.get("hamming_other_class"))
+        point.update(
+            gate_density=test.get("gate_density"),
+            layer_density=test.get("layer_density"),
+            path_head_accuracy=test.get("path_head_accuracy"),
+            hamming_same_class=test.get("hamming_same_class"),
+            hamming_other_class=test.get("hamming_other_class"),
+        )
         same, other = test.get("hamming_same_class"), test.get("hamming_other_class")
         point["hamming_separation"] = None if same is None or other is None else other - same
     return point
@@ -55,15 +73,25 @@ def _detection(evaluations: list[str | Path], detector: str) -> dict[str, dict]:
             sha = report["bundle"]["model_sha256"]
             results = report["results"][detector]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"evaluation report {ev}: cannot read {detector!r} results and bundle.model_sha256 "
-                             f"({exc!r})") from None
-        by_model[sha] = {"report": str(ev), "detector": detector,
-                         "auroc": {attack: r["auroc"] for attack, r in results.items() if isinstance(r, dict)}}
+            raise ValueError(
+                f"evaluation report {ev}: cannot read {detector!r} results and bundle.model_sha256 ({exc!r})"
+            ) from None
+        by_model[sha] = {
+            "report": str(ev),
+            "detector": detector,
+            "auroc": {attack: r["auroc"] for attack, r in results.items() if isinstance(r, dict)},
+        }
     return by_model
 
 
-def tradeoff_report(bundles: list[str | Path], out_dir: str | Path, *, dense: str | Path | None = None,
-                    evaluations: list[str | Path] = (), detector: str = "path") -> dict:
+def tradeoff_report(
+    bundles: list[str | Path],
+    out_dir: str | Path,
+    *,
+    dense: str | Path | None = None,
+    evaluations: list[str | Path] = (),
+    detector: str = "path",
+) -> dict:
     """Write ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` to ``out_dir``; return the JSON."""
     if not bundles:
         raise ValueError("bundles=[] : give at least one trained bundle")
@@ -91,8 +119,12 @@ def tradeoff_report(bundles: list[str | Path], out_dir: str | Path, *, dense: st
     if unmatched:
         log.warning("%d evaluation report(s) match none of the bundles' weights", len(unmatched))
     points.sort(key=lambda p: -p["flops_ratio"])
-    report = {"what": "test-set accuracy against executed FLOPs (controlling modules included), per bundle",
-              "dense": dense_point, "points": points, "files": ["tradeoff.json", "tradeoff.md", "tradeoff.png"]}
+    report = {
+        "what": "test-set accuracy against executed FLOPs (controlling modules included), per bundle",
+        "dense": dense_point,
+        "points": points,
+        "files": ["tradeoff.json", "tradeoff.md", "tradeoff.png"],
+    }
     (out / "tradeoff.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "tradeoff.md").write_text(_markdown(report))
     _plot(report, out / "tradeoff.png")
@@ -112,14 +144,19 @@ def _markdown(report: dict) -> str:
         rows.append(f"| {d['name']} (dense) | 1.000 | {d['accuracy']:.4f} | 0 | – | – |" + " – |" * len(attacks))
     for p in report["points"]:
         auroc = (p.get("detection") or {}).get("auroc", {})
-        rows.append(f"| {p['name']} | {p['flops_ratio']:.3f} | {p['accuracy']:.4f} | "
-                    f"{_fmt(p.get('gap_to_dense_points'), '.2f')} | {_fmt(p.get('path_head_accuracy'), '.4f')} | "
-                    f"{_fmt(p.get('hamming_same_class'), '.3f')} / {_fmt(p.get('hamming_other_class'), '.3f')} | "
-                    + " | ".join(_fmt(auroc.get(a), ".3f") for a in attacks) + (" |" if attacks else ""))
+        rows.append(
+            f"| {p['name']} | {p['flops_ratio']:.3f} | {p['accuracy']:.4f} | "
+            f"{_fmt(p.get('gap_to_dense_points'), '.2f')} | {_fmt(p.get('path_head_accuracy'), '.4f')} | "
+            f"{_fmt(p.get('hamming_same_class'), '.3f')} / {_fmt(p.get('hamming_other_class'), '.3f')} | "
+            + " | ".join(_fmt(auroc.get(a), ".3f") for a in attacks)
+            + (" |" if attacks else "")
+        )
     det = {(p.get("detection") or {}).get("detector") for p in report["points"]} - {None}
     note = f"\nDetection: AUROC of the `{det.pop()}` detector, successful attacks.\n" if det else "\n"
-    return ("# Accuracy against executed FLOPs\n\nFrom each bundle's `bundle.json` (test split); regenerate with "
-            "`pathguard training-report`.\n\n" + "\n".join(rows) + "\n" + note)
+    return (
+        "# Accuracy against executed FLOPs\n\nFrom each bundle's `bundle.json` (test split); regenerate with "
+        "`pathguard training-report`.\n\n" + "\n".join(rows) + "\n" + note
+    )
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -133,11 +170,16 @@ def _plot(report: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot([p["flops_ratio"] for p in pts], [100 * p["accuracy"] for p in pts], "o", label="test accuracy")
     for p in pts:
-        ax1.annotate(p["name"], (p["flops_ratio"], 100 * p["accuracy"]), fontsize=7, xytext=(3, 3),
-                     textcoords="offset points")
+        ax1.annotate(
+            p["name"], (p["flops_ratio"], 100 * p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     if gated and any(p.get("path_head_accuracy") is not None for p in gated):
-        ax1.plot([p["flops_ratio"] for p in gated], [100 * (p.get("path_head_accuracy") or 0) for p in gated], "s",
-                 label="q(y | path) accuracy")
+        ax1.plot(
+            [p["flops_ratio"] for p in gated],
+            [100 * (p.get("path_head_accuracy") or 0) for p in gated],
+            "s",
+            label="q(y | path) accuracy",
+        )
     if report["dense"]:
         ax1.axhline(100 * report["dense"]["accuracy"], ls="--", c="grey", label="dense twin")
     ax1.set(xlabel="executed FLOPs / dense", ylabel="accuracy (%)", title="accuracy against compute")
@@ -145,8 +187,11 @@ def _plot(report: dict, path: Path) -> None:
     sep = [p for p in gated if p.get("hamming_separation") is not None]
     ax2.plot([p["flops_ratio"] for p in sep], [p["hamming_same_class"] for p in sep], "o", label="same class")
     ax2.plot([p["flops_ratio"] for p in sep], [p["hamming_other_class"] for p in sep], "s", label="other class")
-    ax2.set(xlabel="executed FLOPs / dense", ylabel="mean normalised Hamming distance",
-            title="how far apart class paths are")
+    ax2.set(
+        xlabel="executed FLOPs / dense",
+        ylabel="mean normalised Hamming distance",
+        title="how far apart class paths are",
+    )
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

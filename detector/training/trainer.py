@@ -38,8 +38,12 @@ def augment(x: Tensor, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
         dx = torch.randint(0, 2 * s + 1, (n,), generator=gen).to(x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                   torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+        x = padded[
+            torch.arange(n, device=x.device)[:, None, None, None],
+            torch.arange(c, device=x.device)[None, :, None, None],
+            rows,
+            cols,
+        ]
     return x
 
 
@@ -58,13 +62,20 @@ def _align_term(out: PathOutput, cfg: TrainConfig) -> Tensor:
         if cfg.align_mode == "rescaled":
             # the density a uniform per-layer density d implies for a FLOPs target t: d * d ~ t (conv on
             # active input x active output channels); without a target e keeps the max-normalised mean
-            e = losses.rescale_encoding(e, cfg.target_flops ** 0.5) if cfg.target_flops > 0 else e
+            e = losses.rescale_encoding(e, cfg.target_flops**0.5) if cfg.target_flops > 0 else e
         terms.append(losses.align_loss(e, layer.soft, cfg.align_distance))
     return losses.mean_over_layers(terms)
 
 
-def objective(model: DecoupledNet, out: PathOutput, y: Tensor, cfg: TrainConfig, sparsity_scale: float = 1.0,
-              aux: float = 1.0, teacher_logits: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+def objective(
+    model: DecoupledNet,
+    out: PathOutput,
+    y: Tensor,
+    cfg: TrainConfig,
+    sparsity_scale: float = 1.0,
+    aux: float = 1.0,
+    teacher_logits: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
     """Total loss and its terms (as floats, for the log). ``aux`` scales every auxiliary term (the ramp)."""
     ce = F.cross_entropy(out.logits, y)
     terms = {"ce": ce}
@@ -79,8 +90,12 @@ def objective(model: DecoupledNet, out: PathOutput, y: Tensor, cfg: TrainConfig,
         terms["infomax"] = losses.mean_over_layers([losses.infomax_loss(layer.soft) for layer in out.layers])
         terms["sparsity"] = losses.sparsity_loss(soft)
         terms["align"] = _align_term(out, cfg)
-        side = (cfg.w_mi * terms["mi"] + cfg.w_infomax * terms["infomax"]
-                + cfg.w_sparsity * sparsity_scale * terms["sparsity"] + cfg.w_align * terms["align"])
+        side = (
+            cfg.w_mi * terms["mi"]
+            + cfg.w_infomax * terms["infomax"]
+            + cfg.w_sparsity * sparsity_scale * terms["sparsity"]
+            + cfg.w_align * terms["align"]
+        )
         terms["flops"] = out.flops_ratio.mean()
         if cfg.target_flops > 0:
             terms["flops_target"] = losses.flops_target_loss(out.flops_ratio, cfg.target_flops)
@@ -93,7 +108,9 @@ def build_for(cfg: TrainConfig, data: ImageDataset) -> tuple[DecoupledNet, dict]
     """The model the config asks for, sized and normalised for ``data``; returns (model, arch_args)."""
     x = data.float_images()
     arch_args = {
-        "num_classes": len(data.classes), "in_channels": data.shape[0], "input_size": data.shape[1],
+        "num_classes": len(data.classes),
+        "in_channels": data.shape[0],
+        "input_size": data.shape[1],
         "mean": [round(float(v), 4) for v in x.mean(dim=(0, 2, 3))],
         "std": [round(float(v), 4) for v in x.std(dim=(0, 2, 3))],
     }
@@ -123,9 +140,21 @@ def freeze_gates(model: nn.Module, frozen: bool) -> None:
             m.requires_grad_(not frozen)
 
 
-def train_epoch(model: DecoupledNet, train_set: ImageDataset, cfg: TrainConfig, *, opt: torch.optim.Optimizer,
-                sched, gen: torch.Generator, step: int, total_steps: int, device: torch.device,
-                teacher: nn.Module | None = None, desc: str = "", progress: bool = False) -> tuple[int, dict]:
+def train_epoch(
+    model: DecoupledNet,
+    train_set: ImageDataset,
+    cfg: TrainConfig,
+    *,
+    opt: torch.optim.Optimizer,
+    sched,
+    gen: torch.Generator,
+    step: int,
+    total_steps: int,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    desc: str = "",
+    progress: bool = False,
+) -> tuple[int, dict]:
     """One pass over ``train_set`` in the order ``gen`` draws; returns (step after it, mean loss terms)."""
     model.train()
     steps = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
@@ -133,7 +162,7 @@ def train_epoch(model: DecoupledNet, train_set: ImageDataset, cfg: TrainConfig, 
     order = torch.randperm(len(train_set), generator=gen)
     bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr, leave=False)
     for b in bar:
-        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         x = augment(train_set.float_images(idx).to(device), cfg, gen)
         y = train_set.labels[idx].to(device)
         warm = cfg.sparsity_warmup * total_steps
@@ -142,8 +171,9 @@ def train_epoch(model: DecoupledNet, train_set: ImageDataset, cfg: TrainConfig, 
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(x)
-        loss, terms = objective(model, model.forward_path(x), y, cfg, scale, aux_scale(cfg, step, total_steps),
-                                teacher_logits)
+        loss, terms = objective(
+            model, model.forward_path(x), y, cfg, scale, aux_scale(cfg, step, total_steps), teacher_logits
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -155,8 +185,9 @@ def train_epoch(model: DecoupledNet, train_set: ImageDataset, cfg: TrainConfig, 
     return step, {k: v / steps for k, v in sums.items()}
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
-          stop_after: int | None = None) -> dict:
+def train(
+    cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False, stop_after: int | None = None
+) -> dict:
     """Train per ``cfg``; write the bundle (with ``train_log.jsonl``) to ``out_dir``; return test metrics.
 
     A checkpoint is written to ``out_dir/checkpoint/`` after every epoch and removed once the bundle is
@@ -183,8 +214,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resum
     else:
         model, arch_args = build_for(cfg, train_set)
     model.to(device)
-    log.info("training %s (%s%s) on %d images, %d threads, %s", cfg.arch, "gated" if cfg.gated else "dense",
-             f", from {cfg.init_from}" if cfg.init_from else "", len(train_set), threads, device)
+    log.info(
+        "training %s (%s%s) on %d images, %d threads, %s",
+        cfg.arch,
+        "gated" if cfg.gated else "dense",
+        f", from {cfg.init_from}" if cfg.init_from else "",
+        len(train_set),
+        threads,
+        device,
+    )
 
     opt = _optimizer(model, cfg)
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
@@ -196,38 +234,61 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resum
     if resume:
         meta = checkpoint.load_checkpoint(out_dir, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen)
         if meta["extra"].get("teacher_sha256") != extra.get("teacher_sha256"):
-            raise checkpoint.CheckpointError(f"checkpoint in {out_dir} was distilled from another teacher than "
-                                             f"{cfg.init_from} (its weights changed)")
+            raise checkpoint.CheckpointError(
+                f"checkpoint in {out_dir} was distilled from another teacher than {cfg.init_from} (its weights changed)"
+            )
         first, step = meta["epoch"] + 1, meta["step"]
         # the bundle names the command that started the run, and each that continued it
         started = meta["extra"].get("command", "?")
         extra["command"] = f"{started}; resumed after epoch {meta['epoch']}: {extra['command']}"
-        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= meta["epoch"]] \
-            if log_path.is_file() else []
+        kept = (
+            [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= meta["epoch"]]
+            if log_path.is_file()
+            else []
+        )
         log_path.write_text("".join(ln + "\n" for ln in kept))
         log.info("resuming %s after epoch %d (step %d)", out_dir, meta["epoch"], step)
     else:
         if checkpoint.has_checkpoint(out_dir):
             raise checkpoint.CheckpointError(
                 f"{out_dir} holds the checkpoint of an unfinished run ({checkpoint.checkpoint_dir(out_dir)}): "
-                "resume it (--resume), or delete that folder to start over")
+                "resume it (--resume), or delete that folder to start over"
+            )
         log_path.write_text("")
     train_s, val = 0.0, {}
     for epoch in range(first, cfg.epochs + 1):
         freeze_gates(model, epoch > cfg.epochs - cfg.freeze_gates_epochs)
         t0 = time.perf_counter()
-        step, means = train_epoch(model, train_set, cfg, opt=opt, sched=sched, gen=gen, step=step,
-                                  total_steps=total_steps, device=device, teacher=teacher,
-                                  desc=f"epoch {epoch}/{cfg.epochs}", progress=progress)
+        step, means = train_epoch(
+            model,
+            train_set,
+            cfg,
+            opt=opt,
+            sched=sched,
+            gen=gen,
+            step=step,
+            total_steps=total_steps,
+            device=device,
+            teacher=teacher,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            progress=progress,
+        )
         train_s = time.perf_counter() - t0
         val = model_metrics(model, val_set, device)
         record = {"epoch": epoch, "train_seconds": round(train_s, 1), "train": means, "val": val}
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        checkpoint.save_checkpoint(out_dir, epoch=epoch, step=step, cfg=cfg, model=model, opt=opt, sched=sched,
-                                   gen=gen, extra=extra)
-        log.info("epoch %d: val acc %.4f density %s flops %.3f (%.0f s)", epoch, val["accuracy"],
-                 f"{val.get('gate_density', 1.0):.3f}", val["flops_ratio"], train_s)
+        checkpoint.save_checkpoint(
+            out_dir, epoch=epoch, step=step, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen, extra=extra
+        )
+        log.info(
+            "epoch %d: val acc %.4f density %s flops %.3f (%.0f s)",
+            epoch,
+            val["accuracy"],
+            f"{val.get('gate_density', 1.0):.3f}",
+            val["flops_ratio"],
+            train_s,
+        )
         if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
             log.info("stopping after epoch %d; continue with --resume", epoch)
             return {"stopped_after_epoch": epoch}
@@ -237,10 +298,23 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resum
         val = model_metrics(model, val_set, device)
     test_metrics = model_metrics(model, test, device)
     test_metrics["epoch_seconds"] = round(train_s, 1)
-    dataset = {"name": cfg.dataset, "fingerprint": full.fingerprint(), "train_images": len(train_set),
-               "val_images": len(val_set), "split_seed": cfg.seed}
-    save_bundle(out_dir, model.cpu(), arch=cfg.arch, arch_args=arch_args, classes=train_set.classes,
-                train_config=cfg.to_dict(), dataset=dataset, metrics={"test": test_metrics, "val": val},
-                command=extra["command"])
+    dataset = {
+        "name": cfg.dataset,
+        "fingerprint": full.fingerprint(),
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "split_seed": cfg.seed,
+    }
+    save_bundle(
+        out_dir,
+        model.cpu(),
+        arch=cfg.arch,
+        arch_args=arch_args,
+        classes=train_set.classes,
+        train_config=cfg.to_dict(),
+        dataset=dataset,
+        metrics={"test": test_metrics, "val": val},
+        command=extra["command"],
+    )
     checkpoint.remove_checkpoint(out_dir)
     return test_metrics
