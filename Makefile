@@ -32,6 +32,8 @@ run: $(STAMP)
 
 test: $(STAMP) data tools
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy $(TYPED_API)
 	$(BIN)/python -m pytest -q
 
 # Build the container images (deploy/docker/Dockerfile, targets server and eval) with podman and check the server
@@ -47,9 +49,10 @@ TYPED_API := detector/__init__.py detector/bundle.py detector/screening.py detec
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy $(TYPED_API)
 
-# Reformats the tree with ruff's formatter ([tool.ruff.format]).
+# Reformats the tree with ruff's formatter ([tool.ruff.format]); `make test` and `make lint` check it.
 format: $(STAMP)
 	$(BIN)/ruff format .
 
