@@ -26,6 +26,23 @@ _READY = re.compile(r"listening on [^ ]+:(\d+) .*metrics on :(\d+)/metrics")
 
 
 # -- the server under test ---------------------------------------------------------------------------------
+def loopback_serve_args(bundle: str | Path, threads: int, port: int = 0, metrics_port: int = 0) -> list[str]:
+    """``pathguard serve`` arguments (after the program) for a server on loopback; port 0 picks a free one."""
+    return [
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--threads",
+        str(threads),
+    ]
+
+
 class ServerProcess:
     """``pathguard serve`` on loopback (free ports) in a subprocess, its log collected line by line.
 
@@ -40,23 +57,7 @@ class ServerProcess:
         self.bundle_link = self.workdir / "bundle"
         self.bundle_link.symlink_to(Path(bundle).resolve())
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "pathguard",
-            "serve",
-            "--bundle",
-            str(self.bundle_link),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--threads",
-            str(threads),
-            *args,
-        ]
+        cmd = [sys.executable, "-m", "pathguard", *loopback_serve_args(self.bundle_link, threads), *args]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -47,7 +47,7 @@ import grpc
 import numpy as np
 import torch
 
-from bench.helpers import REPO, free_port, kserve_request, sample, scrape
+from bench.helpers import REPO, free_port, kserve_request, loopback_serve_args, sample, scrape
 from detector import load_bundle
 from detector.runtime import set_threads
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
@@ -323,23 +323,13 @@ def start_contenders(cfg: CostConfig, out: Path) -> dict[str, Contender]:
             sys.executable,
             "-m",
             "pathguard",
-            "serve",
-            "--bundle",
-            cfg.bundle,
-            "--host",
-            "127.0.0.1",
-            "--threads",
-            str(threads),
+            *loopback_serve_args(cfg.bundle, threads, port, metrics_port),
             "--max-batch-size",
             str(cfg.max_batch_size),
             "--max-queue-delay-ms",
             str(cfg.max_queue_delay_ms),
             "--engine",
             cfg.engine,
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
             *extra,
         ]
         contender = Contender(key, cmd, port, cores, out / f"{key}.log", ready_servers=workers)

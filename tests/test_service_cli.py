@@ -11,6 +11,7 @@ import pytest
 from service_helpers import THREADS, shared_server
 from synthetic import make_images
 
+from bench.helpers import loopback_serve_args
 from detector.bundle import DEFAULT_BUNDLE
 from pathguard.main import build_parser, main
 from pathguard.options import config_from, env_name
@@ -123,21 +124,7 @@ def test_pathguard_screen_reports_an_unreachable_server_and_a_missing_file(tmp_p
 
 def test_serve_refuses_a_broken_bundle_naming_it(tmp_path, capsys):
     missing = tmp_path / "nope"
-    code = main(
-        [
-            "serve",
-            "--bundle",
-            str(missing),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--threads",
-            str(THREADS),
-        ]
-    )
+    code = main(loopback_serve_args(missing, THREADS))
     assert code == 2
     assert f"bundle {missing}" in capsys.readouterr().err
 

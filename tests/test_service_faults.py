@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import THREADS, GatedRunner, config_for, permuted_bundle, sample, scrape, wait_until
 from synthetic import make_images
 
-from bench.helpers import kserve_request, own_request
+from bench.helpers import kserve_request, loopback_serve_args, own_request
 from bench.load import LoadConfig, run_load, verdict
 from pathguard.main import main
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
@@ -255,20 +255,6 @@ def test_reloads_under_load_refuse_a_broken_bundle_then_swap_atomically(tiny_bun
 @pytest.mark.parametrize("how", ["wrong-checksum", "missing-file", "emptied-model"])
 def test_a_broken_bundle_is_refused_at_start_naming_the_file(tiny_bundle, tmp_path, capsys, how):
     bad, names = broken(tiny_bundle, tmp_path / "bundle", how)
-    code = main(
-        [
-            "serve",
-            "--bundle",
-            str(bad),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--threads",
-            str(THREADS),
-        ]
-    )
+    code = main(loopback_serve_args(bad, THREADS))
     assert code == 2
     assert names in capsys.readouterr().err

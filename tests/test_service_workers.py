@@ -17,7 +17,7 @@ from pathlib import Path
 from service_helpers import sample, scrape, wait_until
 from synthetic import make_images
 
-from bench.helpers import ServerProcess
+from bench.helpers import ServerProcess, loopback_serve_args
 from service.client import PathGuardClient
 
 METHOD = "pathguard.v1.PathGuard/ScreenImages"
@@ -111,24 +111,7 @@ def test_two_workers_answer_add_up_reload_and_drain_on_sigterm(tiny_bundle):
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(tmp_path):
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pathguard",
-            "serve",
-            "--workers",
-            "2",
-            "--threads",
-            "1",
-            "--bundle",
-            str(tmp_path / "missing"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
+        [sys.executable, "-m", "pathguard", *loopback_serve_args(tmp_path / "missing", 1), "--workers", "2"],
         capture_output=True,
         text=True,
         timeout=180,
