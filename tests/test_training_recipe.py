@@ -12,7 +12,7 @@ from detector.data import load_dataset
 from detector.models import GateConfig
 from detector.training import TrainConfig, train
 from detector.training.checkpoint import CheckpointError, checkpoint_dir
-from detector.training.decouple import decouple_from
+from detector.training.decouple import continue_dense, decouple_from
 from detector.training.metrics import model_metrics
 
 
@@ -94,6 +94,25 @@ def test_decouple_refuses_what_does_not_fit(data, dense):
         decouple_from(_cfg(data, init_from=str(dense)), dataset_fingerprint="0" * 64)
     with pytest.raises(ValueError, match="needs a teacher"):
         _cfg(data, distill=0.5)
+
+
+def test_dense_twin_continues_from_the_dense_start(data, dense, tmp_path):
+    # the control for a decoupled model: the same start and the same extra epochs, no gates
+    cfg = _cfg(data, gated=False, epochs=1, init_from=str(dense), lr=1e-3)
+    model, _, teacher, digest = continue_dense(cfg)
+    start = json.loads((dense / "bundle.json").read_text())
+    assert teacher is None and digest == start["files"]["model.safetensors"]
+    test = load_dataset("npz", "test", str(data))
+    assert model_metrics(model.eval(), test)["accuracy"] == start["metrics"]["test"]["accuracy"]
+    train(cfg, tmp_path / "twin", progress=False)
+    meta = json.loads((tmp_path / "twin" / "bundle.json").read_text())
+    assert not meta["gated"] and meta["train_config"]["init_from"] == str(dense)
+    before, after = load_file(dense / "model.safetensors"), load_file(tmp_path / "twin" / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    gated = tmp_path / "twin-of-gated"
+    train(_cfg(data, epochs=1, train_subset=128), gated, progress=False)
+    with pytest.raises(ValueError, match="gated bundle"):
+        continue_dense(_cfg(data, gated=False, init_from=str(gated)))
 
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(data, tmp_path):

@@ -67,7 +67,10 @@ class TrainConfig:
     # decoupling a trained dense model (pathguard decouple)
     init_from: str | None = field(
         default=None,
-        metadata={"help": "dense bundle of the same arch whose weights start the gated net (every gate on)"},
+        metadata={
+            "help": "dense bundle of the same arch whose weights start the run: gated, every gate on (decoupling); "
+            "dense, continued training (the dense twin of a decoupled model)"
+        },
     )
     distill: float = field(
         default=0.0, metadata={"help": "weight of distillation from the init_from model (CE gets 1 - distill)"}
@@ -102,8 +105,6 @@ class TrainConfig:
                 raise ValueError(f"augment={a!r} must be 'hflip' or 'shift'")
         if self.distill > 0 and not self.init_from:
             raise ValueError("distill > 0 needs a teacher: set init_from to a dense bundle")
-        if self.init_from and not self.gated:
-            raise ValueError("init_from decouples a dense bundle into a gated model: gated must be true")
 
     def _check_ranges(self) -> None:
         for name in ("epochs", "batch_size"):

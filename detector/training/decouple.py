@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..bundle import load_bundle
+from ..bundle import Bundle, load_bundle
 from ..models import DecoupledNet, create_model
 from .config import TrainConfig
 
@@ -38,15 +38,8 @@ def importance_rank(bn: nn.BatchNorm2d) -> Tensor:
     return rank / max(len(rank) - 1, 1)
 
 
-def decouple_from(
-    cfg: TrainConfig, dataset_fingerprint: str | None = None
-) -> tuple[DecoupledNet, dict, nn.Module, str]:
-    """Gated model initialised from the dense bundle ``cfg.init_from``.
-
-    Returns ``(model, arch_args, teacher, teacher_digest)``; the teacher is the dense model in eval mode
-    and the digest the SHA-256 of its weights (a resumed run checks it is still the same teacher).
-    Raises ValueError (BundleError) naming what does not fit.
-    """
+def _dense_source(cfg: TrainConfig, dataset_fingerprint: str | None) -> tuple[Bundle, str]:
+    """The dense bundle ``cfg.init_from``, checked against the run: dense, same architecture and data."""
     path = Path(cfg.init_from or "")
     bundle = load_bundle(path)
     meta = bundle.meta
@@ -64,6 +57,42 @@ def decouple_from(
             f"{where} was trained on a different dataset (fingerprint {fp[:12]}..., "
             f"this run's {dataset_fingerprint[:12]}...)"
         )
+    return bundle, where
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def continue_dense(
+    cfg: TrainConfig, dataset_fingerprint: str | None = None
+) -> tuple[nn.Module, dict, nn.Module | None, str]:
+    """A dense model that continues training from the dense bundle ``cfg.init_from`` (``gated=false``).
+
+    This is the dense twin's control for a decoupled model: the same start and the same extra epochs,
+    without gates. Returns ``(model, arch_args, teacher, digest)`` like :func:`decouple_from`; the teacher
+    (a frozen copy of the start, for self-distillation) is None unless ``cfg.distill > 0``.
+    """
+    bundle, _ = _dense_source(cfg, dataset_fingerprint)
+    teacher = _frozen(load_bundle(Path(cfg.init_from or "")).model) if cfg.distill > 0 else None
+    model = bundle.model.train()
+    return model, dict(bundle.meta["arch_args"]), teacher, bundle.meta["files"]["model.safetensors"]
+
+
+def decouple_from(
+    cfg: TrainConfig, dataset_fingerprint: str | None = None
+) -> tuple[DecoupledNet, dict, nn.Module, str]:
+    """Gated model initialised from the dense bundle ``cfg.init_from``.
+
+    Returns ``(model, arch_args, teacher, teacher_digest)``; the teacher is the dense model in eval mode
+    and the digest the SHA-256 of its weights (a resumed run checks it is still the same teacher).
+    Raises ValueError (BundleError) naming what does not fit.
+    """
+    bundle, where = _dense_source(cfg, dataset_fingerprint)
+    arch_args = dict(bundle.meta["arch_args"])
     if cfg.gate.init_bias <= 0:
         raise ValueError(f"gate.init_bias={cfg.gate.init_bias} must be > 0 when decoupling: every gate starts on")
     model = create_model(cfg.arch, gated=True, gate=cfg.gate, **arch_args)
@@ -77,7 +106,4 @@ def decouple_from(
         for _, layer in model.gated_layers():
             layer.acm.fc2.weight.zero_()
             layer.acm.fc2.bias.copy_(cfg.gate.init_bias * (0.5 + importance_rank(layer.bn)))
-    teacher = bundle.model.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return model, arch_args, teacher, meta["files"]["model.safetensors"]
+    return model, arch_args, _frozen(bundle.model), bundle.meta["files"]["model.safetensors"]

@@ -19,7 +19,7 @@ from ..models import ControllingModule, DecoupledNet, PathOutput, create_model
 from ..runtime import select_device, set_threads
 from . import checkpoint, losses
 from .config import TrainConfig
-from .decouple import decouple_from
+from .decouple import continue_dense, decouple_from
 from .metrics import model_metrics
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,10 @@ def train(
     train_set, val_set = full.subset(tr_idx, ":train"), full.subset(va_idx, ":val")
     teacher, extra = None, {"command": " ".join(["pathguard", *sys.argv[1:]])}
     if cfg.init_from:
-        model, arch_args, teacher, digest = decouple_from(cfg, full.fingerprint())
-        teacher.to(device)
+        start = decouple_from if cfg.gated else continue_dense
+        model, arch_args, teacher, digest = start(cfg, full.fingerprint())
+        if teacher is not None:
+            teacher.to(device)
         extra["teacher_sha256"] = digest
     else:
         model, arch_args = build_for(cfg, train_set)
