@@ -3,8 +3,9 @@
 A surrogate maps the path-feature rows that :func:`detector.features.path_features` computes (torch, with
 gradients) to the *logit* of the detector's adversarial score. For a logistic-regression detector it is
 the detector itself written in torch (exact). Tree ensembles (random forest, gradient boosting) are
-piecewise constant, so an attacker fits a smooth model to their scores and follows its gradient; the real
-detector still decides success.
+piecewise constant: :mod:`detector.adaptive.relaxation` builds smooth versions from their parameters, and
+where none exists :class:`IterateSurrogate` is fitted to the real scores of the attack's own iterates. The
+real detector always decides success.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from ..detectors import FeatureDetector
-from ..detectors.scorers import IdentityScorer, LinearScorer, TreeScorer
+from ..detectors.scorers import IdentityScorer, LinearScorer
 
 log = logging.getLogger(__name__)
 
-SURROGATE_KINDS = ("linear", "mlp")
+SURROGATE_KINDS = ("auto", "iterates")  # a relaxation where one exists / always the iterate-fitted network
 _CLIP = 1e-4  # scores are clipped to [_CLIP, 1 - _CLIP] before taking logits
 
 
@@ -56,6 +57,15 @@ class DetectorSurrogate(nn.Module):
         """Tensor (N,) in [0, 1]: the surrogate's adversarial score."""
         return torch.sigmoid(self.logit(X))
 
+    def anneal(self, progress: float) -> None:
+        """Called by the attack with how far through it is, in [0, 1] (a temperature may follow it)."""
+
+    def observe(self, X: Tensor, scores: np.ndarray) -> None:
+        """Called by the attack with its iterates' feature rows and the real detector's scores of them."""
+
+    def reset(self) -> None:
+        """Called at the start of every batch: forget what the previous batch's iterates taught."""
+
     def describe(self) -> dict:
         return {"kind": type(self).__name__, "exact": self.exact}
 
@@ -85,95 +95,124 @@ class IdentitySurrogate(DetectorSurrogate):
         return _logit(X[:, self.columns[0]])
 
 
-class FittedSurrogate(DetectorSurrogate):
-    """A smooth model fitted to a non-differentiable detector's scores on example feature rows.
+class IterateSurrogate(DetectorSurrogate):
+    """The generic fallback: a small network refitted on the attack's own iterates, labelled by the real
+    detector's scores (Tramer et al. 2020, section 4).
 
-    ``kind="linear"``: logistic regression; ``kind="mlp"``: one hidden layer. Both are trained with binary
-    cross-entropy against the detector's scores as soft labels, on standardised columns.
+    A surrogate fitted once on the detector's training rows only sees where the score saturates; this one
+    learns the region the attack moves through. :meth:`observe` adds rows to a buffer (the latest
+    ``buffer`` rows, with the clean rows always kept) and, every ``refit_every`` calls, trains for ``epochs``
+    full-batch Adam steps from the current weights on binary cross-entropy against the real scores.
+
+    Parameters
+    ----------
+    detector : the fitted detector (its ``columns_``, ``threshold_`` and ``decision_function``).
+    X_clean : (n, n_features) clean rows to start from (standardisation and the first fit).
+    hidden, buffer, refit_every, epochs, seed : see above.
     """
 
     def __init__(
-        self, columns: np.ndarray, threshold: float, net: nn.Module, mean: Tensor, scale: Tensor, kind: str
+        self,
+        detector: FeatureDetector,
+        X_clean: np.ndarray,
+        *,
+        hidden: int = 64,
+        buffer: int = 4000,
+        refit_every: int = 5,
+        epochs: int = 40,
+        seed: int = 0,
     ) -> None:
-        super().__init__(columns, threshold)
-        self.net = net
-        self.register_buffer("mean", mean)
-        self.register_buffer("scale", scale)
-        self.kind = kind
+        super().__init__(np.asarray(detector.columns_), float(detector.threshold_))
+        if len(X_clean) < 2:
+            raise ValueError(f"X_clean needs at least 2 rows, got {len(X_clean)}")
+        self.hidden, self.buffer, self.refit_every, self.epochs, self.seed = hidden, buffer, refit_every, epochs, seed
+        x = torch.as_tensor(np.asarray(X_clean)[:, self.columns.numpy()], dtype=torch.float32)
+        scale = x.std(0)
+        self.register_buffer("mean", x.mean(0))
+        self.register_buffer("scale", torch.where(scale > 1e-6, scale, torch.ones_like(scale)))
+        clean = np.clip(detector.decision_function(np.asarray(X_clean, dtype=np.float64)), _CLIP, 1 - _CLIP)
+        self._clean = (x, torch.as_tensor(clean, dtype=torch.float32))
+        self.refits = 0
+        self.reset()
+
+    def reset(self) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        self.net = nn.Sequential(nn.Linear(len(self.mean), self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.01 if p.ndim == 1 else 1.0 / np.sqrt(p.shape[-1])))
+        self.net.to(self.mean.device)
+        self._opt = torch.optim.Adam(self.net.parameters(), lr=1e-2, weight_decay=1e-4)
+        self._rows: list[tuple[Tensor, Tensor]] = []
+        self._calls = 0
+        self._fit(4 * self.epochs)
+
+    def observe(self, X: Tensor, scores: np.ndarray) -> None:
+        x = X.detach()[:, self.columns].float().to(self.mean.device)
+        self._rows.append((x, torch.as_tensor(np.clip(scores, _CLIP, 1 - _CLIP), dtype=torch.float32)))
+        while sum(len(r[0]) for r in self._rows) > self.buffer and len(self._rows) > 1:
+            self._rows.pop(0)
+        self._calls += 1
+        if self._calls % self.refit_every == 0:
+            self._fit(self.epochs)
+
+    def _fit(self, epochs: int) -> None:
+        xs, ys = zip(*[self._clean, *self._rows], strict=True)
+        x = (torch.cat(xs).to(self.mean.device) - self.mean) / self.scale
+        y = torch.cat(ys).to(self.mean.device)
+        self.net.train()
+        with torch.enable_grad():
+            for p in self.net.parameters():
+                p.requires_grad_(True)
+            for _ in range(epochs):
+                self._opt.zero_grad()
+                nn.functional.binary_cross_entropy_with_logits(self.net(x).squeeze(1), y).backward()
+                self._opt.step()
+            for p in self.net.parameters():
+                p.requires_grad_(False)
+        self.net.eval()
+        self.refits += 1
 
     def logit(self, X: Tensor) -> Tensor:
         x = (X[:, self.columns].to(self.mean.dtype) - self.mean) / self.scale
         return self.net(x).squeeze(1).to(X.dtype)
 
     def describe(self) -> dict:
-        return {**super().describe(), "fitted": self.kind}
-
-
-def fit_surrogate(
-    detector: FeatureDetector,
-    X: np.ndarray,
-    *,
-    kind: str = "mlp",
-    hidden: int = 64,
-    epochs: int = 400,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-) -> FittedSurrogate:
-    """Fit a :class:`FittedSurrogate` to ``detector``'s scores on feature rows X (n_samples, n_features).
-
-    X should hold clean and adversarial rows (the detector's own training rows are a good choice), so that
-    the surrogate sees both sides of the detector's threshold.
-    """
-    if kind not in SURROGATE_KINDS:
-        raise ValueError(f"kind={kind!r} must be one of {SURROGATE_KINDS}")
-    if len(X) < 2:
-        raise ValueError(f"fitting a surrogate needs at least 2 feature rows, got {len(X)}")
-    cols = np.asarray(detector.columns_)
-    target = torch.as_tensor(np.clip(detector.decision_function(X), _CLIP, 1 - _CLIP), dtype=torch.float32)
-    x = torch.as_tensor(np.asarray(X)[:, cols], dtype=torch.float32)
-    mean, scale = x.mean(0), x.std(0)
-    scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
-    x = (x - mean) / scale
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "linear":
-        net: nn.Module = nn.Linear(x.shape[1], 1)
-    else:
-        net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, 1))
-    with torch.no_grad():
-        for p in net.parameters():  # seeded init, independent of the global RNG
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.01 if p.ndim == 1 else 1.0 / np.sqrt(p.shape[-1])))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
-    for _ in range(epochs):  # full batch: the rows are few (thousands) and the net is small
-        opt.zero_grad()
-        loss = loss_fn(net(x).squeeze(1), target)
-        loss.backward()
-        opt.step()
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return FittedSurrogate(cols, float(detector.threshold_), net, mean, scale, kind)
+        return {
+            **super().describe(),
+            "fitted": "on the attack's iterates",
+            "refit_every": self.refit_every,
+            "epochs": self.epochs,
+            "buffer": self.buffer,
+        }
 
 
 def build_surrogate(
-    detector: FeatureDetector, X_fit: np.ndarray | None = None, *, kind: str = "mlp", seed: int = 0
+    detector: FeatureDetector, X_clean: np.ndarray | None = None, *, kind: str = "auto", seed: int = 0
 ) -> DetectorSurrogate:
-    """The exact surrogate of a linear (or identity) detector; a fitted one for tree ensembles.
+    """What the attack differentiates in place of ``detector``.
 
-    X_fit : feature rows to fit on; required for tree-ensemble detectors.
+    A linear (or identity) detector is its own exact surrogate. Otherwise ``kind="auto"`` takes the
+    detector's smooth relaxation (:func:`~detector.adaptive.relaxation.relax`) where one exists, and
+    ``kind="iterates"`` (or a detector without a relaxation) an :class:`IterateSurrogate` started on the
+    clean rows ``X_clean``.
     """
-    scorer = getattr(detector, "scorer_", None)  # the ensemble has none: it is fitted like a tree ensemble
-    if scorer is None or isinstance(scorer, TreeScorer):
-        if X_fit is None:
-            raise ValueError(
-                "a detector that is not linear in its features needs X_fit, feature rows to fit its surrogate on"
-            )
-        return fit_surrogate(detector, X_fit, kind=kind, seed=seed)
+    if kind not in SURROGATE_KINDS:
+        raise ValueError(f"kind={kind!r} must be one of {SURROGATE_KINDS}")
+    scorer = getattr(detector, "scorer_", None)
     if isinstance(scorer, LinearScorer):
         return LinearSurrogate(scorer, detector.columns_, float(detector.threshold_))
     if isinstance(scorer, IdentityScorer):
         return IdentitySurrogate(detector.columns_, float(detector.threshold_))
-    raise ValueError(f"no surrogate for a {type(scorer).__name__}")
+    if kind == "auto":
+        from .relaxation import relax
+
+        relaxed = relax(detector, X_clean)
+        if relaxed is not None:
+            return relaxed
+    if X_clean is None:
+        raise ValueError("a detector without an exact or relaxed gradient needs X_clean, clean rows to start from")
+    return IterateSurrogate(detector, X_clean, seed=seed)
 
 
 def surrogate_agreement(surrogate: DetectorSurrogate, detector: FeatureDetector, X: np.ndarray) -> float:

@@ -1,0 +1,237 @@
+"""Smooth relaxations of fitted detectors, built from their exported parameters (no data fitted).
+
+Each is a :class:`~detector.adaptive.surrogate.DetectorSurrogate`: ``logit(X)`` maps path-feature rows to the
+logit of the detector's score, so the attack descends it and compares it to ``threshold_logit``.
+
+- :class:`SoftTrees`: a tree ensemble (random forest or gradient boosting) with every split
+  ``1[x <= t]`` replaced by ``sigmoid((t - x) / (tau * s))`` (s: the feature's spread); a sample reaches
+  each leaf with the product of its split probabilities. As ``tau -> 0`` it is the real ensemble; the
+  attack anneals ``tau`` from ``tau_start`` to ``tau_end`` (Tramer et al. 2020's smooth-approximation
+  advice for non-differentiable components).
+- :class:`SoftPValues`: clean-only detectors and their min-p / Fisher ensemble. The raw statistics
+  (Mahalanobis distance, mean distance to the k nearest clean paths, Bernoulli likelihood, softmax
+  margin) are written in torch; the p-value calibration is monotone, and above the 90% clean quantile
+  it is an exponential tail, which is linear in the raw score and continued linearly below. Where every
+  weighted component's tail starts under the threshold (the usual case: the threshold sits at the 95%
+  quantile), the relaxation flags exactly the rows the detector flags.
+
+:func:`relax` returns the relaxation of a detector or ``None`` when it has none (e.g. the layer-consistency
+component, whose score counts neighbour votes); the attack then falls back to a surrogate fitted on its
+own iterates (:class:`~detector.adaptive.surrogate.IterateSurrogate`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..detectors import FeatureDetector, PathEnsembleDetector
+from ..detectors.clean import CleanDetector, LowMarginDetector, NullDistribution, PathLikelihoodDetector
+from ..detectors.scorers import TreeScorer
+from .surrogate import _CLIP, DetectorSurrogate, _logit
+
+
+def _spread(values: np.ndarray) -> np.ndarray:
+    """Per column standard deviation, 1 where a column is (nearly) constant."""
+    s = np.asarray(values, dtype=np.float64).std(0)
+    return np.where(s > 1e-6, s, 1.0)
+
+
+class SoftTrees(DetectorSurrogate):
+    """A :class:`TreeScorer` with sigmoid splits (module docstring).
+
+    Parameters
+    ----------
+    scorer : the fitted ensemble's exported trees.
+    columns : (F,) columns of the full feature rows the trees read.
+    threshold : the detector's calibrated threshold (a score in [0, 1]).
+    spread : (F,) scale of each read column (its std on clean rows); ``tau`` is in these units.
+    tau_start, tau_end : float > 0, the temperature at the start and the end of an attack (geometric).
+    """
+
+    def __init__(
+        self,
+        scorer: TreeScorer,
+        columns: np.ndarray,
+        threshold: float,
+        spread: np.ndarray,
+        *,
+        tau_start: float = 0.3,
+        tau_end: float = 0.01,
+    ) -> None:
+        super().__init__(columns, threshold)
+        if not 0 < tau_end <= tau_start:
+            raise ValueError(f"tau_start={tau_start}, tau_end={tau_end} must satisfy 0 < tau_end <= tau_start")
+        if len(spread) != len(columns):
+            raise ValueError(f"spread has {len(spread)} values for {len(columns)} columns")
+        self.combine, self.baseline, self.n_trees = scorer.combine, float(scorer.baseline), len(scorer.roots)
+        self.tau_start, self.tau_end, self.tau = float(tau_start), float(tau_end), float(tau_start)
+        # breadth first: the nodes of level d+1 are the children of level d's inner nodes, in the order
+        # [left children..., right children...]; each level keeps the positions of its inner nodes and leaves
+        self._levels: list[dict[str, Tensor]] = []
+        frontier = np.asarray(scorer.roots)
+        while len(frontier):
+            leaf = scorer.is_leaf[frontier]
+            inner = frontier[~leaf]
+            self._levels.append(
+                {
+                    "inner": torch.as_tensor(np.flatnonzero(~leaf)),
+                    "feature": torch.as_tensor(scorer.feature[inner]),
+                    "threshold": torch.as_tensor(scorer.threshold[inner], dtype=torch.float64),
+                    "leaf": torch.as_tensor(np.flatnonzero(leaf)),
+                    "value": torch.as_tensor(scorer.value[frontier[leaf]], dtype=torch.float64),
+                }
+            )
+            frontier = np.concatenate([scorer.left[inner], scorer.right[inner]])
+        self.register_buffer("spread", torch.as_tensor(np.asarray(spread), dtype=torch.float64))
+
+    def anneal(self, progress: float) -> None:
+        """Set tau for an attack ``progress`` in [0, 1] of the way through (geometric from start to end)."""
+        p = min(max(float(progress), 0.0), 1.0)
+        self.tau = self.tau_start * (self.tau_end / self.tau_start) ** p
+
+    def leaf_sum(self, X: Tensor) -> Tensor:
+        """(N,): the sum over trees of each leaf's value times the probability of reaching it, at this tau."""
+        x = X[:, self.columns].to(torch.float64)
+        block = torch.ones(len(x), self.n_trees, dtype=torch.float64, device=x.device)
+        total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        for level in self._levels:
+            level = {k: v.to(x.device) for k, v in level.items()}
+            if len(level["leaf"]):
+                total = total + block[:, level["leaf"]] @ level["value"]
+            if not len(level["inner"]):
+                break
+            feat = level["feature"]
+            s = torch.sigmoid((level["threshold"] - x[:, feat]) / (self.tau * self.spread[feat]))
+            parent = block[:, level["inner"]]
+            block = torch.cat([parent * s, parent * (1 - s)], dim=1)
+        return total
+
+    def logit(self, X: Tensor) -> Tensor:
+        total = self.leaf_sum(X)
+        if self.combine == "sigmoid_sum":
+            return (self.baseline + total).to(X.dtype)
+        return _logit(total / self.n_trees).to(X.dtype)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "relaxation": "sigmoid splits", "tau": [self.tau_start, self.tau_end]}
+
+
+class _SoftComponent(torch.nn.Module):
+    """One clean-only detector's ``-log p`` in torch: raw statistic, then the linearly continued tail."""
+
+    def __init__(self, det: CleanDetector) -> None:
+        super().__init__()
+        self.det = det
+        null: NullDistribution = det.null_
+        self.u, self.beta, self.neg_log_p_u = null.u, null.beta, float(-np.log(null.p_u))
+        self.register_buffer("cols", torch.as_tensor(det.columns_))
+        self.register_buffer("logit_cols", torch.as_tensor(det.logit_columns_))
+        f64 = {"dtype": torch.float64}
+        if isinstance(det, PathLikelihoodDetector):
+            for name in det._STATE:
+                self.register_buffer(name, torch.as_tensor(np.asarray(getattr(det, name + "_")), **f64))
+
+    def raw(self, X: Tensor) -> Tensor:
+        det = self.det
+        x = X[:, self.cols].to(torch.float64)
+        pred = X[:, self.logit_cols].detach().argmax(1)
+        if isinstance(det, LowMarginDetector):
+            top2 = x.softmax(1).topk(2, dim=1).values
+            return -(top2[:, 0] - top2[:, 1])
+        if det.logit:
+            p = x.clamp(_CLIP, 1 - _CLIP)
+            x = torch.log(p) - torch.log1p(-p)
+        if det.standardize:
+            x = (x - self.center) / self.spread
+        if det.density == "bernoulli":  # hard columns carry straight-through gradients to the soft gates
+            return -(x * self.log_freq[pred] + (1 - x) * self.log_1m_freq[pred]).sum(1)
+        if det.density == "gaussian":
+            d = x - self.means[pred]
+            return torch.einsum("ij,jk,ik->i", d, self.precision, d)
+        out = x.new_empty(len(x))
+        ref_cls = self.reference_class
+        for c in pred.unique():
+            rows, ref = pred == c, self.reference[ref_cls == c]
+            if len(ref) == 0:
+                out = out.index_put((rows.nonzero()[:, 0],), x.new_full((int(rows.sum()),), float("inf")))
+                continue
+            k = min(det.k, len(ref))
+            d2 = (x[rows] ** 2).sum(1, keepdim=True) - 2 * x[rows] @ ref.T + (ref**2).sum(1)[None, :]
+            nearest = d2.topk(k, dim=1, largest=False).values.clamp_min(1e-12).sqrt().mean(1)
+            out = out.index_put((rows.nonzero()[:, 0],), nearest)
+        return out
+
+    def neg_log_p(self, X: Tensor) -> Tensor:
+        """The exponential tail of the null, ``-log p(u) + (raw - u) / beta``, continued below u (>= 0)."""
+        return (self.neg_log_p_u + (self.raw(X) - self.u) / self.beta).clamp_min(0)
+
+
+def supported(det: CleanDetector) -> bool:
+    return isinstance(det, LowMarginDetector) or isinstance(det, PathLikelihoodDetector)
+
+
+class SoftPValues(DetectorSurrogate):
+    """A clean-only detector, or a :class:`PathEnsembleDetector` of them, in torch (module docstring).
+
+    ``logit(X) = log t`` with ``t`` the (weighted max or Fisher sum of) ``-log p``: the detector's score
+    is ``t / (1 + t) = sigmoid(log t)``.
+    """
+
+    def __init__(self, detector: CleanDetector | PathEnsembleDetector) -> None:
+        super().__init__(np.asarray(detector.columns_), float(detector.threshold_))
+        if isinstance(detector, PathEnsembleDetector):
+            used = np.flatnonzero(detector.weights_ > 0)
+            parts, weights = [detector.components_[i] for i in used], detector.weights_[used]
+            self.combine = detector.combine
+        else:
+            parts, weights, self.combine = [detector], np.ones(1), "max"
+        unsupported = [type(p).__name__ for p in parts if not supported(p)]
+        if unsupported:
+            raise ValueError(f"no smooth relaxation of {unsupported}")
+        self.parts = torch.nn.ModuleList([_SoftComponent(p) for p in parts])
+        self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float64))
+        t_thr = float(detector.threshold_) / max(1 - float(detector.threshold_), 1e-12)
+        # exact decisions when no component can reach the threshold before its tail starts (module docstring)
+        self.exact = bool(all(w * c.neg_log_p_u <= t_thr for w, c in zip(weights, self.parts, strict=True)))
+        self.threshold_logit = float(np.log(max(t_thr, 1e-12)))
+
+    def combined(self, X: Tensor) -> Tensor:
+        t = torch.stack([c.neg_log_p(X) for c in self.parts], 1) * self.weights
+        return t.sum(1) if self.combine == "fisher" else t.amax(1)
+
+    def logit(self, X: Tensor) -> Tensor:
+        return torch.log(self.combined(X).clamp_min(1e-6)).to(X.dtype)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "relaxation": "p-value tails",
+            "components": [getattr(c.det, "density", type(c.det).__name__) for c in self.parts],
+        }
+
+
+def relax(detector: FeatureDetector, X_clean: np.ndarray | None = None, **tree_args) -> DetectorSurrogate | None:
+    """The detector's smooth relaxation, or ``None`` when it has none.
+
+    X_clean : clean feature rows (n, n_features) whose spread scales the trees' temperature (tree ensembles
+        only; without it the spread of each feature's split thresholds is used).
+    """
+    scorer = getattr(detector, "scorer_", None)
+    if isinstance(scorer, TreeScorer):
+        cols = np.asarray(detector.columns_)
+        used = scorer.feature[~scorer.is_leaf]
+        if X_clean is not None:
+            spread = _spread(np.asarray(X_clean)[:, cols])
+        else:  # per read column, the spread of the thresholds split on it
+            spread = np.ones(len(cols))
+            for j in np.unique(used):
+                spread[j] = _spread(scorer.threshold[~scorer.is_leaf][used == j][:, None])[0]
+        return SoftTrees(scorer, cols, float(detector.threshold_), spread, **tree_args)
+    if isinstance(detector, PathEnsembleDetector | CleanDetector):
+        try:
+            return SoftPValues(detector)
+        except ValueError:
+            return None
+    return None
