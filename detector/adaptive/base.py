@@ -32,6 +32,7 @@ class AdaptiveResult:
     labels: Tensor  # (N,) true labels
     seconds: float
     image_steps: int  # forward passes of one image (with gradient) actually run; early stopping saves some
+    found_at: Tensor | None = None  # (N,) gradient steps taken before the image first evaded (-1: never)
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -151,6 +152,7 @@ class AdaptiveAttack:
         adv = images.clone()
         n_batches = (len(images) + batch_size - 1) // batch_size
         self._work = 0
+        self._found: list[Tensor] = []
         t0 = time.perf_counter()
         try:
             model.eval()
@@ -159,7 +161,7 @@ class AdaptiveAttack:
             with (
                 straight_through(model),
                 tqdm(
-                    total=n_batches * self.steps,
+                    total=n_batches * self.steps * getattr(self, "restarts", 1),
                     desc=desc or self.name,
                     disable=not progress,
                     file=sys.stderr,
@@ -174,7 +176,8 @@ class AdaptiveAttack:
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.requires_grad_(g)
             model.train(was_training)
-        return AdaptiveResult(adv, labels.clone(), time.perf_counter() - t0, self._work)
+        found = torch.cat(self._found).cpu() if len(self._found) == n_batches and n_batches else None
+        return AdaptiveResult(adv, labels.clone(), time.perf_counter() - t0, self._work, found)
 
     def forward(self, images: Tensor, labels: Tensor, gen: torch.Generator, bar: tqdm | None = None) -> Tensor:
         """One batch: PGD from a random start; returns each image's best iterate.
@@ -194,6 +197,7 @@ class AdaptiveAttack:
             x = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * self.eps).clamp(lo, hi)
         best = x.clone()
         best_key = torch.full((len(x0),), 4.0, device=device)
+        found = torch.full((len(x0),), -1, dtype=torch.long, device=device)
         active = torch.arange(len(x0), device=device)  # rows still being optimised
         for step in range(self.steps + 1):
             xa = x[active].requires_grad_(True)
@@ -210,6 +214,8 @@ class AdaptiveAttack:
                 rows = active[better]
                 best[rows] = xa.detach()[better]
                 best_key[active] = torch.minimum(best_key[active], key)
+                first = active[evades & (found[active] < 0)]
+                found[first] = step
             if step == self.steps:
                 break
             keep = ~evades if self.early_stop else torch.ones_like(evades)
@@ -232,6 +238,7 @@ class AdaptiveAttack:
                 bar.update(1)
         if bar is not None:
             bar.update(self.steps - step)
+        self._found.append(found)
         return best.detach()
 
     def classifier_term(self, logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
