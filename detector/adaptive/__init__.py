@@ -1,20 +1,28 @@
-"""Adaptive white-box attacks on the whole pipeline (classifier + path detector), and hardening against them."""
+"""Adaptive white-box attacks on the whole pipeline (classifier + path detector), their sanity checks, and
+hardening against them."""
 
 from .base import AdaptiveAttack, AdaptiveResult
 from .detector_pgd import DetectorPGD
 from .mimicry import PathMimicry
 from .pipeline import Pipeline
-from .surrogate import DetectorSurrogate, FittedSurrogate, LinearSurrogate, build_surrogate, fit_surrogate
+from .relaxation import SoftPValues, SoftTrees, relax
+from .sanity import sanity_checks
+from .selective import SelectivePGD
+from .surrogate import DetectorSurrogate, IterateSurrogate, LinearSurrogate, build_surrogate
 
 __all__ = [
     "AdaptiveAttack",
     "AdaptiveResult",
     "DetectorPGD",
     "DetectorSurrogate",
-    "FittedSurrogate",
+    "IterateSurrogate",
     "LinearSurrogate",
     "PathMimicry",
     "Pipeline",
+    "SelectivePGD",
+    "SoftPValues",
+    "SoftTrees",
     "build_surrogate",
-    "fit_surrogate",
+    "relax",
+    "sanity_checks",
 ]
