@@ -49,9 +49,10 @@ FLAGS_BEFORE = {
         "--shard --target-fpr"
     ).split(),
     "adaptive": (
-        "--attacks --batch-size --bundle --cache-dir --classifier-loss --data-root --device --eps "
-        "--json --kappa --lambdas --mimicry-target --n --n-harden --no-balance --no-harden "
-        "--no-plots --out --quiet --save-hardened --seed --steps --surrogate --threads"
+        "--attacks --batch-size --bundle --cache-dir --check-steps --classifier-loss --data-root --device --eps "
+        "--harden --json --kappa --lambdas --mimicry-target --modes --n --n-harden --no-balance --no-plots "
+        "--no-transfer --out --quick --quiet --restarts --save-hardened --seed --start-radius --steps --surrogate "
+        "--threads"
     ).split(),
     "serve": (
         "--auth-token-file --bundle --engine --grace-period --host --max-batch-size "
@@ -107,8 +108,9 @@ def test_each_command_reads_flag_then_env_then_default(command, cls, field, flag
 
 
 def test_switches_and_negated_switches():
-    args = build_parser().parse_args(["adaptive", "--out", "x", "--no-harden", "--quiet"])
-    assert config_from(AdaptiveConfig, args, {}).harden is False
+    args = build_parser().parse_args(["adaptive", "--out", "x", "--harden", "--no-transfer", "--quiet"])
+    assert config_from(AdaptiveConfig, args, {}).harden is True
+    assert config_from(AdaptiveConfig, args, {}).transfer is False
     assert config_from(AdaptiveConfig, args, {}).balance is True
     assert config_from(AdaptiveConfig, args, {"PATHGUARD_BALANCE": "false"}).balance is False
 

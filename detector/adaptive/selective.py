@@ -18,7 +18,7 @@ misclassification; ``mode="selective"`` steps on the raw gradient. Restarts alte
 fitted on noisy attacks flags). Restarts only run for images that have not evaded yet. The step size
 follows a cosine from ``eps / 4`` to ``eps / 200``; the smooth relaxations' temperature anneals over each
 restart. Success is decided by the real detector at its calibrated threshold; the first evading iterate
-is kept. Budget: Linf ``eps`` in [0, 1] pixel space; images stay in [0, 1].
+is kept (else the misclassified iterate with the lowest score, else the last one). Budget: Linf ``eps`` in [0, 1] pixel space; images stay in [0, 1].
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class SelectivePGD(AdaptiveAttack):
                 flagged = score > pipe.threshold
                 evades = wrong & ~flagged
                 key = torch.where(evades, score, torch.where(wrong, 2 + score, torch.full_like(score, 4.0)))
-                better = key < best_key[active]
+                better = (key < best_key[active]) | ((key >= 4) & (best_key[active] >= 4))  # else: the latest
                 best[active[better]] = xa.detach()[better]
                 best_key[active] = torch.minimum(best_key[active], key)
                 found[active[evades]] = r * self.steps + step
