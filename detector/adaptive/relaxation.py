@@ -130,8 +130,9 @@ class _SoftComponent(torch.nn.Module):
         self.register_buffer("logit_cols", torch.as_tensor(det.logit_columns_))
         f64 = {"dtype": torch.float64}
         if isinstance(det, PathLikelihoodDetector):
-            for name in det._STATE:
-                self.register_buffer(name, torch.as_tensor(np.asarray(getattr(det, name + "_")), **f64))
+            for name in det._STATE:  # the kNN reference stays float32, as the detector computes its distances
+                value = np.asarray(getattr(det, name + "_"))
+                self.register_buffer(name, torch.as_tensor(value, **({} if name.startswith("reference") else f64)))
 
     def raw(self, X: Tensor) -> Tensor:
         det = self.det
@@ -151,16 +152,16 @@ class _SoftComponent(torch.nn.Module):
             d = x - self.means[pred]
             return torch.einsum("ij,jk,ik->i", d, self.precision, d)
         out = x.new_empty(len(x))
-        ref_cls = self.reference_class
+        xf, ref_cls = x.float(), self.reference_class
         for c in pred.unique():
             rows, ref = pred == c, self.reference[ref_cls == c]
             if len(ref) == 0:
                 out = out.index_put((rows.nonzero()[:, 0],), x.new_full((int(rows.sum()),), float("inf")))
                 continue
             k = min(det.k, len(ref))
-            d2 = (x[rows] ** 2).sum(1, keepdim=True) - 2 * x[rows] @ ref.T + (ref**2).sum(1)[None, :]
+            d2 = (xf[rows] ** 2).sum(1, keepdim=True) - 2 * xf[rows] @ ref.T + (ref**2).sum(1)[None, :]
             nearest = d2.topk(k, dim=1, largest=False).values.clamp_min(1e-12).sqrt().mean(1)
-            out = out.index_put((rows.nonzero()[:, 0],), nearest)
+            out = out.index_put((rows.nonzero()[:, 0],), nearest.double())
         return out
 
     def neg_log_p(self, X: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ misclassification; ``mode="selective"`` steps on the raw gradient. Restarts alte
 fitted on noisy attacks flags). Restarts only run for images that have not evaded yet. The step size
 follows a cosine from ``eps / 4`` to ``eps / 200``; the smooth relaxations' temperature anneals over each
 restart. Success is decided by the real detector at its calibrated threshold; the first evading iterate
-is kept (else the misclassified iterate with the lowest score, else the last one). Budget: Linf ``eps`` in [0, 1] pixel space; images stay in [0, 1].
+is kept (else the misclassified iterate with the lowest score, else the last one). Budget: Linf ``eps`` in
+[0, 1] pixel space; images stay in [0, 1].
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class SelectivePGD(AdaptiveAttack):
     # Over 60 lines on purpose: one PGD restart, judge -> choose objective -> step, in the order it runs.
     def _restart(self, x, active, y, lo, hi, best, best_key, found, r, bar) -> None:
         pipe, sur = self.pipeline, self.pipeline.surrogate
+        assert sur is not None  # checked in __init__
         orthogonal = self.modes[r % len(self.modes)] == "orthogonal"
         for step in range(self.steps + 1):
             sur.anneal(step / self.steps)
