@@ -118,7 +118,7 @@ class IterateSurrogate(DetectorSurrogate):
         *,
         hidden: int = 64,
         buffer: int = 4000,
-        refit_every: int = 5,
+        refit_every: int = 2,
         epochs: int = 40,
         seed: int = 0,
     ) -> None:
