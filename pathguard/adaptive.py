@@ -39,7 +39,10 @@ def _cmd_adaptive(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "headline": report["headline"],
-                    "rounds": [{"name": r["name"], "summary": r["summary"]} for r in report["rounds"]],
+                    "sanity_passed": report["sanity_passed"],
+                    "rounds": [
+                        {"name": r["name"], "summary": r["summary"], "sanity": r["sanity"]} for r in report["rounds"]
+                    ],
                 },
                 indent=2,
             )
@@ -56,9 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         _cmd_adaptive,
         AdaptiveConfig,
         AdaptiveRun,
-        help="adaptive white-box attacks on classifier + path detector, and hardening",
+        help="adaptive white-box attacks on classifier + path detector, with sanity checks",
         description="Attack correctly classified test images with attacks that know the detector "
-        "(detector-aware PGD, path mimicry) over a sweep of budgets and lambdas; refit the detector "
-        "with adaptive examples made on validation images and attack it again. Writes report.json, "
-        "report.md and figures to --out. Prints a cost estimate first.",
+        "(selective / orthogonal PGD through the detector's exact, relaxed or iterate-fitted gradient; path "
+        "mimicry; transfer from a logistic-regression twin) and plain PGD over a sweep of budgets, and check "
+        "the figures for the signatures of a broken attack (stated at the top of the report). With --harden, "
+        "refit the detector with adaptive examples made on validation images and attack it again. Writes "
+        "report.json, report.md and figures to --out. Prints a cost estimate first.",
     )
