@@ -83,6 +83,18 @@ def rows(parts):
     return X, labels, groups, [int(s) for s in protos.layer_sizes]
 
 
+def _split_gap(trees, X: np.ndarray) -> np.ndarray:
+    """(n,): each row's smallest |x - t| over the splits its paths through the trees visit."""
+    rows = np.arange(len(X))[:, None]
+    node = np.broadcast_to(trees.roots, (len(X), len(trees.roots))).copy()
+    gap = np.full(len(X), np.inf)
+    for _ in range(trees.max_depth):
+        value, thr, inner = X[rows, trees.feature[node]], trees.threshold[node], ~trees.is_leaf[node]
+        gap = np.minimum(gap, np.where(inner, np.abs(value - thr), np.inf).min(1))
+        node = np.where(inner, np.where(value <= thr, trees.left[node], trees.right[node]), node)
+    return gap
+
+
 @pytest.mark.parametrize("classifier", ["gb", "rf"])
 def test_soft_trees_match_the_trees_as_tau_goes_to_zero(rows, classifier):
     X, labels, groups, _ = rows
@@ -90,14 +102,17 @@ def test_soft_trees_match_the_trees_as_tau_goes_to_zero(rows, classifier):
     soft = relax(det, X[labels == 0])
     assert isinstance(soft, SoftTrees)
     real = det.decision_function(X)
-    clear = np.abs(real - det.threshold_) > 1e-9  # rows scored exactly at the threshold are ties either way
+    # rows within float rounding of a split (features are float32 values, thresholds their midpoints) or
+    # scored exactly at the threshold are ties at any tau; every other row must converge
+    clear = (_split_gap(det.scorer_, X[:, det.columns_]) > 1e-6) & (np.abs(real - det.threshold_) > 1e-9)
+    assert clear.mean() > 0.5, clear.mean()  # saturated features (max probability 1.0) sit next to splits
     target = np.clip(real, 1e-4, 1 - 1e-4)  # a forest's 0 and 1 become finite logits
     errors = []
-    for tau in (1.0, 0.1, 0.01, 1e-4, 1e-7):
+    for tau in (1.0, 0.1, 0.01, 1e-4, 1e-8):
         soft.tau = tau
         with torch.no_grad():
             s = soft.score(torch.as_tensor(X)).numpy()
-        errors.append(np.abs(s - target).max())
+        errors.append(np.abs(s - target)[clear].max())
     assert errors[0] > 1e-3, "at a large tau the relaxation should be smooth, not the trees"
     assert errors[-1] < 1e-6, errors
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), errors
