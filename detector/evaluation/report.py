@@ -119,19 +119,20 @@ def _detection_sections(r: dict, attacks: list[str], fpr: float) -> list[str]:
     return lines
 
 
+def _auroc_table(title: str, first: str, rows: dict, attacks: list[str]) -> list[str]:
+    """A section with one table: a row per entry of ``rows`` ({name: {attack: {"auroc": ...}}}), a column per attack."""
+    lines = ["", f"## {title}", "", f"| {first} | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for name, per in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
+    return lines
+
+
 def _ablation_section(r: dict, attacks: list[str]) -> list[str]:
     if not r.get("ablation"):
         return []
-    lines = [
-        "",
-        "## Which path features carry the signal (logistic regression, AUROC)",
-        "",
-        "| features | " + " | ".join(attacks) + " |",
-        "|---|" + "---|" * len(attacks),
-    ]
-    for v, per in r["ablation"].items():
-        lines.append(f"| {v} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
-    return lines
+    return _auroc_table(
+        "Which path features carry the signal (logistic regression, AUROC)", "features", r["ablation"], attacks
+    )
 
 
 def _cost_section(r: dict) -> list[str]:
@@ -162,15 +163,12 @@ def _cost_section(r: dict) -> list[str]:
 def _holdout_sections(r: dict, attacks: list[str]) -> list[str]:
     lines = []
     if r.get("leave_one_attack_out"):
-        lines += [
-            "",
-            "## Leave one attack out: AUROC on the attack held out of fitting",
-            "",
-            "| detector | " + " | ".join(attacks) + " |",
-            "|---|" + "---|" * len(attacks),
-        ]
-        for det, per in r["leave_one_attack_out"].items():
-            lines.append(f"| {det} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
+        lines += _auroc_table(
+            "Leave one attack out: AUROC on the attack held out of fitting",
+            "detector",
+            r["leave_one_attack_out"],
+            attacks,
+        )
     if r.get("leave_one_family_out"):
         fams = list(next(iter(r["leave_one_family_out"].values())))
         lines += [
