@@ -123,7 +123,7 @@ def _write_prototypes(cfg: FitConfig, model: DecoupledNet, splits: Splits) -> Pr
     return protos
 
 
-def _fit_ensemble(
+def _fit_detector(
     cfg: FitConfig,
     model: DecoupledNet,
     protos: Prototypes,
@@ -131,10 +131,19 @@ def _fit_ensemble(
     attacks: list[AttackSpec],
     training: tuple[np.ndarray, np.ndarray, list[str], np.ndarray],
     X_cal: np.ndarray,
-) -> tuple[PathEnsembleDetector, dict]:
-    """The ensemble fitted on clean reference training images, its weights chosen on the validation rows of
-    ``training`` (X, y, groups, source attack) by family; returns it and what the bundle records of it."""
+) -> tuple[PathDetector | PathEnsembleDetector, dict]:
+    """The detector ``cfg.classifier`` names, calibrated on ``X_cal``, and what the bundle records of it beyond
+    :class:`DetectorRecord`. A supervised one learns from the validation rows ``training`` (X, y, groups, source
+    attack); the ensemble fits on clean reference training images and chooses its weights on those rows by family."""
     X, y, groups, source = training
+    if cfg.classifier != "ensemble":
+        det = PathDetector(
+            feature_groups=cfg.feature_groups,
+            classifier=cfg.classifier,
+            target_fpr=cfg.target_fpr,
+            random_state=cfg.seed,
+        ).fit(X, y, groups=groups, X_calibration=X_cal)
+        return det, {}
     n_ref = min(cfg.n_reference, len(splits.train))
     X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
     families = {a.label: a.family for a in attacks}
@@ -175,14 +184,7 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
         progress=progress,
     )
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
-    det: PathEnsembleDetector | PathDetector
-    extra: dict = {}
-    if cfg.classifier == "ensemble":
-        det, extra = _fit_ensemble(cfg, model, protos, splits, attacks, (X, y, groups, source), X_cal)
-    else:
-        det = PathDetector(
-            feature_groups=cfg.feature_groups, classifier=cfg.classifier, target_fpr=cfg.target_fpr, random_state=seed
-        ).fit(X, y, groups=groups, X_calibration=X_cal)
+    det, extra = _fit_detector(cfg, model, protos, splits, attacks, (X, y, groups, source), X_cal)
     tensors, info = det.to_state()
     info.update(extra)
     info.update(
