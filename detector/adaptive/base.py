@@ -214,8 +214,7 @@ class AdaptiveAttack:
                 rows = active[better]
                 best[rows] = xa.detach()[better]
                 best_key[active] = torch.minimum(best_key[active], key)
-                first = active[evades & (found[active] < 0)]
-                found[first] = step
+                found[active[evades & (found[active] < 0)]] = step
             if step == self.steps:
                 break
             keep = ~evades if self.early_stop else torch.ones_like(evades)

@@ -31,12 +31,13 @@ from ..reporting import report_header
 from ..splits import bundle_splits, correctly_classified
 from .base import CLASSIFIER_LOSSES, GOAL_EPS, AdaptiveAttack
 from .detector_pgd import DetectorPGD
+from .gradients import SURROGATE_KINDS, build_surrogate
 from .hardening import DetectorTrainingSet, as_device, base_training_set, harden_detector, rows_of, save_hardened
 from .mimicry import PathMimicry
 from .pipeline import Pipeline
 from .sanity import LARGE_EPS, sanity_checks
 from .selective import MODES, SelectivePGD
-from .surrogate import SURROGATE_KINDS, DetectorSurrogate, build_surrogate, surrogate_agreement
+from .surrogate import DetectorSurrogate, surrogate_agreement
 
 log = logging.getLogger(__name__)
 

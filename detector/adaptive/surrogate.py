@@ -18,11 +18,10 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from ..detectors import FeatureDetector
-from ..detectors.scorers import IdentityScorer, LinearScorer
+from ..detectors.scorers import LinearScorer
 
 log = logging.getLogger(__name__)
 
-SURROGATE_KINDS = ("auto", "iterates")  # a relaxation where one exists / always the iterate-fitted network
 _CLIP = 1e-4  # scores are clipped to [_CLIP, 1 - _CLIP] before taking logits
 
 
@@ -185,34 +184,6 @@ class IterateSurrogate(DetectorSurrogate):
             "epochs": self.epochs,
             "buffer": self.buffer,
         }
-
-
-def build_surrogate(
-    detector: FeatureDetector, X_clean: np.ndarray | None = None, *, kind: str = "auto", seed: int = 0
-) -> DetectorSurrogate:
-    """What the attack differentiates in place of ``detector``.
-
-    A linear (or identity) detector is its own exact surrogate. Otherwise ``kind="auto"`` takes the
-    detector's smooth relaxation (:func:`~detector.adaptive.relaxation.relax`) where one exists, and
-    ``kind="iterates"`` (or a detector without a relaxation) an :class:`IterateSurrogate` started on the
-    clean rows ``X_clean``.
-    """
-    if kind not in SURROGATE_KINDS:
-        raise ValueError(f"kind={kind!r} must be one of {SURROGATE_KINDS}")
-    scorer = getattr(detector, "scorer_", None)
-    if isinstance(scorer, LinearScorer):
-        return LinearSurrogate(scorer, detector.columns_, float(detector.threshold_))
-    if isinstance(scorer, IdentityScorer):
-        return IdentitySurrogate(detector.columns_, float(detector.threshold_))
-    if kind == "auto":
-        from .relaxation import relax
-
-        relaxed = relax(detector, X_clean)
-        if relaxed is not None:
-            return relaxed
-    if X_clean is None:
-        raise ValueError("a detector without an exact or relaxed gradient needs X_clean, clean rows to start from")
-    return IterateSurrogate(detector, X_clean, seed=seed)
 
 
 def surrogate_agreement(surrogate: DetectorSurrogate, detector: FeatureDetector, X: np.ndarray) -> float:
