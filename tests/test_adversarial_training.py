@@ -6,32 +6,14 @@ import json
 
 import pytest
 import torch
-from synthetic import write_dataset
+from synthetic import tiny_config, write_dataset
 
 from detector import load_bundle
 from detector.data import load_dataset
-from detector.models import GateConfig
 from detector.training import TrainConfig, train
 from detector.training.adversarial import attack_batch, mix_adversarial, robust_accuracy
 
 EPS = 0.12
-
-
-def _config(data, **overrides) -> TrainConfig:
-    base = dict(
-        dataset="npz",
-        data_root=str(data),
-        epochs=3,
-        batch_size=64,
-        lr=3e-3,
-        val_size=200,
-        augment=(),
-        threads=1,
-        w_sparsity=0.3,
-        gate=GateConfig(init_bias=0.5),
-        seed=0,
-    )
-    return TrainConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +21,8 @@ def runs(tmp_path_factory):
     """The same gated run twice (same seed and data): plain, and with FGSM examples mixed in."""
     root = tmp_path_factory.mktemp("adv")
     data = write_dataset(root / "data")
-    plain = train(_config(data), root / "plain", progress=False)
-    robust = train(_config(data, adversarial_eps=EPS), root / "robust", progress=False)
+    plain = train(tiny_config(data), root / "plain", progress=False)
+    robust = train(tiny_config(data, adversarial_eps=EPS), root / "robust", progress=False)
     return data, root, plain, robust
 
 
@@ -97,7 +79,7 @@ def test_cli_flags_reach_train_and_decouple(runs, tmp_path):
     cfg = config_from(TrainConfig, args, {})
     assert (cfg.adversarial_eps, cfg.adversarial_steps, cfg.adversarial_fraction) == (0.05, 3, 0.5)
     data, root, *_ = runs
-    train(_config(data, gated=False, epochs=1), root / "dense", progress=False)
+    train(tiny_config(data, gated=False, epochs=1), root / "dense", progress=False)
     out = tmp_path / "decoupled"
     argv = ["decouple", "--from", str(root / "dense"), "--out", str(out), "--epochs", "1", "--threads", "1"]
     assert main([*argv, "--adversarial-eps", "0.1", "--adversarial-steps", "2", "--quiet"]) == 0

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,16 +10,15 @@ import pytest
 import torch
 from service_helpers import config_for
 from synthetic import make_images
+from test_service_api import triton_check
 
 from detector import load_bundle
 from detector.disclosure import ROUND_STEP, disclose, round_scores, round_to
-from pathguard.main import build_parser
+from pathguard.main import build_parser, main
 from pathguard.options import config_from
 from service.client import PathGuardClient
 from service.config import ServeConfig
 from service.server import BackgroundServer
-
-TRITON_POLICY = Path(__file__).with_name("service_triton_policy.py")
 
 
 def test_rounded_scores_keep_the_flag_and_reveal_only_the_bin():
@@ -67,21 +63,8 @@ def test_flag_and_environment():
         config_from(ServeConfig, None, {"PATHGUARD_SCORE_POLICY": "coarse"})
 
 
-def _triton(target: str, model: str, images: np.ndarray, tmp_path: Path) -> dict:
-    path = tmp_path / "images.npy"
-    np.save(path, images.astype(np.float32))
-    proc = subprocess.run(
-        [sys.executable, str(TRITON_POLICY), "--url", target, "--model", model, "--images", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 @pytest.mark.parametrize("policy", ["rounded", "flag"])
-def test_policy_on_own_api_stream_and_kserve(tiny_bundle, tmp_path, policy):
+def test_policy_on_own_api_stream_and_kserve(tiny_bundle, tmp_path, capsys, policy):
     bundle = load_bundle(tiny_bundle)
     x, _ = make_images(8, seed=22)
     expected = disclose(bundle.screener(engine="skipping").screen(torch.from_numpy(x)), policy)
@@ -110,10 +93,23 @@ def test_policy_on_own_api_stream_and_kserve(tiny_bundle, tmp_path, policy):
             if policy == "flag":
                 with pytest.raises(grpc.RpcError, match="top_k"):
                     client.screen(x[:1], top_k=2)
-        seen = _triton(server.target, bundle.meta["name"], x, tmp_path)
+        seen = triton_check(server.target, bundle.meta["name"], x, tmp_path, "--policy")
+        np.save(tmp_path / "two.npy", x[:2])
+        capsys.readouterr()
+        assert main(["screen", "--target", server.target, "--json", str(tmp_path / "two.npy")]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert main(["screen", "--target", server.target, str(tmp_path / "two.npy")]) == 0
+        table = capsys.readouterr().out
     assert seen["parameters"]["score_policy"] == policy
     assert seen["outputs"]["predicted_class"] == expected.predictions.tolist()
     assert seen["outputs"]["is_adversarial"] == expected.flags.tolist()
+    assert [r["score_policy"] for r in rows] == [policy] * 2
+    if policy == "flag":
+        assert all(r["adversarial_score"] is None and r["confidence"] is None for r in rows)
+        assert "reveals only the class and the flag" in table
+    else:
+        assert [r["adversarial_score"] for r in rows] == pytest.approx(expected.scores[:2].tolist(), abs=1e-6)
+        assert "adversarial when score > threshold" in table
     if policy == "flag":
         assert sorted(seen["metadata_outputs"]) == sorted(seen["outputs"]) == ["is_adversarial", "predicted_class"]
         assert "adversarial_threshold" not in seen["parameters"]
