@@ -23,8 +23,9 @@ from .bundle import BUNDLE_HELP, load_bundle, write_part
 from .detectors import PathDetector, PathEnsembleDetector
 from .detectors.record import DetectorRecord
 from .features import GROUPS, extract_path_features
-from .prototypes import compute_prototypes
-from .splits import bundle_splits, correctly_classified
+from .models import DecoupledNet
+from .prototypes import Prototypes, compute_prototypes
+from .splits import Splits, bundle_splits, correctly_classified
 
 log = logging.getLogger(__name__)
 
@@ -109,73 +110,88 @@ class FitConfig:
         return [g for g in self.features.split(",") if g]
 
 
-def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
-    """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
-    bundle_path, attacks = cfg.bundle, parse_attacks(cfg.attacks)
-    n_fit, n_calibration, classifier, target_fpr, seed = (
-        cfg.n_fit,
-        cfg.n_calibration,
-        cfg.classifier,
-        cfg.target_fpr,
-        cfg.seed,
-    )
-    feature_groups, prototype_images, data_root = cfg.feature_groups, cfg.prototype_images, cfg.data_root
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    t0 = time.perf_counter()
-    bundle = load_bundle(bundle_path)
-    model, meta = bundle.model, bundle.meta
-    splits = bundle_splits(meta, data_root)
-    n_proto = min(prototype_images, len(splits.train))
+def _write_prototypes(cfg: FitConfig, model: DecoupledNet, splits: Splits) -> Prototypes:
+    """Class prototypes from the first ``cfg.prototype_images`` training images, written into the bundle."""
+    n_proto = min(cfg.prototype_images, len(splits.train))
     protos = compute_prototypes(model, splits.train.subset(torch.arange(n_proto)))
     write_part(
-        bundle_path,
+        cfg.bundle,
         "prototypes",
         tensors=protos.to_state()[0],
         info={**protos.to_state()[1], "images": f"first {n_proto} of {splits.train.name}"},
     )
+    return protos
 
-    fit_idx = correctly_classified(model, splits.val, n_fit, seed=seed)
-    cal_idx = correctly_classified(model, splits.val, n_calibration, seed=seed, skip=n_fit)
-    fit_images = splits.val.float_images(fit_idx)
+
+def _fit_detector(
+    cfg: FitConfig,
+    model: DecoupledNet,
+    protos: Prototypes,
+    splits: Splits,
+    attacks: list[AttackSpec],
+    training: tuple[np.ndarray, np.ndarray, list[str], np.ndarray],
+    X_cal: np.ndarray,
+) -> tuple[PathDetector | PathEnsembleDetector, dict]:
+    """The detector ``cfg.classifier`` names, calibrated on ``X_cal``, and what the bundle records of it beyond
+    :class:`DetectorRecord`. A supervised one learns from the validation rows ``training`` (X, y, groups, source
+    attack); the ensemble fits on clean reference training images and chooses its weights on those rows by family."""
+    X, y, groups, source = training
+    if cfg.classifier != "ensemble":
+        det = PathDetector(
+            feature_groups=cfg.feature_groups,
+            classifier=cfg.classifier,
+            target_fpr=cfg.target_fpr,
+            random_state=cfg.seed,
+        ).fit(X, y, groups=groups, X_calibration=X_cal)
+        return det, {}
+    n_ref = min(cfg.n_reference, len(splits.train))
+    X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
+    families = {a.label: a.family for a in attacks}
+    validation = (
+        X[y == 0],
+        {f: X[np.isin(source, [a for a, g in families.items() if g == f])] for f in sorted(set(families.values()))},
+    )
+    det = PathEnsembleDetector(target_fpr=cfg.target_fpr, random_state=cfg.seed).fit(
+        X_ref, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_cal, validation=validation
+    )
+    extra = {
+        "reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
+        "weights": dict(zip(det.components, det.weights_.tolist())),
+    }
+    return det, extra
+
+
+def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
+    """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
+    attacks, seed = parse_attacks(cfg.attacks), cfg.seed
+    t0 = time.perf_counter()
+    bundle = load_bundle(cfg.bundle)
+    model = bundle.model
+    splits = bundle_splits(bundle.meta, cfg.data_root)
+    protos = _write_prototypes(cfg, model, splits)
+
+    fit_idx = correctly_classified(model, splits.val, cfg.n_fit, seed=seed)
+    cal_idx = correctly_classified(model, splits.val, cfg.n_calibration, seed=seed, skip=cfg.n_fit)
     X, y, groups, per_attack, source = adversarial_training_set(
         model,
         protos,
-        fit_images,
+        splits.val.float_images(fit_idx),
         splits.val.labels[fit_idx],
         attacks,
         digest=bundle.model_digest,
-        cache_dir=cache_dir,
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
         seed=seed,
         progress=progress,
     )
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
-    extra: dict = {}
-    if classifier == "ensemble":
-        n_ref = min(cfg.n_reference, len(splits.train))
-        X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
-        families = {a.label: a.family for a in attacks}
-        validation = (
-            X[y == 0],
-            {f: X[np.isin(source, [a for a, g in families.items() if g == f])] for f in sorted(set(families.values()))},
-        )
-        det = PathEnsembleDetector(target_fpr=target_fpr, random_state=seed).fit(
-            X_ref, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_cal, validation=validation
-        )
-        extra = {
-            "reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
-            "weights": dict(zip(det.components, det.weights_.tolist())),
-        }
-    else:
-        det = PathDetector(
-            feature_groups=list(feature_groups), classifier=classifier, target_fpr=target_fpr, random_state=seed
-        ).fit(X, y, groups=groups, X_calibration=X_cal)
+    det, extra = _fit_detector(cfg, model, protos, splits, attacks, (X, y, groups, source), X_cal)
     tensors, info = det.to_state()
     info.update(extra)
     info.update(
         DetectorRecord(
-            classifier=classifier,
-            feature_groups=list(feature_groups),
-            target_fpr=target_fpr,
+            classifier=cfg.classifier,
+            feature_groups=cfg.feature_groups,
+            target_fpr=cfg.target_fpr,
             attacks=attacks,
             fit_images={
                 "set": splits.val.name,
@@ -183,15 +199,15 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
                 "n_adversarial": int(y.sum()),
                 "seed": seed,
             },
-            calibration_images={"set": splits.val.name, "n": int(len(cal_idx)), "skip": n_fit, "seed": seed},
+            calibration_images={"set": splits.val.name, "n": int(len(cal_idx)), "skip": cfg.n_fit, "seed": seed},
             per_attack=per_attack,
             fit_seconds=round(time.perf_counter() - t0, 1),
         ).to_info()
     )
-    write_part(bundle_path, "detector", tensors=tensors, info=info)
+    write_part(cfg.bundle, "detector", tensors=tensors, info=info)
     log.info(
         "fitted %s detector on %d clean + %d adversarial images; threshold %.4f",
-        classifier,
+        cfg.classifier,
         int((y == 0).sum()),
         int(y.sum()),
         det.threshold_,
