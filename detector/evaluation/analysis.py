@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..attacks import AttackSpec
+from ..attacks import AttackSpec, noisy_like
 from ..bundle import Bundle
 from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, get_detector
 from ..features import GROUPS
 from .config import EvalConfig
-from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans, noisy_like
+from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans
 from .images import ImageSets
 from .metrics import detection_metrics
 
@@ -236,6 +236,7 @@ def analyze(
         "reference_set": sets.reference.name,
     }
     results, plot_scores, detectors, loo, lofo, timing = {}, {}, {}, {}, {}, {}
+    caches: dict[str, dict] = {}  # per detector: supervised parts fitted on identical rows, reused by held-out fits
     for name in cfg.detectors:
         if name == "bundle":
             est, record = bundle.detector(), bundle.detector_record()
@@ -250,7 +251,9 @@ def analyze(
             entry = entries[name]
             feats, fkey, entry_desc = features[entry.featurizer], entry.featurizer, entry.description
             t0 = time.perf_counter()
-            est, record = fit_estimator(entry.make(cfg.target_fpr, cfg.seed), feats, outcomes, attacks, **fit_kw)
+            est, record = fit_estimator(
+                entry.make(cfg.target_fpr, cfg.seed), feats, outcomes, attacks, cache=caches.setdefault(name, {}), **fit_kw
+            )
             fit_s = time.perf_counter() - t0 + featurizer_fit_s[fkey]
             fitting, seen = record.to_dict(), _seen(est, record, families, attacks)
         t0 = time.perf_counter()
@@ -270,7 +273,9 @@ def analyze(
             "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s,
         }
         if name != "bundle" and not getattr(est, "clean_only", False) and len(attacks) > 1:
-            _holdout_tables(cfg, entries[name], est, feats, outcomes, plans, fit_kw, families, loo, lofo, name)
+            _holdout_tables(
+                cfg, entries[name], est, feats, outcomes, plans, {**fit_kw, "cache": caches[name]}, families, loo, lofo, name
+            )
 
     ablation = {}
     if cfg.ablation and "path" in features:
