@@ -147,7 +147,11 @@ def fit_estimator(
                 validation=validation,
                 cache=cache,
             )
-        kind = "clean-only + supervised and weights on validation" if est.supervised else "clean-only + weights on validation"
+        kind = (
+            "clean-only + supervised and weights on validation"
+            if est.supervised
+            else "clean-only + weights on validation"
+        )
         n_noisy = int(est.supervised_rows_["n_noisy"]) if est.supervised else 0
         return est, FitRecord(kind, len(feats.fit_clean), clean_set, rows, n_noisy)
     negatives = [feats.fit_clean]

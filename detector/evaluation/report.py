@@ -104,14 +104,20 @@ def render_markdown(r: dict) -> str:
         "",
         "## Detector cost",
         "",
+        "Scoring cost: featurizing the evaluation's clean test images (warm, the better of two passes) plus the "
+        "detector's decision on every scored row, per image, over one plain forward pass of the same images "
+        "(batch 500, warm, the better of two passes), in the same process.",
+        "",
         "| detector | fit seconds | scoring cost per image (x one forward pass) |",
         "|---|---|---|",
     ]
     for det, t in r["timing"]["detectors"].items():
-        lines.append(f"| {det} | {_f(t['fit_seconds'], 1)} | {_f(t['score_cost_ratio'], 1)} |")
+        lines.append(f"| {det} | {_f(t['fit_seconds'], 1)} | {_f(t['score_cost_ratio'], 2)} |")
+    stages = r["timing"].get("stages", {})
     lines += [
         "",
-        f"Total time {_f(r['timing']['total_seconds'], 0)} s.",
+        f"Total time {_f(r['timing']['total_seconds'], 0)} s"
+        + (" (" + ", ".join(f"{k} {_f(v, 0)} s" for k, v in stages.items()) + ")." if stages else "."),
         "",
         "## Caveat",
         "",
