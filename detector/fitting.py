@@ -165,8 +165,10 @@ class FitConfig:
     noisy_negatives: bool = field(
         default=True,
         metadata={
-            "help": "noisy clean validation images (noise of each perturbation's L2 norm) as extra negatives of "
-            "the ensemble's supervised component"
+            "help": "no noisy clean validation images (noise of each perturbation's L2 norm) as extra negatives of "
+            "the ensemble's supervised component",
+            "flag": "--no-noisy-negatives",
+            "switch": True,
         },
     )
     n_fit: int = field(default=1000, metadata={"help": "validation images to attack for fitting"})
