@@ -179,12 +179,18 @@ def _heldout(
     fit_kw: dict,
     held_attacks: dict[str, list[str]],
     reuse=None,
+    fits: dict | None = None,
 ) -> dict:
-    """AUROC / TPR on each held-out key's attacks, the detector refitted on ``plans[key]`` only."""
+    """AUROC / TPR on each held-out key's attacks, the detector refitted on ``plans[key]`` only. ``fits``: fits
+    already made by attack set (leaving out an attack alone in its family is leaving out the family: one fit)."""
     out = {}
+    fits = {} if fits is None else fits
     for key, fitted_on in plans.items():
         try:
-            est, record = fit_estimator(est_factory(), feats, outcomes, fitted_on, reuse=reuse, **fit_kw)
+            which = frozenset(fitted_on)
+            if which not in fits:
+                fits[which] = fit_estimator(est_factory(), feats, outcomes, fitted_on, reuse=reuse, **fit_kw)
+            est, record = fits[which]
         except NoAdversarialExamples as exc:
             out[key] = {a: {"auroc": None, "tpr_at_fpr": None, "note": str(exc)} for a in held_attacks[key]}
             continue
@@ -353,16 +359,17 @@ def _holdout_tables(
         return entry.make(cfg.target_fpr, cfg.seed)
 
     reuse = est if hasattr(est, "components") else None
+    fits: dict = {}  # shared by both tables
     if cfg.leave_one_out:
         loo[name] = {
             a: per[a]
             for a, per in _heldout(
-                make, feats, outcomes, plans["attack"], fit_kw, {a: [a] for a in attacks}, reuse
+                make, feats, outcomes, plans["attack"], fit_kw, {a: [a] for a in attacks}, reuse, fits
             ).items()
         }
     if cfg.leave_one_family_out:
         held = {f: [a for a in attacks if families[a] == f] for f in plans["family"]}
-        lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse)
+        lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse, fits)
 
 
 def _choices(est) -> dict:

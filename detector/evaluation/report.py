@@ -221,9 +221,16 @@ def _baseline_notes(r: dict) -> list[str]:
         if info.get("weights"):
             w = ", ".join(f"{k} {v:g}" for k, v in info["weights"].items())
             sel = info.get("selection") or {}
+            how = (
+                "worst leave-one-family-out AUROC (supervised part refitted without each family)"
+                if sel.get("refits")
+                else "worst per-family AUROC"
+            )
+            knn = (sel.get("knn_reference") or {}).get("chosen")
+            knn_note = f"; kNN reference {knn} paths per class, chosen there too" if knn else ""
             notes.append(
-                f"- **{d}** weights ({w}) chosen by worst per-family AUROC on the validation fitting images "
+                f"- **{d}** weights ({w}) chosen by {how} on the validation fitting images "
                 f"(families {', '.join(sel.get('families', []))}; {sel.get('candidates', '?')} candidate "
-                "vectors); never on test images."
+                f"vectors{knn_note}); never on test images."
             )
     return ["", "## Baselines and selections", ""] + notes if notes else []
