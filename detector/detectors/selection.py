@@ -119,6 +119,7 @@ def choose_weights(
 def choose_reference(table: list[dict], families: Sequence[str], tolerance: float) -> int:
     """The smallest kNN reference size whose worst AUROC over ``families`` is within ``tolerance`` of the
     best size's (``table`` rows: {"per_class": size, "per_family": {family: AUROC}, ...})."""
-    worst = {r["per_class"]: min(r["per_family"][f] for f in families) for r in table}
+    known = [f for f in families if all(f in r["per_family"] for r in table)] or list(table[0]["per_family"])
+    worst = {r["per_class"]: min(r["per_family"][f] for f in known) for r in table}
     top = max(worst.values())
     return min(size for size, a in worst.items() if a >= top - tolerance)
