@@ -67,13 +67,57 @@ def maximal_request(shape: tuple[int, int, int], receive_limit: int, max_images:
     return data
 
 
-def flood(bundle: str, callers: int, calls: int, threads: int = 1, server_args: list[str] = ()) -> dict:
-    """Run the flood against a fresh ``pathguard serve`` of ``bundle``; returns the report."""
-    shape = tuple(read_meta(bundle)["input_shape"])
+def _config(server_args: list[str]) -> ServeConfig:
+    """The ServeConfig that ``pathguard serve`` builds from ``server_args`` (flag, value pairs)."""
     cfg = ServeConfig()
     for flag, value in zip(server_args[::2], server_args[1::2], strict=True):
         name = flag.removeprefix("--").replace("-", "_")
         setattr(cfg, name, type(getattr(cfg, name))(value))
+    return cfg
+
+
+def _drive(call, payload: bytes, callers: int, calls: int, pid: int) -> tuple[Counter[str], list[int], float]:
+    """``callers`` threads each send ``payload`` ``calls`` times while the resident memory of ``pid`` is sampled
+    every 20 ms; returns the status codes, the samples (bytes) and the seconds the flood took."""
+    samples: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            samples.append(rss_bytes(pid) or 0)
+            time.sleep(0.02)
+
+    codes: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def caller() -> None:
+        for _ in range(calls):
+            try:
+                call(payload, timeout=300)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            with lock:
+                codes[code] += 1
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    pool = [threading.Thread(target=caller) for _ in range(callers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    return codes, samples, elapsed
+
+
+def flood(bundle: str, callers: int, calls: int, threads: int = 1, server_args: list[str] = ()) -> dict:
+    """Run the flood against a fresh ``pathguard serve`` of ``bundle``; returns the report."""
+    shape = tuple(read_meta(bundle)["input_shape"])
+    cfg = _config(server_args)
     bound = request_memory_bound(cfg, shape)
     payload = maximal_request(shape, cfg.receive_limit(shape), cfg.max_images_per_request)
     server = ServerProcess(bundle, threads=threads, args=list(server_args))
@@ -83,41 +127,11 @@ def flood(bundle: str, callers: int, calls: int, threads: int = 1, server_args: 
             if len(call(payload, timeout=120).results) != cfg.max_images_per_request:
                 raise RuntimeError("the warm-up call did not screen every image")
             idle = rss_bytes(server.pid)
-            samples, done = [idle], threading.Event()
-
-            def watch() -> None:
-                while not done.is_set():
-                    samples.append(rss_bytes(server.pid) or 0)
-                    time.sleep(0.02)
-
-            codes: Counter[str] = Counter()
-            lock = threading.Lock()
-
-            def caller() -> None:
-                for _ in range(calls):
-                    try:
-                        call(payload, timeout=300)
-                        code = "OK"
-                    except grpc.RpcError as exc:
-                        code = exc.code().name
-                    with lock:
-                        codes[code] += 1
-
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            start = time.perf_counter()
-            pool = [threading.Thread(target=caller) for _ in range(callers)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
-            elapsed = time.perf_counter() - start
-            done.set()
-            watcher.join()
+            codes, samples, elapsed = _drive(call, payload, callers, calls, server.pid)
         alive = server.proc.poll() is None
     finally:
         server.kill()
-    peak = max(samples)
+    peak = max([idle, *samples])
     growth = peak - idle
     return {
         "bundle": str(bundle),

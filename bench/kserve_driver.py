@@ -34,16 +34,40 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(args: argparse.Namespace) -> dict:
-    import tritonclient.grpc.aio as tc
-
-    images = np.load(args.images)
+def _requests(tc, images: np.ndarray, per_call: int) -> list:
+    """KServe ``InferInput``s of ``per_call`` consecutive images each, the requests the callers cycle through."""
     inputs = []
-    for i in range(0, len(images) - args.per_call + 1, args.per_call):
-        x = np.ascontiguousarray(images[i : i + args.per_call], dtype=np.float32)
+    for i in range(0, len(images) - per_call + 1, per_call):
+        x = np.ascontiguousarray(images[i : i + per_call], dtype=np.float32)
         inp = tc.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         inputs.append(inp)
+    return inputs
+
+
+def _summary(
+    latencies: list[float], done: int, per_call: int, elapsed: float, server_cpu: float, errors: dict[str, int]
+) -> dict:
+    """The printed result: throughput, latency percentiles and the server's CPU time per call in the window."""
+    lat = np.array(latencies) if latencies else np.array([np.nan])
+    return {
+        "calls": done,
+        "images": done * per_call,
+        "seconds": elapsed,
+        "calls_per_s": done / elapsed,
+        "images_per_s": done * per_call / elapsed,
+        "p50_ms": 1000 * float(np.percentile(lat, 50)),
+        "p99_ms": 1000 * float(np.percentile(lat, 99)),
+        "server_cpu_s": server_cpu,
+        "server_cpu_us_per_call": 1e6 * server_cpu / max(done, 1),
+        "errors": errors,
+    }
+
+
+async def drive(args: argparse.Namespace) -> dict:
+    import tritonclient.grpc.aio as tc
+
+    inputs = _requests(tc, np.load(args.images), args.per_call)
     # --connections connections, callers spread over them (a local subchannel pool per channel: grpc would
     # otherwise share one connection between channels to the same target). SO_REUSEPORT spreads connections,
     # not calls, over the workers of `pathguard serve --workers N`, so that comparison needs many.
@@ -87,20 +111,7 @@ async def drive(args: argparse.Namespace) -> dict:
     finally:
         for c in clients:
             await c.close()
-    elapsed = t1 - t0
-    lat = np.array(latencies) if latencies else np.array([np.nan])
-    return {
-        "calls": done,
-        "images": done * args.per_call,
-        "seconds": elapsed,
-        "calls_per_s": done / elapsed,
-        "images_per_s": done * args.per_call / elapsed,
-        "p50_ms": 1000 * float(np.percentile(lat, 50)),
-        "p99_ms": 1000 * float(np.percentile(lat, 99)),
-        "server_cpu_s": cpu1 - cpu0,
-        "server_cpu_us_per_call": 1e6 * (cpu1 - cpu0) / max(done, 1),
-        "errors": errors,
-    }
+    return _summary(latencies, done, args.per_call, t1 - t0, cpu1 - cpu0, errors)
 
 
 def main() -> int:

@@ -41,6 +41,7 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -314,66 +315,69 @@ def _median(values: list[float]) -> float:
     return float(np.median(values))
 
 
+def _start_pathguard(
+    cfg: CostConfig, out: Path, key: str, threads: int, cores: str, *extra: str, workers: int = 1
+) -> Contender:
+    """``pathguard serve`` with the run's batching and engine (and ``extra`` flags), pinned to ``cores``."""
+    port, metrics_port = free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "pathguard",
+        *loopback_serve_args(cfg.bundle, threads, port, metrics_port),
+        "--max-batch-size",
+        str(cfg.max_batch_size),
+        "--max-queue-delay-ms",
+        str(cfg.max_queue_delay_ms),
+        "--engine",
+        cfg.engine,
+        *extra,
+    ]
+    contender = Contender(key, cmd, port, cores, out / f"{key}.log", ready_servers=workers)
+    contender.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return contender
+
+
+def _start_kserve(cfg: CostConfig, out: Path) -> Contender:
+    """KServe's Python server (``bench/kserve_model.py``, no batching), the same screener, on core 0."""
+    port = free_port()
+    cmd = [
+        cfg.kserve_python,
+        str(REPO / "bench" / "kserve_model.py"),
+        "--bundle",
+        cfg.bundle,
+        "--grpc-port",
+        str(port),
+        "--http-port",
+        str(free_port()),
+        "--threads",
+        str(cfg.threads),
+        "--engine",
+        cfg.engine,
+        "--repo",
+        str(REPO),
+        "--extra-site",
+        sysconfig.get_paths()["purelib"],
+    ]
+    return Contender("kserve", cmd, port, str(SERVER_CORE), out / "kserve.log")
+
+
 def start_contenders(cfg: CostConfig, out: Path) -> dict[str, Contender]:
     """Every server of the run, each pinned to its cores, all ready (stopped by the caller)."""
-
-    def pathguard(key: str, threads: int, cores: str, *extra: str, workers: int = 1) -> Contender:
-        port, metrics_port = free_port(), free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "pathguard",
-            *loopback_serve_args(cfg.bundle, threads, port, metrics_port),
-            "--max-batch-size",
-            str(cfg.max_batch_size),
-            "--max-queue-delay-ms",
-            str(cfg.max_queue_delay_ms),
-            "--engine",
-            cfg.engine,
-            *extra,
-        ]
-        contender = Contender(key, cmd, port, cores, out / f"{key}.log", ready_servers=workers)
-        contender.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        return contender
-
     contenders: dict[str, Contender] = {}
     try:
-        contenders["pathguard"] = pathguard("pathguard", cfg.threads, str(SERVER_CORE))
+        contenders["pathguard"] = _start_pathguard(cfg, out, "pathguard", cfg.threads, str(SERVER_CORE))
         both = f"{SERVER_CORE},{CLIENT_CORE}"
         if cfg.workers:
-            contenders["pathguard_workers"] = pathguard(
-                "pathguard_workers", cfg.threads, both, "--workers", str(cfg.workers), workers=cfg.workers
+            contenders["pathguard_workers"] = _start_pathguard(
+                cfg, out, "pathguard_workers", cfg.threads, both, "--workers", str(cfg.workers), workers=cfg.workers
             )
         if cfg.one_process_both_cores:
-            contenders["pathguard_threads2"] = pathguard("pathguard_threads2", 2, both)
+            contenders["pathguard_threads2"] = _start_pathguard(cfg, out, "pathguard_threads2", 2, both)
         if cfg.mlserver:
             contenders["mlserver"] = _start_mlserver(cfg, out)
         if cfg.kserve_python:
-            port = free_port()
-            contenders["kserve"] = Contender(
-                "kserve",
-                [
-                    cfg.kserve_python,
-                    str(REPO / "bench" / "kserve_model.py"),
-                    "--bundle",
-                    cfg.bundle,
-                    "--grpc-port",
-                    str(port),
-                    "--http-port",
-                    str(free_port()),
-                    "--threads",
-                    str(cfg.threads),
-                    "--engine",
-                    cfg.engine,
-                    "--repo",
-                    str(REPO),
-                    "--extra-site",
-                    sysconfig.get_paths()["purelib"],
-                ],
-                port,
-                str(SERVER_CORE),
-                out / "kserve.log",
-            )
+            contenders["kserve"] = _start_kserve(cfg, out)
     except BaseException:
         for c in contenders.values():
             c.stop()
@@ -518,14 +522,20 @@ def _per_cpu_second(load: dict) -> float:
     return load["images"] / max(load["server_cpu_s"], 1e-9)
 
 
-def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, load_before) -> dict:
-    def med(f) -> float:
-        return _median([f(r) for r in rounds])
+def _med(rounds: list[dict], f) -> float:
+    """The median over the rounds of ``f(round)``."""
+    return _median([f(r) for r in rounds])
 
-    def spread(f) -> dict:
-        values = [f(r) for r in rounds]
-        return {"median": _median(values), "min": float(min(values)), "max": float(max(values))}
 
+def _spread(rounds: list[dict], f) -> dict:
+    """Median, min and max over the rounds of ``f(round)``."""
+    values = [f(r) for r in rounds]
+    return {"median": _median(values), "min": float(min(values)), "max": float(max(values))}
+
+
+def _load_table(rounds: list[dict]) -> dict:
+    """Per server under load: median throughput, latencies and server CPU per call; errors summed."""
+    med = partial(_med, rounds)
     servers = [
         k
         for k in ("pathguard", "mlserver", "kserve", "pathguard_conns", "pathguard_workers", "pathguard_threads2")
@@ -542,6 +552,49 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
         for k in servers
     }
     load["pathguard"]["mean_batch"] = med(lambda r: r["pathguard"]["mean_batch"])
+    return load
+
+
+def _ratios(rounds: list[dict], load: dict) -> dict:
+    """PathGuard against in-process screening and every peer that ran, each ratio taken within a round."""
+    spread = partial(_spread, rounds)
+    ratios = {
+        "throughput_vs_in_process_batch_32": spread(
+            lambda r: r["pathguard"]["images_per_s"] / r["in_process_32"]["images_per_s"]
+        ),
+        "throughput_vs_in_process_mean_batch": spread(
+            lambda r: r["pathguard"]["images_per_s"] / r["in_process_mean_batch"]["images_per_s"]
+        ),
+        "single_latency_vs_in_process": spread(lambda r: r["pathguard_single_ms"] / r["in_process_single_ms"]),
+        # Images per CPU-second of the server's process vs of in-process screening: what the server would do
+        # with its core to itself (other programs on a shared machine take wall-clock time, not CPU time).
+        "cpu_normalized_vs_in_process_batch_32": spread(
+            lambda r: _per_cpu_second(r["pathguard"]) * r["in_process_32"]["cpu_us_per_image"] / 1e6
+        ),
+    }
+    if "pathguard_workers" in load:
+        ratios["workers_vs_one_worker"] = spread(
+            lambda r: r["pathguard_workers"]["images_per_s"] / r["pathguard_conns"]["images_per_s"]
+        )
+    if "pathguard_threads2" in load:
+        ratios["threads2_vs_one_worker"] = spread(
+            lambda r: r["pathguard_threads2"]["images_per_s"] / r["pathguard_conns"]["images_per_s"]
+        )
+    if "mlserver" in load:
+        ratios["throughput_vs_mlserver"] = spread(
+            lambda r: r["pathguard"]["images_per_s"] / r["mlserver"]["images_per_s"]
+        )
+        ratios["cpu_normalized_vs_mlserver"] = spread(
+            lambda r: _per_cpu_second(r["pathguard"]) / _per_cpu_second(r["mlserver"])
+        )
+    if "kserve" in load:
+        ratios["throughput_vs_kserve"] = spread(lambda r: r["pathguard"]["images_per_s"] / r["kserve"]["images_per_s"])
+    return ratios
+
+
+def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, load_before) -> dict:
+    med = partial(_med, rounds)
+    load = _load_table(rounds)
     model_us = med(lambda r: r["in_process_mean_batch"]["cpu_us_per_image"])
     cpu_call = load["pathguard"]["server_cpu_us_per_call"]
     result = {
@@ -564,41 +617,9 @@ def summarize(cfg: CostConfig, bundle, rounds: list[dict], stages: dict | None, 
         "single": {"pathguard_ms": med(lambda r: r["pathguard_single_ms"])},
         "load": load,
         "per_call": {"server_cpu_us": cpu_call, "model_cpu_us": model_us, "beyond_model_cpu_us": cpu_call - model_us},
-        "ratios": {
-            "throughput_vs_in_process_batch_32": spread(
-                lambda r: r["pathguard"]["images_per_s"] / r["in_process_32"]["images_per_s"]
-            ),
-            "throughput_vs_in_process_mean_batch": spread(
-                lambda r: r["pathguard"]["images_per_s"] / r["in_process_mean_batch"]["images_per_s"]
-            ),
-            "single_latency_vs_in_process": spread(lambda r: r["pathguard_single_ms"] / r["in_process_single_ms"]),
-            # Images per CPU-second of the server's process vs of in-process screening: what the server would do
-            # with its core to itself (other programs on a shared machine take wall-clock time, not CPU time).
-            "cpu_normalized_vs_in_process_batch_32": spread(
-                lambda r: _per_cpu_second(r["pathguard"]) * r["in_process_32"]["cpu_us_per_image"] / 1e6
-            ),
-        },
+        "ratios": _ratios(rounds, load),
         "rounds": rounds,
     }
-    if "pathguard_workers" in load:
-        result["ratios"]["workers_vs_one_worker"] = spread(
-            lambda r: r["pathguard_workers"]["images_per_s"] / r["pathguard_conns"]["images_per_s"]
-        )
-    if "pathguard_threads2" in load:
-        result["ratios"]["threads2_vs_one_worker"] = spread(
-            lambda r: r["pathguard_threads2"]["images_per_s"] / r["pathguard_conns"]["images_per_s"]
-        )
-    if "mlserver" in load:
-        result["ratios"]["throughput_vs_mlserver"] = spread(
-            lambda r: r["pathguard"]["images_per_s"] / r["mlserver"]["images_per_s"]
-        )
-        result["ratios"]["cpu_normalized_vs_mlserver"] = spread(
-            lambda r: _per_cpu_second(r["pathguard"]) / _per_cpu_second(r["mlserver"])
-        )
-    if "kserve" in load:
-        result["ratios"]["throughput_vs_kserve"] = spread(
-            lambda r: r["pathguard"]["images_per_s"] / r["kserve"]["images_per_s"]
-        )
     if stages:
         result["stages"] = {**stages, "cpu_us_per_call": {k: v * cpu_call for k, v in stages["share"].items()}}
     return result

@@ -93,7 +93,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=2048, help="training images per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
@@ -106,23 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field")
     ap.add_argument("--out", help="JSON file to write (printed either way)")
-    args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = _value(value)
-    torch.set_num_threads(args.threads)
-    base = TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides, "threads": args.threads})
-    device = torch.device("cpu")
-    full = load_dataset(base.dataset, "train", base.data_root)
-    data = full.subset(torch.arange(min(args.images, len(full))), ":bench")
+    return ap
+
+
+def _configs(base: TrainConfig, distill: bool) -> dict[str, TrainConfig]:
+    """The dense twin, the gated model and (with ``distill``) the decouple step, all from ``base``."""
     configs = {
         "dense": TrainConfig.from_dict({**base.to_dict(), "gated": False, "init_from": None, "distill": 0.0}),
         "gated": TrainConfig.from_dict({**base.to_dict(), "gated": True}),
     }
-    if args.distill:
+    if distill:
         configs["decouple"] = TrainConfig.from_dict(
             {
                 **base.to_dict(),
@@ -131,18 +124,32 @@ def main(argv: list[str] | None = None) -> int:
                 "init_from": base.init_from or "(bench: random dense teacher)",
             }
         )
+    return configs
+
+
+def _measure(
+    configs: dict[str, TrainConfig], data, device: torch.device, repeats: int
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, dict]]:
+    """(wall, CPU) seconds of every repetition per config, in alternating order; and each one's last loss terms."""
     runs: dict[str, list[tuple[float, float]]] = {n: [] for n in configs}
     terms = {}
-    for r in range(args.repeats):
+    for r in range(repeats):
         order = list(configs) if r % 2 == 0 else list(reversed(configs))
         for name in order:
             wall, cpu, terms[name] = time_pass(configs[name], data, device, distill=name == "decouple")
             runs[name].append((wall, cpu))
             print(f"repeat {r + 1}: {name} {wall:.2f} s wall, {cpu:.2f} s cpu", file=sys.stderr)
-    per_image = {n: statistics.median(w for w, _ in v) / len(data) for n, v in runs.items()}
-    result = {
+    return runs, terms
+
+
+def _report(
+    args: argparse.Namespace, base: TrainConfig, overrides: dict, n_images: int, runs: dict, terms: dict
+) -> dict:
+    """The JSON result: the raw seconds, the paired gated / dense ratios and per-epoch estimates."""
+    per_image = {n: statistics.median(w for w, _ in v) / n_images for n, v in runs.items()}
+    return {
         "what": "one training pass (trainer step incl. augmentation, forward_path, objective, backward, AdamW)",
-        "images": len(data),
+        "images": n_images,
         "batch_size": base.batch_size,
         "threads": args.threads,
         "repeats": args.repeats,
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             else {}
         ),
         "epoch_cpu_seconds_estimate": {
-            n: round(min(c for _, c in v) / len(data) * args.epoch_images, 1) for n, v in runs.items()
+            n: round(min(c for _, c in v) / n_images * args.epoch_images, 1) for n, v in runs.items()
         },
         "epoch_seconds_estimate": {n: round(v * args.epoch_images, 1) for n, v in per_image.items()},
         "epoch_images": args.epoch_images,
@@ -167,7 +174,24 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
-    text = json.dumps(result, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = _value(value)
+    torch.set_num_threads(args.threads)
+    base = TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides, "threads": args.threads})
+    device = torch.device("cpu")
+    full = load_dataset(base.dataset, "train", base.data_root)
+    data = full.subset(torch.arange(min(args.images, len(full))), ":bench")
+    runs, terms = _measure(_configs(base, args.distill), data, device, args.repeats)
+    text = json.dumps(_report(args, base, overrides, len(data), runs, terms), indent=2)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

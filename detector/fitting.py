@@ -24,8 +24,9 @@ from .detectors import PathDetector, PathEnsembleDetector
 from .detectors.ensemble import COMPONENTS, DEFAULT_COMPONENTS, KNN_REFERENCE_GRID
 from .detectors.record import DetectorRecord
 from .features import GROUPS, extract_path_features
-from .prototypes import compute_prototypes
-from .splits import bundle_splits, correctly_classified
+from .models import DecoupledNet
+from .prototypes import Prototypes, compute_prototypes
+from .splits import Splits, bundle_splits, correctly_classified
 
 log = logging.getLogger(__name__)
 
@@ -223,29 +224,77 @@ class FitConfig:
         )
 
 
-# Over 60 lines on purpose: one linear recipe (prototypes, fitting rows, calibration rows, the fit, the record);
-# each step is one call and splitting it would only pass the same dozen values around.
-def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
-    """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
-    bundle_path, attacks = cfg.bundle, parse_attacks(cfg.attacks)
-    classifier, target_fpr, seed = cfg.classifier, cfg.target_fpr, cfg.seed
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    t0 = time.perf_counter()
-    bundle = load_bundle(bundle_path)
-    model, meta = bundle.model, bundle.meta
-    splits = bundle_splits(meta, cfg.data_root)
+def _write_prototypes(cfg: FitConfig, model: DecoupledNet, splits: Splits) -> Prototypes:
+    """Class prototypes from the first ``cfg.prototype_images`` training images, written into the bundle."""
     n_proto = min(cfg.prototype_images, len(splits.train))
     protos = compute_prototypes(model, splits.train.subset(torch.arange(n_proto)))
     write_part(
-        bundle_path,
+        cfg.bundle,
         "prototypes",
         tensors=protos.to_state()[0],
         info={**protos.to_state()[1], "images": f"first {n_proto} of {splits.train.name}"},
     )
+    return protos
+
+
+def _fit_detector(
+    cfg: FitConfig,
+    model: DecoupledNet,
+    protos: Prototypes,
+    splits: Splits,
+    attacks: list[AttackSpec],
+    rows: TrainingRows,
+    X_cal: np.ndarray,
+    images: tuple[np.ndarray, np.ndarray],
+) -> tuple[PathDetector | PathEnsembleDetector, dict]:
+    """The detector ``cfg.classifier`` names, calibrated on ``X_cal``, and what the bundle records of it beyond
+    :class:`DetectorRecord`. A supervised one learns from the validation ``rows``; the ensemble fits its clean-only
+    components on clean reference training images, and its supervised component, kNN reference size and weights
+    on those rows by family (``images``: the fitting and calibration indices, for the record)."""
+    if cfg.classifier != "ensemble":
+        det = PathDetector(
+            feature_groups=cfg.feature_groups,
+            classifier=cfg.classifier,
+            target_fpr=cfg.target_fpr,
+            random_state=cfg.seed,
+        ).fit(rows.X, rows.y, groups=rows.groups, X_calibration=X_cal)
+        return det, {}
+    n_ref = min(cfg.n_reference, len(splits.train))
+    X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
+    det = cfg.ensemble().fit(
+        X_ref,
+        groups=rows.groups,
+        layer_sizes=protos.layer_sizes,
+        X_calibration=X_cal,
+        validation=rows.validation({a.label: a.family for a in attacks}),
+    )
+    extra: dict = {
+        "reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
+        "weights": {c: w for c, w in zip(det.components, det.weights_.tolist()) if w > 0},
+    }
+    if det.selection_ is not None:
+        fit_idx, cal_idx = images
+        extra["selection"] = {
+            **det.selection_,
+            "images": f"chosen on validation images only, never on test images: {len(fit_idx)} correctly classified "
+            f"{splits.val.name} images and their successful adversarial versions (the selection splits them into a "
+            f"fitting and a scoring half by image); p-values and the threshold on {len(cal_idx)} other clean "
+            f"{splits.val.name} images; clean-only components on the first {n_ref} {splits.train.name} images",
+        }
+    return det, extra
+
+
+def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
+    """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
+    attacks, seed = parse_attacks(cfg.attacks), cfg.seed
+    t0 = time.perf_counter()
+    bundle = load_bundle(cfg.bundle)
+    model = bundle.model
+    splits = bundle_splits(bundle.meta, cfg.data_root)
+    protos = _write_prototypes(cfg, model, splits)
 
     fit_idx = correctly_classified(model, splits.val, cfg.n_fit, seed=seed)
     cal_idx = correctly_classified(model, splits.val, cfg.n_calibration, seed=seed, skip=cfg.n_fit)
-    ensemble = classifier == "ensemble"
     rows = adversarial_training_set(
         model,
         protos,
@@ -253,40 +302,20 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
         splits.val.labels[fit_idx],
         attacks,
         digest=bundle.model_digest,
-        cache_dir=cache_dir,
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
         seed=seed,
         progress=progress,
-        noisy=ensemble and cfg.noisy_negatives,
+        noisy=cfg.classifier == "ensemble" and cfg.noisy_negatives,
     )
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
-    extra: dict = {}
-    if ensemble:
-        n_ref = min(cfg.n_reference, len(splits.train))
-        X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
-        det = cfg.ensemble().fit(
-            X_ref,
-            groups=rows.groups,
-            layer_sizes=protos.layer_sizes,
-            X_calibration=X_cal,
-            validation=rows.validation({a.label: a.family for a in attacks}),
-        )
-        extra = {
-            "reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
-            "weights": {c: w for c, w in zip(det.components, det.weights_.tolist()) if w > 0},
-        }
-        if det.selection_ is not None:
-            extra["selection"] = {**det.selection_, "images": _selection_images(splits, fit_idx, cal_idx, n_ref)}
-    else:
-        det = PathDetector(
-            feature_groups=cfg.feature_groups, classifier=classifier, target_fpr=target_fpr, random_state=seed
-        ).fit(rows.X, rows.y, groups=rows.groups, X_calibration=X_cal)
+    det, extra = _fit_detector(cfg, model, protos, splits, attacks, rows, X_cal, (fit_idx, cal_idx))
     tensors, info = det.to_state()
     info.update(extra)
     info.update(
         DetectorRecord(
-            classifier=classifier,
+            classifier=cfg.classifier,
             feature_groups=cfg.feature_groups,
-            target_fpr=target_fpr,
+            target_fpr=cfg.target_fpr,
             attacks=attacks,
             fit_images={
                 "set": splits.val.name,
@@ -300,21 +329,12 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
             fit_seconds=round(time.perf_counter() - t0, 1),
         ).to_info()
     )
-    write_part(bundle_path, "detector", tensors=tensors, info=info)
+    write_part(cfg.bundle, "detector", tensors=tensors, info=info)
     log.info(
         "fitted %s detector on %d clean + %d adversarial images; threshold %.4f",
-        classifier,
+        cfg.classifier,
         int((rows.y == 0).sum()),
         int(rows.y.sum()),
         det.threshold_,
     )
     return info
-
-
-def _selection_images(splits, fit_idx, cal_idx, n_ref: int) -> str:
-    return (
-        f"chosen on validation images only, never on test images: {len(fit_idx)} correctly classified "
-        f"{splits.val.name} images and their successful adversarial versions (the selection splits them into a "
-        f"fitting and a scoring half by image); p-values and the threshold on {len(cal_idx)} other clean "
-        f"{splits.val.name} images; clean-only components on the first {n_ref} {splits.train.name} images"
-    )

@@ -176,13 +176,9 @@ class PathGuardServer:
         self._watchdog: asyncio.Task | None = None
         self._stopping = False
 
-    async def start(self) -> ModelInfo:
-        """Serve (NOT_SERVING), load and warm the bundle, then SERVING. Returns the loaded model's info."""
+    def _bind(self, tokens: list[str], input_shape: tuple[int, int, int]) -> aio.Server:
+        """The gRPC server with its limits, interceptor and servicers, bound to its port (not started yet)."""
         cfg = self.config
-        threads = set_threads(cfg.threads)
-        tokens = read_tokens(cfg.auth_token_file)
-        # The receive limit is fixed when the port opens: derive it from the bundle's declared input shape.
-        input_shape = tuple(read_meta(cfg.bundle)["input_shape"])
         self.receive_limit = cfg.receive_limit(input_shape)
         max_active = cfg.max_queue_size + EXTRA_CONCURRENT_RPCS
         budget = request_budget(cfg, input_shape)
@@ -206,6 +202,16 @@ class PathGuardServer:
             self.port = server.add_secure_port(address, self._credentials.credentials)
         else:
             self.port = server.add_insecure_port(address)
+        return server
+
+    async def start(self) -> ModelInfo:
+        """Serve (NOT_SERVING), load and warm the bundle, then SERVING. Returns the loaded model's info."""
+        cfg = self.config
+        threads = set_threads(cfg.threads)
+        tokens = read_tokens(cfg.auth_token_file)
+        # The receive limit is fixed when the port opens: derive it from the bundle's declared input shape.
+        input_shape = tuple(read_meta(cfg.bundle)["input_shape"])
+        server = self._bind(tokens, input_shape)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if not self.worker:  # a worker's metrics and probes are served by the supervisor (service.workers)

@@ -1,4 +1,5 @@
-"""The layering of docs/ARCHITECTURE.md: no import cycles, and nothing below imports the command line.
+"""The layering of docs/ARCHITECTURE.md: no import cycles, and nothing below imports the command line; and
+no function over 60 lines without a comment saying why.
 
 Every ``import`` statement counts, also those inside functions (a deferred import still ties two modules
 together). The graph is read from the source with :mod:`ast`, so nothing is executed.
@@ -117,3 +118,54 @@ def test_lower_layers_never_import_upper_ones(layer):
 def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# A function over MAX_FUNCTION_LINES lines says why in a comment starting with this marker, in the comment block
+# right above it (above its decorators) or inside it; docs/ARCHITECTURE.md, "Checks that keep it so".
+MAX_FUNCTION_LINES = 60
+LONG_MARKER = "# Over 60 lines on purpose:"
+
+
+def _says_why(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list])  # 1-based
+    above = []
+    i = start - 2
+    while i >= 0 and lines[i].lstrip().startswith("#"):
+        above.append(lines[i])
+        i -= 1
+    inside = lines[start - 1 : node.end_lineno]
+    return any(line.lstrip().startswith(LONG_MARKER) for line in above + inside)
+
+
+def long_functions(source: str, name: str) -> list[str]:
+    """``name:line function (N lines)`` for each function of ``source`` over the limit without the marker."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source, name)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES and not _says_why(lines, node):
+                found.append(f"{name}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_long_function_without_a_reason():
+    found = [
+        hit
+        for path in sorted(_modules().values())
+        for hit in long_functions(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert not found, "functions over 60 lines without a reason:\n" + "\n".join(found)
+
+
+def test_the_length_check_counts_lines_and_reads_the_marker():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    long_def = "@decorator\ndef f():\n" + body  # 61 lines from `def`
+    short_def = "def f():\n" + body[body.index("\n") + 1 :]  # 60 lines
+    assert long_functions(long_def, "m.py") == ["m.py:2 f (61 lines)"]
+    assert long_functions(short_def, "m.py") == []
+    assert long_functions(f"{LONG_MARKER} a table.\n# more why\n" + long_def, "m.py") == []
+    assert long_functions(long_def.replace("    x3", f"    {LONG_MARKER} a table\n    x3"), "m.py") == []
+    assert long_functions(f"{LONG_MARKER} a table.\n\n" + long_def, "m.py") == ["m.py:4 f (61 lines)"]
+    nested = "def outer():\n" + "".join("    " + line + "\n" for line in long_def.splitlines())
+    assert long_functions(nested, "m.py") == ["m.py:1 outer (63 lines)", "m.py:3 f (61 lines)"]

@@ -18,6 +18,37 @@ from torch import Tensor
 from ..models import ControllingModule, DecoupledNet, GatedConv
 
 
+def _density_range(density: float | Sequence[float]) -> tuple[float, float]:
+    if isinstance(density, (int, float)):
+        lo = hi = float(density)
+    else:
+        lo, hi = (float(v) for v in density)
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"density={density} must be a fraction or a (low, high) range within [0, 1]")
+    return lo, hi
+
+
+def _calibrate(acm: ControllingModule, x: Tensor, d: float, concentration: float, rng: np.random.Generator) -> None:
+    """Scale ``acm``'s last Linear so its logits on ``x`` have unit spread per filter, and set its bias so that
+    each filter is on for a fraction of ``x`` drawn from Beta(d * concentration, (1 - d) * concentration)."""
+    z = acm.logits(x) - acm.fc2.bias  # (N, C) logits without the bias
+    scale = z.std(0).clamp_min(1e-6)
+    acm.fc2.weight.div_(scale[:, None])
+    z = z / scale
+    c = acm.fc2.out_features
+    per_filter = (
+        torch.from_numpy(rng.beta(d * concentration, (1 - d) * concentration, c)).float()
+        if 0 < d < 1
+        else torch.full((c,), d)
+    )
+    # filter j is on when z_j + b_j > 0: b_j = minus the (1 - f_j) quantile of z_j over the images
+    bias = -torch.quantile(z, 1 - per_filter, dim=0).diagonal()
+    # the extremes: a filter meant always off (on) sits clearly below (above) every input
+    bias = torch.where(per_filter <= 0, -(z.amax(0) + 1), bias)
+    bias = torch.where(per_filter >= 1, -(z.amin(0) - 1), bias)
+    acm.fc2.bias.copy_(bias)
+
+
 @torch.no_grad()
 def set_gate_densities(
     model: DecoupledNet,
@@ -45,12 +76,7 @@ def set_gate_densities(
     """
     if not model.gated:
         raise ValueError("set_gate_densities needs a gated model")
-    if isinstance(density, (int, float)):
-        lo = hi = float(density)
-    else:
-        lo, hi = (float(v) for v in density)
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"density={density} must be a fraction or a (low, high) range within [0, 1]")
+    lo, hi = _density_range(density)
     rng = np.random.default_rng(seed)
     model.eval()
     targets: list[float] = []
@@ -59,22 +85,7 @@ def set_gate_densities(
         # runs just before the module, on the input it gets with every earlier layer already set
         d = float(rng.uniform(lo, hi))
         targets.append(d)
-        z = acm.logits(args[0]) - acm.fc2.bias  # (N, C) logits without the bias
-        scale = z.std(0).clamp_min(1e-6)
-        acm.fc2.weight.div_(scale[:, None])
-        z = z / scale
-        c = acm.fc2.out_features
-        per_filter = (
-            torch.from_numpy(rng.beta(d * concentration, (1 - d) * concentration, c)).float()
-            if 0 < d < 1
-            else torch.full((c,), d)
-        )
-        # filter j is on when z_j + b_j > 0: b_j = minus the (1 - f_j) quantile of z_j over the images
-        bias = -torch.quantile(z, 1 - per_filter, dim=0).diagonal()
-        # the extremes: a filter meant always off (on) sits clearly below (above) every input
-        bias = torch.where(per_filter <= 0, -(z.amax(0) + 1), bias)
-        bias = torch.where(per_filter >= 1, -(z.amin(0) - 1), bias)
-        acm.fc2.bias.copy_(bias)
+        _calibrate(acm, args[0], d, concentration, rng)
 
     handles = [layer.acm.register_forward_pre_hook(calibrate) for _, layer in model.gated_layers()]
     try:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..attacks import AttackSpec
 from ..bundle import Bundle, write_part
 from ..detectors import FeatureDetector, PathDetector, PathEnsembleDetector
 from ..detectors.record import DetectorRecord
@@ -44,10 +45,8 @@ class DetectorTrainingSet:
     rows: TrainingRows | None = None  # the rows with their source images (what an ensemble's validation needs)
 
 
-def base_training_set(
-    bundle: Bundle, splits: Splits, prototypes: Prototypes, *, cache_dir: Path | None = None, progress: bool = False
-) -> DetectorTrainingSet:
-    """Rebuild the training and calibration rows of the bundle's fitted detector from ``detector.json``."""
+def _recorded_fitting(bundle: Bundle, splits: Splits) -> tuple[dict, dict, list[AttackSpec]]:
+    """(fitting images, calibration images, attacks) as ``detector.json`` records them, checked to be usable."""
     record = bundle.detector_record()
     if record is None:
         raise ValueError(f"bundle {bundle.path} has no fitted detector; run `pathguard fit-detector` first")
@@ -62,6 +61,14 @@ def base_training_set(
             f"bundle {bundle.path}: the detector was fitted on {fit['set']!r}, not on the validation "
             f"split {splits.val.name!r}"
         )
+    return fit, cal, specs
+
+
+def base_training_set(
+    bundle: Bundle, splits: Splits, prototypes: Prototypes, *, cache_dir: Path | None = None, progress: bool = False
+) -> DetectorTrainingSet:
+    """Rebuild the training and calibration rows of the bundle's fitted detector from ``detector.json``."""
+    fit, cal, specs = _recorded_fitting(bundle, splits)
     model = bundle.model
     fit_idx = correctly_classified(model, splits.val, int(fit["n_clean"]), seed=int(fit["seed"]))
     cal_idx = correctly_classified(model, splits.val, int(cal["n"]), seed=int(cal["seed"]), skip=int(cal["skip"]))

@@ -20,9 +20,25 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def render_markdown(r: dict) -> str:
-    cfg, attacks, results = r["config"], list(r["attacks"]), r["results"]
-    fpr = cfg["target_fpr"]
-    lines = [
+    attacks, fpr = list(r["attacks"]), r["config"]["target_fpr"]
+    lines = _images_section(r, fpr)
+    lines += _unseen_section(r, fpr)
+    lines += _attacks_section(r)
+    lines += _detectors_section(r)
+    lines += _detection_sections(r, attacks, fpr)
+    lines += _holdout_sections(r, attacks)
+    lines += _baseline_notes(r)
+    lines += _ablation_section(r, attacks)
+    lines += _cost_section(r)
+    if r.get("plots"):
+        lines += ["## Figures", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def _images_section(r: dict, fpr: float) -> list[str]:
+    """The title, the bundle and which images each part of the run used."""
+    images = r["images"]
+    return [
         "# PathGuard evaluation report",
         "",
         f"{bundle_sentence(r)}. Clean test accuracy {_pct(r['clean_accuracy'])} "
@@ -30,18 +46,20 @@ def render_markdown(r: dict) -> str:
         "",
         "## Images",
         "",
-        f"- Evaluation: {r['images']['eval']['n']} correctly classified images of `{r['images']['eval']['set']}` "
+        f"- Evaluation: {images['eval']['n']} correctly classified images of `{images['eval']['set']}` "
         "(attacked and scored; none used in fitting).",
-        f"- Fitting: {r['images']['fit']['n']} correctly classified images of `{r['images']['fit']['set']}` and "
+        f"- Fitting: {images['fit']['n']} correctly classified images of `{images['fit']['set']}` and "
         "their successful adversarial versions.",
-        f"- Calibration: {r['images']['calibration']['n']} other clean images of "
-        f"`{r['images']['calibration']['set']}`; each threshold is set there at {_pct(fpr)} FPR.",
-        f"- Featurizer reference: {r['images']['reference']['n']} clean images of `{r['images']['reference']['set']}`.",
-        f"- Seed {cfg['seed']}; exact indices are in report.json.",
+        f"- Calibration: {images['calibration']['n']} other clean images of "
+        f"`{images['calibration']['set']}`; each threshold is set there at {_pct(fpr)} FPR.",
+        f"- Featurizer reference: {images['reference']['n']} clean images of `{images['reference']['set']}`.",
+        f"- Seed {r['config']['seed']}; exact indices are in report.json.",
         "",
     ]
-    lines += _unseen_section(r, fpr)
-    lines += [
+
+
+def _attacks_section(r: dict) -> list[str]:
+    lines = [
         "## Attacks (on the evaluation images)",
         "",
         "| attack | family | parameters | success rate | mean L2 | mean Linf | seconds |",
@@ -53,7 +71,11 @@ def render_markdown(r: dict) -> str:
             f"| {a} | {s.get('family', '–')} | {params} | {_pct(s['success_rate'])} | {_f(s['mean_l2'])} | "
             f"{_f(s['mean_linf'])} | {_f(r['timing']['attack_seconds'].get(a), 1)} |"
         )
-    lines += [
+    return lines
+
+
+def _detectors_section(r: dict) -> list[str]:
+    lines = [
         "",
         "## Detectors and what each was fitted on",
         "",
@@ -65,6 +87,12 @@ def render_markdown(r: dict) -> str:
     ]
     for det, info in r["detectors"].items():
         lines.append(f"| {det} | {info.get('fitting', {}).get('text', '–')} | {info['description']} |")
+    return lines
+
+
+def _detection_sections(r: dict, attacks: list[str], fpr: float) -> list[str]:
+    """AUROC / TPR per detector and attack, on successful attacks and on all attacked images; the clean FPR."""
+    results, lines = r["results"], []
     for title, key in (("successful attacks only", None), ("all attacked images", "all")):
         lines += [
             "",
@@ -88,19 +116,28 @@ def render_markdown(r: dict) -> str:
         + ", ".join(f"{d} {_pct(next(iter(per.values()))['fpr_at_threshold'])}" for d, per in results.items())
         + ".",
     ]
-    lines += _holdout_sections(r, attacks)
-    lines += _baseline_notes(r)
-    if r.get("ablation"):
-        lines += [
-            "",
-            "## Which path features carry the signal (logistic regression, AUROC)",
-            "",
-            "| features | " + " | ".join(attacks) + " |",
-            "|---|" + "---|" * len(attacks),
-        ]
-        for v, per in r["ablation"].items():
-            lines.append(f"| {v} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
-    lines += [
+    return lines
+
+
+def _auroc_table(title: str, first: str, rows: dict, attacks: list[str]) -> list[str]:
+    """A section with one table: a row per entry of ``rows`` ({name: {attack: {"auroc": ...}}}), a column per attack."""
+    lines = ["", f"## {title}", "", f"| {first} | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for name, per in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
+    return lines
+
+
+def _ablation_section(r: dict, attacks: list[str]) -> list[str]:
+    if not r.get("ablation"):
+        return []
+    return _auroc_table(
+        "Which path features carry the signal (logistic regression, AUROC)", "features", r["ablation"], attacks
+    )
+
+
+def _cost_section(r: dict) -> list[str]:
+    """What each detector costs to fit and to score, the run's total time, and the caveat on adaptive attackers."""
+    lines = [
         "",
         "## Detector cost",
         "",
@@ -126,23 +163,18 @@ def render_markdown(r: dict) -> str:
         "above; `pathguard adaptive` measures that attacker (README, Threat model).",
         "",
     ]
-    if r.get("plots"):
-        lines += ["## Figures", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def _holdout_sections(r: dict, attacks: list[str]) -> list[str]:
     lines = []
     if r.get("leave_one_attack_out"):
-        lines += [
-            "",
-            "## Leave one attack out: AUROC on the attack held out of fitting",
-            "",
-            "| detector | " + " | ".join(attacks) + " |",
-            "|---|" + "---|" * len(attacks),
-        ]
-        for det, per in r["leave_one_attack_out"].items():
-            lines.append(f"| {det} | " + " | ".join(_f(per[a]["auroc"]) for a in attacks) + " |")
+        lines += _auroc_table(
+            "Leave one attack out: AUROC on the attack held out of fitting",
+            "detector",
+            r["leave_one_attack_out"],
+            attacks,
+        )
     if r.get("leave_one_family_out"):
         fams = list(next(iter(r["leave_one_family_out"].values())))
         lines += [

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..bundle import BUNDLE_HELP, Bundle, load_bundle
-from ..models import GATE_THRESHOLD
+from ..models import GATE_THRESHOLD, PathOutput
 from ..prototypes import Prototypes, compute_prototypes
 from . import analysis
 from .report import write_report
@@ -346,6 +346,43 @@ def _specificity(
     return {"png": "specificity.png", "json": "specificity.json"}, summary
 
 
+def _reference_departures(dep: analysis.Departure, label: int | None, classes: list[str]) -> dict[str, np.ndarray]:
+    """Per-layer Hamming distance of the input's path to the true class (when it is not the predicted one) and to
+    the nearest other class than the predicted one, the lines an input's figure draws for comparison."""
+    pred = dep.predicted
+    reference = {}
+    if label is not None and label != pred:
+        reference[f"to the true class ({classes[label]})"] = dep.hamming_all[:, label].numpy()
+    others = dep.hamming_all.clone()
+    others[:, pred] = float("inf")
+    runner = int(others.mean(0).argmin())
+    reference[f"to the nearest other class ({classes[runner]})"] = dep.hamming_all[:, runner].numpy()
+    return reference
+
+
+def _layer_departures(dep: analysis.Departure, path: PathOutput, i: int, classes: list[str], layers: list[str]) -> dict:
+    """The ``layers`` and ``doc`` entries of input ``i``'s JSON: how its path departs from the prototypes."""
+    return {
+        "layers": [
+            {
+                "layer": n,
+                "hamming_to_predicted": round(float(dep.hamming[j]), 4),
+                "hamming_to_class": dict(zip(classes, _round(dep.hamming_all[j]))),
+                "nearest_class": classes[int(dep.nearest[j])],
+                "extra_filters": dep.extra[j],
+                "missing_filters": dep.missing[j],
+                "log_likelihood_under_predicted": round(float(dep.log_likelihood[j]), 4),
+                "active": int(path.layers[j].hard[i].sum()),
+                "filters": int(path.layers[j].hard.shape[1]),
+            }
+            for j, n in enumerate(layers)
+        ],
+        "doc": "hamming: fraction of the layer's filters where this input's on/off differs from the class's "
+        "prototype path; extra_filters: on here but not in the predicted class's prototype; "
+        "missing_filters: in the prototype but off here",
+    }
+
+
 @torch.no_grad()
 def _inputs(
     out: Path,
@@ -367,13 +404,7 @@ def _inputs(
     files, summaries = [], []
     for i, (dep, label, name) in enumerate(zip(deps, labels, names)):
         pred = dep.predicted
-        reference = {}
-        if label is not None and label != pred:
-            reference[f"to the true class ({classes[label]})"] = dep.hamming_all[:, label].numpy()
-        others = dep.hamming_all.clone()
-        others[:, pred] = float("inf")
-        runner = int(others.mean(0).argmin())
-        reference[f"to the nearest other class ({classes[runner]})"] = dep.hamming_all[:, runner].numpy()
+        reference = _reference_departures(dep, label, classes)
         title = f"{name}\npredicted {classes[pred]} ({float(probs[i, pred]):.2f})" + (
             "" if label is None else f", true {classes[label]}"
         )
@@ -406,23 +437,7 @@ def _inputs(
             {
                 **summary,
                 "probabilities": dict(zip(classes, _round(probs[i]))),
-                "layers": [
-                    {
-                        "layer": n,
-                        "hamming_to_predicted": round(float(dep.hamming[j]), 4),
-                        "hamming_to_class": dict(zip(classes, _round(dep.hamming_all[j]))),
-                        "nearest_class": classes[int(dep.nearest[j])],
-                        "extra_filters": dep.extra[j],
-                        "missing_filters": dep.missing[j],
-                        "log_likelihood_under_predicted": round(float(dep.log_likelihood[j]), 4),
-                        "active": int(path.layers[j].hard[i].sum()),
-                        "filters": int(path.layers[j].hard.shape[1]),
-                    }
-                    for j, n in enumerate(layers)
-                ],
-                "doc": "hamming: fraction of the layer's filters where this input's on/off differs from the class's "
-                "prototype path; extra_filters: on here but not in the predicted class's prototype; "
-                "missing_filters: in the prototype but off here",
+                **_layer_departures(dep, path, i, classes, layers),
             },
         )
         files.append({"png": f"{stem}.png", "json": f"{stem}.json"})

@@ -185,27 +185,20 @@ def train_epoch(
     return step, {k: v / steps for k, v in sums.items()}
 
 
-def train(
-    cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False, stop_after: int | None = None
-) -> dict:
-    """Train per ``cfg``; write the bundle (with ``train_log.jsonl``) to ``out_dir``; return test metrics.
-
-    A checkpoint is written to ``out_dir/checkpoint/`` after every epoch and removed once the bundle is
-    written. ``resume=True`` continues from it (the config must be the one it was written with) and ends
-    with the weights an uninterrupted run would have. ``stop_after=N`` stops once epoch N is checkpointed
-    (a run split over several sessions) and returns ``{"stopped_after_epoch": N}``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    threads = set_threads(cfg.threads)
-    device = select_device(cfg.device)
+def _datasets(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, ImageDataset, ImageDataset]:
+    """(full training set, test set, training split, validation split) per ``cfg``."""
     full = load_dataset(cfg.dataset, "train", cfg.data_root)
     test = load_dataset(cfg.dataset, "test", cfg.data_root)
     tr_idx, va_idx = train_val_split(len(full), cfg.val_size, cfg.seed)
     if cfg.train_subset:
         tr_idx = tr_idx[: cfg.train_subset]
-    train_set, val_set = full.subset(tr_idx, ":train"), full.subset(va_idx, ":val")
+    return full, test, full.subset(tr_idx, ":train"), full.subset(va_idx, ":val")
+
+
+def _start_model(
+    cfg: TrainConfig, full: ImageDataset, train_set: ImageDataset, device: torch.device, threads: int
+) -> tuple[DecoupledNet, dict, nn.Module | None, dict]:
+    """(model, arch_args, teacher or None, the bundle's extra record): new, or continued from ``init_from``."""
     teacher, extra = None, {"command": " ".join(["pathguard", *sys.argv[1:]])}
     if cfg.init_from:
         start = decouple_from if cfg.gated else continue_dense
@@ -225,76 +218,72 @@ def train(
         threads,
         device,
     )
+    return model, arch_args, teacher, extra
 
-    opt = _optimizer(model, cfg)
-    steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
-    total_steps = cfg.epochs * steps_per_epoch
-    sched = _scheduler(opt, cfg, total_steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log_path = out_dir / "train_log.jsonl"
-    first, step = 1, 0
-    if resume:
-        meta = checkpoint.load_checkpoint(out_dir, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen)
-        if meta["extra"].get("teacher_sha256") != extra.get("teacher_sha256"):
-            raise checkpoint.CheckpointError(
-                f"checkpoint in {out_dir} was distilled from another teacher than {cfg.init_from} (its weights changed)"
-            )
-        first, step = meta["epoch"] + 1, meta["step"]
-        # the bundle names the command that started the run, and each that continued it
-        started = meta["extra"].get("command", "?")
-        extra["command"] = f"{started}; resumed after epoch {meta['epoch']}: {extra['command']}"
-        kept = (
-            [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= meta["epoch"]]
-            if log_path.is_file()
-            else []
-        )
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-        log.info("resuming %s after epoch %d (step %d)", out_dir, meta["epoch"], step)
-    else:
+
+def _resume_or_start(
+    out_dir: Path, cfg: TrainConfig, resume: bool, extra: dict, log_path: Path, **state
+) -> tuple[int, int]:
+    """(first epoch, step): loaded from the checkpoint into ``state`` (model, opt, sched, gen) on ``resume``,
+    else (1, 0) after checking no unfinished run is there. Truncates ``log_path`` to the epochs kept."""
+    if not resume:
         if checkpoint.has_checkpoint(out_dir):
             raise checkpoint.CheckpointError(
                 f"{out_dir} holds the checkpoint of an unfinished run ({checkpoint.checkpoint_dir(out_dir)}): "
                 "resume it (--resume), or delete that folder to start over"
             )
         log_path.write_text("")
-    train_s, val = 0.0, {}
-    for epoch in range(first, cfg.epochs + 1):
-        freeze_gates(model, epoch > cfg.epochs - cfg.freeze_gates_epochs)
-        t0 = time.perf_counter()
-        step, means = train_epoch(
-            model,
-            train_set,
-            cfg,
-            opt=opt,
-            sched=sched,
-            gen=gen,
-            step=step,
-            total_steps=total_steps,
-            device=device,
-            teacher=teacher,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            progress=progress,
+        return 1, 0
+    meta = checkpoint.load_checkpoint(out_dir, cfg=cfg, **state)
+    if meta["extra"].get("teacher_sha256") != extra.get("teacher_sha256"):
+        raise checkpoint.CheckpointError(
+            f"checkpoint in {out_dir} was distilled from another teacher than {cfg.init_from} (its weights changed)"
         )
-        train_s = time.perf_counter() - t0
-        val = model_metrics(model, val_set, device)
-        record = {"epoch": epoch, "train_seconds": round(train_s, 1), "train": means, "val": val}
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        checkpoint.save_checkpoint(
-            out_dir, epoch=epoch, step=step, cfg=cfg, model=model, opt=opt, sched=sched, gen=gen, extra=extra
-        )
-        log.info(
-            "epoch %d: val acc %.4f density %s flops %.3f (%.0f s)",
-            epoch,
-            val["accuracy"],
-            f"{val.get('gate_density', 1.0):.3f}",
-            val["flops_ratio"],
-            train_s,
-        )
-        if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
-            log.info("stopping after epoch %d; continue with --resume", epoch)
-            return {"stopped_after_epoch": epoch}
+    # the bundle names the command that started the run, and each that continued it
+    started = meta["extra"].get("command", "?")
+    extra["command"] = f"{started}; resumed after epoch {meta['epoch']}: {extra['command']}"
+    kept = (
+        [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= meta["epoch"]]
+        if log_path.is_file()
+        else []
+    )
+    log_path.write_text("".join(ln + "\n" for ln in kept))
+    log.info("resuming %s after epoch %d (step %d)", out_dir, meta["epoch"], meta["step"])
+    return meta["epoch"] + 1, meta["step"]
 
+
+def _end_epoch(
+    out_dir: Path, log_path: Path, record: dict, *, cfg: TrainConfig, step: int, seconds: float, extra: dict, **state
+) -> None:
+    """Append the epoch's ``record`` to the log, checkpoint ``state`` (model, opt, sched, gen), say so."""
+    with log_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    checkpoint.save_checkpoint(out_dir, epoch=record["epoch"], step=step, cfg=cfg, extra=extra, **state)
+    val = record["val"]
+    log.info(
+        "epoch %d: val acc %.4f density %s flops %.3f (%.0f s)",
+        record["epoch"],
+        val["accuracy"],
+        f"{val.get('gate_density', 1.0):.3f}",
+        val["flops_ratio"],
+        seconds,
+    )
+
+
+def _finish(
+    out_dir: Path,
+    cfg: TrainConfig,
+    model: DecoupledNet,
+    *,
+    data: tuple[ImageDataset, ImageDataset, ImageDataset, ImageDataset],
+    val: dict,
+    train_s: float,
+    arch_args: dict,
+    extra: dict,
+    device: torch.device,
+) -> dict:
+    """Test the trained model, write the bundle, drop the checkpoint; returns the test metrics."""
+    full, test, train_set, val_set = data
     model.eval()
     if not val:
         val = model_metrics(model, val_set, device)
@@ -320,3 +309,59 @@ def train(
     )
     checkpoint.remove_checkpoint(out_dir)
     return test_metrics
+
+
+def train(
+    cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False, stop_after: int | None = None
+) -> dict:
+    """Train per ``cfg``; write the bundle (with ``train_log.jsonl``) to ``out_dir``; return test metrics.
+
+    A checkpoint is written to ``out_dir/checkpoint/`` after every epoch and removed once the bundle is
+    written. ``resume=True`` continues from it (the config must be the one it was written with) and ends
+    with the weights an uninterrupted run would have. ``stop_after=N`` stops once epoch N is checkpointed
+    (a run split over several sessions) and returns ``{"stopped_after_epoch": N}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    threads = set_threads(cfg.threads)
+    device = select_device(cfg.device)
+    data = _datasets(cfg)
+    full, _, train_set, val_set = data
+    model, arch_args, teacher, extra = _start_model(cfg, full, train_set, device, threads)
+    opt = _optimizer(model, cfg)
+    steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = _scheduler(opt, cfg, total_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = {"model": model, "opt": opt, "sched": sched, "gen": gen}
+    log_path = out_dir / "train_log.jsonl"
+    first, step = _resume_or_start(out_dir, cfg, resume, extra, log_path, **state)
+    train_s, val = 0.0, {}
+    for epoch in range(first, cfg.epochs + 1):
+        freeze_gates(model, epoch > cfg.epochs - cfg.freeze_gates_epochs)
+        t0 = time.perf_counter()
+        step, means = train_epoch(
+            model,
+            train_set,
+            cfg,
+            opt=opt,
+            sched=sched,
+            gen=gen,
+            step=step,
+            total_steps=total_steps,
+            device=device,
+            teacher=teacher,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            progress=progress,
+        )
+        train_s = time.perf_counter() - t0
+        val = model_metrics(model, val_set, device)
+        record = {"epoch": epoch, "train_seconds": round(train_s, 1), "train": means, "val": val}
+        _end_epoch(out_dir, log_path, record, cfg=cfg, step=step, seconds=train_s, extra=extra, **state)
+        if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+            log.info("stopping after epoch %d; continue with --resume", epoch)
+            return {"stopped_after_epoch": epoch}
+    return _finish(
+        out_dir, cfg, model, data=data, val=val, train_s=train_s, arch_args=arch_args, extra=extra, device=device
+    )
