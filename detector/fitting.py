@@ -245,7 +245,7 @@ def _fit_detector(
     attacks: list[AttackSpec],
     rows: TrainingRows,
     X_cal: np.ndarray,
-    images: tuple[np.ndarray, np.ndarray],
+    images: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[PathDetector | PathEnsembleDetector, dict]:
     """The detector ``cfg.classifier`` names, calibrated on ``X_cal``, and what the bundle records of it beyond
     :class:`DetectorRecord`. A supervised one learns from the validation ``rows``; the ensemble fits its clean-only
