@@ -133,27 +133,7 @@ def fit_estimator(
     if not rows:
         raise NoAdversarialExamples(f"none of the attacks {attacks} succeeded on the fitting images")
     if hasattr(est, "components"):  # the ensemble: clean-only components, the rest on validation rows
-        validation = validation_rows(feats, rows, families)
-        if reuse is not None and reuse.get_params() == est.get_params():
-            est = copy.copy(reuse)
-            est.components_ = list(reuse.components_)
-            est.fit_validation(validation, feats.calibration, cache=cache, X_reference=feats.reference)
-        else:
-            est.fit(
-                feats.reference,
-                groups=feats.groups,
-                layer_sizes=layer_sizes,
-                X_calibration=feats.calibration,
-                validation=validation,
-                cache=cache,
-            )
-        kind = (
-            "clean-only + supervised and weights on validation"
-            if est.supervised
-            else "clean-only + weights on validation"
-        )
-        n_noisy = int(est.supervised_rows_["n_noisy"]) if est.supervised else 0
-        return est, FitRecord(kind, len(feats.fit_clean), clean_set, rows, n_noisy)
+        return _fit_ensemble(est, feats, rows, families, layer_sizes, clean_set, reuse, cache)
     negatives = [feats.fit_clean]
     n_noisy = 0
     if feats.fit_noisy:
@@ -166,3 +146,25 @@ def fit_estimator(
     extra = {"names": feats.names} if getattr(est, "classifier", None) == "select" else {}
     est.fit(X, y, groups=feats.groups, X_calibration=feats.calibration, **extra)
     return est, FitRecord("supervised", len(feats.fit_clean), clean_set, rows, n_noisy)
+
+
+def _fit_ensemble(est, feats, rows: dict[str, np.ndarray], families, layer_sizes, clean_set: str, reuse, cache):
+    """:func:`fit_estimator` for the ensemble: clean-only components on the reference rows (kept from ``reuse``
+    when it has the same parameters), supervised components, kNN reference size and weights on ``rows``."""
+    validation = validation_rows(feats, rows, families)
+    if reuse is not None and reuse.get_params() == est.get_params():
+        est = copy.copy(reuse)
+        est.components_ = list(reuse.components_)
+        est.fit_validation(validation, feats.calibration, cache=cache, X_reference=feats.reference)
+    else:
+        est.fit(
+            feats.reference,
+            groups=feats.groups,
+            layer_sizes=layer_sizes,
+            X_calibration=feats.calibration,
+            validation=validation,
+            cache=cache,
+        )
+    kind = "clean-only + " + ("supervised and weights" if est.supervised else "weights") + " on validation"
+    n_noisy = int(est.supervised_rows_["n_noisy"]) if est.supervised else 0
+    return est, FitRecord(kind, len(feats.fit_clean), clean_set, rows, n_noisy)
