@@ -36,6 +36,7 @@ class FeatureSets:
     reference: np.ndarray | None = None  # clean reference (training) images, for clean-only detectors
     fit_noisy: dict[str, np.ndarray] = field(default_factory=dict)  # noisy fitting images, per attack
     names: list[str] = field(default_factory=list)
+    forward_seconds_per_image: float = 0.0  # the plain forward pass, timed beside the featurizing (0: not measured)
 
 
 @dataclass
@@ -87,10 +88,18 @@ def attack_outcomes(
 
 
 def featurize(
-    featurizer, sets: ImageSets, adv: dict[str, Tensor], *, reference: bool = False, noisy: bool = False, seed: int = 0
+    featurizer,
+    sets: ImageSets,
+    adv: dict[str, Tensor],
+    *,
+    reference: bool = False,
+    noisy: bool = False,
+    seed: int = 0,
+    model=None,
 ) -> FeatureSets:
     """Features of every image set; ``reference`` adds the reference images (for clean-only detectors),
-    ``noisy`` the noisy twins of the fitting images per attack (:func:`design.noisy_like`)."""
+    ``noisy`` the noisy twins of the fitting images per attack (:func:`design.noisy_like`); with ``model``, the
+    featurizing cost is timed beside its plain forward pass (:func:`paired_cost`)."""
     n_fit = len(sets.fit.indices)
     t0 = time.perf_counter()
     eval_clean = featurizer.transform(sets.eval.images)
@@ -101,11 +110,7 @@ def featurize(
         eval_adv[label] = featurizer.transform(a[n_fit:])
         if noisy:
             fit_noisy[label] = featurizer.transform(noisy_like(sets.fit.images, a[:n_fit], seed))
-    # The cost per image as the forward pass is timed (forward_seconds_per_image): warm, the better of two passes
-    # over the same images (the first pass above also paid for first-touch allocations).
-    t0 = time.perf_counter()
-    featurizer.transform(sets.eval.images)
-    per_image = min(cold, time.perf_counter() - t0) / len(sets.eval.images)
+    per_image, forward_per_image = paired_cost(featurizer, model, sets.eval.images, cold)
     return FeatureSets(
         featurizer.transform(sets.calibration.images),
         featurizer.transform(sets.fit.images),
@@ -117,7 +122,27 @@ def featurize(
         featurizer.transform(sets.reference.images) if reference else None,
         fit_noisy,
         list(getattr(featurizer, "names", []) or featurizer.groups),
+        forward_seconds_per_image=forward_per_image,
     )
+
+
+def paired_cost(featurizer, model, images: Tensor, cold: float, cheap: float = 5.0) -> tuple[float, float]:
+    """(featurizing, plain forward pass) seconds per image of ``images``, warm and timed side by side, so that
+    the machine's load drifts alike for both: of three (forward, featurize) rounds, the round with the median
+    ratio (one round when a pass costs over ``cheap`` seconds; the cold pass ``cold`` counts if it was faster).
+    Without a model, (cold / n, 0)."""
+    n = len(images)
+    if model is None or n == 0:
+        return cold / max(n, 1), 0.0
+    forward_seconds_per_image(model, images, repeats=1)  # warm-up (its timing is not used)
+    rounds = []
+    for _ in range(3 if cold < cheap else 1):
+        f = forward_seconds_per_image(model, images, repeats=1, warm_up=False)
+        t0 = time.perf_counter()
+        featurizer.transform(images)
+        rounds.append((min(cold, time.perf_counter() - t0) / n, f))
+    rounds.sort(key=lambda r: r[0] / r[1])
+    return rounds[len(rounds) // 2]
 
 
 def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
@@ -135,6 +160,7 @@ def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
         {k: cat([p.eval_adv[k] for p in parts]) for k in first.eval_adv},
         [g for p in parts for g in p.groups],
         sum(p.seconds_per_image for p in parts),
+        forward_seconds_per_image=sum(p.forward_seconds_per_image for p in parts) / len(parts),
         names=[n for p in parts for n in p.names],
     )
 
@@ -159,9 +185,10 @@ def score(
 
 
 @torch.no_grad()
-def forward_seconds_per_image(model, images: Tensor, batch: int = 500, repeats: int = 2) -> float:
+def forward_seconds_per_image(model, images: Tensor, batch: int = 500, repeats: int = 2, warm_up: bool = True) -> float:
     """Seconds per image of the plain forward pass (logits only): after a warm-up, the best of ``repeats``."""
-    model(images[:batch])  # warm-up
+    if warm_up:
+        model(images[:batch])
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -242,7 +269,9 @@ def analyze(
         fz = FEATURIZERS[key](ctx).fit(sets.reference.images, sets.reference.labels)
         featurizer_fit_s[key] = time.perf_counter() - t0
         log.info("featurizing with %s", key)
-        features[key] = featurize(fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats, seed=cfg.seed)
+        features[key] = featurize(
+            fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats, seed=cfg.seed, model=model
+        )
         stages[f"featurize {key}"] = time.perf_counter() - t0
 
     layer_sizes = list(protos.layer_sizes) if protos is not None else list(model.gate_sizes)
@@ -292,7 +321,7 @@ def analyze(
         }
         timing[name] = {
             "fit_seconds": round(fit_s, 2),
-            "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s,
+            "score_cost_ratio": (feats.seconds_per_image + decide_s) / (feats.forward_seconds_per_image or forward_s),
         }
         stages[f"fit and score {name}"] = fit_s + (time.perf_counter() - t0) - featurizer_fit_s.get(fkey, 0.0)
         if name != "bundle" and not getattr(est, "clean_only", False) and len(attacks) > 1:

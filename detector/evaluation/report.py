@@ -141,9 +141,10 @@ def _cost_section(r: dict) -> list[str]:
         "",
         "## Detector cost",
         "",
-        "Scoring cost: featurizing the evaluation's clean test images (warm, the better of two passes) plus the "
-        "detector's decision on every scored row, per image, over one plain forward pass of the same images "
-        "(batch 500, warm, the better of two passes), in the same process.",
+        "Scoring cost: featurizing the evaluation's clean test images plus the detector's decision on every "
+        "scored row, per image, over one plain forward pass of the same images (batch 500), both warm and timed "
+        "side by side in the same process (of three paired rounds, the median ratio; one round for featurizers "
+        "whose pass takes over 5 s).",
         "",
         "| detector | fit seconds | scoring cost per image (x one forward pass) |",
         "|---|---|---|",
