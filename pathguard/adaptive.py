@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.adaptive.experiment import AdaptiveConfig
+from detector.adaptive.query_eval import QueryConfig
 from detector.bundle import default_bundle
 
 from .options import add_command, config_from, opt, required, switch
@@ -33,6 +34,11 @@ def _cmd_adaptive(args: argparse.Namespace) -> int:
     run = config_from(AdaptiveRun, args)
     set_threads(run.threads)
     out = Path(run.out)
+    query = config_from(QueryConfig, args)
+    if query.query_budget:
+        _query_attack(cfg, query, out, select_device(run.device), run.json)
+        if query.query_only:
+            return 0
     report = run_adaptive(cfg, out, device=select_device(run.device), progress=not run.quiet)
     if run.json:
         print(
@@ -49,6 +55,14 @@ def _cmd_adaptive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query_attack(cfg: AdaptiveConfig, query: QueryConfig, out: Path, device, as_json: bool) -> None:
+    """The query-only attacker per score policy: query.json, query.md, query_success.png in ``out``."""
+    from detector.adaptive.query_eval import run_query
+
+    report = run_query(cfg.bundle, query, out, eps=cfg.eps, seed=cfg.seed, data_root=cfg.data_root, device=device)
+    print(json.dumps(report["policies"], indent=2) if as_json else (out / "query.md").read_text())
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     add_command(
         sub,
@@ -56,9 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         _cmd_adaptive,
         AdaptiveConfig,
         AdaptiveRun,
+        QueryConfig,
         help="adaptive white-box attacks on classifier + path detector, and hardening",
         description="Attack correctly classified test images with attacks that know the detector "
         "(detector-aware PGD, path mimicry) over a sweep of budgets and lambdas; refit the detector "
         "with adaptive examples made on validation images and attack it again. Writes report.json, "
-        "report.md and figures to --out. Prints a cost estimate first.",
+        "report.md and figures to --out. Prints a cost estimate first. With --query-budget Q, also a query-only "
+        "attacker (Square-style random search on what the server answers) per score policy: query.json, query.md.",
     )

@@ -75,12 +75,13 @@ def _row(path: str, i: int, n: int, r) -> dict:
         "image": path if n == 1 else f"{path}[{i}]",
         "class_index": r.class_index,
         "class_name": r.class_name,
-        "confidence": r.confidence,
+        "confidence": r.confidence if r.probabilities is not None or r.top_classes else None,
         "adversarial_score": r.adversarial_score,
         "is_adversarial": r.is_adversarial,
         "threshold": r.threshold,
         "active_filter_ratio": r.active_filter_ratio,
         "flops_fraction": r.flops_fraction,
+        "score_policy": r.score_policy,
     }
     if r.top_classes:
         row["top_classes"] = [{"class_name": c.class_name, "probability": c.probability} for c in r.top_classes]
@@ -163,17 +164,23 @@ def format_table(rows: list[dict]) -> str:
             continue
         flag = "YES" if row["is_adversarial"] else "no"
         lines.append(
-            f"{image:<32} {row['class_name'][:16]:<16} {row['confidence']:>6.3f} "
-            f"{row['adversarial_score']:>6.3f} {flag:<11} {row['active_filter_ratio']:>6.3f} "
-            f"{row['flops_fraction']:>6.3f}"
+            f"{image:<32} {row['class_name'][:16]:<16} {_num(row['confidence'])} "
+            f"{_num(row['adversarial_score'])} {flag:<11} {_num(row['active_filter_ratio'])} "
+            f"{_num(row['flops_fraction'])}"
         )
         for c in row.get("top_classes", [])[1:]:
             lines.append(f"{'':<32} {c['class_name'][:16]:<16} {c['probability']:>6.3f}")
-    if rows and "threshold" in next((r for r in rows if "error" not in r), {}):
-        lines.append(
-            f"(adversarial when score > threshold {next(r for r in rows if 'error' not in r)['threshold']:.4f})"
-        )
+    first = next((r for r in rows if "error" not in r), {})
+    if first.get("threshold") is not None:
+        lines.append(f"(adversarial when score > threshold {first['threshold']:.4f})")
+    elif first:
+        lines.append(f"(this server reveals only the class and the flag: score policy {first['score_policy']!r})")
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    """A 6-wide figure; '-' for what the server did not reveal (None, or NaN for a confidence)."""
+    return f"{'-':>6}" if value is None or value != value else f"{value:>6.3f}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -38,33 +38,42 @@ class ClassProbability:
 
 @dataclass
 class ImageResult:
-    """The prediction and screening of one image (fields as in ``pathguard.v1.ImageResult``)."""
+    """The prediction and screening of one image (fields as in ``pathguard.v1.ImageResult``).
+
+    ``score_policy`` is what the server reveals (``pathguard serve --score-policy``): under ``"flag"`` the
+    score, threshold and filter ratios are None and there are no probabilities; under ``"rounded"`` they
+    are rounded to a 0.05 grid.
+    """
 
     class_index: int
     class_name: str
-    adversarial_score: float
+    adversarial_score: float | None
     is_adversarial: bool
-    threshold: float
-    active_filter_ratio: float
-    flops_fraction: float
+    threshold: float | None
+    active_filter_ratio: float | None
+    flops_fraction: float | None
     probabilities: np.ndarray | None = None  # (K,), when top_k == 0
     top_classes: list[ClassProbability] = field(default_factory=list)  # when top_k > 0
     path: np.ndarray | None = None  # (G,) uint8 bits, when include_path
     layer_departure: np.ndarray | None = None  # (L,), when include_departure
+    score_policy: str = "full"
 
     @classmethod
-    def from_proto(cls, r: pb.ImageResult) -> ImageResult:
+    def from_proto(cls, r: pb.ImageResult, score_policy: str = "") -> ImageResult:
         path = None
         if r.path_length:
             path = np.unpackbits(np.frombuffer(r.path_bits, dtype=np.uint8))[: r.path_length]
+        policy = score_policy or "full"  # a server from before score policies revealed everything
+        shown = policy != "flag"
         return cls(
             class_index=r.class_index,
             class_name=r.class_name,
-            adversarial_score=r.adversarial_score,
+            adversarial_score=r.adversarial_score if shown else None,
             is_adversarial=r.is_adversarial,
-            threshold=r.threshold,
-            active_filter_ratio=r.active_filter_ratio,
-            flops_fraction=r.flops_fraction,
+            threshold=r.threshold if shown else None,
+            active_filter_ratio=r.active_filter_ratio if shown else None,
+            flops_fraction=r.flops_fraction if shown else None,
+            score_policy=policy,
             probabilities=np.array(r.probabilities, dtype=np.float32) if len(r.probabilities) else None,
             top_classes=[ClassProbability(c.class_index, c.class_name, c.probability) for c in r.top_classes],
             path=path,
@@ -94,6 +103,7 @@ class ModelDescription:
     encodings: list[str]
     dtypes: list[str]
     metrics: dict[str, float]
+    score_policy: str = "full"
 
 
 @dataclass
@@ -231,7 +241,7 @@ class PathGuardClient:
         """Screen images in one call; one :class:`ImageResult` per image, in order."""
         request = build_request(images, top_k=top_k, include_path=include_path, include_departure=include_departure)
         response = self._stub.ScreenImages(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return [ImageResult.from_proto(r) for r in response.results]
+        return [ImageResult.from_proto(r, response.score_policy) for r in response.results]
 
     def screen_stream(
         self,
@@ -257,7 +267,8 @@ class PathGuardClient:
             error = None
             if response.HasField("error"):
                 error = ScreenError(response.error.code_name, response.error.message)
-            yield StreamItem(response.request_id, [ImageResult.from_proto(r) for r in response.results], error)
+            results = [ImageResult.from_proto(r, response.score_policy) for r in response.results]
+            yield StreamItem(response.request_id, results, error)
 
     def describe(self, timeout: float | None = None) -> ModelDescription:
         d = self._stub.DescribeModel(
@@ -277,6 +288,7 @@ class PathGuardClient:
             encodings=list(d.encodings),
             dtypes=[pb.DataType.Name(t) for t in d.dtypes],
             metrics=dict(d.metrics),
+            score_policy=d.score_policy or "full",
         )
 
     def health(self, service: str = "", timeout: float | None = None) -> str:

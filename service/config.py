@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle import DEFAULT_BUNDLE
+from detector.disclosure import SCORE_POLICIES, check_policy
 
 from .batching import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS, MAX_QUEUE_SIZE
 
@@ -70,6 +71,15 @@ class ServeConfig:
         384,
     )
     engine: str = _opt("how the model runs: skipping (only filters whose gate is on; faster) or masked", "skipping")
+    # What callers see of each screening (detector.disclosure): the exact score helps a querying attacker.
+    score_policy: str = field(
+        default="full",
+        metadata={
+            "help": "what answers reveal: full (exact probabilities, score, threshold), rounded (score and "
+            "probabilities on a 0.05 grid, no path) or flag (only the predicted class and the flag)",
+            "choices": SCORE_POLICIES,
+        },
+    )
     tls_cert: str | None = _opt("PEM server certificate (chain); enables TLS")
     tls_key: str | None = _opt("PEM private key of --tls-cert")
     tls_client_ca: str | None = _opt("PEM CA bundle; clients must present a certificate it signed (mTLS)")
@@ -95,6 +105,7 @@ class ServeConfig:
         self._check_numbers()
         if self.engine not in ("skipping", "masked"):
             raise ValueError(f"engine={self.engine!r} must be 'skipping' or 'masked'")
+        check_policy(self.score_policy)
         self._check_security()
         return self
 

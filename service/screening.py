@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from detector.disclosure import Disclosure, check_policy, disclose
 from detector.screening import ScreenResult
 
 from . import codec, metrics
@@ -41,12 +42,14 @@ class Limits:
     max_images_per_request: int = 64
     engine: str = "skipping"  # how the model runs: see ModelRuntime.load
     model_name: str | None = None  # served under this name instead of the bundle's
+    score_policy: str = "full"  # what answers reveal: see detector.disclosure
 
 
 class ScreeningService:
     """Owns the model runtime and the dynamic batcher. ``load`` (or ``reload``) makes it ready."""
 
     def __init__(self, limits: Limits = Limits()) -> None:
+        check_policy(limits.score_policy)
         self.limits = limits
         self._batcher = DynamicBatcher(
             max_batch_size=limits.max_batch_size,
@@ -152,6 +155,14 @@ class ScreeningService:
         return codec.images_from_encoded(files, self.info.input_shape, self.limits.max_images_per_request)
 
     # -- screening ------------------------------------------------------------------------------
+    @property
+    def score_policy(self) -> str:
+        return self.limits.score_policy
+
+    def disclose(self, result: ScreenResult) -> Disclosure:
+        """What callers are told of ``result`` under this deployment's score policy."""
+        return disclose(result, self.limits.score_policy)
+
     async def screen(self, images: Tensor, timeout: float | None = None) -> ScreenResult:
         """Screen validated images (N, C, H, W) in [0, 1] through the batcher.
 

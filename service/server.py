@@ -162,6 +162,7 @@ class PathGuardServer:
                 max_images_per_request=config.max_images_per_request,
                 engine=config.engine,
                 model_name=config.model_name,
+                score_policy=config.score_policy,
             )
         )
         self.health = health.aio.HealthServicer()

@@ -15,6 +15,7 @@ import numpy as np
 from torch import Tensor
 
 from detector import __version__
+from detector.disclosure import REVEALS, Disclosure
 from detector.screening import ScreenResult
 
 from ._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
@@ -119,10 +120,12 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
             encodings=sorted(ENCODINGS.values()),
             dtypes=sorted(_DTYPE_NAMES),
             metrics=info.metrics,
+            score_policy=self.service.score_policy,
         )
 
     async def _screen(self, request: pb.ScreenRequest, context) -> pb.ScreenResponse:
         info = self.service.info
+        _check_options(request.options, self.service.score_policy)
         if request.WhichOneof("input") == "tensor" and len(request.tensor.data) <= INLINE_DECODE_BYTES:
             with self.service.arriving():
                 images = self._images(request)
@@ -134,7 +137,8 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
             request_id=request.request_id,
             model_name=info.name,
             model_version=info.version,
-            results=_image_results(result, info, request.options),
+            results=_image_results(self.service.disclose(result), info, request.options),
+            score_policy=self.service.score_policy,
         )
 
     def _images(self, request: pb.ScreenRequest) -> Tensor:
@@ -152,10 +156,37 @@ class PathGuardServicer(pb_grpc.PathGuardServicer):
         return self.service.images_from_buffer(tensor.data, _DTYPE_NAMES[tensor.dtype], tensor.shape)
 
 
-def _image_results(result: ScreenResult, info: ModelInfo, options: pb.ScreenOptions) -> list[pb.ImageResult]:
+def _check_options(options: pb.ScreenOptions, policy: str) -> None:
+    """Refuse the extras that this deployment's score policy does not reveal (before any work is done)."""
+    revealed = REVEALS[policy]
+    wanted = (
+        ("probabilities", options.top_k > 0, "options.top_k > 0"),
+        ("paths", options.include_path, "options.include_path"),
+        ("departure", options.include_departure, "options.include_departure"),
+    )
+    refused = [name for what, asked, name in wanted if asked and what not in revealed]
+    if refused:
+        raise InvalidInput(
+            f"{' and '.join(refused)}: not revealed by this server (score policy {policy!r}; it answers "
+            f"{_revealed_text(policy)})"
+        )
+
+
+def _revealed_text(policy: str) -> str:
+    return {
+        "full": "everything",
+        "rounded": "scores and probabilities rounded to a 0.05 grid, no path or departure",
+        "flag": "only the predicted class and the flag",
+    }[policy]
+
+
+def _image_results(shown: Disclosure, info: ModelInfo, options: pb.ScreenOptions) -> list[pb.ImageResult]:
     k = min(int(options.top_k), info.num_classes)
-    preds, scores, flags = result.predictions.tolist(), result.scores.tolist(), result.flags.tolist()
-    active, flops = result.active_ratio.tolist(), result.flops_ratio.tolist()
+    preds, flags = shown.predictions.tolist(), shown.flags.tolist()
+    n = len(preds)
+    scores = shown.scores.tolist() if shown.scores is not None else [0.0] * n
+    active = shown.active_ratio.tolist() if shown.active_ratio is not None else [0.0] * n
+    flops = shown.flops_ratio.tolist() if shown.flops_ratio is not None else [0.0] * n
     out = []
     for i, pred in enumerate(preds):
         r = pb.ImageResult(
@@ -163,21 +194,22 @@ def _image_results(result: ScreenResult, info: ModelInfo, options: pb.ScreenOpti
             class_name=info.classes[pred],
             adversarial_score=scores[i],
             is_adversarial=flags[i],
-            threshold=result.threshold,
+            threshold=shown.threshold or 0.0,
             active_filter_ratio=active[i],
             flops_fraction=flops[i],
         )
-        probs = result.probabilities[i]
-        if k == 0:
-            r.probabilities.extend(probs.tolist())
-        else:
-            for c in np.argsort(-probs, kind="stable")[:k].tolist():
-                r.top_classes.add(class_index=c, class_name=info.classes[c], probability=float(probs[c]))
-        if options.include_path:
-            r.path_bits = np.packbits(result.paths[i]).tobytes()
-            r.path_length = result.paths.shape[1]
-        if options.include_departure:
-            r.layer_departure.extend(result.departure[i].tolist())
+        if shown.probabilities is not None:
+            probs = shown.probabilities[i]
+            if k == 0:
+                r.probabilities.extend(probs.tolist())
+            else:
+                for c in np.argsort(-probs, kind="stable")[:k].tolist():
+                    r.top_classes.add(class_index=c, class_name=info.classes[c], probability=float(probs[c]))
+        if options.include_path and shown.paths is not None:
+            r.path_bits = np.packbits(shown.paths[i]).tobytes()
+            r.path_length = shown.paths.shape[1]
+        if options.include_departure and shown.departure is not None:
+            r.layer_departure.extend(shown.departure[i].tolist())
         out.append(r)
     return out
 
@@ -192,28 +224,50 @@ _KSERVE_INPUTS = {
     "FP64": ("float64", "fp64_contents"),
     "UINT8": ("uint8", "uint_contents"),
 }
-# name -> (datatype, shape after N given the model, value per image as a little-endian array)
-_KSERVE_OUTPUTS: dict[str, tuple[str, Callable[[ModelInfo], list[int]], Callable[[ScreenResult], np.ndarray]]] = {
-    "probabilities": ("FP32", lambda info: [info.num_classes], lambda r: r.probabilities.astype("<f4")),
-    "predicted_class": ("INT64", lambda info: [], lambda r: r.predictions.astype("<i8")),
-    "adversarial_score": ("FP32", lambda info: [], lambda r: r.scores.astype("<f4")),
-    "is_adversarial": ("BOOL", lambda info: [], lambda r: r.flags.astype(np.bool_)),
-    "active_filter_ratio": ("FP32", lambda info: [], lambda r: r.active_ratio.astype("<f4")),
-    "flops_fraction": ("FP32", lambda info: [], lambda r: r.flops_ratio.astype("<f4")),
+# name -> (datatype, shape after N given the model, value per image as a little-endian array or None when the
+# score policy withholds it)
+_KSERVE_OUTPUTS: dict[str, tuple[str, Callable[[ModelInfo], list[int]], Callable[[Disclosure], np.ndarray | None]]] = {
+    "probabilities": ("FP32", lambda info: [info.num_classes], lambda d: _le(d.probabilities, "<f4")),
+    "predicted_class": ("INT64", lambda info: [], lambda d: d.predictions.astype("<i8")),
+    "adversarial_score": ("FP32", lambda info: [], lambda d: _le(d.scores, "<f4")),
+    "is_adversarial": ("BOOL", lambda info: [], lambda d: d.flags.astype(np.bool_)),
+    "active_filter_ratio": ("FP32", lambda info: [], lambda d: _le(d.active_ratio, "<f4")),
+    "flops_fraction": ("FP32", lambda info: [], lambda d: _le(d.flops_ratio, "<f4")),
+}
+# the Disclosure field behind each output that a score policy may withhold
+_KSERVE_REVEALED_AS = {
+    "probabilities": "probabilities",
+    "adversarial_score": "scores",
+    "active_filter_ratio": "active_ratio",
+    "flops_fraction": "flops_ratio",
 }
 PLATFORM = "pathguard_pytorch"
 
 
+def _le(values: np.ndarray | None, dtype: str) -> np.ndarray | None:
+    return None if values is None else values.astype(dtype)
+
+
+def kserve_outputs(policy: str) -> list[str]:
+    """The output tensors a server under score policy ``policy`` answers with."""
+    revealed = REVEALS[policy]
+    return [n for n in _KSERVE_OUTPUTS if _KSERVE_REVEALED_AS.get(n, "") in revealed or n not in _KSERVE_REVEALED_AS]
+
+
 def _kserve_response(
-    result: ScreenResult, info: ModelInfo, names: list[str], request_id: str
+    shown: Disclosure, info: ModelInfo, names: list[str], request_id: str
 ) -> kserve_pb2.ModelInferResponse:
     response = kserve_pb2.ModelInferResponse(model_name=info.name, model_version=info.version, id=request_id)
-    response.parameters["adversarial_threshold"].string_param = f"{result.threshold:.9g}"
-    n = len(result)
+    if shown.threshold is not None:
+        response.parameters["adversarial_threshold"].string_param = f"{shown.threshold:.9g}"
+    response.parameters["score_policy"].string_param = shown.policy
+    n = len(shown)
     for name in names:
         datatype, dims, values = _KSERVE_OUTPUTS[name]
+        data = values(shown)
+        assert data is not None  # _requested_outputs refused the outputs the policy withholds
         response.outputs.add(name=name, datatype=datatype, shape=[n, *dims(info)])
-        response.raw_output_contents.append(values(result).tobytes())
+        response.raw_output_contents.append(data.tobytes())
     return response
 
 
@@ -249,8 +303,8 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             platform=PLATFORM,
             inputs=[tensor(name=INPUT_NAME, datatype=dt, shape=[-1, *info.input_shape]) for dt in _KSERVE_INPUTS],
             outputs=[
-                tensor(name=name, datatype=dt, shape=[-1, *dims(info)])
-                for name, (dt, dims, _) in _KSERVE_OUTPUTS.items()
+                tensor(name=name, datatype=_KSERVE_OUTPUTS[name][0], shape=[-1, *_KSERVE_OUTPUTS[name][1](info)])
+                for name in kserve_outputs(self.service.score_policy)
             ],
         )
 
@@ -264,14 +318,20 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         else:
             images = await self.service.decode(self._images, request)
         result = await self.service.screen(images, _remaining(context))
-        return _kserve_response(result, _model_of(result, info), names, request.id)
+        return _kserve_response(self.service.disclose(result), _model_of(result, info), names, request.id)
 
-    @staticmethod
-    def _requested_outputs(request: kserve_pb2.ModelInferRequest) -> list[str]:
-        names = [o.name for o in request.outputs] or list(_KSERVE_OUTPUTS)
+    def _requested_outputs(self, request: kserve_pb2.ModelInferRequest) -> list[str]:
+        policy = self.service.score_policy
+        served = kserve_outputs(policy)
+        names = [o.name for o in request.outputs] or served
         unknown = [n for n in names if n not in _KSERVE_OUTPUTS]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; this model has {list(_KSERVE_OUTPUTS)}")
+        withheld = [n for n in names if n not in served]
+        if withheld:
+            raise InvalidInput(
+                f"output(s) {withheld} are not revealed by this server (score policy {policy!r}); it answers {served}"
+            )
         for output in request.outputs:
             # binary_data asks for raw bytes: over gRPC every output already is (raw_output_contents).
             # Anything else (classification, shared memory...) would change the answer: refused, not ignored.

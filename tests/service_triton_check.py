@@ -4,6 +4,7 @@ Run in a subprocess by the tests: tritonclient's generated ``inference.*`` proto
 cannot be imported into one process (duplicate descriptor symbols).
 
     python tests/service_triton_check.py --url 127.0.0.1:50051 --model pathguard --images x.npy
+    python tests/service_triton_check.py ... --policy   # what the server's score policy lets through
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ def main() -> int:
     parser.add_argument("--url", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", required=True, help=".npy float32 (N, C, H, W) in [0, 1]")
+    parser.add_argument("--policy", action="store_true", help="check only what the score policy lets through")
     args = parser.parse_args()
     images = np.load(args.images).astype(np.float32)
     client = grpcclient.InferenceServerClient(url=args.url)
+    if args.policy:
+        json.dump(policy_check(client, args.model, images), sys.stdout)
+        return 0
     out: dict = {
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),
@@ -71,6 +76,27 @@ def main() -> int:
         out["unknown_model"] = exc.status()
     json.dump(out, sys.stdout)
     return 0
+
+
+def policy_check(client, model: str, images: np.ndarray) -> dict:
+    """The outputs listed and answered when none is named, the response parameters, and what asking for the
+    adversarial score explicitly gets."""
+    meta = client.get_model_metadata(model)
+    inp = grpcclient.InferInput("images", list(images.shape), "FP32")
+    inp.set_data_from_numpy(images)
+    result = client.infer(model, [inp])
+    response = result.get_response()
+    out = {
+        "metadata_outputs": [t.name for t in meta.outputs],
+        "outputs": {o.name: result.as_numpy(o.name).tolist() for o in response.outputs},
+        "parameters": {k: v.string_param for k, v in response.parameters.items()},
+    }
+    try:
+        client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("adversarial_score")])
+        out["asked_for_score"] = "OK"
+    except InferenceServerException as exc:
+        out["asked_for_score"] = f"{exc.status()}: {exc.message()}"
+    return out
 
 
 if __name__ == "__main__":

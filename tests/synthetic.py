@@ -36,10 +36,9 @@ def write_dataset(root: Path, n_train: int = 800, n_test: int = 300) -> Path:
     return root
 
 
-def make_bundle(root: Path, *, fit_detector: bool = True, gated: bool = True) -> Path:
-    """Train vgg8 on the synthetic set for 3 epochs and (optionally) fit its detector."""
-    data = write_dataset(root / "data")
-    cfg = TrainConfig(
+def tiny_config(data: Path, **overrides) -> TrainConfig:
+    """The tiny recipe: vgg8 on the synthetic set in ``data``, 3 epochs (fields overridable)."""
+    base = dict(
         dataset="npz",
         data_root=str(data),
         epochs=3,
@@ -48,10 +47,16 @@ def make_bundle(root: Path, *, fit_detector: bool = True, gated: bool = True) ->
         val_size=200,
         augment=(),
         threads=1,
-        gated=gated,
         w_sparsity=0.3,
         gate=GateConfig(init_bias=0.5),
     )
+    return TrainConfig(**{**base, **overrides})
+
+
+def make_bundle(root: Path, *, fit_detector: bool = True, gated: bool = True) -> Path:
+    """Train vgg8 on the synthetic set for 3 epochs and (optionally) fit its detector."""
+    data = write_dataset(root / "data")
+    cfg = tiny_config(data, gated=gated)
     bundle = root / ("bundle" if gated else "dense")
     train(cfg, bundle, progress=False)
     if fit_detector and gated:

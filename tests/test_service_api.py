@@ -25,12 +25,12 @@ from service.codec import encode_png
 TRITON_CHECK = Path(__file__).with_name("service_triton_check.py")
 
 
-def triton_check(target: str, model: str, images: np.ndarray, tmp_path: Path) -> dict:
+def triton_check(target: str, model: str, images: np.ndarray, tmp_path: Path, *extra: str) -> dict:
     """Run tests/service_triton_check.py (tritonclient.grpc, unmodified) against ``target``."""
     path = tmp_path / "images.npy"
     np.save(path, images.astype(np.float32))
     proc = subprocess.run(
-        [sys.executable, str(TRITON_CHECK), "--url", target, "--model", model, "--images", str(path)],
+        [sys.executable, str(TRITON_CHECK), "--url", target, "--model", model, "--images", str(path), *extra],
         capture_output=True,
         text=True,
         timeout=120,

@@ -74,6 +74,7 @@ def test_contract_flags_and_env_names_are_documented():
         "max_images_per_request",
         "max_request_memory_mb",
         "engine",
+        "score_policy",
         "tls_cert",
         "tls_key",
         "tls_client_ca",

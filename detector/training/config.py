@@ -79,6 +79,17 @@ class TrainConfig:
     freeze_gates_epochs: int = field(
         default=0, metadata={"help": "the last N epochs train with the controlling modules frozen"}
     )
+    # adversarial fine-tuning (detector/training/adversarial.py)
+    adversarial_eps: float = field(
+        default=0.0,
+        metadata={"help": "Linf budget in [0, 1] pixels of the adversarial examples mixed into each batch (0: off)"},
+    )
+    adversarial_steps: int = field(
+        default=1, metadata={"help": "1: FGSM with random start (step 1.25 eps); k > 1: PGD, k steps of 2.5 eps / k"}
+    )
+    adversarial_fraction: float = field(
+        default=0.5, metadata={"help": "share of each batch replaced by its adversarial examples (the rest clean)"}
+    )
     head_hidden: int = -1  # VGG head width; -1 keeps the architecture's default
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -119,6 +130,12 @@ class TrainConfig:
             raise ValueError(f"target_flops={self.target_flops} must be in (0, 1], or 0 for no target")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature={self.distill_temperature} must be > 0")
+        if not 0 <= self.adversarial_eps <= 1:
+            raise ValueError(f"adversarial_eps={self.adversarial_eps} must be in [0, 1] (Linf, [0, 1] pixels; 0: off)")
+        if self.adversarial_steps < 1:
+            raise ValueError(f"adversarial_steps={self.adversarial_steps} must be >= 1 (1: FGSM with random start)")
+        if not 0 < self.adversarial_fraction <= 1:
+            raise ValueError(f"adversarial_fraction={self.adversarial_fraction} must be in (0, 1]")
         if not 0 <= self.freeze_gates_epochs < self.epochs:
             raise ValueError(f"freeze_gates_epochs={self.freeze_gates_epochs} must be in [0, epochs)")
 

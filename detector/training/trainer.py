@@ -18,6 +18,7 @@ from ..data import ImageDataset, load_dataset, train_val_split
 from ..models import ControllingModule, DecoupledNet, PathOutput, create_model
 from ..runtime import select_device, set_threads
 from . import checkpoint, losses
+from .adversarial import mix_adversarial, robust_test_metrics
 from .config import TrainConfig
 from .decouple import continue_dense, decouple_from
 from .metrics import model_metrics
@@ -170,7 +171,8 @@ def train_epoch(
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(x)
+                teacher_logits = teacher(x)  # on the clean images, also for the rows attacked next
+        x = mix_adversarial(model, x, y, cfg, gen)
         loss, terms = objective(
             model, model.forward_path(x), y, cfg, scale, aux_scale(cfg, step, total_steps), teacher_logits
         )
@@ -289,6 +291,8 @@ def _finish(
         val = model_metrics(model, val_set, device)
     test_metrics = model_metrics(model, test, device)
     test_metrics["epoch_seconds"] = round(train_s, 1)
+    if cfg.adversarial_eps > 0:
+        test_metrics["robust"] = robust_test_metrics(model, test, cfg)
     dataset = {
         "name": cfg.dataset,
         "fingerprint": full.fingerprint(),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpathguard/v1/pathguard.proto\x12\x0cpathguard.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.pathguard.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"O\n\rScreenOptions\x12\r\n\x05top_k\x18\x01 \x01(\r\x12\x14\n\x0cinclude_path\x18\x02 \x01(\x08\x12\x19\n\x11include_departure\x18\x03 \x01(\x08\"\xb2\x01\n\rScreenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07\x65ncoded\x18\x02 \x01(\x0b\x32\x1b.pathguard.v1.EncodedImagesH\x00\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.pathguard.v1.TensorH\x00\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.pathguard.v1.ScreenOptionsB\x07\n\x05input\"P\n\x10\x43lassProbability\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xbe\x02\n\x0bImageResult\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x33\n\x0btop_classes\x18\x04 \x03(\x0b\x32\x1e.pathguard.v1.ClassProbability\x12\x19\n\x11\x61\x64versarial_score\x18\x05 \x01(\x02\x12\x16\n\x0eis_adversarial\x18\x06 \x01(\x08\x12\x11\n\tthreshold\x18\x07 \x01(\x02\x12\x1b\n\x13\x61\x63tive_filter_ratio\x18\x08 \x01(\x02\x12\x16\n\x0e\x66lops_fraction\x18\t \x01(\x02\x12\x11\n\tpath_bits\x18\n \x01(\x0c\x12\x13\n\x0bpath_length\x18\x0b \x01(\r\x12\x17\n\x0flayer_departure\x18\x0c \x03(\x02\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x9f\x01\n\x0eScreenResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.pathguard.v1.ImageResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.pathguard.v1.Error\"\x16\n\x14\x44\x65scribeModelRequest\"&\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x01(\r\"\x93\x03\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12#\n\x06layers\x18\x07 \x03(\x0b\x32\x13.pathguard.v1.Layer\x12\x13\n\x0bpath_length\x18\x08 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x11\n\tencodings\x18\x0b \x03(\t\x12&\n\x06\x64types\x18\x0c \x03(\x0e\x32\x16.pathguard.v1.DataType\x12<\n\x07metrics\x18\r \x03(\x0b\x32+.pathguard.v1.ModelDescription.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*J\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\t\n\x05UINT8\x10\x03\x32\xfa\x01\n\tPathGuard\x12I\n\x0cScreenImages\x12\x1b.pathguard.v1.ScreenRequest\x1a\x1c.pathguard.v1.ScreenResponse\x12M\n\x0cScreenStream\x12\x1b.pathguard.v1.ScreenRequest\x1a\x1c.pathguard.v1.ScreenResponse(\x01\x30\x01\x12S\n\rDescribeModel\x12\".pathguard.v1.DescribeModelRequest\x1a\x1e.pathguard.v1.ModelDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpathguard/v1/pathguard.proto\x12\x0cpathguard.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.pathguard.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"O\n\rScreenOptions\x12\r\n\x05top_k\x18\x01 \x01(\r\x12\x14\n\x0cinclude_path\x18\x02 \x01(\x08\x12\x19\n\x11include_departure\x18\x03 \x01(\x08\"\xb2\x01\n\rScreenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x07\x65ncoded\x18\x02 \x01(\x0b\x32\x1b.pathguard.v1.EncodedImagesH\x00\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.pathguard.v1.TensorH\x00\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.pathguard.v1.ScreenOptionsB\x07\n\x05input\"P\n\x10\x43lassProbability\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xbe\x02\n\x0bImageResult\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x33\n\x0btop_classes\x18\x04 \x03(\x0b\x32\x1e.pathguard.v1.ClassProbability\x12\x19\n\x11\x61\x64versarial_score\x18\x05 \x01(\x02\x12\x16\n\x0eis_adversarial\x18\x06 \x01(\x08\x12\x11\n\tthreshold\x18\x07 \x01(\x02\x12\x1b\n\x13\x61\x63tive_filter_ratio\x18\x08 \x01(\x02\x12\x16\n\x0e\x66lops_fraction\x18\t \x01(\x02\x12\x11\n\tpath_bits\x18\n \x01(\x0c\x12\x13\n\x0bpath_length\x18\x0b \x01(\r\x12\x17\n\x0flayer_departure\x18\x0c \x03(\x02\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xb5\x01\n\x0eScreenResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.pathguard.v1.ImageResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\"\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.pathguard.v1.Error\x12\x14\n\x0cscore_policy\x18\x06 \x01(\t\"\x16\n\x14\x44\x65scribeModelRequest\"&\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x66ilters\x18\x02 \x01(\r\"\xa9\x03\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12#\n\x06layers\x18\x07 \x03(\x0b\x32\x13.pathguard.v1.Layer\x12\x13\n\x0bpath_length\x18\x08 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x11\n\tencodings\x18\x0b \x03(\t\x12&\n\x06\x64types\x18\x0c \x03(\x0e\x32\x16.pathguard.v1.DataType\x12<\n\x07metrics\x18\r \x03(\x0b\x32+.pathguard.v1.ModelDescription.MetricsEntry\x12\x14\n\x0cscore_policy\x18\x0e \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*J\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\t\n\x05UINT8\x10\x03\x32\xfa\x01\n\tPathGuard\x12I\n\x0cScreenImages\x12\x1b.pathguard.v1.ScreenRequest\x1a\x1c.pathguard.v1.ScreenResponse\x12M\n\x0cScreenStream\x12\x1b.pathguard.v1.ScreenRequest\x1a\x1c.pathguard.v1.ScreenResponse(\x01\x30\x01\x12S\n\rDescribeModel\x12\".pathguard.v1.DescribeModelRequest\x1a\x1e.pathguard.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELDESCRIPTION_METRICSENTRY']._loaded_options = None
   _globals['_MODELDESCRIPTION_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=1513
-  _globals['_DATATYPE']._serialized_end=1587
+  _globals['_DATATYPE']._serialized_start=1557
+  _globals['_DATATYPE']._serialized_end=1631
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=122
   _globals['_ENCODEDIMAGES']._serialized_start=124
@@ -50,15 +50,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_start=822
   _globals['_ERROR']._serialized_end=879
   _globals['_SCREENRESPONSE']._serialized_start=882
-  _globals['_SCREENRESPONSE']._serialized_end=1041
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1043
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1065
-  _globals['_LAYER']._serialized_start=1067
-  _globals['_LAYER']._serialized_end=1105
-  _globals['_MODELDESCRIPTION']._serialized_start=1108
-  _globals['_MODELDESCRIPTION']._serialized_end=1511
-  _globals['_MODELDESCRIPTION_METRICSENTRY']._serialized_start=1465
-  _globals['_MODELDESCRIPTION_METRICSENTRY']._serialized_end=1511
-  _globals['_PATHGUARD']._serialized_start=1590
-  _globals['_PATHGUARD']._serialized_end=1840
+  _globals['_SCREENRESPONSE']._serialized_end=1063
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1065
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1087
+  _globals['_LAYER']._serialized_start=1089
+  _globals['_LAYER']._serialized_end=1127
+  _globals['_MODELDESCRIPTION']._serialized_start=1130
+  _globals['_MODELDESCRIPTION']._serialized_end=1555
+  _globals['_MODELDESCRIPTION_METRICSENTRY']._serialized_start=1509
+  _globals['_MODELDESCRIPTION_METRICSENTRY']._serialized_end=1555
+  _globals['_PATHGUARD']._serialized_start=1634
+  _globals['_PATHGUARD']._serialized_end=1884
 # @@protoc_insertion_point(module_scope)

@@ -105,18 +105,20 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., code_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ScreenResponse(_message.Message):
-    __slots__ = ("request_id", "results", "model_name", "model_version", "error")
+    __slots__ = ("request_id", "results", "model_name", "model_version", "error", "score_policy")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SCORE_POLICY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     results: _containers.RepeatedCompositeFieldContainer[ImageResult]
     model_name: str
     model_version: str
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    score_policy: str
+    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., score_policy: _Optional[str] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ()
@@ -131,7 +133,7 @@ class Layer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., filters: _Optional[int] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("name", "version", "arch", "classes", "input_shape", "threshold", "layers", "path_length", "max_images_per_request", "max_batch_size", "encodings", "dtypes", "metrics")
+    __slots__ = ("name", "version", "arch", "classes", "input_shape", "threshold", "layers", "path_length", "max_images_per_request", "max_batch_size", "encodings", "dtypes", "metrics", "score_policy")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class ModelDescription(_message.Message):
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     arch: str
@@ -165,4 +168,5 @@ class ModelDescription(_message.Message):
     encodings: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[DataType]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., arch: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., path_length: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., encodings: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    score_policy: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., arch: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., threshold: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., path_length: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., encodings: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., score_policy: _Optional[str] = ...) -> None: ...
