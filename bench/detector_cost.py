@@ -21,7 +21,6 @@ times drift). The load average and the stored size of the detector are recorded 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -33,6 +32,8 @@ import torch
 from detector.bundle import default_bundle, load_bundle
 from detector.features import extract_path_features
 from detector.splits import bundle_splits
+
+from .helpers import emit_json
 
 BATCH = 500
 
@@ -95,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=None, help="write the result here too")
     args = p.parse_args(argv)
-    result = measure(str(args.bundle or default_bundle()), args.n, args.repeats, args.threads)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    emit_json(measure(str(args.bundle or default_bundle()), args.n, args.repeats, args.threads), args.json)
     return 0
 
 
