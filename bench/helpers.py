@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -195,3 +196,12 @@ def ms(seconds: float | None) -> float | None:
 
 def mb(value: int | None) -> float | None:
     return None if value is None else round(value / 2**20, 1)
+
+
+def emit_json(result: dict, path: str | Path | None) -> None:
+    """Print a benchmark's result as JSON and, when ``path`` is given, write it there too (parents created)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")

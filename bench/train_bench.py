@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,7 @@ from detector.data import load_dataset
 from detector.training import TrainConfig
 from detector.training import trainer as T
 
-from .helpers import REPO
+from .helpers import REPO, emit_json
 
 
 def _value(text: str):
@@ -191,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     full = load_dataset(base.dataset, "train", base.data_root)
     data = full.subset(torch.arange(min(args.images, len(full))), ":bench")
     runs, terms = _measure(_configs(base, args.distill), data, device, args.repeats)
-    text = json.dumps(_report(args, base, overrides, len(data), runs, terms), indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit_json(_report(args, base, overrides, len(data), runs, terms), args.out)
     return 0
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attacks import AttackSpec, cached_attack, parse_attacks
+from .attacks import AttackSpec, cached_attack, noisy_like, parse_attacks
 from .bundle import BUNDLE_HELP, load_bundle, write_part
 from .detectors import PathDetector, PathEnsembleDetector
+from .detectors.ensemble import COMPONENTS, DEFAULT_COMPONENTS, KNN_REFERENCE_GRID
 from .detectors.record import DetectorRecord
 from .features import GROUPS, extract_path_features
 from .models import DecoupledNet
@@ -28,6 +29,51 @@ from .prototypes import Prototypes, compute_prototypes
 from .splits import Splits, bundle_splits, correctly_classified
 
 log = logging.getLogger(__name__)
+
+# Several budgets and norms of every family the evaluation's matrix has except the one algorithm (APGD) that is
+# left to stand for a new attack of a seen family.
+FIT_ATTACKS = "fgsm,pgd,pgd:eps=0.05,pgdl2,pgdl2:eps=0.75,cw,deepfool,square"
+
+
+@dataclass
+class TrainingRows:
+    """Path-feature rows of clean validation images and their successful adversarial versions.
+
+    X, y : the clean rows (one per image, in order) then the adversarial rows (y = 1).
+    groups : the feature group of each column.
+    per_attack : success rate and seconds per attack.
+    source : attack label of each row of X ("" for clean rows).
+    image : index of each row's clean image (clean row i is image i).
+    noisy, noisy_source, noisy_image : noisy clean rows (the image plus Gaussian noise of the same L2 norm as
+        its successful perturbation), the attack whose norm each copies, and the image (empty unless asked).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: list[str]
+    per_attack: dict
+    source: np.ndarray
+    image: np.ndarray
+    noisy: np.ndarray
+    noisy_source: np.ndarray
+    noisy_image: np.ndarray
+
+    def validation(self, families: dict[str, str], extra: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+        """The ensemble's :class:`~detector.detectors.selection.ValidationRows`, by attack family
+        (``families``: attack label -> family); ``extra``: more families as {family: (rows, image indices)}."""
+        from .detectors.selection import ValidationRows
+
+        clean = self.X[self.y == 0]
+        fam = np.array([families.get(a, "") for a in self.source])
+        noisy_fam = np.array([families.get(a, "") for a in self.noisy_source])
+        names = sorted({f for f in fam if f})
+        adv = {f: self.X[fam == f] for f in names}
+        adv_image = {f: self.image[fam == f] for f in names}
+        noisy = {f: self.noisy[noisy_fam == f] for f in names if np.any(noisy_fam == f)}
+        noisy_image = {f: self.noisy_image[noisy_fam == f] for f in noisy}
+        for f, (rows, image) in (extra or {}).items():
+            adv[f], adv_image[f] = rows, image
+        return ValidationRows(clean, adv, adv_image, noisy, noisy_image)
 
 
 def adversarial_training_set(
@@ -41,11 +87,14 @@ def adversarial_training_set(
     cache_dir: Path | None,
     seed: int,
     progress: bool,
-):
-    """Feature matrix of clean images plus their successful adversarial versions, labels (1 = adv), the
-    column groups, per-attack statistics and the attack label of every row ("" for clean rows)."""
+    noisy: bool = False,
+) -> TrainingRows:
+    """Features of clean images plus their successful adversarial versions (and, with ``noisy``, of noisy
+    clean copies whose noise has each successful perturbation's L2 norm: Ma et al.'s negatives)."""
     clean = extract_path_features(model, protos, clean_images)
-    blocks, ys, per_attack, source = [clean.X], [np.zeros(len(clean.X))], {}, [""] * len(clean.X)
+    n = len(clean.X)
+    blocks, ys, per_attack, source, image = [clean.X], [np.zeros(n)], {}, [""] * n, [np.arange(n)]
+    noisy_blocks, noisy_source, noisy_image = [], [], []
     for spec in attacks:
         res = cached_attack(
             model, digest, clean_images, labels, spec, cache_dir=cache_dir, seed=seed, progress=progress
@@ -55,12 +104,30 @@ def adversarial_training_set(
         blocks.append(feats.X[ok])
         ys.append(np.ones(int(ok.sum())))
         source += [spec.label] * int(ok.sum())
+        image.append(np.flatnonzero(ok))
         per_attack[spec.label] = {"success_rate": float(ok.mean()), "seconds": round(res.seconds, 1)}
+        if noisy and ok.any():
+            idx = torch.from_numpy(np.flatnonzero(ok))
+            twins = noisy_like(clean_images[idx], res.adversarial[idx], seed)
+            noisy_blocks.append(extract_path_features(model, protos, twins).X)
+            noisy_source += [spec.label] * len(idx)
+            noisy_image.append(idx.numpy())
     if sum(len(b) for b in ys[1:]) == 0:
         raise ValueError(
-            f"no attack succeeded on the {len(clean.X)} fitting images ({per_attack}); give the attacks a larger budget"
+            f"no attack succeeded on the {n} fitting images ({per_attack}); give the attacks a larger budget"
         )
-    return np.concatenate(blocks), np.concatenate(ys), clean.groups, per_attack, np.asarray(source)
+    width = clean.X.shape[1]
+    return TrainingRows(
+        np.concatenate(blocks),
+        np.concatenate(ys),
+        clean.groups,
+        per_attack,
+        np.asarray(source),
+        np.concatenate(image),
+        np.concatenate(noisy_blocks) if noisy_blocks else np.zeros((0, width)),
+        np.asarray(noisy_source, dtype=str),
+        np.concatenate(noisy_image) if noisy_image else np.zeros(0, dtype=np.int64),
+    )
 
 
 @dataclass
@@ -70,10 +137,11 @@ class FitConfig:
 
     bundle: str = field(default="", metadata={"help": BUNDLE_HELP})
     attacks: str = field(
-        default="fgsm,pgd,pgdl2,cw,deepfool,square",
+        default=FIT_ATTACKS,
         metadata={
-            "help": "attacks on validation images: what the ensemble's weights are chosen on (worst family), or what a "
-            "supervised classifier learns from"
+            "help": "attacks on validation images (several budgets and norms): what the ensemble's supervised "
+            "component learns from and its weights are chosen on (worst held-out family), or what a supervised "
+            "classifier learns from"
         },
     )
     classifier: str = field(
@@ -81,11 +149,29 @@ class FitConfig:
         metadata={
             "choices": ("ensemble", "logreg", "rf", "gb"),
             "help": (
-                "ensemble: clean-only path scores combined with weights >= 0 (default); else a supervised classifier"
+                "ensemble: clean-only path scores and a supervised one combined with weights >= 0 (default); else "
+                "one supervised classifier"
             ),
         },
     )
-    features: str = field(default=",".join(GROUPS), metadata={"help": "feature groups"})
+    features: str = field(default=",".join(GROUPS), metadata={"help": "feature groups (supervised classifiers)"})
+    components: str = field(
+        default=",".join(DEFAULT_COMPONENTS),
+        metadata={"help": f"the ensemble's components, of {','.join(COMPONENTS)}"},
+    )
+    knn_reference_grid: str = field(
+        default=",".join(str(s) for s in KNN_REFERENCE_GRID),
+        metadata={"help": "candidate kNN reference paths per class, chosen on validation rows (one value: fixed)"},
+    )
+    noisy_negatives: bool = field(
+        default=True,
+        metadata={
+            "help": "no noisy clean validation images (noise of each perturbation's L2 norm) as extra negatives of "
+            "the ensemble's supervised component",
+            "flag": "--no-noisy-negatives",
+            "switch": True,
+        },
+    )
     n_fit: int = field(default=1000, metadata={"help": "validation images to attack for fitting"})
     n_calibration: int = field(default=1000, metadata={"help": "clean validation images for the threshold"})
     target_fpr: float = 0.05
@@ -101,6 +187,15 @@ class FitConfig:
         unknown = set(self.feature_groups) - set(GROUPS)
         if unknown or not self.feature_groups:
             raise ValueError(f"features={self.features!r} must name some of {list(GROUPS)}")
+        bad = set(self.component_names) - set(COMPONENTS)
+        if bad or not self.component_names:
+            raise ValueError(f"components={self.components!r} must name some of {list(COMPONENTS)}")
+        try:
+            sizes = self.reference_sizes
+        except ValueError:
+            sizes = [0]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"knn_reference_grid={self.knn_reference_grid!r} must be integers >= 1")
         for name in ("n_fit", "n_calibration", "prototype_images", "n_reference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -108,6 +203,25 @@ class FitConfig:
     @property
     def feature_groups(self) -> list[str]:
         return [g for g in self.features.split(",") if g]
+
+    @property
+    def component_names(self) -> list[str]:
+        return [c for c in self.components.split(",") if c]
+
+    @property
+    def reference_sizes(self) -> list[int]:
+        return [int(v) for v in self.knn_reference_grid.split(",") if v.strip()]
+
+    def ensemble(self) -> PathEnsembleDetector:
+        """The ensemble this config fits (its weights chosen on validation)."""
+        sizes = self.reference_sizes
+        return PathEnsembleDetector(
+            components=tuple(self.component_names),
+            knn_reference=max(sizes),
+            knn_reference_grid=tuple(sizes) if len(sizes) > 1 else None,
+            target_fpr=self.target_fpr,
+            random_state=self.seed,
+        )
 
 
 def _write_prototypes(cfg: FitConfig, model: DecoupledNet, splits: Splits) -> Prototypes:
@@ -129,35 +243,44 @@ def _fit_detector(
     protos: Prototypes,
     splits: Splits,
     attacks: list[AttackSpec],
-    training: tuple[np.ndarray, np.ndarray, list[str], np.ndarray],
+    rows: TrainingRows,
     X_cal: np.ndarray,
+    images: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[PathDetector | PathEnsembleDetector, dict]:
     """The detector ``cfg.classifier`` names, calibrated on ``X_cal``, and what the bundle records of it beyond
-    :class:`DetectorRecord`. A supervised one learns from the validation rows ``training`` (X, y, groups, source
-    attack); the ensemble fits on clean reference training images and chooses its weights on those rows by family."""
-    X, y, groups, source = training
+    :class:`DetectorRecord`. A supervised one learns from the validation ``rows``; the ensemble fits its clean-only
+    components on clean reference training images, and its supervised component, kNN reference size and weights
+    on those rows by family (``images``: the fitting and calibration indices, for the record)."""
     if cfg.classifier != "ensemble":
         det = PathDetector(
             feature_groups=cfg.feature_groups,
             classifier=cfg.classifier,
             target_fpr=cfg.target_fpr,
             random_state=cfg.seed,
-        ).fit(X, y, groups=groups, X_calibration=X_cal)
+        ).fit(rows.X, rows.y, groups=rows.groups, X_calibration=X_cal)
         return det, {}
     n_ref = min(cfg.n_reference, len(splits.train))
     X_ref = extract_path_features(model, protos, splits.train.float_images(torch.arange(n_ref))).X
-    families = {a.label: a.family for a in attacks}
-    validation = (
-        X[y == 0],
-        {f: X[np.isin(source, [a for a, g in families.items() if g == f])] for f in sorted(set(families.values()))},
+    det = cfg.ensemble().fit(
+        X_ref,
+        groups=rows.groups,
+        layer_sizes=protos.layer_sizes,
+        X_calibration=X_cal,
+        validation=rows.validation({a.label: a.family for a in attacks}),
     )
-    det = PathEnsembleDetector(target_fpr=cfg.target_fpr, random_state=cfg.seed).fit(
-        X_ref, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_cal, validation=validation
-    )
-    extra = {
+    extra: dict = {
         "reference_images": {"set": splits.train.name, "n": n_ref, "which": "first n"},
-        "weights": dict(zip(det.components, det.weights_.tolist())),
+        "weights": {c: w for c, w in zip(det.components, det.weights_.tolist()) if w > 0},
     }
+    if det.selection_ is not None:
+        fit_idx, cal_idx = images
+        extra["selection"] = {
+            **det.selection_,
+            "images": f"chosen on validation images only, never on test images: {len(fit_idx)} correctly classified "
+            f"{splits.val.name} images and their successful adversarial versions (the selection splits them into a "
+            f"fitting and a scoring half by image); p-values and the threshold on {len(cal_idx)} other clean "
+            f"{splits.val.name} images; clean-only components on the first {n_ref} {splits.train.name} images",
+        }
     return det, extra
 
 
@@ -172,7 +295,7 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
 
     fit_idx = correctly_classified(model, splits.val, cfg.n_fit, seed=seed)
     cal_idx = correctly_classified(model, splits.val, cfg.n_calibration, seed=seed, skip=cfg.n_fit)
-    X, y, groups, per_attack, source = adversarial_training_set(
+    rows = adversarial_training_set(
         model,
         protos,
         splits.val.float_images(fit_idx),
@@ -182,9 +305,10 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
         seed=seed,
         progress=progress,
+        noisy=cfg.classifier == "ensemble" and cfg.noisy_negatives,
     )
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
-    det, extra = _fit_detector(cfg, model, protos, splits, attacks, (X, y, groups, source), X_cal)
+    det, extra = _fit_detector(cfg, model, protos, splits, attacks, rows, X_cal, (fit_idx, cal_idx))
     tensors, info = det.to_state()
     info.update(extra)
     info.update(
@@ -196,11 +320,12 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
             fit_images={
                 "set": splits.val.name,
                 "n_clean": int(len(fit_idx)),
-                "n_adversarial": int(y.sum()),
+                "n_adversarial": int(rows.y.sum()),
+                "n_noisy": int(len(rows.noisy)),
                 "seed": seed,
             },
             calibration_images={"set": splits.val.name, "n": int(len(cal_idx)), "skip": cfg.n_fit, "seed": seed},
-            per_attack=per_attack,
+            per_attack=rows.per_attack,
             fit_seconds=round(time.perf_counter() - t0, 1),
         ).to_info()
     )
@@ -208,8 +333,8 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
     log.info(
         "fitted %s detector on %d clean + %d adversarial images; threshold %.4f",
         cfg.classifier,
-        int((y == 0).sum()),
-        int(y.sum()),
+        int((rows.y == 0).sum()),
+        int(rows.y.sum()),
         det.threshold_,
     )
     return info

@@ -116,7 +116,8 @@ def test_ensemble_weights_are_non_negative_and_chosen_on_validation(paths):
             "spliced-late": spliced(X_val[half:], y_val[half:], names, protos, 4, seed=2),
         },
     )
-    est = PathEnsembleDetector(target_fpr=0.05).fit(
+    clean_only = ("knn", "summary", "margin", "layer", "bernoulli")
+    est = PathEnsembleDetector(components=clean_only, target_fpr=0.05).fit(
         X_train, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_val[half:], validation=validation
     )
     assert np.all(est.weights_ >= 0) and est.weights_.max() > 0
@@ -128,11 +129,11 @@ def test_ensemble_weights_are_non_negative_and_chosen_on_validation(paths):
         bumped = t + np.eye(t.shape[1])[i] * 5.0
         assert np.all(est._combined(bumped, est.weights_) >= est._combined(t, est.weights_))
     with pytest.raises(ValueError, match="weights"):
-        PathEnsembleDetector(weights=(1.0, -0.5, 1.0, 1.0, 1.0)).fit(
+        PathEnsembleDetector(components=clean_only, weights=(1.0, -0.5, 1.0, 1.0, 1.0)).fit(
             X_train, groups=groups, layer_sizes=protos.layer_sizes
         )
     with pytest.raises(ValueError, match="validation"):
-        PathEnsembleDetector().fit(X_train, groups=groups, layer_sizes=protos.layer_sizes)
+        PathEnsembleDetector(components=clean_only).fit(X_train, groups=groups, layer_sizes=protos.layer_sizes)
 
 
 @pytest.mark.parametrize("name", CLEAN_ONLY)

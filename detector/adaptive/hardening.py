@@ -22,7 +22,7 @@ from ..bundle import Bundle, write_part
 from ..detectors import FeatureDetector, PathDetector, PathEnsembleDetector
 from ..detectors.record import DetectorRecord
 from ..features import extract_path_features
-from ..fitting import adversarial_training_set
+from ..fitting import TrainingRows, adversarial_training_set
 from ..prototypes import Prototypes
 from ..splits import Splits, correctly_classified
 
@@ -42,6 +42,7 @@ class DetectorTrainingSet:
     X_reference: np.ndarray | None = None  # clean training rows of an ensemble's components
     family: np.ndarray | None = None  # attack family of each row of X ("" for clean rows)
     describe: dict = field(default_factory=dict)
+    rows: TrainingRows | None = None  # the rows with their source images (what an ensemble's validation needs)
 
 
 def _recorded_fitting(bundle: Bundle, splits: Splits) -> tuple[dict, dict, list[AttackSpec]]:
@@ -72,7 +73,8 @@ def base_training_set(
     fit_idx = correctly_classified(model, splits.val, int(fit["n_clean"]), seed=int(fit["seed"]))
     cal_idx = correctly_classified(model, splits.val, int(cal["n"]), seed=int(cal["seed"]), skip=int(cal["skip"]))
     images, labels = splits.val.float_images(fit_idx), splits.val.labels[fit_idx]
-    X, y, groups, per_attack, source = adversarial_training_set(
+    ensemble = bundle.part("detector")[1].get("estimator") == "PathEnsembleDetector"
+    rows = adversarial_training_set(
         model,
         prototypes,
         images,
@@ -82,7 +84,9 @@ def base_training_set(
         cache_dir=cache_dir,
         seed=int(fit["seed"]),
         progress=progress,
+        noisy=ensemble and int(fit.get("n_noisy", 0)) > 0,
     )
+    X, y, groups, per_attack = rows.X, rows.y, rows.groups, rows.per_attack
     X_cal = extract_path_features(model, prototypes, splits.val.float_images(cal_idx)).X
     X_ref = None
     reference = bundle.part("detector")[1].get("reference_images")
@@ -98,7 +102,7 @@ def base_training_set(
         images,
         labels,
         X_ref,
-        np.asarray([families.get(a, "") for a in source]),
+        np.asarray([families.get(a, "") for a in rows.source]),
         {
             "fit_images": {"set": splits.val.name, "n_clean": len(fit_idx), "seed": int(fit["seed"])},
             "calibration_images": {
@@ -112,6 +116,7 @@ def base_training_set(
             "n_rows": int(len(y)),
             "n_adversarial": int(y.sum()),
         },
+        rows,
     )
 
 
@@ -121,16 +126,21 @@ def harden_detector(detector: FeatureDetector, base: DetectorTrainingSet, adapti
     if adaptive_rows.ndim != 2 or adaptive_rows.shape[1] != base.X.shape[1]:
         raise ValueError(f"adaptive_rows must be (n, {base.X.shape[1]}), got {adaptive_rows.shape}")
     if isinstance(detector, PathEnsembleDetector):
-        # clean-only components stay as they are; the adaptive examples join weight selection as a family
-        validation = {f: base.X[base.family == f] for f in sorted(set(base.family[base.y == 1]))}
-        validation["adaptive"] = adaptive_rows
+        # clean-only components are refitted as they were; the adaptive examples join the supervised component's
+        # rows and the weight selection as one more family (each assigned to a random validation image, so that
+        # the selection's image halves split them too)
+        if base.rows is None:
+            raise ValueError("hardening an ensemble needs the base rows with their source images")
+        families = {a: f for a, f in zip(base.rows.source, base.family) if a}
+        image = np.random.default_rng(0).integers(int((base.y == 0).sum()), size=len(adaptive_rows))
+        validation = base.rows.validation(families, {"adaptive": (adaptive_rows, image)})
         params = {**detector.get_params(), "weights": None}
         return PathEnsembleDetector(**params).fit(
             base.X_reference,
             groups=base.groups,
             layer_sizes=[int(s) for s in detector.components_[0].layer_sizes_],
             X_calibration=base.X_calibration,
-            validation=(base.X[base.y == 0], validation),
+            validation=validation,
         )
     X = np.concatenate([base.X, adaptive_rows])
     y = np.concatenate([base.y, np.ones(len(adaptive_rows))])

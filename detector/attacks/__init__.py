@@ -1,5 +1,6 @@
 """Adversarial attacks (torchattacks) with budgets in [0, 1] pixel space."""
 
+from .noise import noisy_like
 from .registry import ATTACKS, FAMILIES, AttackSpec, parse_attack, parse_attacks
 from .runner import AttackResult, cached_attack, load_result, run_attack, save_result
 
@@ -10,6 +11,7 @@ __all__ = [
     "AttackSpec",
     "cached_attack",
     "load_result",
+    "noisy_like",
     "parse_attack",
     "parse_attacks",
     "run_attack",

@@ -1,4 +1,4 @@
-"""Combining clean-only scores so that no attack-specific sign flip can be learned.
+"""Combining path scores so that no attack-specific sign flip can be learned.
 
 :class:`PathEnsembleDetector` combines the components' ``-log p`` (each a p-value under clean calibration
 images, :class:`~detector.detectors.clean.NullDistribution`) with non-negative weights: by default the
@@ -10,25 +10,34 @@ PGD outputs learns and under-confident CW outputs then exploit. The max rule was
 validation images (worst attack 0.949 vs 0.933 AUROC for knn+summary+margin, equal weights): a sum lets a
 clean image's low margin add to its path score, which dilutes the path scores against PGD.
 
-Weights are either fixed (clean-only) or chosen on *validation* images (``weights=None``): from the grid
-``grid ** n_components``, the vector whose worst per-family AUROC on the validation adversarial rows given
-to ``fit`` is highest (ties: higher mean AUROC, then fewer non-zero weights). The selection record says
-which families and how many rows it saw.
+Components are clean-only (fitted on clean reference rows, :mod:`detector.detectors.clean`) or supervised
+(``"gb"``: gradient boosting on clean and noisy-clean against adversarial *validation* rows,
+:class:`~detector.detectors.supervised.SupervisedComponent`); the supervised one is only ever one p-value
+in the min-p, so it can add detections of attacks like those it saw but cannot flip another component.
+
+Weights are either fixed or chosen on *validation* rows (``weights=None``): from the grid
+``grid ** n_components``, the vector whose worst per-family AUROC is highest (ties: higher mean AUROC, then
+fewer non-zero weights). With a supervised component the rule is leave-one-family-out: for each family the
+supervised component is refitted without that family's rows on half of the validation images, and the
+family is scored on the other half, so the weights are chosen for attacks the supervised part never saw
+(otherwise the selection would measure a seen family and always favour it). The selection record says which
+families, images and rows each step used.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from sklearn.utils.validation import check_is_fitted
 
 from .base import FeatureDetector, threshold_at_fpr
-from .clean import CleanDetector, LayerConsistencyDetector, LowMarginDetector, PathLikelihoodDetector
+from .clean import LayerConsistencyDetector, LowMarginDetector, PathLikelihoodDetector
 from .registry import DetectorEntry, register_detector
+from .selection import ValidationRows, auroc, choose_reference, choose_weights
+from .supervised import SupervisedComponent
 
 COMPONENTS = {
     "bernoulli": lambda seed: PathLikelihoodDetector("bernoulli", random_state=seed),
@@ -37,35 +46,53 @@ COMPONENTS = {
     "layer": lambda seed: LayerConsistencyDetector(random_state=seed),
     "summary": lambda seed: PathLikelihoodDetector("gaussian", feature_groups=SUMMARY, random_state=seed),
     "margin": lambda seed: LowMarginDetector(random_state=seed),
+    "gb": lambda seed: SupervisedComponent("gb", random_state=seed),
 }
+SUPERVISED = ("gb",)
+# The shipped combination's candidates: the three clean-only scores the clean-only selection kept (layer and
+# bernoulli got weight 0 on validation) and the supervised path score.
+DEFAULT_COMPONENTS = ("knn", "summary", "margin", "gb")
+# Candidate kNN reference sizes (clean paths per class) for the shipped detector, chosen on validation rows.
+KNN_REFERENCE_GRID = (100, 250, 500, 1000, 2000)
 COMBINE = ("fisher", "max")
 SUMMARY = ("density", "proto", "confidence", "logits")
-ESTIMATORS = {c.__name__: c for c in (PathLikelihoodDetector, LayerConsistencyDetector, LowMarginDetector)}
+ESTIMATORS = {
+    c.__name__: c for c in (PathLikelihoodDetector, LayerConsistencyDetector, LowMarginDetector, SupervisedComponent)
+}
 
 
 class PathEnsembleDetector(FeatureDetector):
-    """Non-negative weighted combination (min-p or Fisher) of clean-only detectors.
+    """Non-negative weighted combination (min-p or Fisher) of clean-only and supervised path p-values.
 
     Parameters
     ----------
-    components : non-empty sequence of names in :data:`COMPONENTS`.
+    components : non-empty sequence of names in :data:`COMPONENTS`; those in :data:`SUPERVISED` are fitted
+        on the validation rows (clean and noisy clean against adversarial), the others on clean rows only.
     weights : None (choose on validation rows in ``fit``) or one weight >= 0 per component, not all 0.
     combine : {"max", "fisher"}, the combination rule (module docstring).
     grid : candidate weights per component when ``weights`` is None (each >= 0).
+    knn_reference : clean reference paths per class that the "knn" component keeps.
+    knn_reference_grid : None, or candidate sizes for ``knn_reference`` chosen on the validation rows: the
+        smallest whose worst per-family AUROC (kNN score alone) is within ``reference_tolerance`` of the best
+        size's. A smaller reference scores faster (its cost is linear in the size) and makes a smaller bundle.
+    reference_tolerance : see ``knn_reference_grid``.
     target_fpr, random_state : see :class:`~detector.detectors.base.FeatureDetector`.
 
     Attributes
     ----------
     weights_ : ndarray (n_components,), the weights used.
-    selection_ : dict, how ``weights_`` were chosen (None for fixed weights).
+    selection_ : dict, how the weights (and the kNN reference size) were chosen, on which rows.
     """
 
     def __init__(
         self,
-        components: Sequence[str] = ("knn", "summary", "margin", "layer", "bernoulli"),
+        components: Sequence[str] = DEFAULT_COMPONENTS,
         weights: Sequence[float] | None = None,
         grid: Sequence[float] = (0.0, 0.5, 1.0),
         combine: str = "max",
+        knn_reference: int = 2000,
+        knn_reference_grid: Sequence[int] | None = None,
+        reference_tolerance: float = 0.005,
         target_fpr: float = 0.05,
         random_state: int = 0,
     ) -> None:
@@ -73,13 +100,21 @@ class PathEnsembleDetector(FeatureDetector):
         self.combine = combine
         self.weights = weights
         self.grid = grid
+        self.knn_reference = knn_reference
+        self.knn_reference_grid = knn_reference_grid
+        self.reference_tolerance = reference_tolerance
         self.target_fpr = target_fpr
         self.random_state = random_state
 
     @property
+    def supervised(self) -> list[int]:
+        """Indices of the components fitted on adversarial validation rows."""
+        return [i for i, c in enumerate(self.components) if c in SUPERVISED]
+
+    @property
     def clean_only(self) -> bool:
-        """True when nothing about the fit depends on adversarial examples (fixed weights)."""
-        return self.weights is not None
+        """True when nothing about the fit depends on adversarial examples (fixed weights, no supervised part)."""
+        return self.weights is not None and not self.supervised
 
     def _check_params(self) -> None:
         if self.combine not in COMBINE:
@@ -90,10 +125,17 @@ class PathEnsembleDetector(FeatureDetector):
             w = np.asarray(self.weights, dtype=np.float64)
             if w.shape != (len(self.components),) or np.any(w < 0) or not np.any(w > 0):
                 raise ValueError(f"weights={list(self.weights)} must be {len(self.components)} values >= 0, not all 0")
-        if not self.grid or any(g < 0 for g in self.grid):
-            raise ValueError(f"grid={list(self.grid)} must be non-empty and >= 0")
+        if not self.grid or any(g < 0 for g in self.grid) or max(self.grid) <= 0:
+            raise ValueError(f"grid={list(self.grid)} must be non-empty, >= 0, with a positive value")
+        sizes = [self.knn_reference, *(self.knn_reference_grid or ())]
+        if any(int(s) < 1 for s in sizes) or self.reference_tolerance < 0:
+            raise ValueError(f"kNN reference sizes {sizes} must be >= 1 and reference_tolerance >= 0")
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"target_fpr={self.target_fpr} must be in (0, 1)")
+
+    def _make(self, name: str, **params):
+        comp = COMPONENTS[name](self.random_state).set_params(target_fpr=self.target_fpr)
+        return comp.set_params(**params) if params else comp
 
     def fit(
         self,
@@ -103,38 +145,125 @@ class PathEnsembleDetector(FeatureDetector):
         groups: Sequence[str],
         layer_sizes: Sequence[int],
         X_calibration=None,
-        validation: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+        validation: ValidationRows | tuple | None = None,
+        cache: dict | None = None,
     ) -> PathEnsembleDetector:
-        """Fit every component on clean rows X, their nulls and the threshold on ``X_calibration``.
+        """Fit the clean-only components on clean rows X, the supervised ones on ``validation``, every null
+        and the threshold on ``X_calibration`` (clean rows in neither).
 
-        validation : (clean rows, {family: adversarial rows}) of *validation* images, needed when
-            ``weights`` is None; the weights are chosen there by worst per-family AUROC.
+        validation : :class:`ValidationRows` (or ``(clean rows, {family: adversarial rows})`` when no
+            component is supervised) of *validation* images: what the weights, the kNN reference size and the
+            supervised components are fitted on.
+        cache : optional dict shared between fits: a supervised component fitted on exactly the same rows is
+            taken from it instead of being fitted again (the evaluation's held-out tables refit many times).
         """
         self._check_params()
         if y is not None and np.any(np.asarray(y) != 0):
             raise ValueError("the ensemble's components are fitted on clean rows only; y must be all 0 (or None)")
-        if self.weights is None and (validation is None or not validation[1]):
-            raise ValueError("weights=None chooses weights on validation rows: pass validation=(clean, {family: adv})")
         X = np.asarray(X, dtype=np.float64)
         if X_calibration is None:
             order = np.random.default_rng(self.random_state).permutation(len(X))
             cut = len(X) * 3 // 4
             X, X_calibration = X[order[:cut]], X[order[cut:]]
-        self.components_: list[CleanDetector] = [
-            COMPONENTS[c](self.random_state)
-            .set_params(target_fpr=self.target_fpr)
-            .fit(X, groups=groups, layer_sizes=layer_sizes, X_calibration=X_calibration)
-            for c in self.components
-        ]
+        X_calibration = np.asarray(X_calibration, dtype=np.float64)
+        self.groups_, self.layer_sizes_ = list(groups), list(layer_sizes)
         self.n_features_in_ = X.shape[1]
         self.classes_ = np.array([0, 1])
+        self.components_: list = [None] * len(self.components)
+        for i, c in enumerate(self.components):
+            if c not in SUPERVISED:
+                size = {"max_reference": int(self.knn_reference)} if c == "knn" else {}
+                self.components_[i] = self._make(c, **size).fit(
+                    X, groups=groups, layer_sizes=layer_sizes, X_calibration=X_calibration
+                )
+        self.reference_table_: list[dict] = []
+        return self.fit_validation(validation, X_calibration, cache=cache, X_reference=X)
+
+    def fit_validation(
+        self, validation, X_calibration, *, cache: dict | None = None, X_reference=None
+    ) -> PathEnsembleDetector:
+        """Everything that depends on adversarial rows, again: the kNN reference size (re-chosen from the table
+        ``fit`` measured, over the families of ``validation`` only; refitted from ``X_reference`` if it
+        changes), the supervised components and the weights. The clean-only components are kept, so an
+        ensemble already fitted on the same clean rows can be refitted for another set of attacks."""
+        check_is_fitted(self, "components_")
+        needs = self.weights is None or bool(self.supervised)
+        if needs and (validation is None or not ValidationRows.coerce(validation).families):
+            raise ValueError(
+                "weights=None or a supervised component needs validation rows: pass validation=ValidationRows(...) "
+                "(or (clean, {family: adversarial}))"
+            )
+        X_calibration = np.asarray(X_calibration, dtype=np.float64)
+        val = ValidationRows.coerce(validation) if validation is not None else None
+        reference = self._choose_reference(val, X_calibration, X_reference) if val is not None else None
+        self.supervised_rows_: dict = {}
+        for i in self.supervised:
+            self.components_[i], self.supervised_rows_ = self._fit_supervised(
+                i, val, val.families, None, X_calibration, cache
+            )
         self.columns_ = self._read_columns()
         if self.weights is not None:
             self.weights_, self.selection_ = np.asarray(self.weights, dtype=np.float64), None
         else:
-            self.weights_, self.selection_ = self._select(*validation)
+            self.weights_, self.selection_ = self._select(val, X_calibration, cache)
+            self.selection_["knn_reference"] = reference
+            if self.supervised:
+                self.selection_["supervised_fit"] = self.supervised_rows_
         self.calibrate(X_calibration)
         return self
+
+    def _choose_reference(self, val: ValidationRows, X_calibration, X_reference) -> dict | None:
+        """Measure (once, in ``fit``) and apply the kNN reference-size rule; None when there is no choice."""
+        if not self.knn_reference_grid or "knn" not in self.components:
+            return None
+        i = list(self.components).index("knn")
+        if not self.reference_table_:
+            if X_reference is None:
+                raise ValueError("choosing the kNN reference size needs the clean reference rows")
+            for size in sorted({int(s) for s in self.knn_reference_grid}):
+                comp = self._make("knn", max_reference=size).fit(
+                    X_reference, groups=self.groups_, layer_sizes=self.layer_sizes_, X_calibration=X_calibration
+                )
+                clean = comp.neg_log_p(val.clean)
+                per_family = {f: auroc(clean, comp.neg_log_p(val.adversarial[f])) for f in val.families}
+                self.reference_table_.append(
+                    {
+                        "per_class": size,
+                        "stored": int(len(comp.reference_)),
+                        "per_family": per_family,
+                    }
+                )
+        size = choose_reference(self.reference_table_, val.families, self.reference_tolerance)
+        if int(self.components_[i].max_reference) != size:
+            if X_reference is None:
+                raise ValueError(f"the kNN reference size changes to {size}: pass X_reference to refit it")
+            self.components_[i] = self._make("knn", max_reference=size).fit(
+                X_reference, groups=self.groups_, layer_sizes=self.layer_sizes_, X_calibration=X_calibration
+            )
+        return {
+            "rule": f"smallest per-class size (scoring cost is linear in the stored paths) whose worst per-family "
+            f"AUROC of the kNN score alone on validation rows is within {self.reference_tolerance} of the best size's",
+            "chosen": size,
+            "families": val.families,
+            "table": self.reference_table_,
+        }
+
+    def _fit_supervised(self, i: int, val: ValidationRows, families, images, X_calibration, cache):
+        """Supervised component ``i`` fitted on ``families`` and ``images`` of ``val`` (from ``cache`` if it
+        was fitted on the same rows before); returns (component, counts of the rows it saw)."""
+        X, y, counts = val.supervised_set(families, images, self.random_state)
+        if not np.any(y == 1):
+            raise ValueError(f"no adversarial validation row of {list(families)} to fit {self.components[i]!r} on")
+        comp = self._make(self.components[i])
+        key = hashlib.sha256(
+            b"".join([repr(comp.get_params()).encode(), X.tobytes(), y.tobytes(), X_calibration.tobytes()])
+        ).hexdigest()
+        if cache is not None and key in cache:
+            return cache[key], counts
+        comp.fit(X, y, groups=self.groups_, X_calibration=X_calibration)
+        if cache is not None:
+            cache[key] = comp
+        return comp, counts
 
     def _read_columns(self) -> np.ndarray:
         """Every column some component reads (what a surrogate of this detector needs)."""
@@ -145,34 +274,58 @@ class PathEnsembleDetector(FeatureDetector):
         check_is_fitted(self, "components_")
         return np.column_stack([c.neg_log_p(X) for c in self.components_])
 
-    def _select(self, clean: np.ndarray, adversarial: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
-        t_clean = self.component_scores(clean)
-        t_adv = {f: self.component_scores(a) for f, a in adversarial.items() if len(a)}
-        best, best_key, table = None, None, []
-        for w in itertools.product(sorted(set(self.grid)), repeat=len(self.components)):
-            w = np.asarray(w, dtype=np.float64)
-            if not np.any(w > 0) or (w.max() != max(self.grid)):  # scale-free: one weight at the grid's top
+    def _select(self, val: ValidationRows, X_calibration, cache) -> tuple[np.ndarray, dict]:
+        """Weights by worst leave-one-family-out AUROC on the validation rows (module docstring)."""
+        families = val.families
+        head = {"families": families, "n_clean": int(len(val.clean))}
+        head["n_adversarial"] = {f: int(len(val.adversarial[f])) for f in families}
+        if not self.supervised:
+            t_clean = self.component_scores(val.clean)
+            per_family = {f: (t_clean, self.component_scores(val.adversarial[f])) for f in families}
+            rule = "max worst per-family AUROC on validation rows (ties: mean AUROC, fewer weights)"
+        else:
+            per_family, refits = self._held_out_scores(val, X_calibration, cache)
+            head["refits"] = refits
+            rule = (
+                "max worst leave-one-family-out AUROC on validation rows (ties: mean AUROC, fewer weights): for each "
+                "family, the supervised components are refitted without it on half of the validation images and "
+                "scored, with the clean-only components, on the family's rows of the other half against that half's "
+                "clean rows"
+            )
+        w, chosen, candidates = choose_weights(per_family, self.grid, self._combined)
+        return w, {"rule": rule, **head, "chosen": chosen, "candidates": candidates}
+
+    def _held_out_scores(self, val: ValidationRows, X_calibration, cache):
+        """Per family f: component scores of the clean rows and of f's adversarial rows of the scoring half of
+        the images, the supervised components fitted on the other half without any row of f."""
+        if val.adversarial_image is None:
+            raise ValueError("selecting weights for a supervised component needs the source image of every row")
+        order = np.random.default_rng(self.random_state).permutation(len(val.clean))
+        fit_images, score_images = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+        fixed = [i for i in range(len(self.components)) if i not in self.supervised]
+        clean_rows = val.clean[score_images]
+        t_clean = np.zeros((len(clean_rows), len(self.components)))
+        t_clean[:, fixed] = np.column_stack([self.components_[i].neg_log_p(clean_rows) for i in fixed])
+        per_family, refits = {}, {}
+        for f in val.families:
+            rows = val.adversarial_of(f, score_images)
+            if not len(rows):
                 continue
-            s_clean = self._combined(t_clean, w)
-            aucs = {
-                f: float(
-                    roc_auc_score(np.r_[np.zeros(len(s_clean)), np.ones(len(t))], np.r_[s_clean, self._combined(t, w)])
-                )
-                for f, t in t_adv.items()
-            }
-            key = (min(aucs.values()), float(np.mean(list(aucs.values()))), -int(np.sum(w > 0)))
-            table.append({"weights": w.tolist(), "worst_auroc": key[0], "per_family": aucs})
-            if best_key is None or key > best_key:
-                best, best_key = w, key
-        chosen = next(r for r in table if r["weights"] == best.tolist())
-        return best, {
-            "rule": "max worst per-family AUROC on validation rows (ties: mean AUROC, fewer weights)",
-            "families": sorted(t_adv),
-            "n_clean": int(len(clean)),
-            "n_adversarial": {f: int(len(a)) for f, a in adversarial.items()},
-            "chosen": chosen,
-            "candidates": len(table),
-        }
+            tc, ta = t_clean.copy(), np.zeros((len(rows), len(self.components)))
+            ta[:, fixed] = np.column_stack([self.components_[i].neg_log_p(rows) for i in fixed])
+            others = [g for g in val.families if g != f]
+            counts = {"families": others, "n_clean": 0, "n_noisy": 0, "n_adversarial": 0}
+            if any(len(val.adversarial_of(g, fit_images)) for g in others):
+                for i in self.supervised:
+                    comp, counts = self._fit_supervised(i, val, others, fit_images, X_calibration, cache)
+                    tc[:, i], ta[:, i] = comp.neg_log_p(clean_rows), comp.neg_log_p(rows)
+            else:  # no other family to learn from: the supervised part knows no attack, so it adds nothing (-log p 0)
+                counts["note"] = "no adversarial row of another family: the supervised components score 0"
+            refits[f] = {**counts, "scored_clean": int(len(clean_rows)), "scored_adversarial": int(len(rows))}
+            per_family[f] = (tc, ta)
+        if not per_family:
+            raise ValueError("no family has adversarial rows on the scoring half of the validation images")
+        return per_family, refits
 
     def calibrate(self, X_clean) -> PathEnsembleDetector:
         self.threshold_ = threshold_at_fpr(self.decision_function(X_clean), self.target_fpr)
@@ -202,6 +355,9 @@ class PathEnsembleDetector(FeatureDetector):
         params = self.get_params()
         params["components"] = [self.components[i] for i in used]
         params["grid"] = list(params["grid"])
+        params["knn_reference_grid"] = None if self.knn_reference_grid is None else list(self.knn_reference_grid)
+        if "knn" in params["components"]:  # the size chosen on validation, so that a reload says what it holds
+            params["knn_reference"] = int(self.components_[list(self.components).index("knn")].max_reference)
         params["weights"] = None if params["weights"] is None else [float(params["weights"][i]) for i in used]
         return tensors, {
             "estimator": type(self).__name__,
@@ -279,11 +435,36 @@ _clean(
     ),
     "clean-only: min-p combination (max of -log p, equal weights) of the knn, summary and margin detectors",
 )
+
+
+def shipped_ensemble(target_fpr: float = 0.05, random_state: int = 0) -> PathEnsembleDetector:
+    """The recipe ``pathguard fit-detector`` ships and ``pathguard evaluate`` refits as ``path-ensemble``."""
+    return PathEnsembleDetector(
+        components=DEFAULT_COMPONENTS,
+        knn_reference_grid=KNN_REFERENCE_GRID,
+        target_fpr=target_fpr,
+        random_state=random_state,
+    )
+
+
+register_detector(
+    DetectorEntry(
+        "path-ensemble",
+        "path",
+        lambda fpr, seed: shipped_ensemble(fpr, seed),
+        "the shipped recipe: min-p combination with weights >= 0 of the knn, summary and margin clean-only p-values "
+        "and a gradient-boosted path score (fitted on clean + noisy clean vs adversarial fitting rows); weights by "
+        "worst leave-one-family-out AUROC and the kNN reference size on the validation fitting images",
+        noisy_negatives=True,
+    )
+)
 _clean(
-    "path-ensemble",
-    lambda fpr, seed: PathEnsembleDetector(target_fpr=fpr, random_state=seed),
-    "min-p combination with weights >= 0 of the knn, summary, margin, layer and bernoulli p-values; weights "
-    "chosen by worst per-family AUROC on the validation fitting images",
+    "path-ensemble-clean",
+    lambda fpr, seed: PathEnsembleDetector(
+        components=("knn", "summary", "margin", "layer", "bernoulli"), target_fpr=fpr, random_state=seed
+    ),
+    "min-p combination with weights >= 0 of the knn, summary, margin, layer and bernoulli clean-only p-values; "
+    "weights chosen by worst per-family AUROC on the validation fitting images",
 )
 
 

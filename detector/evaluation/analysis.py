@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..attacks import AttackSpec
+from ..attacks import AttackSpec, noisy_like
 from ..bundle import Bundle
 from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, get_detector
 from ..features import GROUPS
 from .config import EvalConfig
-from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans, noisy_like
+from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans
 from .images import ImageSets
 from .metrics import detection_metrics
 
@@ -36,6 +36,7 @@ class FeatureSets:
     reference: np.ndarray | None = None  # clean reference (training) images, for clean-only detectors
     fit_noisy: dict[str, np.ndarray] = field(default_factory=dict)  # noisy fitting images, per attack
     names: list[str] = field(default_factory=list)
+    forward_seconds_per_image: float = 0.0  # the plain forward pass, timed beside the featurizing (0: not measured)
 
 
 @dataclass
@@ -87,20 +88,29 @@ def attack_outcomes(
 
 
 def featurize(
-    featurizer, sets: ImageSets, adv: dict[str, Tensor], *, reference: bool = False, noisy: bool = False, seed: int = 0
+    featurizer,
+    sets: ImageSets,
+    adv: dict[str, Tensor],
+    *,
+    reference: bool = False,
+    noisy: bool = False,
+    seed: int = 0,
+    model=None,
 ) -> FeatureSets:
     """Features of every image set; ``reference`` adds the reference images (for clean-only detectors),
-    ``noisy`` the noisy twins of the fitting images per attack (:func:`design.noisy_like`)."""
+    ``noisy`` the noisy twins of the fitting images per attack (:func:`design.noisy_like`); with ``model``, the
+    featurizing cost is timed beside its plain forward pass (:func:`paired_cost`)."""
     n_fit = len(sets.fit.indices)
     t0 = time.perf_counter()
     eval_clean = featurizer.transform(sets.eval.images)
-    per_image = (time.perf_counter() - t0) / len(sets.eval.images)
+    cold = time.perf_counter() - t0
     fit_adv, eval_adv, fit_noisy = {}, {}, {}
     for label, a in adv.items():
         fit_adv[label] = featurizer.transform(a[:n_fit])
         eval_adv[label] = featurizer.transform(a[n_fit:])
         if noisy:
             fit_noisy[label] = featurizer.transform(noisy_like(sets.fit.images, a[:n_fit], seed))
+    per_image, forward_per_image = paired_cost(featurizer, model, sets.eval.images, cold)
     return FeatureSets(
         featurizer.transform(sets.calibration.images),
         featurizer.transform(sets.fit.images),
@@ -112,7 +122,27 @@ def featurize(
         featurizer.transform(sets.reference.images) if reference else None,
         fit_noisy,
         list(getattr(featurizer, "names", []) or featurizer.groups),
+        forward_seconds_per_image=forward_per_image,
     )
+
+
+def paired_cost(featurizer, model, images: Tensor, cold: float, cheap: float = 5.0) -> tuple[float, float]:
+    """(featurizing, plain forward pass) seconds per image of ``images``, warm and timed side by side, so that
+    the machine's load drifts alike for both: of three (forward, featurize) rounds, the round with the median
+    ratio (one round when a pass costs over ``cheap`` seconds; the cold pass ``cold`` counts if it was faster).
+    Without a model, (cold / n, 0)."""
+    n = len(images)
+    if model is None or n == 0:
+        return cold / max(n, 1), 0.0
+    forward_seconds_per_image(model, images, repeats=1)  # warm-up (its timing is not used)
+    rounds = []
+    for _ in range(3 if cold < cheap else 1):
+        f = forward_seconds_per_image(model, images, repeats=1, warm_up=False)
+        t0 = time.perf_counter()
+        featurizer.transform(images)
+        rounds.append((min(cold, time.perf_counter() - t0) / n, f))
+    rounds.sort(key=lambda r: r[0] / r[1])
+    return rounds[len(rounds) // 2]
 
 
 def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
@@ -130,6 +160,7 @@ def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
         {k: cat([p.eval_adv[k] for p in parts]) for k in first.eval_adv},
         [g for p in parts for g in p.groups],
         sum(p.seconds_per_image for p in parts),
+        forward_seconds_per_image=sum(p.forward_seconds_per_image for p in parts) / len(parts),
         names=[n for p in parts for n in p.names],
     )
 
@@ -154,12 +185,17 @@ def score(
 
 
 @torch.no_grad()
-def forward_seconds_per_image(model, images: Tensor, batch: int = 500) -> float:
-    model(images[:batch])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(images), batch):
-        model(images[i : i + batch])
-    return (time.perf_counter() - t0) / len(images)
+def forward_seconds_per_image(model, images: Tensor, batch: int = 500, repeats: int = 2, warm_up: bool = True) -> float:
+    """Seconds per image of the plain forward pass (logits only): after a warm-up, the best of ``repeats``."""
+    if warm_up:
+        model(images[:batch])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch])
+        best = min(best, time.perf_counter() - t0)
+    return best / len(images)
 
 
 def _heldout(
@@ -170,12 +206,18 @@ def _heldout(
     fit_kw: dict,
     held_attacks: dict[str, list[str]],
     reuse=None,
+    fits: dict | None = None,
 ) -> dict:
-    """AUROC / TPR on each held-out key's attacks, the detector refitted on ``plans[key]`` only."""
+    """AUROC / TPR on each held-out key's attacks, the detector refitted on ``plans[key]`` only. ``fits``: fits
+    already made by attack set (leaving out an attack alone in its family is leaving out the family: one fit)."""
     out = {}
+    fits = {} if fits is None else fits
     for key, fitted_on in plans.items():
         try:
-            est, record = fit_estimator(est_factory(), feats, outcomes, fitted_on, reuse=reuse, **fit_kw)
+            which = frozenset(fitted_on)
+            if which not in fits:
+                fits[which] = fit_estimator(est_factory(), feats, outcomes, fitted_on, reuse=reuse, **fit_kw)
+            est, record = fits[which]
         except NoAdversarialExamples as exc:
             out[key] = {a: {"auroc": None, "tpr_at_fpr": None, "note": str(exc)} for a in held_attacks[key]}
             continue
@@ -212,6 +254,7 @@ def analyze(
     clean_feats = {e.featurizer for e in entries.values() if _uses_reference(e.make(cfg.target_fpr, cfg.seed))}
     noisy_feats = {e.featurizer for e in entries.values() if e.noisy_negatives}
     features: dict[str, FeatureSets] = {}
+    stages: dict[str, float] = {}  # wall seconds of each step, for the report's timing
     featurizer_fit_s: dict[str, float] = {}
     # Featurizer "a+b" is the concatenation of "a" and "b" (registry convention): built from theirs when both
     # are computed anyway (the Mahalanobis part alone costs minutes on 1000s of images).
@@ -226,7 +269,10 @@ def analyze(
         fz = FEATURIZERS[key](ctx).fit(sets.reference.images, sets.reference.labels)
         featurizer_fit_s[key] = time.perf_counter() - t0
         log.info("featurizing with %s", key)
-        features[key] = featurize(fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats, seed=cfg.seed)
+        features[key] = featurize(
+            fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats, seed=cfg.seed, model=model
+        )
+        stages[f"featurize {key}"] = time.perf_counter() - t0
 
     layer_sizes = list(protos.layer_sizes) if protos is not None else list(model.gate_sizes)
     fit_kw = {
@@ -236,6 +282,7 @@ def analyze(
         "reference_set": sets.reference.name,
     }
     results, plot_scores, detectors, loo, lofo, timing = {}, {}, {}, {}, {}, {}
+    caches: dict[str, dict] = {}  # per detector: supervised parts fitted on identical rows, reused by held-out fits
     for name in cfg.detectors:
         if name == "bundle":
             est, record = bundle.detector(), bundle.detector_record()
@@ -248,9 +295,16 @@ def analyze(
             seen = {a for a in attacks if families[a] in _shipped_families(info)}
         else:
             entry = entries[name]
-            feats, fkey, entry_desc = features[entry.featurizer], entry.featurizer, entry.description
+            feats, fkey, entry_desc = _features_for(entry, features), entry.featurizer, entry.description
             t0 = time.perf_counter()
-            est, record = fit_estimator(entry.make(cfg.target_fpr, cfg.seed), feats, outcomes, attacks, **fit_kw)
+            est, record = fit_estimator(
+                entry.make(cfg.target_fpr, cfg.seed),
+                feats,
+                outcomes,
+                attacks,
+                cache=caches.setdefault(name, {}),
+                **fit_kw,
+            )
             fit_s = time.perf_counter() - t0 + featurizer_fit_s[fkey]
             fitting, seen = record.to_dict(), _seen(est, record, families, attacks)
         t0 = time.perf_counter()
@@ -267,14 +321,30 @@ def analyze(
         }
         timing[name] = {
             "fit_seconds": round(fit_s, 2),
-            "score_cost_ratio": (feats.seconds_per_image + decide_s) / forward_s,
+            "score_cost_ratio": (feats.seconds_per_image + decide_s) / (feats.forward_seconds_per_image or forward_s),
         }
+        stages[f"fit and score {name}"] = fit_s + (time.perf_counter() - t0) - featurizer_fit_s.get(fkey, 0.0)
         if name != "bundle" and not getattr(est, "clean_only", False) and len(attacks) > 1:
-            _holdout_tables(cfg, entries[name], est, feats, outcomes, plans, fit_kw, families, loo, lofo, name)
+            t0 = time.perf_counter()
+            _holdout_tables(
+                cfg,
+                entries[name],
+                est,
+                feats,
+                outcomes,
+                plans,
+                {**fit_kw, "cache": caches[name]},
+                families,
+                loo,
+                lofo,
+                name,
+            )
+            stages[f"held-out fits {name}"] = time.perf_counter() - t0
 
     ablation = {}
+    t0 = time.perf_counter()
     if cfg.ablation and "path" in features:
-        feats = features["path"]
+        feats = replace(features["path"], fit_noisy={})  # the ablation's logistic regressions: no noisy negatives
         variants = {f"only:{g}": [g] for g in GROUPS} | {f"without:{g}": [h for h in GROUPS if h != g] for g in GROUPS}
         for vname, groups in variants.items():
             est, _ = fit_estimator(
@@ -287,6 +357,7 @@ def analyze(
             res, _ = score(est, feats, outcomes)
             ablation[vname] = {a: {"auroc": r["auroc"], "tpr_at_fpr": r["tpr_at_fpr"]} for a, r in res.items()}
 
+    stages["ablation"] = time.perf_counter() - t0
     report = {
         "attacks": {label: o.stats | {"family": families[label]} for label, o in outcomes.items()},
         "results": results,
@@ -295,9 +366,16 @@ def analyze(
         "leave_one_family_out": lofo,
         "unseen_summary": unseen_summary(results, lofo, detectors, families),
         "ablation": ablation,
-        "timing": {"forward_seconds_per_image": forward_s, "detectors": timing},
+        "timing": {"forward_seconds_per_image": forward_s, "detectors": timing, "stages": stages},
     }
     return report, plot_scores
+
+
+def _features_for(entry, features: dict[str, FeatureSets]) -> FeatureSets:
+    """The entry's featurizer's features; the noisy fitting rows only for entries that fit with them (another
+    entry of the same featurizer may have asked for them)."""
+    feats = features[entry.featurizer]
+    return feats if entry.noisy_negatives else replace(feats, fit_noisy={})
 
 
 def _holdout_tables(
@@ -310,16 +388,17 @@ def _holdout_tables(
         return entry.make(cfg.target_fpr, cfg.seed)
 
     reuse = est if hasattr(est, "components") else None
+    fits: dict = {}  # shared by both tables
     if cfg.leave_one_out:
         loo[name] = {
             a: per[a]
             for a, per in _heldout(
-                make, feats, outcomes, plans["attack"], fit_kw, {a: [a] for a in attacks}, reuse
+                make, feats, outcomes, plans["attack"], fit_kw, {a: [a] for a in attacks}, reuse, fits
             ).items()
         }
     if cfg.leave_one_family_out:
         held = {f: [a for a in attacks if families[a] == f] for f in plans["family"]}
-        lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse)
+        lofo[name] = _heldout(make, feats, outcomes, plans["family"], fit_kw, held, reuse, fits)
 
 
 def _choices(est) -> dict:
@@ -354,15 +433,22 @@ def _shipped_families(info: dict) -> set[str]:
 
 
 def _shipped_fitting(info: dict) -> str:
+    """The bundle row's fitting set, from what fit-detector recorded in detector.json."""
     fit = info.get("fit_images", {})
     attacks = ", ".join(a["label"] for a in info.get("attacks", [])) or "none"
-    return (
+    noisy = f" + {fit['n_noisy']} noisy clean" if fit.get("n_noisy") else ""
+    text = (
         f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
-        f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks}); "
-        f"components on {info.get('reference_images', {}).get('n', '?')} clean training images"
-        if info.get("estimator") == "PathEnsembleDetector"
-        else f"fitted by fit-detector, not on this evaluation's fitting images: {fit.get('n_clean', '?')} clean "
-        f"{fit.get('set', '?')} images + {fit.get('n_adversarial', 0)} adversarial ({attacks})"
+        f"{fit.get('set', '?')} images{noisy} + {fit.get('n_adversarial', 0)} adversarial ({attacks})"
+    )
+    if info.get("estimator") != "PathEnsembleDetector":
+        return text
+    params = info.get("params", {})
+    knn = f" (kNN: {params['knn_reference']} paths per class)" if "knn" in params.get("components", []) else ""
+    supervised = "; supervised part on those rows" if "gb" in params.get("components", []) else ""
+    return (
+        f"{text}; clean-only components on {info.get('reference_images', {}).get('n', '?')} clean training "
+        f"images{knn}{supervised}; weights by worst held-out-family AUROC on the validation images"
     )
 
 

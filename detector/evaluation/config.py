@@ -21,8 +21,9 @@ class EvalConfig:
     # The default matrix: every family of FAMILIES, two PGD budgets (comma-separated specs; a parameter list
     # follows a colon, items separated by ";").
     attacks: str = "fgsm,pgd,pgd:eps=0.05,apgd,pgdl2,cw,deepfool,square"
-    # Clean-only detectors first (every attack unseen), the shipped kind (path-ensemble), then the supervised
-    # path detectors and the baselines. path-rf and path+mahalanobis stay registered but out of the default
+    # Clean-only detectors first (every attack unseen), the shipped recipe (path-ensemble) and the previous one
+    # (path-ensemble-clean: clean-only scores, weights on validation), then the supervised path detectors and the
+    # baselines. path-rf and path+mahalanobis stay registered but out of the default
     # run, which must fit in 20 minutes on 2 cores with the wider attack matrix.
     detectors: tuple[str, ...] = (
         "clean-bernoulli",
@@ -33,6 +34,7 @@ class EvalConfig:
         "clean-margin",
         "clean-ensemble",
         "path-ensemble",
+        "path-ensemble-clean",
         "bundle",
         "path",
         "path-gb",

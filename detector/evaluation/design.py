@@ -24,7 +24,9 @@ class NoAdversarialExamples(ValueError):
 class FitRecord:
     """Which rows a fit was given."""
 
-    kind: str  # "supervised", "clean-only" or "clean-only + weights on validation"
+    # "supervised", "clean-only", "clean-only + weights on validation" or
+    # "clean-only + supervised and weights on validation"
+    kind: str
     n_clean: int
     clean_set: str
     adversarial: dict[str, np.ndarray] = field(default_factory=dict)  # attack -> fitting-image indices
@@ -39,7 +41,9 @@ class FitRecord:
             return f"{self.n_clean} clean {self.clean_set} images; no adversarial example"
         adv = sum(len(v) for v in self.adversarial.values())
         noisy = f" + {self.n_noisy} noisy clean" if self.n_noisy else ""
-        head = "weights chosen on " if self.kind.endswith("validation") else ""
+        head = ""
+        if self.kind.endswith("validation"):
+            head = "supervised part and weights fitted on " if "supervised" in self.kind else "weights chosen on "
         return (
             f"{head}{self.n_clean} clean {self.clean_set}{noisy} + {adv} adversarial "
             f"({', '.join(sorted(self.adversarial))})"
@@ -76,15 +80,26 @@ def adversarial_rows(outcomes: dict, attacks: list[str]) -> dict[str, np.ndarray
     return {a: np.flatnonzero(outcomes[a].fit_success) for a in attacks}
 
 
-def noisy_like(clean, adversarial, seed: int):
-    """Clean images plus Gaussian noise of the same per-image L2 norm as ``adversarial - clean``, in [0, 1]."""
-    import torch
+def validation_rows(feats, rows: dict[str, np.ndarray], families: dict[str, str]):
+    """The ensemble's :class:`~detector.detectors.selection.ValidationRows`: the clean fitting rows, and per
+    family the successful adversarial rows of the attacks in ``rows`` (attack -> fitting-image indices) with
+    their source images, and the noisy twins of those images when ``feats.fit_noisy`` holds them."""
+    from ..detectors.selection import ValidationRows
 
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(clean.shape, generator=gen)
-    target = (adversarial - clean).flatten(1).norm(dim=1)
-    noise = noise * (target / noise.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *[1] * (clean.ndim - 1))
-    return (clean + noise).clamp(0, 1)
+    adv: dict[str, list] = {}
+    noisy: dict[str, list] = {}
+    for a, r in rows.items():
+        adv.setdefault(families[a], []).append((feats.fit_adv[a][r], r))
+        if a in feats.fit_noisy:
+            noisy.setdefault(families[a], []).append((feats.fit_noisy[a][r], r))
+
+    def rows_of(blocks):
+        return {f: np.concatenate([x for x, _ in b]) for f, b in blocks.items()}
+
+    def images_of(blocks):
+        return {f: np.concatenate([i for _, i in b]) for f, b in blocks.items()}
+
+    return ValidationRows(feats.fit_clean, rows_of(adv), images_of(adv), rows_of(noisy), images_of(noisy))
 
 
 def fit_estimator(
@@ -98,6 +113,7 @@ def fit_estimator(
     clean_set: str,
     reference_set: str,
     reuse=None,
+    cache: dict | None = None,
 ):
     """Fit ``est`` on the rows ``attacks`` allow; returns (estimator, :class:`FitRecord`).
 
@@ -105,8 +121,10 @@ def fit_estimator(
     choose gets them plus, as validation, the clean fitting rows and the successful adversarial rows of
     ``attacks`` grouped by family; supervised estimators get clean fitting rows (plus noisy ones when
     ``feats.fit_noisy`` holds them) against the successful adversarial rows of ``attacks``. ``reuse``: an
-    ensemble already fitted on the same clean rows, whose clean-only components are kept (they never depend
-    on ``attacks``); only its weights are chosen again.
+    ensemble of the same parameters already fitted on the same clean rows, whose clean-only components are kept
+    (they never depend on ``attacks``); its supervised components, kNN reference size and weights are fitted
+    again on ``attacks`` only. ``cache``: shared between the ensemble's fits (supervised components fitted on
+    identical rows are reused).
     """
     if getattr(est, "clean_only", False):
         est.fit(feats.reference, groups=feats.groups, layer_sizes=layer_sizes, X_calibration=feats.calibration)
@@ -114,24 +132,8 @@ def fit_estimator(
     rows = {a: r for a, r in adversarial_rows(outcomes, attacks).items() if len(r)}
     if not rows:
         raise NoAdversarialExamples(f"none of the attacks {attacks} succeeded on the fitting images")
-    if hasattr(est, "components"):  # the ensemble: clean-only components, weights on validation
-        by_family: dict[str, list[np.ndarray]] = {}
-        for a, r in rows.items():
-            by_family.setdefault(families[a], []).append(feats.fit_adv[a][r])
-        validation = (feats.fit_clean, {f: np.concatenate(b) for f, b in by_family.items()})
-        if reuse is not None and reuse.weights is None:
-            est = copy.copy(reuse)
-            est.weights_, est.selection_ = est._select(*validation)
-            est.calibrate(feats.calibration)
-        else:
-            est.fit(
-                feats.reference,
-                groups=feats.groups,
-                layer_sizes=layer_sizes,
-                X_calibration=feats.calibration,
-                validation=validation,
-            )
-        return est, FitRecord("clean-only + weights on validation", len(feats.fit_clean), clean_set, rows)
+    if hasattr(est, "components"):  # the ensemble: clean-only components, the rest on validation rows
+        return _fit_ensemble(est, feats, rows, families, layer_sizes, clean_set, reuse, cache)
     negatives = [feats.fit_clean]
     n_noisy = 0
     if feats.fit_noisy:
@@ -144,3 +146,25 @@ def fit_estimator(
     extra = {"names": feats.names} if getattr(est, "classifier", None) == "select" else {}
     est.fit(X, y, groups=feats.groups, X_calibration=feats.calibration, **extra)
     return est, FitRecord("supervised", len(feats.fit_clean), clean_set, rows, n_noisy)
+
+
+def _fit_ensemble(est, feats, rows: dict[str, np.ndarray], families, layer_sizes, clean_set: str, reuse, cache):
+    """:func:`fit_estimator` for the ensemble: clean-only components on the reference rows (kept from ``reuse``
+    when it has the same parameters), supervised components, kNN reference size and weights on ``rows``."""
+    validation = validation_rows(feats, rows, families)
+    if reuse is not None and reuse.get_params() == est.get_params():
+        est = copy.copy(reuse)
+        est.components_ = list(reuse.components_)
+        est.fit_validation(validation, feats.calibration, cache=cache, X_reference=feats.reference)
+    else:
+        est.fit(
+            feats.reference,
+            groups=feats.groups,
+            layer_sizes=layer_sizes,
+            X_calibration=feats.calibration,
+            validation=validation,
+            cache=cache,
+        )
+    kind = "clean-only + " + ("supervised and weights" if est.supervised else "weights") + " on validation"
+    n_noisy = int(est.supervised_rows_["n_noisy"]) if est.supervised else 0
+    return est, FitRecord(kind, len(feats.fit_clean), clean_set, rows, n_noisy)

@@ -141,14 +141,21 @@ def _cost_section(r: dict) -> list[str]:
         "",
         "## Detector cost",
         "",
+        "Scoring cost: featurizing the evaluation's clean test images plus the detector's decision on every "
+        "scored row, per image, over one plain forward pass of the same images (batch 500), both warm and timed "
+        "side by side in the same process (of three paired rounds, the median ratio; one round for featurizers "
+        "whose pass takes over 5 s).",
+        "",
         "| detector | fit seconds | scoring cost per image (x one forward pass) |",
         "|---|---|---|",
     ]
     for det, t in r["timing"]["detectors"].items():
-        lines.append(f"| {det} | {_f(t['fit_seconds'], 1)} | {_f(t['score_cost_ratio'], 1)} |")
+        lines.append(f"| {det} | {_f(t['fit_seconds'], 1)} | {_f(t['score_cost_ratio'], 2)} |")
+    stages = r["timing"].get("stages", {})
     lines += [
         "",
-        f"Total time {_f(r['timing']['total_seconds'], 0)} s.",
+        f"Total time {_f(r['timing']['total_seconds'], 0)} s"
+        + (" (" + ", ".join(f"{k} {_f(v, 0)} s" for k, v in stages.items()) + ")." if stages else "."),
         "",
         "## Caveat",
         "",
@@ -247,9 +254,16 @@ def _baseline_notes(r: dict) -> list[str]:
         if info.get("weights"):
             w = ", ".join(f"{k} {v:g}" for k, v in info["weights"].items())
             sel = info.get("selection") or {}
+            how = (
+                "worst leave-one-family-out AUROC (supervised part refitted without each family)"
+                if sel.get("refits")
+                else "worst per-family AUROC"
+            )
+            knn = (sel.get("knn_reference") or {}).get("chosen")
+            knn_note = f"; kNN reference {knn} paths per class, chosen there too" if knn else ""
             notes.append(
-                f"- **{d}** weights ({w}) chosen by worst per-family AUROC on the validation fitting images "
+                f"- **{d}** weights ({w}) chosen by {how} on the validation fitting images "
                 f"(families {', '.join(sel.get('families', []))}; {sel.get('candidates', '?')} candidate "
-                "vectors); never on test images."
+                f"vectors{knn_note}); never on test images."
             )
     return ["", "## Baselines and selections", ""] + notes if notes else []

@@ -116,10 +116,14 @@ def _finish(
     """Analyse the adversarial images ``adv`` (by attack label) and write the report to ``out``."""
     bundle, splits, sets, specs = p.bundle, p.splits, p.sets, p.specs
     out.mkdir(parents=True, exist_ok=True)
+    t_attacks = time.perf_counter() - t0
     body, scores = analyze(cfg, bundle, sets, specs, adv)
+    t1 = time.perf_counter()
+    accuracy = _accuracy(bundle.model, splits.test)
+    stages = {"images and attacks": t_attacks, **body["timing"]["stages"], "clean accuracy": time.perf_counter() - t1}
     report = {
         **report_header(bundle, cfg.bundle, cfg.to_dict()),
-        "clean_accuracy": _accuracy(bundle.model, splits.test),
+        "clean_accuracy": accuracy,
         "clean_accuracy_n": len(splits.test),
         "images": {
             "calibration": sets.calibration.describe(),
@@ -129,6 +133,7 @@ def _finish(
         },
         **body,
     }
+    t1 = time.perf_counter()
     if cfg.plots:
         from .plots import write_heatmap, write_plots  # matplotlib only when drawing (the server image has none)
 
@@ -136,6 +141,8 @@ def _finish(
         report["plots"] = [write_heatmap(out, {**report, "results": body["results"]})] + write_plots(
             out, scores, body["results"], thresholds, [s.label for s in specs]
         )
+    stages["plots"] = time.perf_counter() - t1
+    report["timing"]["stages"] = {k: round(v, 1) for k, v in stages.items()}
     report["timing"]["attack_seconds"] = attack_seconds
     report["timing"]["total_seconds"] = time.perf_counter() - t0
     write_report(out, report)

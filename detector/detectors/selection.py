@@ -1,0 +1,125 @@
+"""What the ensemble's choices are made on: validation rows, grouped by attack family, and the selection rules.
+
+:class:`ValidationRows` holds the validation images' clean rows, their successful adversarial rows by attack
+family and, optionally, noisy clean rows (Gaussian noise of the perturbation's L2 norm: negatives that look
+perturbed but are not attacks). Every adversarial and noisy row names its source image (an index into
+``clean``), which is what lets a selection split the *images* into a fitting half and a scoring half.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+@dataclass
+class ValidationRows:
+    """Validation rows for the ensemble's weights and its supervised components.
+
+    clean : (n, F), one row per clean validation image.
+    adversarial : {family: (m, F)} successful adversarial rows.
+    adversarial_image : {family: (m,)} index into ``clean`` of each adversarial row's source image, or None
+        (then nothing can be split by image, and no supervised component can be selected for).
+    noisy : {family: (k, F)} noisy clean rows whose noise has the norm of that family's perturbations.
+    noisy_image : {family: (k,)} their source images.
+    """
+
+    clean: np.ndarray
+    adversarial: dict[str, np.ndarray]
+    adversarial_image: dict[str, np.ndarray] | None = None
+    noisy: dict[str, np.ndarray] = field(default_factory=dict)
+    noisy_image: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, validation) -> ValidationRows:
+        """Accept a :class:`ValidationRows` or the plain ``(clean, {family: adversarial})`` pair."""
+        if isinstance(validation, cls):
+            return validation
+        clean, adversarial = validation
+        return cls(np.asarray(clean, dtype=np.float64), {f: np.asarray(a) for f, a in adversarial.items()})
+
+    @property
+    def families(self) -> list[str]:
+        return sorted(f for f, a in self.adversarial.items() if len(a))
+
+    def _mask(self, image: np.ndarray | None, rows: int, images: np.ndarray | None) -> np.ndarray:
+        if images is None:
+            return np.ones(rows, dtype=bool)
+        if image is None:
+            raise ValueError("validation rows without source images cannot be split by image")
+        return np.isin(image, images)
+
+    def adversarial_of(self, family: str, images: np.ndarray | None = None) -> np.ndarray:
+        """The family's adversarial rows whose source image is in ``images`` (all when None)."""
+        src = None if self.adversarial_image is None else self.adversarial_image[family]
+        return self.adversarial[family][self._mask(src, len(self.adversarial[family]), images)]
+
+    def supervised_set(
+        self, families: Sequence[str], images: np.ndarray | None, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(X, y, counts) for a supervised fit on ``families`` and the images ``images`` (all when None):
+        the clean rows, at most as many noisy rows (a seeded subset; only of ``families``, since the noise norm
+        comes from their perturbations), against the families' adversarial rows."""
+        clean = self.clean if images is None else self.clean[np.sort(images)]
+        noisy = [
+            self.noisy[f][self._mask(self.noisy_image.get(f), len(self.noisy[f]), images)]
+            for f in sorted(families)
+            if f in self.noisy
+        ]
+        noisy_rows = np.concatenate(noisy) if noisy else np.zeros((0, clean.shape[1]))
+        if len(noisy_rows) > len(clean):
+            keep = np.sort(np.random.default_rng(seed).permutation(len(noisy_rows))[: len(clean)])
+            noisy_rows = noisy_rows[keep]
+        adv = [self.adversarial_of(f, images) for f in sorted(families)]
+        adv_rows = np.concatenate(adv) if adv else np.zeros((0, clean.shape[1]))
+        X = np.concatenate([clean, noisy_rows, adv_rows])
+        y = np.r_[np.zeros(len(clean) + len(noisy_rows)), np.ones(len(adv_rows))]
+        counts = {
+            "families": sorted(families),
+            "n_clean": int(len(clean)),
+            "n_noisy": int(len(noisy_rows)),
+            "n_adversarial": int(len(adv_rows)),
+        }
+        return X, y, counts
+
+
+def auroc(clean: np.ndarray, adversarial: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial]))
+
+
+def choose_weights(
+    per_family: dict[str, tuple[np.ndarray, np.ndarray]],
+    grid: Sequence[float],
+    combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, dict, int]:
+    """Among weight vectors of ``grid ** n`` (one weight at the grid's top, scale-free), the one whose worst
+    AUROC over ``per_family`` ({family: (clean component scores, adversarial component scores)}) is highest;
+    ties: higher mean AUROC, then fewer non-zero weights. Returns (weights, its table row, candidates)."""
+    n = next(iter(per_family.values()))[0].shape[1]
+    best, best_key, rows = None, None, 0
+    for w in itertools.product(sorted(set(grid)), repeat=n):
+        w = np.asarray(w, dtype=np.float64)
+        if not np.any(w > 0) or w.max() != max(grid):
+            continue
+        aucs = {f: auroc(combine(tc, w), combine(ta, w)) for f, (tc, ta) in per_family.items()}
+        key = (min(aucs.values()), float(np.mean(list(aucs.values()))), -int(np.sum(w > 0)))
+        rows += 1
+        if best_key is None or key > best_key:
+            best, best_key = w, key
+            chosen = {"weights": w.tolist(), "worst_auroc": key[0], "per_family": aucs}
+    if best is None:
+        raise ValueError(f"grid={list(grid)} gives no weight vector with a positive weight")
+    return best, chosen, rows
+
+
+def choose_reference(table: list[dict], families: Sequence[str], tolerance: float) -> int:
+    """The smallest kNN reference size whose worst AUROC over ``families`` is within ``tolerance`` of the
+    best size's (``table`` rows: {"per_class": size, "per_family": {family: AUROC}, ...})."""
+    known = [f for f in families if all(f in r["per_family"] for r in table)] or list(table[0]["per_family"])
+    worst = {r["per_class"]: min(r["per_family"][f] for f in known) for r in table}
+    top = max(worst.values())
+    return min(size for size, a in worst.items() if a >= top - tolerance)

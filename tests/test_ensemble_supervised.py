@@ -1,0 +1,150 @@
+"""The shipped ensemble with a supervised component: its weights are chosen by worst leave-one-family-out AUROC on
+validation rows, the supervised part refitted without the held-out family (checked on the rows it was given and
+by what the selection measures), weights stay >= 0, the kNN reference size is chosen on validation, and the
+fitted detector follows the estimator contract and round-trips."""
+
+import numpy as np
+import pytest
+
+from detector.detectors import PathEnsembleDetector, detector_from_state
+from detector.detectors.selection import ValidationRows
+from detector.detectors.supervised import SupervisedComponent
+
+LAYERS = [4, 4]
+GROUPS = ["soft"] * 8 + ["hard"] * 8 + ["density"] * 2 + ["proto"] * 10 + ["confidence"] * 3 + ["logits"] * 3
+SHIFTED = {"fam-a": 0, "fam-b": 5}  # the soft-path column each synthetic "attack family" moves
+
+
+def _clean(n, rng):
+    """Synthetic path-feature rows of clean images of 3 classes."""
+    y = rng.integers(3, size=n)
+    soft = 0.2 * rng.normal(size=(n, 8)) + 0.3 * np.eye(3, 8)[y] + 0.5
+    logits = 4.0 * np.eye(3)[y] + rng.normal(size=(n, 3))
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    p = np.sort(z / z.sum(1, keepdims=True), axis=1)
+    conf = np.column_stack([p[:, -1], p[:, -1] - p[:, -2], -(p * np.log(p)).sum(1)])
+    return np.column_stack(
+        [soft, (soft > 0.5).astype(float), soft.reshape(n, 2, 4).mean(2), rng.normal(size=(n, 10)), conf, logits]
+    )
+
+
+def _attack(clean, family, rng):
+    """Rows like ``clean`` whose one soft column of ``family`` moves by 1.5 (softmax untouched: margin is blind)."""
+    adv = clean.copy()
+    adv[:, SHIFTED[family]] += 1.5 + 0.1 * rng.normal(size=len(adv))
+    return adv
+
+
+def _validation(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    clean = _clean(n, rng)
+    adv, image, noisy, noisy_image = {}, {}, {}, {}
+    for f in SHIFTED:
+        ok = np.flatnonzero(rng.random(n) < 0.9)
+        adv[f], image[f] = _attack(clean[ok], f, rng), ok
+        noisy[f] = clean[ok] + 0.02 * rng.normal(size=clean[ok].shape)
+        noisy_image[f] = ok
+    return ValidationRows(clean, adv, image, noisy, noisy_image)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    rng = np.random.default_rng(1)
+    reference, calibration = _clean(600, rng), _clean(300, rng)
+    val = _validation()
+    est = PathEnsembleDetector(components=("margin", "gb"), grid=(0.0, 1.0), random_state=0)
+    est.fit(reference, groups=GROUPS, layer_sizes=LAYERS, X_calibration=calibration, validation=val)
+    return est, val, rng
+
+
+def _auroc(clean, adv):
+    return (adv[:, None] > clean[None, :]).mean() + 0.5 * (adv[:, None] == clean[None, :]).mean()
+
+
+def test_selection_refits_the_supervised_part_without_the_held_out_family(fitted):
+    est, val, rng = fitted
+    refits = est.selection_["refits"]
+    assert set(refits) == set(SHIFTED)
+    for f, r in refits.items():
+        assert r["families"] == [g for g in SHIFTED if g != f]
+        assert r["n_clean"] == len(val.clean) // 2 and r["n_adversarial"] > 0
+    # What the selection measured is the unseen case: a supervised part fitted on one family's column never learns
+    # the other's, so its held-out AUROC is near chance. Had the refit kept the held-out family, the gb-only
+    # candidate would score ~1.0 here (the final fit, which saw both, does on new rows).
+    assert est.selection_["chosen"]["worst_auroc"] < 0.75
+    fresh = _clean(300, rng)
+    final = est.components_[1]
+    for f in SHIFTED:
+        assert _auroc(final.neg_log_p(fresh), final.neg_log_p(_attack(fresh, f, rng))) > 0.95
+
+
+def test_no_row_of_the_held_out_family_reaches_a_refit(monkeypatch):
+    seen = []
+    original = SupervisedComponent.fit
+
+    def spy(self, X, y, **kw):
+        seen.append({row.tobytes() for row in X[y == 1]})
+        return original(self, X, y, **kw)
+
+    monkeypatch.setattr(SupervisedComponent, "fit", spy)
+    rng = np.random.default_rng(2)
+    val = _validation(seed=3)
+    est = PathEnsembleDetector(components=("margin", "gb"), grid=(0.0, 1.0))
+    est.fit(_clean(300, rng), groups=GROUPS, layer_sizes=LAYERS, X_calibration=_clean(200, rng), validation=val)
+    rows = {f: {r.tobytes() for r in a} for f, a in val.adversarial.items()}
+    final, refits = seen[0], seen[1:]
+    assert len(refits) == len(SHIFTED)  # the final fit on everything, then one per held-out family
+    for f, fit_rows in zip(sorted(SHIFTED), refits):
+        assert not fit_rows & rows[f], f"the refit for held-out {f} was given its rows"
+        assert fit_rows <= set().union(*(rows[g] for g in SHIFTED if g != f))
+    assert final == set().union(*rows.values())
+
+
+def test_weights_are_non_negative_and_the_combination_monotone(fitted):
+    est, _, rng = fitted
+    assert np.all(est.weights_ >= 0) and est.weights_.max() > 0
+    t = est.component_scores(_clean(50, rng))
+    for i in range(t.shape[1]):
+        assert np.all(est._combined(t + 5.0 * np.eye(t.shape[1])[i], est.weights_) >= est._combined(t, est.weights_))
+    with pytest.raises(ValueError, match="weights"):
+        PathEnsembleDetector(components=("margin", "gb"), weights=(1.0, -0.1)).fit(
+            _clean(100, rng), groups=GROUPS, layer_sizes=LAYERS, validation=_validation()
+        )
+
+
+def test_estimator_contract_and_round_trip(fitted):
+    est, _, rng = fitted
+    X = np.r_[_clean(100, rng), _attack(_clean(100, rng), "fam-a", rng)]
+    s = est.decision_function(X)
+    assert s.shape == (200,) and np.all((s >= 0) & (s < 1))
+    np.testing.assert_array_equal(est.predict(X), (s > est.threshold_).astype(int))
+    np.testing.assert_allclose(est.predict_proba(X).sum(1), 1.0)
+    assert not est.clean_only and "gb" in est.get_params()["components"]
+    tensors, info = est.to_state()
+    again = detector_from_state(tensors, info)
+    np.testing.assert_allclose(again.decision_function(X), s, rtol=1e-12)
+    assert again.selection_["refits"] == est.selection_["refits"]
+    with pytest.raises(ValueError, match="validation"):
+        PathEnsembleDetector(components=("margin", "gb"), weights=(1.0, 1.0)).fit(
+            _clean(100, rng), groups=GROUPS, layer_sizes=LAYERS
+        )
+    with pytest.raises(ValueError, match="source image"):  # no image ids: the halves cannot be formed
+        PathEnsembleDetector(components=("margin", "gb")).fit(
+            _clean(100, rng), groups=GROUPS, layer_sizes=LAYERS, validation=(_clean(50, rng), {"f": _clean(50, rng)})
+        )
+
+
+def test_knn_reference_size_is_chosen_on_validation_and_stored():
+    rng = np.random.default_rng(4)
+    val = _validation(seed=5)
+    est = PathEnsembleDetector(components=("knn", "margin"), grid=(0.0, 1.0), knn_reference_grid=(5, 50, 200))
+    est.fit(_clean(900, rng), groups=GROUPS, layer_sizes=LAYERS, X_calibration=_clean(200, rng), validation=val)
+    choice = est.selection_["knn_reference"]
+    assert [r["per_class"] for r in choice["table"]] == [5, 50, 200]
+    worst = {r["per_class"]: min(r["per_family"].values()) for r in choice["table"]}
+    assert worst[choice["chosen"]] >= max(worst.values()) - est.reference_tolerance
+    assert all(worst[s] < max(worst.values()) - est.reference_tolerance for s in worst if s < choice["chosen"])
+    knn = est.components_[0]
+    assert knn.max_reference == choice["chosen"] and len(knn.reference_) <= 3 * choice["chosen"]
+    tensors, info = est.to_state()
+    assert info["params"]["knn_reference"] == choice["chosen"]
