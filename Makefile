@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUNDLE ?= models/default
 
-.PHONY: run test lint format protos data tools image-test clean
+.PHONY: run test lint format protos data tools image-test clean reports reports-training reports-evaluation \
+	reports-explain reports-accel reports-service reports-adaptive
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,52 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy $(TYPED_API)
+
+# Every committed figure of the default bundle, regenerated: `make reports` (hours on 2 cores; each part alone
+# too, e.g. `make reports-evaluation`). The training runs behind the bundles are in docs/TRAINING.md; the
+# trade-off points are the committed bundles below. PEERS adds serve_cost's comparison servers, e.g.
+# PEERS='--mlserver /tmp/mlserver-venv/bin/mlserver --kserve-python /tmp/kserve-venv/bin/python'.
+TRADEOFF := models/tradeoff/f0.5 models/default models/tradeoff/f0.1
+PEERS ?=
+reports: reports-training reports-evaluation reports-explain reports-accel reports-service reports-adaptive
+
+reports-training: $(STAMP) data
+	for b in $(TRADEOFF); do n=$$(basename $$b); $(BIN)/pathguard evaluate --bundle $$b \
+	    --out reports/training/eval-$$n --attacks fgsm,pgd,cw --detectors path,path-gb,clean-ensemble --n 300 --n-fit 300 \
+	    --ablation false --leave-one-out false --leave-one-family-out false --plots false --cache-dir cache/attacks \
+	    --quiet >/dev/null || exit 1; done
+	$(BIN)/pathguard training-report --bundles $(TRADEOFF) --dense models/dense \
+	    --evaluation reports/training/eval-*/report.json --detector path-gb --out reports/training
+
+reports-evaluation: $(STAMP) data
+	$(BIN)/pathguard evaluate --bundle $(BUNDLE) --out reports/evaluation --cache-dir cache/attacks --quiet
+
+reports-explain: $(STAMP) data
+	$(BIN)/pathguard explain --bundle $(BUNDLE) --out reports/explain
+
+reports-accel: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.accel_bench --bundle $(BUNDLE) --dense-bundle models/dense \
+	    --threads 1,2 --out reports/accel.json
+
+reports-service: $(STAMP) data
+	$(BIN)/python -m bench.serve_cost --bundle $(BUNDLE) $(PEERS) --json reports/service/serve_cost.json
+	$(BIN)/python -m bench.load --bundle $(BUNDLE) --threads 1 --callers 64 --duration 60 --max-rss-growth 0.1 \
+	    --json reports/service/load.json
+	$(BIN)/python -m bench.load --bundle $(BUNDLE) --threads 1 --callers 32 --duration 20 --images-per-request 8 \
+	    --invalid-fraction 0 --json reports/service/load_8_images_per_call.json
+	$(BIN)/python -m bench.load --bundle $(BUNDLE) --threads 1 --callers 64 --duration 30 --sigterm-at 20 \
+	    --json reports/service/load_sigterm.json
+	$(BIN)/python -m bench.load --bundle $(BUNDLE) --threads 1 --callers 64 --duration 30 --reload-at 10 20 \
+	    --json reports/service/load_reload.json
+	$(BIN)/python -m bench.fuzz --bundle $(BUNDLE) --threads 1 --cases 10000 --json reports/service/fuzz.json
+	$(BIN)/python -m bench.flood --bundle $(BUNDLE) --json reports/service/flood.json
+	$(BIN)/python -m bench.auth_reject --bundle $(BUNDLE) --json reports/service/auth.json
+	$(BIN)/python -m bench.service_table
+
+reports-adaptive: $(STAMP) data
+	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --n 500 --out reports/adaptive --cache-dir cache/attacks --quiet
+	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --out reports/adaptive/query --query-only --query-budget 1000 \
+	    --query-n 500 --eps 0.03,0.05,0.1 --quiet
 
 # Reformats the tree with ruff's formatter ([tool.ruff.format]); `make test` and `make lint` check it.
 format: $(STAMP)
