@@ -95,7 +95,7 @@ reports-service: $(STAMP) data
 	$(BIN)/python -m bench.service_table
 
 reports-adaptive: $(STAMP) data
-	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --n 500 --out reports/adaptive --cache-dir cache/attacks --quiet
+	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --n 100 --out reports/adaptive --cache-dir cache/attacks --quiet
 	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --out reports/adaptive/query --query-only --query-budget 1000 \
 	    --query-n 500 --eps 0.03,0.05,0.1 --quiet
 
