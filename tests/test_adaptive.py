@@ -2,6 +2,7 @@
 hardening and the CLI."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -451,55 +452,34 @@ def test_cli_writes_a_complete_report(tiny_bundle, tmp_path):
     assert load_bundle(tiny_bundle).screener().threshold == pytest.approx(r["rounds"][0]["threshold"])
 
 
-def test_cli_attacks_a_forest_detector_through_its_surrogate(tiny_bundle, tmp_path):
-    """A tree-ensemble detector has no gradient: with ``--surrogate iterates`` the attack follows a network
-    refitted on its own iterates; the report says how well it tracks the real scores, and adds the transfer
-    attack made against a logistic-regression twin."""
+def _attack_with_detector(tiny_bundle, tmp_path, classifier: str, attacks: str, steps: int, *extra: str) -> Path:
+    """Copy the tiny bundle, fit a ``classifier`` detector on ``attacks``, run ``pathguard adaptive`` on 20
+    images at eps 0.15 against it with ``extra`` flags; returns the report folder."""
     import shutil
 
     from detector.fitting import FitConfig, fit_bundle_detector
     from pathguard.main import main
 
-    copy = tmp_path / "forest"
+    copy = tmp_path / classifier
     shutil.copytree(tiny_bundle, copy)
     fit_bundle_detector(
-        FitConfig(
-            str(copy),
-            "fgsm:eps=0.15,pgd:eps=0.15;steps=5",
-            n_fit=60,
-            n_calibration=60,
-            classifier="rf",
-            prototype_images=400,
-        ),
+        FitConfig(str(copy), attacks, n_fit=60, n_calibration=60, classifier=classifier, prototype_images=400),
         progress=False,
     )
     out = tmp_path / "out"
-    rc = main(
-        [
-            "adaptive",
-            "--bundle",
-            str(copy),
-            "--n",
-            "20",
-            "--eps",
-            "0.15",
-            "--lambdas",
-            "0.3",
-            "--steps",
-            "3",
-            "--attacks",
-            "selective",
-            "--surrogate",
-            "iterates",
-            "--out",
-            str(out),
-            "--quiet",
-            "--no-plots",
-            "--threads",
-            str(torch.get_num_threads()),
-        ]
+    argv = ["adaptive", "--bundle", str(copy), "--n", "20", "--eps", "0.15", "--lambdas", "0.3"]
+    argv += ["--steps", str(steps), "--attacks", "selective", *extra, "--out", str(out), "--quiet", "--no-plots"]
+    assert main([*argv, "--threads", str(torch.get_num_threads())]) == 0
+    return out
+
+
+def test_cli_attacks_a_forest_detector_through_its_surrogate(tiny_bundle, tmp_path):
+    """A tree-ensemble detector has no gradient: with ``--surrogate iterates`` the attack follows a network
+    refitted on its own iterates; the report says how well it tracks the real scores, and adds the transfer
+    attack made against a logistic-regression twin."""
+    out = _attack_with_detector(
+        tiny_bundle, tmp_path, "rf", "fgsm:eps=0.15,pgd:eps=0.15;steps=5", 3, "--surrogate", "iterates"
     )
-    assert rc == 0
     r = json.loads((out / "report.json").read_text())
     sur = r["detector"]["surrogate"]
     assert not sur["exact"] and sur["fitted"] == "on the attack's iterates"
@@ -513,55 +493,15 @@ def test_cli_attacks_the_ensemble_detector_and_hardens_it(tiny_bundle, tmp_path)
     """The default kind of detector (clean-only scores combined with weights >= 0): attacked through its p-value
     relaxation (or the iterate-fitted fallback, if a component without one was chosen); hardening re-chooses
     its weights with the adaptive examples as one more family."""
-    import shutil
-
-    from detector.fitting import FitConfig, fit_bundle_detector
-    from pathguard.main import main
-
+    out = _attack_with_detector(
+        tiny_bundle,
+        tmp_path,
+        "ensemble",
+        "fgsm:eps=0.15,pgd:eps=0.15;steps=5,deepfool:steps=5",
+        12,  # the cosine step size needs a few steps to cross the tiny task's class boundaries
+        *("--n-harden", "20", "--harden", "--no-transfer", "--save-hardened", str(tmp_path / "hardened")),
+    )
     copy = tmp_path / "ensemble"
-    shutil.copytree(tiny_bundle, copy)
-    fit_bundle_detector(
-        FitConfig(
-            str(copy),
-            "fgsm:eps=0.15,pgd:eps=0.15;steps=5,deepfool:steps=5",
-            n_fit=60,
-            n_calibration=60,
-            classifier="ensemble",
-            prototype_images=400,
-        ),
-        progress=False,
-    )
-    out = tmp_path / "out"
-    rc = main(
-        [
-            "adaptive",
-            "--bundle",
-            str(copy),
-            "--n",
-            "20",
-            "--eps",
-            "0.15",
-            "--lambdas",
-            "0.3",
-            "--steps",
-            "12",  # the cosine step size needs a few steps to cross the tiny task's class boundaries
-            "--attacks",
-            "selective",
-            "--n-harden",
-            "20",
-            "--harden",
-            "--no-transfer",
-            "--out",
-            str(out),
-            "--quiet",
-            "--no-plots",
-            "--save-hardened",
-            str(tmp_path / "hardened"),
-            "--threads",
-            str(torch.get_num_threads()),
-        ]
-    )
-    assert rc == 0
     r = json.loads((out / "report.json").read_text())
     sur = r["detector"]["surrogate"]
     weights = load_bundle(copy).part("detector")[1]["weights"]
