@@ -201,3 +201,23 @@ def test_joint_knn_flags_a_boundary_output_on_a_clean_path_without_adversarial_l
     assert path_only.predict(undecided).mean() < 0.15 and margin_too.predict(undecided).mean() > 0.9
     with pytest.raises(ValueError, match="margin_weight"):
         PathOutputKNNDetector(margin_weight=-0.1).fit(X_train, groups=groups, layer_sizes=layer_sizes)
+
+
+def test_an_ensemble_with_the_joint_score_ships_in_a_bundle(paths, tiny_bundle, tmp_path):
+    """Written as a bundle part (safetensors + JSON, checked on load) and read back, it scores the same."""
+    import shutil
+
+    from detector.bundle import write_part
+
+    (X_train, _), (X_val, _), (X_test, _) = paths[0]["train"], paths[0]["val"], paths[0]["test"]
+    det = PathEnsembleDetector(components=("joint", "margin"), weights=(1.0, 0.5)).fit(
+        X_train, groups=paths[1], layer_sizes=paths[3].layer_sizes, X_calibration=X_val
+    )
+    assert det.clean_only
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    tensors, info = det.to_state()
+    write_part(copy, "detector", tensors=tensors, info=info)
+    again = load_bundle(copy).detector()
+    assert isinstance(again.components_[0], PathOutputKNNDetector)
+    np.testing.assert_array_equal(again.decision_function(X_test), det.decision_function(X_test))
