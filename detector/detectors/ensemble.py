@@ -441,8 +441,9 @@ _clean(
 _clean(
     "clean-joint",
     lambda fpr, seed: COMPONENTS["joint"](seed).set_params(target_fpr=fpr),
-    "clean-only: mean distance to the 5 nearest clean rows of the predicted class in (soft path, logits, log softmax "
-    "margin), every column standardised, blocks weighted 1 : 1 : 0.3",
+    "clean-only: mean distance to the 20 nearest clean rows of the predicted class in (soft path, logits, log softmax "
+    "margin), every column standardised, blocks weighted 1 : 1 : 0.6, divided by the square root of those "
+    "neighbours' own 20-NN radius",
 )
 _clean(
     "clean-ensemble",
