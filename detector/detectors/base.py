@@ -17,12 +17,19 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from threadpoolctl import threadpool_limits
 
 from .scorers import IdentityScorer, LinearScorer, TreeScorer, export_scorer, scorer_from_state
 
 Scorer = LinearScorer | TreeScorer | IdentityScorer
 
 CLASSIFIERS = ("logreg", "rf", "gb", "identity")
+# Gradient boosting on fewer rows than this is fitted on one OpenMP thread. Its parallel regions are one tree
+# node each (microseconds at these sizes), so extra threads mostly wait at barriers: scikit-learn issue #30662
+# reports up to 15x slowdowns on small data, and on a 2-core machine whose cores are busy, one fit of ~4,800
+# rows x 487 columns took 35-53 s on two threads against 7-11 s on one. The trees are the same either way
+# (each histogram is summed by one thread whatever the count).
+SINGLE_THREAD_GB_ROWS = 50_000
 
 
 def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float) -> float:
@@ -125,7 +132,9 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"classifier='identity' needs exactly one feature, got {len(self.columns_)}")
             self.scorer_: Scorer = IdentityScorer()
         else:
-            self.scorer_ = export_scorer(self._make_classifier().fit(X[:, self.columns_], y))
+            threads = 1 if self.classifier == "gb" and len(X) < SINGLE_THREAD_GB_ROWS else None
+            with threadpool_limits(limits=threads, user_api="openmp"):
+                self.scorer_ = export_scorer(self._make_classifier().fit(X[:, self.columns_], y))
         self.calibrate(X[y == 0] if X_calibration is None else X_calibration)
         return self
 
