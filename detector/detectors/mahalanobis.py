@@ -170,8 +170,8 @@ class MahalanobisFeaturizer:
             for f, m, p in zip(self._features(out), self.means_, self.precisions_, strict=True)
         ]
 
-    def _batch(self, x: Tensor) -> Tensor:
-        """(n, M * L) scores of one batch."""
+    def _batch(self, x: Tensor, noise: frozenset[float] | None = None) -> Tensor:
+        """(n, M * L) scores of one batch; the magnitudes not in ``noise`` (when given) are NaN."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             clean = self._scores(self.model.forward_path(x))
@@ -185,8 +185,10 @@ class MahalanobisFeaturizer:
             for eps in self.noise:
                 if eps == 0.0:
                     cols += [s.detach() for s in clean]
-                    continue
-                cols += [self._score_at(x.detach() - eps * step, j) for j, step in enumerate(steps)]
+                elif noise is not None and eps not in noise:
+                    cols += [torch.full_like(s, float("nan")) for s in clean]
+                else:
+                    cols += [self._score_at(x.detach() - eps * step, j) for j, step in enumerate(steps)]
         return torch.stack(cols, dim=1)
 
     def _score_at(self, x: Tensor, j: int) -> Tensor:
@@ -204,14 +206,21 @@ class MahalanobisFeaturizer:
             raise RuntimeError(f"the forward pass never reached gated layer {self.layer_index_[j]}")
         return mahalanobis_score(path[-1].pooled, self.means_[j], self.precisions_[j])
 
-    def transform(self, images: Tensor) -> np.ndarray:
-        """(N, M * L) scores of ``images`` (N, C, H, W) in [0, 1], columns as :attr:`names`."""
+    def transform(self, images: Tensor, noise: Sequence[float] | None = None) -> np.ndarray:
+        """(N, M * L) scores of ``images`` (N, C, H, W) in [0, 1], columns as :attr:`names`.
+
+        noise : None, or the magnitudes to compute (the others' columns are NaN; noise 0 comes with the
+            gradient pass, always): rows that a fitted detector only scores need its chosen magnitude alone.
+        """
         if not hasattr(self, "means_"):
             raise NotFittedError("MahalanobisFeaturizer.transform called before fit")
+        wanted = None if noise is None else frozenset(float(e) for e in noise)
+        if wanted is not None and not wanted <= set(self.noise):
+            raise ValueError(f"noise={sorted(wanted)} must be magnitudes of the featurizer's grid {list(self.noise)}")
         self.model.eval()
         device = next(self.model.parameters()).device
         blocks = [
-            self._batch(images[s : s + self.batch_size].to(device)).cpu()
+            self._batch(images[s : s + self.batch_size].to(device), wanted).cpu()
             for s in range(0, len(images), self.batch_size)
         ]
         return torch.cat(blocks).numpy() if blocks else np.zeros((0, len(self.names)))
