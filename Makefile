@@ -71,6 +71,8 @@ reports-training: $(STAMP) data
 
 reports-evaluation: $(STAMP) data
 	$(BIN)/pathguard evaluate --bundle $(BUNDLE) --out reports/evaluation --cache-dir cache/attacks --quiet
+	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
+	    --json reports/evaluation/clean_validation.json > /dev/null
 
 reports-explain: $(STAMP) data
 	$(BIN)/pathguard explain --bundle $(BUNDLE) --out reports/explain

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .attacks import AttackSpec, cached_attack, noisy_like, parse_attacks
-from .bundle import BUNDLE_HELP, load_bundle, write_part
+from .bundle import BUNDLE_HELP, Bundle, load_bundle, write_part
 from .detectors import PathDetector, PathEnsembleDetector
 from .detectors.ensemble import COMPONENTS, DEFAULT_COMPONENTS, KNN_REFERENCE_GRID
 from .detectors.record import DetectorRecord
@@ -284,15 +284,13 @@ def _fit_detector(
     return det, extra
 
 
-def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
-    """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
-    attacks, seed = parse_attacks(cfg.attacks), cfg.seed
-    t0 = time.perf_counter()
-    bundle = load_bundle(cfg.bundle)
-    model = bundle.model
-    splits = bundle_splits(bundle.meta, cfg.data_root)
-    protos = _write_prototypes(cfg, model, splits)
-
+def validation_rows(
+    cfg: FitConfig, bundle: Bundle, protos: Prototypes, splits: Splits, attacks: list[AttackSpec], progress: bool
+) -> tuple[TrainingRows, np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
+    """What the detector is fitted and calibrated on, all of it validation images: the rows of ``cfg.n_fit``
+    correctly classified ones and their successful adversarial versions (noisy copies too for the ensemble), the
+    calibration rows of ``cfg.n_calibration`` others, and both sets' indices into ``splits.val``."""
+    model, seed = bundle.model, cfg.seed
     fit_idx = correctly_classified(model, splits.val, cfg.n_fit, seed=seed)
     cal_idx = correctly_classified(model, splits.val, cfg.n_calibration, seed=seed, skip=cfg.n_fit)
     rows = adversarial_training_set(
@@ -308,6 +306,19 @@ def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
         noisy=cfg.classifier == "ensemble" and cfg.noisy_negatives,
     )
     X_cal = extract_path_features(model, protos, splits.val.float_images(cal_idx)).X
+    return rows, X_cal, (fit_idx, cal_idx)
+
+
+def fit_bundle_detector(cfg: FitConfig, progress: bool = True) -> dict:
+    """Fit prototypes and the detector of the bundle ``cfg.bundle`` and write them into it."""
+    attacks, seed = parse_attacks(cfg.attacks), cfg.seed
+    t0 = time.perf_counter()
+    bundle = load_bundle(cfg.bundle)
+    model = bundle.model
+    splits = bundle_splits(bundle.meta, cfg.data_root)
+    protos = _write_prototypes(cfg, model, splits)
+
+    rows, X_cal, (fit_idx, cal_idx) = validation_rows(cfg, bundle, protos, splits, attacks, progress)
     det, extra = _fit_detector(cfg, model, protos, splits, attacks, rows, X_cal, (fit_idx, cal_idx))
     tensors, info = det.to_state()
     info.update(extra)

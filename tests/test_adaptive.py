@@ -130,12 +130,14 @@ def test_soft_trees_match_the_trees_as_tau_goes_to_zero(rows, classifier):
     assert Xt.grad.abs().sum() > 0
 
 
-def test_soft_p_values_are_the_ensemble_where_it_flags(rows):
+@pytest.mark.parametrize(
+    "components,weights",
+    [(("knn", "summary", "margin", "bernoulli"), (1, 1, 1, 0.5)), (("joint", "margin"), (1, 0.5))],
+)
+def test_soft_p_values_are_the_ensemble_where_it_flags(rows, components, weights):
     X, labels, groups, sizes = rows
     clean = X[labels == 0]
-    det = PathEnsembleDetector(components=("knn", "summary", "margin", "bernoulli"), weights=(1, 1, 1, 0.5)).fit(
-        clean, groups=groups, layer_sizes=sizes
-    )
+    det = PathEnsembleDetector(components=components, weights=weights).fit(clean, groups=groups, layer_sizes=sizes)
     soft = relax(det)
     assert isinstance(soft, SoftPValues) and soft.exact
     real = det.decision_function(X)
@@ -149,7 +151,12 @@ def test_soft_p_values_are_the_ensemble_where_it_flags(rows):
     np.testing.assert_array_equal((z.detach().numpy() > soft.threshold_logit)[clear], flagged[clear])
     z[flagged].sum().backward()
     assert Xt.grad[flagged].abs().sum() > 0
-    # a component with no relaxation (votes of neighbours) leaves the attack its fallback
+
+
+def test_a_component_without_relaxation_leaves_the_attack_its_fallback(rows):
+    """Votes of neighbours (the layer-consistency component) have no smooth relaxation."""
+    X, labels, groups, sizes = rows
+    clean = X[labels == 0]
     layer = PathEnsembleDetector(components=("knn", "layer"), weights=(1, 1)).fit(
         clean, groups=groups, layer_sizes=sizes
     )

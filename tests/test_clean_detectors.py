@@ -7,6 +7,7 @@ import torch
 
 from detector.bundle import load_bundle
 from detector.detectors import DETECTORS, PathEnsembleDetector, detector_from_state
+from detector.detectors.joint import PathOutputKNNDetector
 from detector.features import PROTO, extract_path_features
 from detector.prototypes import Prototypes
 from detector.splits import bundle_splits
@@ -73,7 +74,9 @@ def _check_flags_inconsistent(name, data, groups, names, protos, n_early, min_au
 # The tiny model keeps almost every gate on (density ~0.99) and its early layers barely depend on the class, so
 # only its soft path, and only in the last layer, says which class an image follows: the spliced input there is
 # "every layer from one class's image, the last layer and the prediction from another's".
-SOFT_PATH = [n for n in CLEAN_ONLY if n in ("clean-gaussian", "clean-knn", "clean-layer", "clean-ensemble")]
+SOFT_PATH = [
+    n for n in CLEAN_ONLY if n in ("clean-gaussian", "clean-knn", "clean-joint", "clean-layer", "clean-ensemble")
+]
 
 
 @pytest.mark.parametrize("name", SOFT_PATH)
@@ -165,3 +168,56 @@ def test_low_margin_detector_flags_undecided_outputs(paths):
     logits[rows, top2[:, 0]] = logits[rows, top2[:, 1]] - 0.01  # runner-up almost as likely as the top class
     undecided[:, groups == "logits"] = logits
     assert est.predict(undecided).mean() > 0.9 and est.predict(X_test).mean() < 0.15
+
+
+def _undecided(X, groups):
+    """Rows X with the runner-up logit raised to just below the top one, and the confidence columns recomputed:
+    a boundary output (where CW and DeepFool stop) on a path that a clean image of the class took."""
+    from detector.features import confidence_features
+
+    out, groups = X.copy(), np.asarray(groups)
+    logits = out[:, groups == "logits"]
+    top2 = np.argsort(logits, axis=1)[:, -2:]
+    rows = np.arange(len(logits))
+    logits[rows, top2[:, 0]] = logits[rows, top2[:, 1]] - 0.01
+    out[:, groups == "logits"] = logits
+    out[:, groups == "confidence"] = confidence_features(torch.from_numpy(logits)).numpy()
+    return out
+
+
+def test_joint_knn_flags_a_boundary_output_on_a_clean_path_without_adversarial_labels(paths):
+    (X_train, _), (X_val, _), (X_test, _) = paths[0]["train"], paths[0]["val"], paths[0]["test"]
+    groups, layer_sizes = paths[1], paths[3].layer_sizes
+    est = DETECTORS["clean-joint"].make(0.05, 0)
+    with pytest.raises(ValueError, match="clean"):
+        est.fit(X_train, np.ones(len(X_train)), groups=groups, layer_sizes=layer_sizes)
+    est.fit(X_train, groups=groups, layer_sizes=layer_sizes, X_calibration=X_val)
+    undecided = _undecided(X_test, groups)
+    assert est.predict(undecided).mean() > 0.9 and est.predict(X_test).mean() < 0.15
+    # the path is a clean image's: on the path alone they pass as clean; the log-margin block alone flags them
+    fit = {"groups": groups, "layer_sizes": layer_sizes, "X_calibration": X_val}
+    path_only = PathOutputKNNDetector(logit_weight=0.0, margin_weight=0.0).fit(X_train, **fit)
+    margin_too = PathOutputKNNDetector(logit_weight=0.0).fit(X_train, **fit)
+    assert path_only.predict(undecided).mean() < 0.15 and margin_too.predict(undecided).mean() > 0.9
+    with pytest.raises(ValueError, match="margin_weight"):
+        PathOutputKNNDetector(margin_weight=-0.1).fit(X_train, groups=groups, layer_sizes=layer_sizes)
+
+
+def test_an_ensemble_with_the_joint_score_ships_in_a_bundle(paths, tiny_bundle, tmp_path):
+    """Written as a bundle part (safetensors + JSON, checked on load) and read back, it scores the same."""
+    import shutil
+
+    from detector.bundle import write_part
+
+    (X_train, _), (X_val, _), (X_test, _) = paths[0]["train"], paths[0]["val"], paths[0]["test"]
+    det = PathEnsembleDetector(components=("joint", "margin"), weights=(1.0, 0.5)).fit(
+        X_train, groups=paths[1], layer_sizes=paths[3].layer_sizes, X_calibration=X_val
+    )
+    assert det.clean_only
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    tensors, info = det.to_state()
+    write_part(copy, "detector", tensors=tensors, info=info)
+    again = load_bundle(copy).detector()
+    assert isinstance(again.components_[0], PathOutputKNNDetector)
+    np.testing.assert_array_equal(again.decision_function(X_test), det.decision_function(X_test))

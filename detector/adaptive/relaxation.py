@@ -10,11 +10,11 @@ logit of the detector's score, so the attack descends it and compares it to ``th
   attack anneals ``tau`` from ``tau_start`` to ``tau_end`` (Tramer et al. 2020's smooth-approximation
   advice for non-differentiable components).
 - :class:`SoftPValues`: clean-only detectors and their min-p / Fisher ensemble. The raw statistics
-  (Mahalanobis distance, mean distance to the k nearest clean paths, Bernoulli likelihood, softmax
-  margin) are written in torch; the p-value calibration is monotone, and above the 90% clean quantile
-  it is an exponential tail, which is linear in the raw score and continued linearly below. Where every
-  weighted component's tail starts under the threshold (the usual case: the threshold sits at the 95%
-  quantile), the relaxation flags exactly the rows the detector flags.
+  (Mahalanobis distance, mean distance to the k nearest clean paths or joint path-and-output rows,
+  Bernoulli likelihood, softmax margin) are written in torch; the p-value calibration is monotone, and
+  above the 90% clean quantile it is an exponential tail, which is linear in the raw score and continued
+  linearly below. Where every weighted component's tail starts under the threshold (the usual case: the
+  threshold sits at the 95% quantile), the relaxation flags exactly the rows the detector flags.
 
 :func:`relax` returns the relaxation of a detector or ``None`` when it has none (e.g. the layer-consistency
 component, whose score counts neighbour votes); the attack then falls back to a surrogate fitted on its
@@ -29,7 +29,9 @@ from torch import Tensor
 
 from ..detectors import FeatureDetector, PathEnsembleDetector
 from ..detectors.clean import CleanDetector, LowMarginDetector, NullDistribution, PathLikelihoodDetector
+from ..detectors.joint import MARGIN_FLOOR, PathOutputKNNDetector
 from ..detectors.scorers import TreeScorer
+from ..features import CONFIDENCE
 from .surrogate import _CLIP, DetectorSurrogate, _logit
 
 
@@ -148,7 +150,7 @@ class _SoftComponent(torch.nn.Module):
         self.register_buffer("cols", torch.as_tensor(det.columns_))
         self.register_buffer("logit_cols", torch.as_tensor(det.logit_columns_))
         f64 = {"dtype": torch.float64}
-        if isinstance(det, PathLikelihoodDetector):
+        if isinstance(det, PathLikelihoodDetector | PathOutputKNNDetector):
             for name in det._STATE:  # the kNN reference stays float32, as the detector computes its distances
                 value = np.asarray(getattr(det, name + "_"))
                 self.register_buffer(name, torch.as_tensor(value, **({} if name.startswith("reference") else f64)))
@@ -160,6 +162,11 @@ class _SoftComponent(torch.nn.Module):
         if isinstance(det, LowMarginDetector):
             top2 = x.softmax(1).topk(2, dim=1).values
             return -(top2[:, 0] - top2[:, 1])
+        if isinstance(det, PathOutputKNNDetector):
+            G = int(det.layer_sizes_.sum())
+            margin = x[:, G + CONFIDENCE.index("margin")].clamp_min(MARGIN_FLOOR).log()
+            z = torch.cat([x[:, :G], x[:, G + len(CONFIDENCE) :], margin[:, None]], 1)
+            return self._knn((z - self.center) / self.spread, pred, det.k, det.local)
         if det.logit:
             p = x.clamp(_CLIP, 1 - _CLIP)
             x = torch.log(p) - torch.log1p(-p)
@@ -170,17 +177,25 @@ class _SoftComponent(torch.nn.Module):
         if det.density == "gaussian":
             d = x - self.means[pred]
             return torch.einsum("ij,jk,ik->i", d, self.precision, d)
+        return self._knn(x, pred, det.k)
+
+    def _knn(self, x: Tensor, pred: Tensor, k: int, local: float = 0.0) -> Tensor:
+        """Mean distance to the ``k`` nearest reference rows of the predicted class (over the neighbours' mean
+        radius to the power ``local``): :func:`~detector.detectors.clean.knn_distance` in torch."""
         out = x.new_empty(len(x))
         xf, ref_cls = x.float(), self.reference_class
         for c in pred.unique():
-            rows, ref = pred == c, self.reference[ref_cls == c]
+            rows, members = pred == c, (ref_cls == c).nonzero()[:, 0]
+            ref = self.reference[members]
             if len(ref) == 0:
                 out = out.index_put((rows.nonzero()[:, 0],), x.new_full((int(rows.sum()),), float("inf")))
                 continue
-            k = min(det.k, len(ref))
             d2 = (xf[rows] ** 2).sum(1, keepdim=True) - 2 * xf[rows] @ ref.T + (ref**2).sum(1)[None, :]
-            nearest = d2.topk(k, dim=1, largest=False).values.clamp_min(1e-12).sqrt().mean(1)
-            out = out.index_put((rows.nonzero()[:, 0],), nearest.double())
+            near = d2.topk(min(k, len(ref)), dim=1, largest=False)
+            dist = near.values.clamp_min(1e-12).sqrt().mean(1).double()
+            if local > 0:
+                dist = dist / self.radius[members][near.indices].mean(1) ** local
+            out = out.index_put((rows.nonzero()[:, 0],), dist)
         return out
 
     def neg_log_p(self, X: Tensor) -> Tensor:
@@ -189,7 +204,7 @@ class _SoftComponent(torch.nn.Module):
 
 
 def supported(det: CleanDetector) -> bool:
-    return isinstance(det, LowMarginDetector) or isinstance(det, PathLikelihoodDetector)
+    return isinstance(det, LowMarginDetector | PathLikelihoodDetector | PathOutputKNNDetector)
 
 
 class SoftPValues(DetectorSurrogate):

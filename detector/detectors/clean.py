@@ -176,6 +176,61 @@ class CleanDetector(FeatureDetector):
         return det
 
 
+def per_class_subset(pred: np.ndarray, size: int, n_classes: int, seed: int) -> np.ndarray:
+    """Indices of at most ``size`` rows of each predicted class (a seeded random subset): a kNN reference set."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(np.flatnonzero(pred == c))[:size] for c in range(n_classes)])
+
+
+def knn_distance(
+    X: np.ndarray,
+    pred: np.ndarray,
+    reference: np.ndarray,
+    reference_class: np.ndarray,
+    k: int,
+    radius: np.ndarray | None = None,
+    local: float = 0.0,
+) -> np.ndarray:
+    """Mean Euclidean distance of each row of X to its ``k`` nearest ``reference`` rows of its predicted class
+    (inf where that class has no reference row); with ``radius`` (one per reference row) and ``local`` > 0,
+    divided by the neighbours' mean radius to the power ``local`` (1: a local-outlier-factor ratio)."""
+    out = np.empty(len(X))
+    Xf = X.astype(np.float32)
+    for c in np.unique(pred):
+        rows, members = pred == c, np.flatnonzero(reference_class == c)
+        if len(members) == 0:
+            out[rows] = np.inf
+            continue
+        ref = reference[members]
+        d2 = (Xf[rows] ** 2).sum(1)[:, None] - 2 * Xf[rows] @ ref.T + (ref**2).sum(1)[None, :]
+        kk = min(k, len(ref))
+        nn = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+        dist = np.sqrt(np.clip(np.take_along_axis(d2, nn, axis=1), 0, None)).mean(1)
+        if radius is not None and local > 0:
+            dist = dist / radius[members][nn].mean(1) ** local
+        out[rows] = dist
+    return out
+
+
+def reference_radius(reference: np.ndarray, reference_class: np.ndarray, k: int) -> np.ndarray:
+    """Per reference row, the mean distance to its ``k`` nearest *other* reference rows of its class (how sparse
+    the clean paths are around it; 1 for a class with a single row)."""
+    radius = np.ones(len(reference), dtype=np.float32)
+    for c in np.unique(reference_class):
+        members = np.flatnonzero(reference_class == c)
+        if len(members) < 2:
+            continue
+        ref = reference[members].astype(np.float32)
+        sq = (ref**2).sum(1)
+        for s in range(0, len(ref), 1000):
+            d2 = sq[s : s + 1000, None] - 2 * ref[s : s + 1000] @ ref.T + sq[None, :]
+            d2[np.arange(len(d2)), np.arange(s, s + len(d2))] = np.inf
+            kk = min(k, len(ref) - 1)
+            near = np.sqrt(np.clip(np.partition(d2, kk - 1, axis=1)[:, :kk], 0, None)).mean(1)
+            radius[members[s : s + 1000]] = np.maximum(near, 1e-6)
+    return radius
+
+
 DENSITIES = ("bernoulli", "gaussian", "knn")
 
 
@@ -267,8 +322,7 @@ class PathLikelihoodDetector(CleanDetector):
             cov = LedoitWolf().fit(X - means[pred]).covariance_
             self.means_, self.precision_ = means, np.linalg.pinv(cov)
         else:
-            rng = np.random.default_rng(self.random_state)
-            keep = np.concatenate([rng.permutation(np.flatnonzero(pred == c))[: self.max_reference] for c in range(K)])
+            keep = per_class_subset(pred, self.max_reference, K, self.random_state)
             self.reference_, self.reference_class_ = _half(X[keep]), pred[keep].astype(np.int64)
 
     def _raw(self, X: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -279,17 +333,7 @@ class PathLikelihoodDetector(CleanDetector):
         if self.density == "gaussian":
             d = X - self.means_[pred]
             return np.einsum("ij,jk,ik->i", d, self.precision_, d)
-        out = np.empty(len(X))
-        Xf = X.astype(np.float32)
-        for c in np.unique(pred):
-            rows, ref = pred == c, self.reference_[self.reference_class_ == c]
-            if len(ref) == 0:
-                out[rows] = np.inf
-                continue
-            d2 = (Xf[rows] ** 2).sum(1)[:, None] - 2 * Xf[rows] @ ref.T + (ref**2).sum(1)[None, :]
-            k = min(self.k, len(ref))
-            out[rows] = np.sqrt(np.clip(np.partition(d2, k - 1, axis=1)[:, :k], 0, None)).mean(1)
-        return out
+        return knn_distance(X, pred, self.reference_, self.reference_class_, self.k)
 
 
 LAYER_METHODS = ("logreg", "knn")

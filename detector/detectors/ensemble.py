@@ -35,6 +35,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .base import FeatureDetector, threshold_at_fpr
 from .clean import LayerConsistencyDetector, LowMarginDetector, PathLikelihoodDetector
+from .joint import PathOutputKNNDetector
 from .registry import DetectorEntry, register_detector
 from .selection import ValidationRows, auroc, choose_reference, choose_weights
 from .supervised import SupervisedComponent
@@ -46,18 +47,27 @@ COMPONENTS = {
     "layer": lambda seed: LayerConsistencyDetector(random_state=seed),
     "summary": lambda seed: PathLikelihoodDetector("gaussian", feature_groups=SUMMARY, random_state=seed),
     "margin": lambda seed: LowMarginDetector(random_state=seed),
+    "joint": lambda seed: PathOutputKNNDetector(random_state=seed),
     "gb": lambda seed: SupervisedComponent("gb", random_state=seed),
 }
 SUPERVISED = ("gb",)
-# The shipped combination's candidates: the three clean-only scores the clean-only selection kept (layer and
-# bernoulli got weight 0 on validation) and the supervised path score.
-DEFAULT_COMPONENTS = ("knn", "summary", "margin", "gb")
+# The shipped combination's candidates: the clean-only scores that earned a weight on validation (layer and
+# bernoulli got weight 0; joint, the best single clean-only score there, python -m bench.clean_validation) and the
+# supervised path score.
+DEFAULT_COMPONENTS = ("joint", "knn", "summary", "margin", "gb")
 # Candidate kNN reference sizes (clean paths per class) for the shipped detector, chosen on validation rows.
 KNN_REFERENCE_GRID = (100, 250, 500, 1000, 2000)
 COMBINE = ("fisher", "max")
 SUMMARY = ("density", "proto", "confidence", "logits")
 ESTIMATORS = {
-    c.__name__: c for c in (PathLikelihoodDetector, LayerConsistencyDetector, LowMarginDetector, SupervisedComponent)
+    c.__name__: c
+    for c in (
+        PathLikelihoodDetector,
+        LayerConsistencyDetector,
+        LowMarginDetector,
+        PathOutputKNNDetector,
+        SupervisedComponent,
+    )
 }
 
 
@@ -429,6 +439,12 @@ _clean(
     "clean-only: low softmax margin (top-1 minus top-2 probability), one-sided; not a path score",
 )
 _clean(
+    "clean-joint",
+    lambda fpr, seed: COMPONENTS["joint"](seed).set_params(target_fpr=fpr),
+    "clean-only: mean distance to the 5 nearest clean rows of the predicted class in (soft path, logits, log softmax "
+    "margin), every column standardised, blocks weighted 1 : 1 : 0.3",
+)
+_clean(
     "clean-ensemble",
     lambda fpr, seed: PathEnsembleDetector(
         components=("knn", "summary", "margin"), weights=(1.0, 1.0, 1.0), target_fpr=fpr, random_state=seed
@@ -452,18 +468,18 @@ register_detector(
         "path-ensemble",
         "path",
         lambda fpr, seed: shipped_ensemble(fpr, seed),
-        "the shipped recipe: min-p combination with weights >= 0 of the knn, summary and margin clean-only p-values "
-        "and a gradient-boosted path score (fitted on clean + noisy clean vs adversarial fitting rows); weights by "
-        "worst leave-one-family-out AUROC and the kNN reference size on the validation fitting images",
+        "the shipped recipe: min-p combination with weights >= 0 of the joint, knn, summary and margin clean-only "
+        "p-values and a gradient-boosted path score (fitted on clean + noisy clean vs adversarial fitting rows); "
+        "weights by worst leave-one-family-out AUROC and the kNN reference size on the validation fitting images",
         noisy_negatives=True,
     )
 )
 _clean(
     "path-ensemble-clean",
     lambda fpr, seed: PathEnsembleDetector(
-        components=("knn", "summary", "margin", "layer", "bernoulli"), target_fpr=fpr, random_state=seed
+        components=("joint", "knn", "summary", "margin", "layer", "bernoulli"), target_fpr=fpr, random_state=seed
     ),
-    "min-p combination with weights >= 0 of the knn, summary, margin, layer and bernoulli clean-only p-values; "
+    "min-p combination with weights >= 0 of the joint, knn, summary, margin, layer and bernoulli clean-only p-values; "
     "weights chosen by worst per-family AUROC on the validation fitting images",
 )
 

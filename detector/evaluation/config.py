@@ -29,6 +29,7 @@ class EvalConfig:
         "clean-bernoulli",
         "clean-gaussian",
         "clean-knn",
+        "clean-joint",
         "clean-layer",
         "clean-summary",
         "clean-margin",
