@@ -23,7 +23,10 @@ AUROC on its fitting data (the reference picks it on a validation split) and fit
 The featurizer's cost therefore covers the whole grid: one forward pass and L backward passes, then (M - 1) L
 perturbed passes for M magnitudes and L layers; a deployed detector needs only its chosen magnitude. A
 perturbed pass is scored at one layer only, so it stops once that layer has run (only the penultimate
-layer's passes run the whole network): the scores are those of full passes, at less cost.
+layer's passes run the whole network): the scores are those of full passes, at less cost. ``pathguard
+evaluate`` featurizes the rows it only scores (calibration, evaluation) at the magnitudes its fits chose on
+the fitting rows (``transform(noise=...)``; the other columns NaN, never read), so the scoring cost it reports
+is that of those magnitudes, not of the whole grid.
 """
 
 from __future__ import annotations
