@@ -226,6 +226,43 @@ def test_mahalanobis_preprocessing_raises_the_score(features):
     assert (stepped.mean(0) > plain.mean(0)).all()  # one step up the gradient of every layer's score
 
 
+def test_mahalanobis_perturbed_passes_stop_at_their_layer_with_the_full_pass_scores(tiny, features):
+    """A perturbed input is scored at one layer from a pass that stops there: the score is bit-identical to the
+    full pass's, and the stopped pass never runs the layers after it."""
+    fz = features["mahalanobis"][0]
+    model, x = tiny[0], tiny[3][:12]
+    with torch.no_grad():
+        full = fz._scores(model.forward_path(x))
+        for j in range(len(fz.layer_index_) + 1):
+            torch.testing.assert_close(fz._score_at(x, j), full[j], rtol=0, atol=0)
+    ran = []
+    layers = [m for _, m in model.gated_layers()]
+    hooks = [m.register_forward_pre_hook(lambda *_, i=i: ran.append(i)) for i, m in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            fz._score_at(x, 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == list(range(fz.layer_index_[0] + 1))
+
+
+def test_mahalanobis_rows_featurized_at_the_chosen_magnitude_score_as_with_the_whole_grid(tiny, features):
+    """Rows a fitted detector only scores may be featurized at its chosen magnitude alone: those columns are
+    the whole grid's, the others NaN, and the detector's scores are the same."""
+    fz, X, y, groups = features["mahalanobis"]
+    det = MahalanobisDetector().fit(X, y, groups=groups)
+    clean = tiny[3][:10]
+    part, whole = fz.transform(clean, noise=[det.noise_]), fz.transform(clean)  # same batch: same float32 kernels
+    g = np.asarray(groups)
+    computed = (g == noise_group(det.noise_)) | (g == "noise=0")  # noise 0 comes with the gradient pass
+    np.testing.assert_array_equal(part[:, computed], whole[:, computed])
+    assert (~computed).any() and np.isnan(part[:, ~computed]).all()
+    np.testing.assert_array_equal(det.decision_function(part), det.decision_function(whole))
+    with pytest.raises(ValueError, match="grid"):
+        fz.transform(clean, noise=[0.123])
+
+
 def test_kd_is_higher_on_clean_images_than_on_noise_and_bu_is_a_variance(tiny, features):
     fz, X, y, _ = features["kdbu"]
     noise = torch.rand(48, *tiny[3].shape[1:], generator=torch.Generator().manual_seed(1))

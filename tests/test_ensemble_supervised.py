@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from detector.detectors import PathEnsembleDetector, detector_from_state
-from detector.detectors.selection import ValidationRows
+from detector.detectors.selection import ValidationRows, auroc
 from detector.detectors.supervised import SupervisedComponent
 
 LAYERS = [4, 4]
@@ -148,3 +148,36 @@ def test_knn_reference_size_is_chosen_on_validation_and_stored():
     assert knn.max_reference == choice["chosen"] and len(knn.reference_) <= 3 * choice["chosen"]
     tensors, info = est.to_state()
     assert info["params"]["knn_reference"] == choice["chosen"]
+
+
+def test_selection_auroc_is_roc_auc_score_with_ties():
+    """The weight selection's rank AUROC equals scikit-learn's (to rounding), ties counting one half."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for decimals in (0, 1, 3):  # coarse rounding makes many ties within and across the two sets
+        clean, adv = np.round(rng.normal(size=57), decimals), np.round(rng.normal(0.4, size=131), decimals)
+        expected = roc_auc_score(np.r_[np.zeros(57), np.ones(131)], np.r_[clean, adv])
+        assert auroc(clean, adv) == pytest.approx(expected, abs=1e-15)
+    assert auroc(np.zeros(4), np.zeros(3)) == 0.5 and auroc(np.r_[0.0, 1.0], np.r_[2.0]) == 1.0
+    for bad in ((np.zeros(0), np.ones(2)), (np.r_[0.0, np.nan], np.ones(2))):
+        with pytest.raises(ValueError):
+            auroc(*bad)
+
+
+def test_gradient_boosting_fits_on_one_thread_give_the_threaded_trees():
+    """Small gradient-boosting fits run on one OpenMP thread (detector.detectors.base): the trees are those
+    of a fit on several threads."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from threadpoolctl import threadpool_limits
+
+    from detector.detectors.path import PathDetector
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 12))
+    y = (X[:, 0] + 0.5 * X[:, 3] ** 2 + rng.normal(0, 0.5, 400) > 0.5).astype(float)
+    det = PathDetector(feature_groups=["soft"], classifier="gb", n_estimators=30).fit(X, y, groups=["soft"] * 12)
+    with threadpool_limits(limits=2, user_api="openmp"):
+        threaded = HistGradientBoostingClassifier(max_iter=30, learning_rate=0.1, early_stopping=False, random_state=0)
+        threaded.fit(X, y)
+    np.testing.assert_allclose(det.decision_function(X), threaded.predict_proba(X)[:, 1], rtol=1e-12, atol=0)

@@ -16,13 +16,20 @@ from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassif
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from sklearn.utils.validation import check_is_fitted, check_X_y
+from threadpoolctl import threadpool_limits
 
 from .scorers import IdentityScorer, LinearScorer, TreeScorer, export_scorer, scorer_from_state
 
 Scorer = LinearScorer | TreeScorer | IdentityScorer
 
 CLASSIFIERS = ("logreg", "rf", "gb", "identity")
+# Gradient boosting on fewer rows than this is fitted on one OpenMP thread. Its parallel regions are one tree
+# node each (microseconds at these sizes), so extra threads mostly wait at barriers: scikit-learn issue #30662
+# reports up to 15x slowdowns on small data, and on a 2-core machine whose cores are busy, one fit of ~4,800
+# rows x 487 columns took 35-53 s on two threads against 7-11 s on one. The trees are the same either way
+# (each histogram is summed by one thread whatever the count).
+SINGLE_THREAD_GB_ROWS = 50_000
 
 
 def threshold_at_fpr(clean_scores: np.ndarray, target_fpr: float) -> float:
@@ -125,7 +132,9 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"classifier='identity' needs exactly one feature, got {len(self.columns_)}")
             self.scorer_: Scorer = IdentityScorer()
         else:
-            self.scorer_ = export_scorer(self._make_classifier().fit(X[:, self.columns_], y))
+            threads = 1 if self.classifier == "gb" and len(X) < SINGLE_THREAD_GB_ROWS else None
+            with threadpool_limits(limits=threads, user_api="openmp"):
+                self.scorer_ = export_scorer(self._make_classifier().fit(X[:, self.columns_], y))
         self.calibrate(X[y == 0] if X_calibration is None else X_calibration)
         return self
 
@@ -137,14 +146,15 @@ class FeatureDetector(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """Adversarial score in [0, 1] for each row of X (n_samples, n_features_in_)."""
         check_is_fitted(self, "scorer_")
-        if isinstance(X, np.ndarray) and X.dtype == np.float64 and X.ndim == 2:
-            if not np.isfinite(X).all():  # the check check_array makes, without its overhead on the hot path
-                raise ValueError("X contains NaN or infinity")
-        else:
-            X = check_array(X, dtype=np.float64)
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, but this detector was fitted on {self.n_features_in_}")
-        return self.scorer_(X[:, self.columns_])
+        X = X[:, self.columns_]
+        if not np.isfinite(X).all():  # only the columns read must be finite (NaN marks a column not computed)
+            raise ValueError("X contains NaN or infinity in the columns this detector reads")
+        return self.scorer_(X)
 
     def predict(self, X) -> np.ndarray:
         """1 where the score exceeds the calibrated threshold, else 0."""

@@ -20,8 +20,13 @@ Noise magnitude: the featurizer emits one block of per-layer scores for each mag
 (the reference's [0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01] without 0.0014), group ``"noise=<eps>"``;
 :class:`MahalanobisDetector` picks the block whose logistic regression has the best cross-validated
 AUROC on its fitting data (the reference picks it on a validation split) and fits on that block.
-The featurizer's cost therefore covers the whole grid: 1 + (M - 1) L forward passes and L backward passes
-for M magnitudes and L layers; a deployed detector needs only its chosen magnitude.
+The featurizer's cost therefore covers the whole grid: one forward pass and L backward passes, then (M - 1) L
+perturbed passes for M magnitudes and L layers; a deployed detector needs only its chosen magnitude. A
+perturbed pass is scored at one layer only, so it stops once that layer has run (only the penultimate
+layer's passes run the whole network): the scores are those of full passes, at less cost. ``pathguard
+evaluate`` featurizes the rows it only scores (calibration, evaluation) at the magnitudes its fits chose on
+the fitting rows (``transform(noise=...)``; the other columns NaN, never read), so the scoring cost it reports
+is that of those magnitudes, not of the whole grid.
 """
 
 from __future__ import annotations
@@ -168,8 +173,8 @@ class MahalanobisFeaturizer:
             for f, m, p in zip(self._features(out), self.means_, self.precisions_, strict=True)
         ]
 
-    def _batch(self, x: Tensor) -> Tensor:
-        """(n, M * L) scores of one batch."""
+    def _batch(self, x: Tensor, noise: frozenset[float] | None = None) -> Tensor:
+        """(n, M * L) scores of one batch; the magnitudes not in ``noise`` (when given) are NaN."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             clean = self._scores(self.model.forward_path(x))
@@ -183,23 +188,63 @@ class MahalanobisFeaturizer:
             for eps in self.noise:
                 if eps == 0.0:
                     cols += [s.detach() for s in clean]
-                    continue
-                cols += [
-                    self._scores(self.model.forward_path(x.detach() - eps * step))[j] for j, step in enumerate(steps)
-                ]
+                elif noise is not None and eps not in noise:
+                    cols += [torch.full_like(s, float("nan")) for s in clean]
+                else:
+                    cols += [self._score_at(x.detach() - eps * step, j) for j, step in enumerate(steps)]
         return torch.stack(cols, dim=1)
 
-    def transform(self, images: Tensor) -> np.ndarray:
-        """(N, M * L) scores of ``images`` (N, C, H, W) in [0, 1], columns as :attr:`names`."""
+    def _score_at(self, x: Tensor, j: int) -> Tensor:
+        """Score ``j`` of ``x`` from a pass that stops once layer ``j``'s features exist: a perturbed input is
+        scored at one layer only, so the layers after it need not run (the penultimate needs the whole pass).
+        The stop changes nothing before it, so the score is the one a full pass gives."""
+        if j == len(self.layer_index_):
+            return self._scores(self.model.forward_path(x))[j]
+        path = _PathUpTo(self.layer_index_[j])
+        try:
+            self.model._forward(self.model.normalize(x), path)
+        except _LayerReached:
+            pass
+        else:  # pragma: no cover - the model records every gated layer it runs
+            raise RuntimeError(f"the forward pass never reached gated layer {self.layer_index_[j]}")
+        return mahalanobis_score(path[-1].pooled, self.means_[j], self.precisions_[j])
+
+    def transform(self, images: Tensor, noise: Sequence[float] | None = None) -> np.ndarray:
+        """(N, M * L) scores of ``images`` (N, C, H, W) in [0, 1], columns as :attr:`names`.
+
+        noise : None, or the magnitudes to compute (the others' columns are NaN; noise 0 comes with the
+            gradient pass, always): rows that a fitted detector only scores need its chosen magnitude alone.
+        """
         if not hasattr(self, "means_"):
             raise NotFittedError("MahalanobisFeaturizer.transform called before fit")
+        wanted = None if noise is None else frozenset(float(e) for e in noise)
+        if wanted is not None and not wanted <= set(self.noise):
+            raise ValueError(f"noise={sorted(wanted)} must be magnitudes of the featurizer's grid {list(self.noise)}")
         self.model.eval()
         device = next(self.model.parameters()).device
         blocks = [
-            self._batch(images[s : s + self.batch_size].to(device)).cpu()
+            self._batch(images[s : s + self.batch_size].to(device), wanted).cpu()
             for s in range(0, len(images), self.batch_size)
         ]
         return torch.cat(blocks).numpy() if blocks else np.zeros((0, len(self.names)))
+
+
+class _LayerReached(Exception):
+    """Raised by :class:`_PathUpTo` to end a forward pass early."""
+
+
+class _PathUpTo(list):
+    """A path list (what ``DecoupledNet._forward`` records gated layers into) that ends the pass by raising
+    :class:`_LayerReached` once gated layer ``last`` (0-based) has been recorded."""
+
+    def __init__(self, last: int) -> None:
+        super().__init__()
+        self.last = last
+
+    def append(self, layer) -> None:
+        super().append(layer)
+        if len(self) > self.last:
+            raise _LayerReached
 
 
 def _noise_of(group: str) -> float | None:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 @dataclass
@@ -88,7 +87,24 @@ class ValidationRows:
 
 
 def auroc(clean: np.ndarray, adversarial: np.ndarray) -> float:
-    return float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial]))
+    """AUROC of adversarial against clean scores (ties count one half): the Mann-Whitney statistic, computed
+    exactly from integer mid-ranks. It is the value ``roc_auc_score`` gives (up to its rounding), without its
+    input checks, which cost ~100x the sort at validation sizes: the weight selection takes thousands."""
+    c = np.asarray(clean, dtype=np.float64).ravel()
+    a = np.asarray(adversarial, dtype=np.float64).ravel()
+    if not len(c) or not len(a):
+        raise ValueError(f"AUROC needs clean and adversarial scores, got {len(c)} and {len(a)}")
+    s = np.concatenate([c, a])
+    if not np.isfinite(s).all():
+        raise ValueError("AUROC of scores with NaN or infinity")
+    order = np.argsort(s, kind="stable")
+    v = s[order]
+    starts = np.r_[0, np.flatnonzero(v[1:] != v[:-1]) + 1]
+    ends = np.r_[starts[1:], len(v)]
+    twice_rank = np.empty(len(s), dtype=np.int64)  # 2 x the mid-rank (1-based) of each score, an integer
+    twice_rank[order] = np.repeat(starts + ends + 1, ends - starts)
+    twice_u = int(twice_rank[len(c) :].sum()) - len(a) * (len(a) + 1)
+    return twice_u / (2 * len(c) * len(a))
 
 
 def choose_weights(

@@ -96,31 +96,44 @@ def featurize(
     noisy: bool = False,
     seed: int = 0,
     model=None,
+    scoring=None,
 ) -> FeatureSets:
     """Features of every image set; ``reference`` adds the reference images (for clean-only detectors),
     ``noisy`` the noisy twins of the fitting images per attack (:func:`design.noisy_like`); with ``model``, the
-    featurizing cost is timed beside its plain forward pass (:func:`paired_cost`)."""
+    featurizing cost is timed beside its plain forward pass (:func:`paired_cost`). ``scoring``: optional
+    callable, given the fitting rows' features (fit_clean, fit_adv, fit_noisy), returning the featurizer for the
+    rows that are only scored (calibration, evaluation), e.g. one computing only the columns the fits read."""
     n_fit = len(sets.fit.indices)
+    fit_clean, fit_adv, fit_noisy, scorer = None, None, None, featurizer
+    if scoring is not None:  # the fitting rows first, to know what the scored rows need
+        fit_clean = featurizer.transform(sets.fit.images)
+        fit_adv = {label: featurizer.transform(a[:n_fit]) for label, a in adv.items()}
+        fit_noisy = {
+            label: featurizer.transform(noisy_like(sets.fit.images, a[:n_fit], seed))
+            for label, a in (adv.items() if noisy else ())
+        }
+        scorer = scoring(fit_clean, fit_adv, fit_noisy)
     t0 = time.perf_counter()
-    eval_clean = featurizer.transform(sets.eval.images)
+    eval_clean = scorer.transform(sets.eval.images)
     cold = time.perf_counter() - t0
-    fit_adv, eval_adv, fit_noisy = {}, {}, {}
-    for label, a in adv.items():
-        fit_adv[label] = featurizer.transform(a[:n_fit])
-        eval_adv[label] = featurizer.transform(a[n_fit:])
-        if noisy:
-            fit_noisy[label] = featurizer.transform(noisy_like(sets.fit.images, a[:n_fit], seed))
-    per_image, forward_per_image = paired_cost(featurizer, model, sets.eval.images, cold)
+    late_adv, late_noisy, eval_adv = {}, {}, {}
+    for label, a in adv.items():  # in this order: a featurizer may draw randomness as it goes
+        if fit_adv is None:
+            late_adv[label] = featurizer.transform(a[:n_fit])
+        eval_adv[label] = scorer.transform(a[n_fit:])
+        if noisy and fit_noisy is None:
+            late_noisy[label] = featurizer.transform(noisy_like(sets.fit.images, a[:n_fit], seed))
+    per_image, forward_per_image = paired_cost(scorer, model, sets.eval.images, cold)
     return FeatureSets(
-        featurizer.transform(sets.calibration.images),
-        featurizer.transform(sets.fit.images),
+        scorer.transform(sets.calibration.images),
+        featurizer.transform(sets.fit.images) if fit_clean is None else fit_clean,
         eval_clean,
-        fit_adv,
+        late_adv if fit_adv is None else fit_adv,
         eval_adv,
         list(featurizer.groups),
         per_image,
         featurizer.transform(sets.reference.images) if reference else None,
-        fit_noisy,
+        late_noisy if fit_noisy is None else fit_noisy,
         list(getattr(featurizer, "names", []) or featurizer.groups),
         forward_seconds_per_image=forward_per_image,
     )
@@ -256,6 +269,13 @@ def analyze(
     features: dict[str, FeatureSets] = {}
     stages: dict[str, float] = {}  # wall seconds of each step, for the report's timing
     featurizer_fit_s: dict[str, float] = {}
+    layer_sizes = list(protos.layer_sizes) if protos is not None else list(model.gate_sizes)
+    fit_kw = {
+        "families": families,
+        "layer_sizes": layer_sizes,
+        "clean_set": sets.fit.name,
+        "reference_set": sets.reference.name,
+    }
     # Featurizer "a+b" is the concatenation of "a" and "b" (registry convention): built from theirs when both
     # are computed anyway (the Mahalanobis part alone costs minutes on 1000s of images).
     for key in sorted(needed, key=lambda k: ("+" in k, k)):
@@ -269,18 +289,21 @@ def analyze(
         fz = FEATURIZERS[key](ctx).fit(sets.reference.images, sets.reference.labels)
         featurizer_fit_s[key] = time.perf_counter() - t0
         log.info("featurizing with %s", key)
+        consumers = [e for e in entries.values() if e.featurizer == key]
+        shared = any(key in k.split("+") for k in needed if "+" in k)
+        scoring = None if shared else _chosen_magnitudes(fz, consumers, cfg, outcomes, plans, fit_kw)
         features[key] = featurize(
-            fz, sets, adv, reference=key in clean_feats, noisy=key in noisy_feats, seed=cfg.seed, model=model
+            fz,
+            sets,
+            adv,
+            reference=key in clean_feats,
+            noisy=key in noisy_feats,
+            seed=cfg.seed,
+            model=model,
+            scoring=scoring,
         )
         stages[f"featurize {key}"] = time.perf_counter() - t0
 
-    layer_sizes = list(protos.layer_sizes) if protos is not None else list(model.gate_sizes)
-    fit_kw = {
-        "families": families,
-        "layer_sizes": layer_sizes,
-        "clean_set": sets.fit.name,
-        "reference_set": sets.reference.name,
-    }
     results, plot_scores, detectors, loo, lofo, timing = {}, {}, {}, {}, {}, {}
     caches: dict[str, dict] = {}  # per detector: supervised parts fitted on identical rows, reused by held-out fits
     for name in cfg.detectors:
@@ -369,6 +392,54 @@ def analyze(
         "timing": {"forward_seconds_per_image": forward_s, "detectors": timing, "stages": stages},
     }
     return report, plot_scores
+
+
+class _Magnitudes:
+    """A Mahalanobis featurizer that computes only the noise magnitudes ``noise`` (the other columns NaN)."""
+
+    def __init__(self, featurizer, noise: list[float]) -> None:
+        self.featurizer, self.noise = featurizer, noise
+
+    @property
+    def groups(self) -> list[str]:
+        return self.featurizer.groups
+
+    def transform(self, images: Tensor) -> np.ndarray:
+        return self.featurizer.transform(images, noise=self.noise)
+
+
+def _chosen_magnitudes(featurizer, consumers, cfg: EvalConfig, outcomes, plans, fit_kw):
+    """For a Mahalanobis featurizer whose every consumer is a :class:`MahalanobisDetector`: a ``scoring``
+    callback for :func:`featurize` that chooses each fit's noise magnitude on the fitting rows (the main fit and
+    every held-out fit, as they will choose it: on the same rows by the same rule) and featurizes the rows that
+    are only scored (calibration, evaluation) at those magnitudes alone; None otherwise."""
+    from ..detectors.mahalanobis import MahalanobisDetector, MahalanobisFeaturizer
+
+    made = [e.make(cfg.target_fpr, cfg.seed) for e in consumers]
+    if not isinstance(featurizer, MahalanobisFeaturizer) or not made:
+        return None
+    if not all(isinstance(est, MahalanobisDetector) for est in made):
+        return None
+    fitted_on = [list(fit_kw["families"])]
+    fitted_on += list(plans["attack"].values()) if cfg.leave_one_out else []
+    fitted_on += list(plans["family"].values()) if cfg.leave_one_family_out else []
+
+    def scoring(fit_clean, fit_adv, fit_noisy):
+        # the fitting rows stand in for the calibration rows: these fits are kept for their choice only
+        part = FeatureSets(fit_clean, fit_clean, fit_clean[:0], fit_adv, {}, list(featurizer.groups), 0.0)
+        chosen = set()
+        for entry in consumers:
+            feats = replace(part, fit_noisy=fit_noisy if entry.noisy_negatives else {})
+            for attacks in fitted_on:
+                try:
+                    est, _ = fit_estimator(entry.make(cfg.target_fpr, cfg.seed), feats, outcomes, attacks, **fit_kw)
+                except NoAdversarialExamples:
+                    continue
+                chosen.add(float(est.noise_))
+        log.info("Mahalanobis magnitudes the fits choose: %s; scored rows get only those", sorted(chosen))
+        return _Magnitudes(featurizer, sorted(chosen))
+
+    return scoring
 
 
 def _features_for(entry, features: dict[str, FeatureSets]) -> FeatureSets:
