@@ -70,7 +70,8 @@ reports-training: $(STAMP) data
 	    --evaluation reports/training/eval-*/report.json --detector path-gb --out reports/training
 
 reports-evaluation: $(STAMP) data
-	$(BIN)/pathguard evaluate --bundle $(BUNDLE) --out reports/evaluation --cache-dir cache/attacks --quiet
+	$(BIN)/pathguard evaluate --bundle $(BUNDLE) --out reports/evaluation --cache-dir cache/attacks --threads 1 --quiet
+	$(BIN)/python -m bench.detector_cost --bundle $(BUNDLE) --threads 1 --json reports/evaluation/detector_cost.json
 	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/clean_validation.json > /dev/null
 
@@ -97,9 +98,13 @@ reports-service: $(STAMP) data
 	$(BIN)/python -m bench.service_table
 
 reports-adaptive: $(STAMP) data
-	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --n 100 --out reports/adaptive --cache-dir cache/attacks --quiet
+	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --n 100 --out reports/adaptive --cache-dir cache/attacks --threads 1 --quiet
 	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --out reports/adaptive/query --query-only --query-budget 1000 \
-	    --query-n 500 --eps 0.03,0.05,0.1 --quiet
+	    --query-n 100 --eps 0.03,0.05,0.1 --threads 1 --quiet
+	$(BIN)/pathguard adaptive --bundle models/robust --n 100 --out reports/adaptive/robust --cache-dir cache/attacks \
+	    --threads 1 --quiet
+	$(BIN)/pathguard adaptive --bundle models/robust --out reports/adaptive/robust/query --query-only \
+	    --query-budget 1000 --query-n 100 --eps 0.03,0.05,0.1 --threads 1 --quiet
 
 # Reformats the tree with ruff's formatter ([tool.ruff.format]); `make test` and `make lint` check it.
 format: $(STAMP)
