@@ -99,6 +99,8 @@ reports-service: $(STAMP) data
 
 reports-adaptive: $(STAMP) data
 	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --n 100 --out reports/adaptive --cache-dir cache/attacks --threads 1 --quiet
+	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --n 500 --out reports/adaptive/n500 --cache-dir cache/attacks \
+	    --threads 1 --quiet
 	$(BIN)/pathguard adaptive --bundle $(BUNDLE) --out reports/adaptive/query --query-only --query-budget 1000 \
 	    --query-n 100 --eps 0.03,0.05,0.1 --threads 1 --quiet
 	$(BIN)/pathguard adaptive --bundle models/robust --n 100 --out reports/adaptive/robust --cache-dir cache/attacks \
