@@ -7,8 +7,9 @@ truncated, bit-flipped, other formats, header and zlib decompression bombs, text
 and mutated protobuf bytes, and sometimes a message over the size limit. An independent **reference
 oracle** (this file, not the service's codec) says what each case deserves: OK (then the answer is
 checked: one result per image, scores in [0, 1]), INVALID_ARGUMENT, NOT_FOUND (a KServe call naming
-another model), RESOURCE_EXHAUSTED (over the message limit), or "OK or INVALID_ARGUMENT" where only the
-decoder can tell (a mutated file). Any other code, or a different one, is a violation.
+another model), RESOURCE_EXHAUSTED (over the message limit: the receive limit the server derives from the
+model, computed here the same way; any larger message, or a stream holding one, may get only that), or
+"OK or INVALID_ARGUMENT" where only the decoder can tell (a mutated file). Any other code, or a different one, is a violation.
 
 Between cases the server must stay alive and SERVING; its resident memory is read at the start and the end.
 
@@ -47,6 +48,8 @@ from PIL import Image
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.pathguard.v1 import pathguard_pb2 as pb
 
+from service.config import ServeConfig
+
 from .helpers import CHANNEL_OPTIONS, ServerProcess, rss_bytes
 
 log = logging.getLogger("fuzz")
@@ -82,7 +85,7 @@ class Model:
     version: str
     input_shape: tuple[int, int, int]
     max_images: int = 64
-    max_message_bytes: int = 16 << 20
+    max_message_bytes: int = 16 << 20  # the server's receive limit: describe_model derives it as the server does
 
 
 @dataclass
@@ -602,6 +605,7 @@ class Runner:
 
     channel: grpc.Channel = field(repr=False)
     timeout: float = 60.0
+    limit: int | None = None  # the server's receive limit: a larger message may only get RESOURCE_EXHAUSTED
     codes: Counter = field(default_factory=Counter, repr=False)  # "Method:CODE" -> calls
     cases: int = 0
 
@@ -623,17 +627,23 @@ class Runner:
         except grpc.RpcError as exc:
             response, code, details = None, exc.code().name, exc.details() or ""
         self.codes[f"{case.method.rsplit('/', 1)[1]}:{code}"] += 1
-        if code not in case.allowed:
-            raise Violation(f"{case.describe()}: got {code} ({details[:300]}), expected {sorted(case.allowed)}")
+        allowed = {EXHAUSTED} if self._oversized(case.payload) else case.allowed
+        if code not in allowed:
+            raise Violation(f"{case.describe()}: got {code} ({details[:300]}), expected {sorted(allowed)}")
         if response is not None:
             _check_answer(case.method, response, case.images)
         return code
+
+    def _oversized(self, message: bytes) -> bool:
+        return self.limit is not None and len(message) > self.limit
 
     def _run_stream(self, case: Case) -> str:
         try:
             responses = list(self._stream(iter(case.payload), timeout=self.timeout))
         except grpc.RpcError as exc:
             self.codes[f"ScreenStream:{exc.code().name}"] += 1
+            if exc.code().name == EXHAUSTED and any(map(self._oversized, case.payload)):
+                return EXHAUSTED  # gRPC ends the whole stream at a message over the receive limit
             raise Violation(f"{case.describe()}: the stream failed with {exc.code().name}: {exc.details()}") from None
         if len(responses) != len(case.payload):
             raise Violation(f"{case.describe()}: {len(responses)} responses for {len(case.payload)} requests")
@@ -650,10 +660,16 @@ class Runner:
         return OK
 
 
-def describe_model(channel: grpc.Channel, timeout: float = 30.0) -> Model:
+def describe_model(channel: grpc.Channel, timeout: float = 30.0, max_message_mb: int = 0) -> Model:
+    """The served model, with the receive limit a server started with ``--max-message-mb max_message_mb`` (0: not
+    set, the limit derived from the model) has."""
     call = channel.unary_unary(DESCRIBE, request_serializer=None, response_deserializer=pb.ModelDescription.FromString)
     d = call(b"", timeout=timeout)
-    return Model(name=d.name, version=d.version, input_shape=tuple(d.input_shape), max_images=d.max_images_per_request)
+    shape = tuple(d.input_shape)
+    limit = ServeConfig(max_images_per_request=d.max_images_per_request, max_message_mb=max_message_mb).receive_limit(
+        shape
+    )
+    return Model(d.name, d.version, shape, max_images=d.max_images_per_request, max_message_bytes=limit)
 
 
 def serving(channel: grpc.Channel) -> bool:
@@ -679,7 +695,7 @@ def fuzz(
 ) -> dict:
     """Run ``cases`` generated cases (no shrinking); return codes seen, violations, liveness and (with ``memory``,
     the server's resident bytes) memory every ``check_every`` cases."""
-    runner = Runner(channel)
+    runner = Runner(channel, limit=model.max_message_bytes)
     violations: list[str] = []
     dead_at: list[int] = []
     rss: list[tuple[int, float]] = []
@@ -731,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cases", type=int, default=10_000)
     p.add_argument("--seed", type=int, help="hypothesis seed (default: derandomized, the same cases every run)")
-    p.add_argument("--no-oversize", action="store_true", help="skip messages over the 16 MiB limit")
+    p.add_argument("--no-oversize", action="store_true", help="skip messages over the server's receive limit")
+    p.add_argument("--max-message-mb", type=int, default=0, help="the --max-message-mb the --target server runs with")
     p.add_argument("--json", help="write the report here (it is also printed)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -740,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     pid = server.pid if server else args.server_pid
     try:
         with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-            model = describe_model(channel)
+            model = describe_model(channel, max_message_mb=args.max_message_mb)
             rss_start, start = rss_bytes(pid) if pid else None, time.monotonic()
             report = fuzz(
                 channel,

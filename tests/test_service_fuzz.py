@@ -44,13 +44,13 @@ def channel(server):
 
 
 @pytest.fixture(scope="module")
-def runner(channel) -> fuzz.Runner:
-    return fuzz.Runner(channel)
+def model(channel) -> fuzz.Model:
+    return fuzz.describe_model(channel)
 
 
 @pytest.fixture(scope="module")
-def model(channel) -> fuzz.Model:
-    return fuzz.describe_model(channel)
+def runner(channel, model) -> fuzz.Runner:
+    return fuzz.Runner(channel, limit=model.max_message_bytes)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the in-process server's PIL warns
@@ -134,3 +134,21 @@ def test_an_echoed_value_never_changes_the_status_code(channel, request_, code):
         kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request_, timeout=10)
     assert info.value.code() == code, info.value.details()[:200]
     assert len(info.value.details().encode()) <= MAX_MESSAGE_BYTES
+
+
+def test_the_oracle_knows_the_servers_receive_limit(server, channel, model):
+    """A valid-looking request just over the limit the server derives from the model gets RESOURCE_EXHAUSTED, and
+    the oracle expects exactly that (it once assumed 16 MiB and called the refusal a violation); one under the
+    limit is judged on its content."""
+    limit = server.server.config.receive_limit(model.input_shape)
+    assert model.max_message_bytes == limit
+    over = pb.ScreenRequest(encoded=pb.EncodedImages(images=[b"\x89PNG" + bytes(limit)])).SerializeToString()
+    case = fuzz.Case(fuzz.SCREEN, over, frozenset({fuzz.INVALID}), 0, "oversized file")
+    strict = fuzz.Runner(channel)  # no limit known: the refusal is a violation
+    with pytest.raises(fuzz.Violation, match="RESOURCE_EXHAUSTED"):
+        strict.run(case)
+    assert fuzz.Runner(channel, limit=limit).run(case) == fuzz.EXHAUSTED
+    stream = fuzz.Case(fuzz.STREAM, [over], [frozenset({fuzz.INVALID})], [0], "stream with an oversized file")
+    assert fuzz.Runner(channel, limit=limit).run(stream) == fuzz.EXHAUSTED
+    under = pb.ScreenRequest(encoded=pb.EncodedImages(images=[b"not an image"])).SerializeToString()
+    assert fuzz.Runner(channel, limit=limit).run(fuzz.Case(fuzz.SCREEN, under, frozenset({fuzz.INVALID}), 0, "bad"))
