@@ -9,7 +9,8 @@ oracle** (this file, not the service's codec) says what each case deserves: OK (
 checked: one result per image, scores in [0, 1]), INVALID_ARGUMENT, NOT_FOUND (a KServe call naming
 another model), RESOURCE_EXHAUSTED (over the message limit: the receive limit the server derives from the
 model, computed here the same way; any larger message, or a stream holding one, may get only that), or
-"OK or INVALID_ARGUMENT" where only the decoder can tell (a mutated file). Any other code, or a different one, is a violation.
+"OK or INVALID_ARGUMENT" where only the decoder can tell (a mutated file). Any other code, or a different
+one, is a violation.
 
 Between cases the server must stay alive and SERVING; its resident memory is read at the start and the end.
 
@@ -47,7 +48,6 @@ from PIL import Image
 
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.pathguard.v1 import pathguard_pb2 as pb
-
 from service.config import ServeConfig
 
 from .helpers import CHANNEL_OPTIONS, ServerProcess, rss_bytes
