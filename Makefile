@@ -72,6 +72,8 @@ reports-training: $(STAMP) data
 reports-evaluation: $(STAMP) data
 	$(BIN)/pathguard evaluate --bundle $(BUNDLE) --out reports/evaluation --cache-dir cache/attacks --threads 1 --quiet
 	$(BIN)/python -m bench.detector_cost --bundle $(BUNDLE) --threads 1 --json reports/evaluation/detector_cost.json
+	$(BIN)/pathguard evaluate --bundle models/robust --out reports/evaluation/robust --cache-dir cache/attacks --threads 2 \
+	    --quiet
 	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/clean_validation.json > /dev/null
 
