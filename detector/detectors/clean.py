@@ -182,6 +182,12 @@ def per_class_subset(pred: np.ndarray, size: int, n_classes: int, seed: int) -> 
     return np.concatenate([rng.permutation(np.flatnonzero(pred == c))[:size] for c in range(n_classes)])
 
 
+def squared_distances(X: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(len(X), len(reference)) squared Euclidean distances, by the expansion |x|^2 - 2 x.r + |r|^2 (one matrix
+    product; may dip slightly below 0 by rounding, so callers clip before a square root)."""
+    return (X**2).sum(1)[:, None] - 2 * X @ reference.T + (reference**2).sum(1)[None, :]
+
+
 def knn_distance(
     X: np.ndarray,
     pred: np.ndarray,
@@ -202,7 +208,7 @@ def knn_distance(
             out[rows] = np.inf
             continue
         ref = reference[members]
-        d2 = (Xf[rows] ** 2).sum(1)[:, None] - 2 * Xf[rows] @ ref.T + (ref**2).sum(1)[None, :]
+        d2 = squared_distances(Xf[rows], ref)
         kk = min(k, len(ref))
         nn = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
         dist = np.sqrt(np.clip(np.take_along_axis(d2, nn, axis=1), 0, None)).mean(1)
@@ -221,9 +227,8 @@ def reference_radius(reference: np.ndarray, reference_class: np.ndarray, k: int)
         if len(members) < 2:
             continue
         ref = reference[members].astype(np.float32)
-        sq = (ref**2).sum(1)
         for s in range(0, len(ref), 1000):
-            d2 = sq[s : s + 1000, None] - 2 * ref[s : s + 1000] @ ref.T + sq[None, :]
+            d2 = squared_distances(ref[s : s + 1000], ref)
             d2[np.arange(len(d2)), np.arange(s, s + len(d2))] = np.inf
             kk = min(k, len(ref) - 1)
             near = np.sqrt(np.clip(np.partition(d2, kk - 1, axis=1)[:, :kk], 0, None)).mean(1)
