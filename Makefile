@@ -57,7 +57,10 @@ lint: $(STAMP)
 # too, e.g. `make reports-evaluation`). The training runs behind the bundles are in docs/TRAINING.md; the
 # trade-off points are the committed bundles below. PEERS adds serve_cost's comparison servers, e.g.
 # PEERS='--mlserver /tmp/mlserver-venv/bin/mlserver --kserve-python /tmp/kserve-venv/bin/python'.
-TRADEOFF := models/tradeoff/f0.5 models/default models/tradeoff/f0.1
+# Each point with its dense twin (the same start and as many epochs in all): the three 21-epoch points against
+# models/dense, the 31-epoch decoupling (10 fine-tuning epochs) against the 31-epoch twin.
+TRADEOFF := models/tradeoff/f0.5 models/default models/tradeoff/f0.1 models/tradeoff/f0.24-31ep
+TWINS := models/dense models/dense models/dense models/tradeoff/dense-31ep
 PEERS ?=
 reports: reports-training reports-evaluation reports-explain reports-accel reports-service reports-adaptive
 
@@ -66,7 +69,7 @@ reports-training: $(STAMP) data
 	    --out reports/training/eval-$$n --attacks fgsm,pgd,cw --detectors path,path-gb,clean-ensemble --n 300 --n-fit 300 \
 	    --ablation false --leave-one-out false --leave-one-family-out false --plots false --cache-dir cache/attacks \
 	    --quiet >/dev/null || exit 1; done
-	$(BIN)/pathguard training-report --bundles $(TRADEOFF) --dense models/dense \
+	$(BIN)/pathguard training-report --bundles $(TRADEOFF) --dense $(TWINS) \
 	    --evaluation reports/training/eval-*/report.json --detector path-gb --out reports/training
 
 reports-evaluation: $(STAMP) data

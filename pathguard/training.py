@@ -90,7 +90,12 @@ def _cmd_decouple(args: argparse.Namespace) -> int:
 @dataclass
 class ReportRun:
     bundles: tuple[str, ...] = opt((), "trained bundles, one point each", nargs="+", required=True)
-    dense: str | None = opt(None, "the dense twin: the accuracy the gap is measured against")
+    dense: tuple[str, ...] = opt(
+        (),
+        "the dense twin the gap is measured against: one for all bundles, or one per bundle in their order "
+        "(a twin trained as many epochs in all as that decoupled model)",
+        nargs="*",
+    )
     evaluation: tuple[str, ...] = opt(
         (), "evaluation report.json files (matched to bundles by model digest)", nargs="*"
     )
@@ -103,7 +108,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     run = config_from(ReportRun, args)
     report = tradeoff_report(
-        list(run.bundles), run.out, dense=run.dense, evaluations=list(run.evaluation), detector=run.detector
+        list(run.bundles),
+        run.out,
+        dense=list(run.dense) or None,
+        evaluations=list(run.evaluation),
+        detector=run.detector,
     )
     print((Path(run.out) / "tradeoff.md").read_text())
     return 0 if report["points"] else 1

@@ -1,6 +1,7 @@
 """The training recipe of issue 13: FLOPs target, decoupling a dense bundle, checkpoints and resume."""
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -217,7 +218,23 @@ def test_tradeoff_report_from_tiny_bundles(data, dense, tiny_bundle, tmp_path):
     assert "detection" not in by_name[tiny_bundle.name]
     assert [p["flops_ratio"] for p in rep["points"]] == sorted((p["flops_ratio"] for p in rep["points"]), reverse=True)
     md = (out / "tradeoff.md").read_text()
-    assert "| half |" in md and "(dense)" in md and "0.900" in md
+    assert "| half |" in md and "(dense twin)" in md and "0.900" in md
+    assert rep["dense"][0]["name"] == dense.name and by_name["half"]["dense_twin"] == dense.name
+    # one twin per bundle: each gap against its own twin, and both twins in the table
+    twin2 = tmp_path / "dense2"
+    shutil.copytree(dense, twin2)
+    t2 = json.loads((twin2 / "bundle.json").read_text())
+    t2["metrics"]["test"]["accuracy"] = 0.99
+    (twin2 / "bundle.json").write_text(json.dumps(t2))
+    paired = tradeoff_report([half, tiny_bundle], tmp_path / "paired", dense=[dense, twin2])
+    gaps = {p["name"]: (p["dense_twin"], p["gap_to_dense_points"]) for p in paired["points"]}
+    assert gaps["half"] == (dense.name, round(100 * (dense_acc - meta[half]["metrics"]["test"]["accuracy"]), 3))
+    tiny_acc = meta[tiny_bundle]["metrics"]["test"]["accuracy"]
+    assert gaps[tiny_bundle.name] == ("dense2", round(100 * (0.99 - tiny_acc), 3))
+    assert [d["name"] for d in paired["dense"]] == [dense.name, "dense2"]
+    assert "(vs dense2)" in (tmp_path / "paired" / "tradeoff.md").read_text()
+    with pytest.raises(ValueError, match="3 dense twins for 2 bundles"):
+        tradeoff_report([half, tiny_bundle], out, dense=[dense, twin2, dense])
     with pytest.raises(ValueError, match="reference must be the dense twin"):
         tradeoff_report([half], out, dense=tiny_bundle)
     (half / "model.safetensors").write_bytes((half / "model.safetensors").read_bytes()[:-8])

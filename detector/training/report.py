@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..bundle import BundleError, read_meta, verify_files
@@ -88,30 +89,37 @@ def tradeoff_report(
     bundles: list[str | Path],
     out_dir: str | Path,
     *,
-    dense: str | Path | None = None,
+    dense: str | Path | Sequence[str | Path] | None = None,
     evaluations: list[str | Path] = (),
     detector: str = "path",
 ) -> dict:
-    """Write ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` to ``out_dir``; return the JSON."""
+    """Write ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` to ``out_dir``; return the JSON.
+
+    ``dense`` is the dense twin every gap is measured against: one bundle for all, or one per bundle in
+    the order of ``bundles`` (a twin trained the same total number of epochs as each decoupled model).
+    """
     if not bundles:
         raise ValueError("bundles=[] : give at least one trained bundle")
+    twins = _twins(bundles, dense)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     detection = _detection(list(evaluations), detector)
-    dense_point = None
-    if dense is not None:
-        dpath, dmeta = _load(dense)
+    dense_points: dict[str, dict] = {}
+    for twin in dict.fromkeys(t for t in twins if t is not None):
+        dpath, dmeta = _load(twin)
         if dmeta["gated"]:
             raise ValueError(f"dense={str(dpath)!r} is a gated bundle; the reference must be the dense twin")
-        dense_point = _point(dpath, dmeta)
+        dense_points[str(twin)] = {**_point(dpath, dmeta), "arch": dmeta["arch"]}
     points = []
-    for b in bundles:
+    for b, twin in zip(bundles, twins):
         path, meta = _load(b)
         p = _point(path, meta)
-        if dense_point is not None:
-            if meta["arch"] != read_meta(dense)["arch"]:
-                raise ValueError(f"bundle {path} is {meta['arch']}, the dense twin {read_meta(dense)['arch']}")
-            p["gap_to_dense_points"] = round(100 * (dense_point["accuracy"] - p["accuracy"]), 3)
+        if twin is not None:
+            d = dense_points[str(twin)]
+            if meta["arch"] != d["arch"]:
+                raise ValueError(f"bundle {path} is {meta['arch']}, the dense twin {twin} is {d['arch']}")
+            p["dense_twin"] = d["name"]
+            p["gap_to_dense_points"] = round(100 * (d["accuracy"] - p["accuracy"]), 3)
         if p["model_sha256"] in detection:
             p["detection"] = detection[p["model_sha256"]]
         points.append(p)
@@ -121,7 +129,7 @@ def tradeoff_report(
     points.sort(key=lambda p: -p["flops_ratio"])
     report = {
         "what": "test-set accuracy against executed FLOPs (controlling modules included), per bundle",
-        "dense": dense_point,
+        "dense": list(dense_points.values()),
         "points": points,
         "files": ["tradeoff.json", "tradeoff.md", "tradeoff.png"],
     }
@@ -131,22 +139,37 @@ def tradeoff_report(
     return report
 
 
+def _twins(bundles: list[str | Path], dense) -> list[str | Path | None]:
+    if dense is None:
+        return [None] * len(bundles)
+    if isinstance(dense, (str, Path)):
+        return [dense] * len(bundles)
+    dense = list(dense)
+    if len(dense) == 1:
+        return dense * len(bundles)
+    if len(dense) != len(bundles):
+        raise ValueError(
+            f"{len(dense)} dense twins for {len(bundles)} bundles: give one twin for all, or one per bundle in order"
+        )
+    return dense
+
+
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
 def _markdown(report: dict) -> str:
-    d = report["dense"]
     attacks = sorted({a for p in report["points"] for a in (p.get("detection") or {}).get("auroc", {})})
-    head = ["bundle", "FLOPs", "accuracy", "gap to dense (pts)", "q(y|path)", "Hamming same / other", *attacks]
+    head = ["bundle", "FLOPs", "accuracy", "gap to dense twin (pts)", "q(y|path)", "Hamming same / other", *attacks]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if d:
-        rows.append(f"| {d['name']} (dense) | 1.000 | {d['accuracy']:.4f} | 0 | – | – |" + " – |" * len(attacks))
+    for d in report["dense"]:
+        rows.append(f"| {d['name']} (dense twin) | 1.000 | {d['accuracy']:.4f} | 0 | – | – |" + " – |" * len(attacks))
     for p in report["points"]:
         auroc = (p.get("detection") or {}).get("auroc", {})
+        gap = _fmt(p.get("gap_to_dense_points"), ".2f") + (f" (vs {p['dense_twin']})" if "dense_twin" in p else "")
         rows.append(
-            f"| {p['name']} | {p['flops_ratio']:.3f} | {p['accuracy']:.4f} | "
-            f"{_fmt(p.get('gap_to_dense_points'), '.2f')} | {_fmt(p.get('path_head_accuracy'), '.4f')} | "
+            f"| {p['name']} | {p['flops_ratio']:.3f} | {p['accuracy']:.4f} | {gap} | "
+            f"{_fmt(p.get('path_head_accuracy'), '.4f')} | "
             f"{_fmt(p.get('hamming_same_class'), '.3f')} / {_fmt(p.get('hamming_other_class'), '.3f')} | "
             + " | ".join(_fmt(auroc.get(a), ".3f") for a in attacks)
             + (" |" if attacks else "")
@@ -180,8 +203,16 @@ def _plot(report: dict, path: Path) -> None:
             "s",
             label="q(y | path) accuracy",
         )
-    if report["dense"]:
-        ax1.axhline(100 * report["dense"]["accuracy"], ls="--", c="grey", label="dense twin")
+    for d in report["dense"]:
+        ax1.axhline(100 * d["accuracy"], ls="--", c="grey", lw=0.8)
+        ax1.annotate(
+            f"{d['name']} (dense)",
+            (0.0, 100 * d["accuracy"]),
+            fontsize=7,
+            xytext=(3, 2),
+            textcoords="offset points",
+            xycoords=("axes fraction", "data"),
+        )
     ax1.set(xlabel="executed FLOPs / dense", ylabel="accuracy (%)", title="accuracy against compute")
     ax1.legend(fontsize=8)
     sep = [p for p in gated if p.get("hamming_separation") is not None]
