@@ -23,6 +23,7 @@ from .bundle import BUNDLE_HELP, Bundle, load_bundle, write_part
 from .detectors import PathDetector, PathEnsembleDetector
 from .detectors.ensemble import COMPONENTS, DEFAULT_COMPONENTS, KNN_REFERENCE_GRID
 from .detectors.record import DetectorRecord
+from .detectors.selection import SELECT_BY
 from .features import GROUPS, extract_path_features
 from .models import DecoupledNet
 from .prototypes import Prototypes, compute_prototypes
@@ -163,6 +164,14 @@ class FitConfig:
         default=",".join(str(s) for s in KNN_REFERENCE_GRID),
         metadata={"help": "candidate kNN reference paths per class, chosen on validation rows (one value: fixed)"},
     )
+    select_by: str = field(
+        default="auroc",
+        metadata={
+            "choices": SELECT_BY,
+            "help": "what the ensemble's weights maximise over held-out families on validation: the worst AUROC, "
+            "or the worst TPR at --target-fpr (then AUROC)",
+        },
+    )
     noisy_negatives: bool = field(
         default=True,
         metadata={
@@ -219,6 +228,7 @@ class FitConfig:
             components=tuple(self.component_names),
             knn_reference=max(sizes),
             knn_reference_grid=tuple(sizes) if len(sizes) > 1 else None,
+            select_by=self.select_by,
             target_fpr=self.target_fpr,
             random_state=self.seed,
         )

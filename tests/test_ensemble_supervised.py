@@ -181,3 +181,37 @@ def test_gradient_boosting_fits_on_one_thread_give_the_threaded_trees():
         threaded = HistGradientBoostingClassifier(max_iter=30, learning_rate=0.1, early_stopping=False, random_state=0)
         threaded.fit(X, y)
     np.testing.assert_allclose(det.decision_function(X), threaded.predict_proba(X)[:, 1], rtol=1e-12, atol=0)
+
+
+def test_tpr_selection_keeps_the_tail_that_auroc_averages_away():
+    """Component a ranks most attacks slightly above clean (high AUROC, few past the 95% threshold); b catches
+    a third of them far beyond every clean score and ranks the rest like clean. The AUROC rule takes a alone;
+    the TPR rule takes b, whose detection rate at the detector's threshold is 3x higher."""
+    from detector.detectors.selection import choose_weights, tpr_at_fpr
+
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0, 1, (2000, 2))
+    adv = np.column_stack([rng.uniform(0.7, 0.94, 1000), rng.uniform(0, 1, 1000)])
+    adv[: 1000 // 3, 1] = 5.0
+    per_family = {"f": (clean, adv)}
+
+    def combine(t, w):
+        return (t * w).max(axis=1)
+
+    w_auc, chosen_auc, n = choose_weights(per_family, (0.0, 1.0), combine, select_by="auroc")
+    w_tpr, chosen_tpr, _ = choose_weights(per_family, (0.0, 1.0), combine, select_by="tpr", target_fpr=0.05)
+    assert n == 3  # (1, 0), (0, 1), (1, 1)
+    assert w_auc.tolist() == [1.0, 0.0] and w_tpr.tolist() == [0.0, 1.0]
+    assert chosen_tpr["worst_tpr"] == tpr_at_fpr(clean[:, 1], adv[:, 1], 0.05) > 0.33
+    assert tpr_at_fpr(clean[:, 0], adv[:, 0], 0.05) < 0.05 < chosen_tpr["worst_tpr"] / 3
+    assert chosen_auc["worst_auroc"] > chosen_tpr["worst_auroc"] and "worst_tpr" not in chosen_auc
+    # the TPR rule's record says what the AUROC rule would have taken, and at what TPR
+    other = chosen_tpr["auroc_rule_would_choose"]
+    assert other["weights"] == [1.0, 0.0] and other["worst_auroc"] == chosen_auc["worst_auroc"]
+    assert other["worst_tpr"] == tpr_at_fpr(clean[:, 0], adv[:, 0], 0.05)
+    with pytest.raises(ValueError, match="select_by"):
+        choose_weights(per_family, (0.0, 1.0), combine, select_by="f1")
+    with pytest.raises(ValueError, match="select_by"):
+        PathEnsembleDetector(select_by="f1").fit(
+            clean, groups=["soft"] * 2, layer_sizes=[2], validation=(clean, {"f": adv})
+        )

@@ -107,28 +107,60 @@ def auroc(clean: np.ndarray, adversarial: np.ndarray) -> float:
     return twice_u / (2 * len(c) * len(a))
 
 
+SELECT_BY = ("auroc", "tpr")
+
+
+def tpr_at_fpr(clean: np.ndarray, adversarial: np.ndarray, fpr: float) -> float:
+    """Share of adversarial scores above the clean scores' (1 - fpr) quantile: the detection rate at a threshold
+    calibrated on these clean rows."""
+    return float(np.mean(np.asarray(adversarial) > np.quantile(np.asarray(clean, dtype=np.float64), 1 - fpr)))
+
+
 def choose_weights(
     per_family: dict[str, tuple[np.ndarray, np.ndarray]],
     grid: Sequence[float],
     combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    select_by: str = "auroc",
+    target_fpr: float = 0.05,
 ) -> tuple[np.ndarray, dict, int]:
     """Among weight vectors of ``grid ** n`` (one weight at the grid's top, scale-free), the one whose worst
-    AUROC over ``per_family`` ({family: (clean component scores, adversarial component scores)}) is highest;
-    ties: higher mean AUROC, then fewer non-zero weights. Returns (weights, its table row, candidates)."""
+    family over ``per_family`` ({family: (clean component scores, adversarial component scores)}) is best.
+
+    ``select_by="auroc"``: highest worst AUROC; ties: higher mean AUROC, then fewer non-zero weights.
+    ``select_by="tpr"``: highest worst TPR at ``target_fpr`` (threshold at the family's clean rows' quantile,
+    as the detector is calibrated), then worst AUROC, mean AUROC, fewer weights. AUROC averages over every
+    threshold; the detector runs at one, and a combination can rank well overall yet lose the family's
+    hardest examples at that threshold. Returns (weights, its table row, candidates)."""
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by={select_by!r} must be one of {SELECT_BY}")
     n = next(iter(per_family.values()))[0].shape[1]
     best, best_key, rows = None, None, 0
+    auroc_key, auroc_rule = None, None  # under select_by="tpr": what the AUROC rule would have chosen, for the record
     for w in itertools.product(sorted(set(grid)), repeat=n):
         w = np.asarray(w, dtype=np.float64)
         if not np.any(w > 0) or w.max() != max(grid):
             continue
-        aucs = {f: auroc(combine(tc, w), combine(ta, w)) for f, (tc, ta) in per_family.items()}
+        scored = {f: (combine(tc, w), combine(ta, w)) for f, (tc, ta) in per_family.items()}
+        aucs = {f: auroc(c, a) for f, (c, a) in scored.items()}
         key = (min(aucs.values()), float(np.mean(list(aucs.values()))), -int(np.sum(w > 0)))
+        tprs = None
+        if select_by == "tpr":
+            tprs = {f: tpr_at_fpr(c, a, target_fpr) for f, (c, a) in scored.items()}
+            if auroc_key is None or key > auroc_key:
+                auroc_key = key
+                auroc_rule = {"weights": w.tolist(), "worst_auroc": key[0], "worst_tpr": min(tprs.values())}
+            key = (min(tprs.values()), *key)
         rows += 1
         if best_key is None or key > best_key:
             best, best_key = w, key
-            chosen = {"weights": w.tolist(), "worst_auroc": key[0], "per_family": aucs}
+            chosen = {"weights": w.tolist(), "worst_auroc": min(aucs.values()), "per_family": aucs}
+            if tprs is not None:
+                chosen.update(worst_tpr=min(tprs.values()), tpr_per_family=tprs, target_fpr=target_fpr)
     if best is None:
         raise ValueError(f"grid={list(grid)} gives no weight vector with a positive weight")
+    if auroc_rule is not None:
+        chosen["auroc_rule_would_choose"] = auroc_rule
     return best, chosen, rows
 
 
@@ -139,3 +171,11 @@ def choose_reference(table: list[dict], families: Sequence[str], tolerance: floa
     worst = {r["per_class"]: min(r["per_family"][f] for f in known) for r in table}
     top = max(worst.values())
     return min(size for size, a in worst.items() if a >= top - tolerance)
+
+
+def selection_metric(selection: dict | None) -> str:
+    """What an ensemble's weight selection maximised, from its record: AUROC, or TPR at the target FPR."""
+    chosen = (selection or {}).get("chosen") or {}
+    if "worst_tpr" in chosen:
+        return f"TPR at {chosen.get('target_fpr', 0.05):.0%} FPR (then AUROC)"
+    return "AUROC"

@@ -13,6 +13,7 @@ from torch import Tensor
 from ..attacks import AttackSpec, noisy_like
 from ..bundle import Bundle
 from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, get_detector
+from ..detectors.selection import selection_metric
 from ..features import GROUPS
 from .config import EvalConfig
 from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans
@@ -519,7 +520,8 @@ def _shipped_fitting(info: dict) -> str:
     supervised = "; supervised part on those rows" if "gb" in params.get("components", []) else ""
     return (
         f"{text}; clean-only components on {info.get('reference_images', {}).get('n', '?')} clean training "
-        f"images{knn}{supervised}; weights by worst held-out-family AUROC on the validation images"
+        f"images{knn}{supervised}; weights by worst held-out-family {selection_metric(info.get('selection'))} on "
+        "the validation images"
     )
 
 

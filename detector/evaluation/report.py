@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..detectors.selection import selection_metric
 from ..reporting import bundle_sentence, write_json_and_markdown
 
 
@@ -254,10 +255,11 @@ def _baseline_notes(r: dict) -> list[str]:
         if info.get("weights"):
             w = ", ".join(f"{k} {v:g}" for k, v in info["weights"].items())
             sel = info.get("selection") or {}
+            metric = selection_metric(sel)
             how = (
-                "worst leave-one-family-out AUROC (supervised part refitted without each family)"
+                f"worst leave-one-family-out {metric} (supervised part refitted without each family)"
                 if sel.get("refits")
-                else "worst per-family AUROC"
+                else f"worst per-family {metric}"
             )
             knn = (sel.get("knn_reference") or {}).get("chosen")
             knn_note = f"; kNN reference {knn} paths per class, chosen there too" if knn else ""
