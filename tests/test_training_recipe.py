@@ -97,6 +97,25 @@ def test_decouple_refuses_what_does_not_fit(data, dense):
         _cfg(data, distill=0.5)
 
 
+def test_a_continued_run_keeps_its_starts_validation_split_whatever_its_seed(data, dense, tmp_path):
+    """Another seed must not move the split: the new validation images would be ones the start trained on."""
+    from detector.data import train_val_split
+    from detector.training.trainer import split_seed
+
+    start = json.loads((dense / "bundle.json").read_text())["dataset"]
+    cfg = _cfg(data, gated=False, epochs=1, train_subset=64, init_from=str(dense), lr=1e-3, seed=7)
+    assert start["split_seed"] == 0 and split_seed(cfg) == 0 and split_seed(replace(cfg, init_from=None)) == 7
+    train(cfg, tmp_path / "s7", progress=False)
+    meta = json.loads((tmp_path / "s7" / "bundle.json").read_text())
+    assert meta["dataset"]["split_seed"] == 0 and meta["train_config"]["seed"] == 7
+    full = load_dataset("npz", "train", str(data))
+    _, val_start = train_val_split(len(full), start["val_images"], 0)
+    _, val_seed7 = train_val_split(len(full), start["val_images"], 7)
+    assert not torch.equal(val_start, val_seed7)  # the seed alone would have moved it
+    with pytest.raises(ValueError, match="keeps its start's split"):
+        split_seed(replace(cfg, val_size=start["val_images"] + 1))
+
+
 def test_dense_twin_continues_from_the_dense_start(data, dense, tmp_path):
     # the control for a decoupled model: the same start and the same extra epochs, no gates
     cfg = _cfg(data, gated=False, epochs=1, init_from=str(dense), lr=1e-3)
@@ -233,6 +252,16 @@ def test_tradeoff_report_from_tiny_bundles(data, dense, tiny_bundle, tmp_path):
     assert gaps[tiny_bundle.name] == ("dense2", round(100 * (0.99 - tiny_acc), 3))
     assert [d["name"] for d in paired["dense"]] == [dense.name, "dense2"]
     assert "(vs dense2)" in (tmp_path / "paired" / "tradeoff.md").read_text()
+    assert paired["seed_groups"] == [] and rep["seed_groups"] == []
+    # the same recipe under another seed: one seed group, with the spread of the two runs
+    half_s1 = tmp_path / "half-s1"
+    train(_cfg(data, epochs=1, train_subset=128, target_flops=0.5, seed=1), half_s1, progress=False)
+    seeded = tradeoff_report([half, half_s1, tiny_bundle], tmp_path / "seeded", dense=dense)
+    (group,) = seeded["seed_groups"]
+    accs = [json.loads((b / "bundle.json").read_text())["metrics"]["test"]["accuracy"] for b in (half, half_s1)]
+    assert group["bundles"] == ["half", "half-s1"] and group["seeds"] == [0, 1]
+    assert group["accuracy"] == {"mean": sum(accs) / 2, "min": min(accs), "max": max(accs)}
+    assert "One recipe, seeds 0, 1 (half, half-s1)" in (tmp_path / "seeded" / "tradeoff.md").read_text()
     with pytest.raises(ValueError, match="3 dense twins for 2 bundles"):
         tradeoff_report([half, tiny_bundle], out, dense=[dense, twin2, dense])
     with pytest.raises(ValueError, match="reference must be the dense twin"):

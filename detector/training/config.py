@@ -32,7 +32,7 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle | cosine | constant
     augment: tuple[str, ...] = ("hflip", "shift")  # hflip: mirror; shift: random translation
     shift: int = 2  # pixels, for the shift augmentation
-    val_size: int = 5000  # held out of the training split, by seed
+    val_size: int = 5000  # held out of the training split, by seed (a continued run keeps its start's split)
     train_subset: int = 0  # >0: train on this many images only (quick runs, tests)
     seed: int = 0
     device: str = "auto"

@@ -131,12 +131,36 @@ def tradeoff_report(
         "what": "test-set accuracy against executed FLOPs (controlling modules included), per bundle",
         "dense": list(dense_points.values()),
         "points": points,
+        "seed_groups": _seed_groups(points),
         "files": ["tradeoff.json", "tradeoff.md", "tradeoff.png"],
     }
     (out / "tradeoff.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "tradeoff.md").write_text(_markdown(report))
     _plot(report, out / "tradeoff.png")
     return report
+
+
+def _seed_groups(points: list[dict]) -> list[dict]:
+    """Bundles trained with the same recipe (every recorded setting but the seed, and the same twin) and more
+    than one seed: the spread of their accuracy, gap and path-head accuracy, which says what a difference
+    between two single runs is worth."""
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        recipe = {k: v for k, v in p["config"].items() if k != "seed"}
+        groups.setdefault(json.dumps([recipe, p.get("dense_twin")], sort_keys=True), []).append(p)
+    out = []
+    for members in groups.values():
+        members = sorted(members, key=lambda m: (m["config"].get("seed") or 0, m["name"]))
+        if len({m["config"].get("seed") for m in members}) < 2:
+            continue
+        row = {"bundles": [m["name"] for m in members], "seeds": [m["config"].get("seed") for m in members]}
+        for key in ("accuracy", "gap_to_dense_points", "path_head_accuracy", "flops_ratio"):
+            vals = [m[key] for m in members if m.get(key) is not None]
+            if vals:
+                mean = sum(vals) / len(vals)
+                row[key] = {"mean": mean, "min": min(vals), "max": max(vals)}
+        out.append(row)
+    return out
 
 
 def _twins(bundles: list[str | Path], dense) -> list[str | Path | None]:
@@ -176,6 +200,14 @@ def _markdown(report: dict) -> str:
         )
     det = {(p.get("detection") or {}).get("detector") for p in report["points"]} - {None}
     note = f"\nDetection: AUROC of the `{det.pop()}` detector, successful attacks.\n" if det else "\n"
+    for g in report.get("seed_groups", []):
+        acc, gap = g["accuracy"], g.get("gap_to_dense_points")
+        note += (
+            f"\nOne recipe, seeds {', '.join(str(x) for x in g['seeds'])} ({', '.join(g['bundles'])}): accuracy "
+            f"{acc['mean']:.4f} mean, {acc['min']:.4f}-{acc['max']:.4f}"
+            + (f"; gap {gap['mean']:.2f} points mean, {gap['min']:.2f}-{gap['max']:.2f}" if gap else "")
+            + ".\n"
+        )
     return (
         "# Accuracy against executed FLOPs\n\nFrom each bundle's `bundle.json` (test split); regenerate with "
         "`pathguard training-report`.\n\n" + "\n".join(rows) + "\n" + note

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..bundle import save_bundle
+from ..bundle import read_meta, save_bundle
 from ..data import ImageDataset, load_dataset, train_val_split
 from ..models import ControllingModule, DecoupledNet, PathOutput, create_model
 from ..runtime import select_device, set_threads
@@ -187,11 +187,30 @@ def train_epoch(
     return step, {k: v / steps for k, v in sums.items()}
 
 
+def split_seed(cfg: TrainConfig) -> int:
+    """Seed of the train / validation split: the run's own, or, for a run that continues a bundle
+    (``init_from``), that bundle's, whatever ``cfg.seed`` is. On another split a continued model would be
+    validated on images its start was trained on (its validation accuracy inflated, a point and more for
+    ``decouple --seed 1`` from a seed-0 dense model), and its detector fitted on them."""
+    if not cfg.init_from:
+        return cfg.seed
+    where = f"init_from={cfg.init_from!r}"
+    dataset = read_meta(cfg.init_from).get("dataset") or {}
+    if "split_seed" not in dataset:
+        raise ValueError(f"{where} does not record its train/validation split (dataset.split_seed)")
+    if int(dataset.get("val_images", cfg.val_size)) != cfg.val_size:
+        raise ValueError(
+            f"{where} held out {dataset['val_images']} validation images, this run val_size={cfg.val_size}: a "
+            f"continued model keeps its start's split (set val_size to {dataset['val_images']})"
+        )
+    return int(dataset["split_seed"])
+
+
 def _datasets(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, ImageDataset, ImageDataset]:
-    """(full training set, test set, training split, validation split) per ``cfg``."""
+    """(full training set, test set, training split, validation split) per ``cfg`` (split: :func:`split_seed`)."""
     full = load_dataset(cfg.dataset, "train", cfg.data_root)
     test = load_dataset(cfg.dataset, "test", cfg.data_root)
-    tr_idx, va_idx = train_val_split(len(full), cfg.val_size, cfg.seed)
+    tr_idx, va_idx = train_val_split(len(full), cfg.val_size, split_seed(cfg))
     if cfg.train_subset:
         tr_idx = tr_idx[: cfg.train_subset]
     return full, test, full.subset(tr_idx, ":train"), full.subset(va_idx, ":val")
@@ -298,7 +317,7 @@ def _finish(
         "fingerprint": full.fingerprint(),
         "train_images": len(train_set),
         "val_images": len(val_set),
-        "split_seed": cfg.seed,
+        "split_seed": split_seed(cfg),
     }
     save_bundle(
         out_dir,
