@@ -77,12 +77,8 @@ class ScreeningService:
             runtime.warmup(sizes)
             previous = self.swap(runtime)
         info = runtime.info
-        if previous is None:
+        if previous is None:  # a reload is logged by its caller, once its metrics are recorded
             log.info("serving %s v%s (%s) from %s", info.name, info.version, info.arch, path)
-        else:
-            log.info(
-                "reloaded: now serving %s v%s from %s (was v%s)", info.name, info.version, path, previous.info.version
-            )
         return info
 
     reload = load

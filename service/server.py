@@ -310,16 +310,20 @@ class PathGuardServer:
         """Load ``path`` (default: the configured bundle) and swap it in; on failure keep the current model."""
         path = path or self.config.bundle
         start = time.perf_counter()
+        was = self.service.info.version if self.service.ready else "none"
         try:
             info = await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
         except (BundleError, OSError, ValueError) as exc:  # a broken bundle: its message names the file
+            metrics.record_reload(time.perf_counter() - start, ok=False)
             log.error("reload of %s failed: %s; still serving the previous model", path, exc)
         except Exception:
+            metrics.record_reload(time.perf_counter() - start, ok=False)
             log.exception("reload of %s failed; still serving the previous model", path)
         else:
+            # the metric first: whoever reads the log line and then scrapes /metrics sees the reload counted
             metrics.record_reload(time.perf_counter() - start, ok=True)
+            log.info("reloaded: now serving %s v%s from %s (was v%s)", info.name, info.version, path, was)
             return info
-        metrics.record_reload(time.perf_counter() - start, ok=False)
         return None
 
     async def stop(self, grace: float | None = None) -> None:

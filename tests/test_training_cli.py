@@ -97,5 +97,5 @@ def test_training_report_command(dense, tmp_path, capsys):
     assert main(["training-report", "--bundles", str(gated), "--dense", str(dense), "--out", str(out)]) == 0
     assert "| g |" in capsys.readouterr().out
     rep = json.loads((out / "tradeoff.json").read_text())
-    assert rep["points"][0]["name"] == "g" and rep["dense"]["name"] == "dense"
+    assert rep["points"][0]["name"] == "g" and [d["name"] for d in rep["dense"]] == ["dense"]
     assert main(["training-report", "--bundles", str(tmp_path / "missing"), "--out", str(out)]) == 2
