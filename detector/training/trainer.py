@@ -206,14 +206,19 @@ def split_seed(cfg: TrainConfig) -> int:
     return int(dataset["split_seed"])
 
 
-def _datasets(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, ImageDataset, ImageDataset]:
-    """(full training set, test set, training split, validation split) per ``cfg`` (split: :func:`split_seed`)."""
+Data = tuple[ImageDataset, ImageDataset, ImageDataset, ImageDataset, int]
+
+
+def _datasets(cfg: TrainConfig) -> Data:
+    """(full training set, test set, training split, validation split, split seed) per ``cfg``; the seed is read
+    once (:func:`split_seed`) so that the bundle records the split the run was trained on."""
+    split = split_seed(cfg)
     full = load_dataset(cfg.dataset, "train", cfg.data_root)
     test = load_dataset(cfg.dataset, "test", cfg.data_root)
-    tr_idx, va_idx = train_val_split(len(full), cfg.val_size, split_seed(cfg))
+    tr_idx, va_idx = train_val_split(len(full), cfg.val_size, split)
     if cfg.train_subset:
         tr_idx = tr_idx[: cfg.train_subset]
-    return full, test, full.subset(tr_idx, ":train"), full.subset(va_idx, ":val")
+    return full, test, full.subset(tr_idx, ":train"), full.subset(va_idx, ":val"), split
 
 
 def _start_model(
@@ -296,7 +301,7 @@ def _finish(
     cfg: TrainConfig,
     model: DecoupledNet,
     *,
-    data: tuple[ImageDataset, ImageDataset, ImageDataset, ImageDataset],
+    data: Data,
     val: dict,
     train_s: float,
     arch_args: dict,
@@ -304,7 +309,7 @@ def _finish(
     device: torch.device,
 ) -> dict:
     """Test the trained model, write the bundle, drop the checkpoint; returns the test metrics."""
-    full, test, train_set, val_set = data
+    full, test, train_set, val_set, split = data
     model.eval()
     if not val:
         val = model_metrics(model, val_set, device)
@@ -317,7 +322,7 @@ def _finish(
         "fingerprint": full.fingerprint(),
         "train_images": len(train_set),
         "val_images": len(val_set),
-        "split_seed": split_seed(cfg),
+        "split_seed": split,
     }
     save_bundle(
         out_dir,
@@ -350,7 +355,7 @@ def train(
     threads = set_threads(cfg.threads)
     device = select_device(cfg.device)
     data = _datasets(cfg)
-    full, _, train_set, val_set = data
+    full, _, train_set, val_set, _ = data
     model, arch_args, teacher, extra = _start_model(cfg, full, train_set, device, threads)
     opt = _optimizer(model, cfg)
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
