@@ -39,15 +39,15 @@ def _randomise_batchnorm(model, seed=0):
 _MODELS: dict = {}
 
 
-def _mixed_model(arch):
+def _mixed_model(arch, scale="none"):
     """``arch`` at random init, gates set on calibration images to be on for 30-60% of inputs (cached)."""
-    if arch not in _MODELS:
+    if (arch, scale) not in _MODELS:
         torch.manual_seed(0)
-        model = create_model(arch, num_classes=5).eval()
+        model = create_model(arch, num_classes=5, gate=GateConfig(scale=scale)).eval()
         _randomise_batchnorm(model)
         set_gate_densities(model, _images(model, 24, seed=1), (0.3, 0.6), seed=0)
-        _MODELS[arch] = model
-    return _MODELS[arch]
+        _MODELS[arch, scale] = model
+    return _MODELS[arch, scale]
 
 
 def _rel_err(a, b):
@@ -68,9 +68,11 @@ def _assert_same_path(out, ref):
     )
 
 
+@pytest.mark.parametrize("scale", ["none", "saliency"])
 @pytest.mark.parametrize("arch", list_models())
-def test_engine_matches_masked_model(arch):
-    model = _mixed_model(arch)
+def test_engine_matches_masked_model(arch, scale):
+    """Also with saliency-scaled gates: a filter that runs is multiplied by p / p0 in both."""
+    model = _mixed_model(arch, scale)
     x = _images(model, 6, seed=2)
     with torch.no_grad():
         ref = model.forward_path(x)
@@ -225,8 +227,12 @@ def test_screener_skipping_engine_matches_masked(tiny_bundle):
     np.testing.assert_array_equal(fast.predictions, masked.predictions)
     np.testing.assert_array_equal(fast.paths, masked.paths)
     np.testing.assert_array_equal(fast.flags, masked.flags)
-    for field in ("probabilities", "scores", "active_ratio", "flops_ratio", "departure"):
+    for field in ("probabilities", "active_ratio", "flops_ratio", "departure"):
         np.testing.assert_allclose(getattr(fast, field), getattr(masked, field), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(one.scores, masked.scores[:1], rtol=1e-5, atol=1e-6)
+    # The score is a function of distances between feature rows that agree to ~1e-6: folding batch norm changes
+    # the float rounding (and it differs with the thread count), which the kNN and the null's tail can amplify
+    # to ~1e-4 relative (seen on one thread). A wrong channel or scale would be off by far more.
+    np.testing.assert_allclose(fast.scores, masked.scores, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(one.scores, masked.scores[:1], rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="engine='fast' must be one of"):
         bundle.screener(engine="fast")
