@@ -86,31 +86,6 @@ def test_decouple_starts_at_dense_accuracy_and_distillation_recovers(data, dense
     assert meta["gated"] and meta["train_config"]["init_from"] == str(dense)
 
 
-def test_saliency_scaled_gates_start_dense_and_their_scale_survives_the_bundle(data, dense, tmp_path):
-    """GateConfig(scale="saliency"): a filter that runs is multiplied by p / p0; at the start p = p0, so the
-    decoupled net is still exactly the dense one; p0 is saved with the weights and the scale acts after loading."""
-    from detector.bundle import load_bundle
-    from detector.models import create_model
-
-    gate = GateConfig(init_bias=0.5, scale="saliency")
-    cfg = _cfg(data, epochs=1, init_from=str(dense), distill=0.5, target_flops=0.4, align_mode="onesided", gate=gate)
-    model, _, teacher, _ = decouple_from(cfg)
-    x = load_dataset("npz", "test", str(data)).float_images(slice(0, 100))
-    model.eval()
-    assert torch.allclose(model(x), teacher(x), atol=1e-5)
-    train(cfg, tmp_path / "s", progress=False)
-    bundle = load_bundle(tmp_path / "s")
-    acms = [layer.acm for _, layer in bundle.model.gated_layers()]
-    assert all(a.cfg.scale == "saliency" and a.p0.shape == a.fc2.bias.shape for a in acms)
-    assert all(0.5 < float(a.p0.min()) and float(a.p0.max()) < 1 for a in acms)  # sigmoid of the positive start biases
-    plain = create_model(bundle.meta["arch"], gated=True, gate=GateConfig(init_bias=0.5), **bundle.meta["arch_args"])
-    plain.load_state_dict({k: v for k, v in bundle.model.state_dict().items() if not k.endswith(".p0")})
-    with torch.no_grad():
-        scaled, unscaled = bundle.model.eval().forward_path(x), plain.eval().forward_path(x)
-    assert torch.equal(scaled.layers[0].hard, unscaled.layers[0].hard)  # the first layer's path is the same ...
-    assert not torch.allclose(scaled.logits, unscaled.logits, atol=1e-3)  # ... but the scale changes the output
-
-
 def test_decouple_refuses_what_does_not_fit(data, dense):
     with pytest.raises(ValueError, match="architectures must match"):
         decouple_from(_cfg(data, arch="vgg16", init_from=str(dense)))

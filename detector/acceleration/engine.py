@@ -224,8 +224,6 @@ class EngineConv(nn.Module):
         self.register_buffer("bias_pad", torch.cat([b, b.new_zeros(1)]))
         self.acm = None if layer.acm is None else copy.deepcopy(layer.acm).eval().requires_grad_(False)
         self.temperature = 1.0 if layer.acm is None else float(layer.acm.cfg.temperature)
-        # GateConfig(scale="saliency"): a filter that runs is multiplied by p / p0 (None: by 1)
-        self._p0 = None if layer.acm is None or layer.acm.cfg.scale == "none" else layer.acm.p0.detach().clone()
         self.activation = layer.activation
         self.stride, self.padding, self.kernel_size = conv.stride, conv.padding, conv.kernel_size
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -275,14 +273,9 @@ class EngineConv(nn.Module):
         if chan is not None:
             w = w.index_select(1, chan)
         if n_out == 0 or v.shape[1] == 0:
-            a = self._conv(v, w, b)
-        else:
-            a = F.conv2d(v, w, b, self.stride, self.padding)
-            a = a.relu_() if self.activation else a
-        if self._p0 is not None and n_out:
-            s = p.view(-1) / self._p0
-            a = a * (s if out is None else s.index_select(0, out))[None, :, None, None]
-        return a, out, p
+            return self._conv(v, w, b), out, p
+        a = F.conv2d(v, w, b, self.stride, self.padding)
+        return (a.relu_() if self.activation else a), out, p
 
     def gates(self, x: Compact) -> tuple[Tensor, Tensor]:
         """(p, on): soft gates (N, C_out) and hard gates as bool, exactly as :class:`ControllingModule`
@@ -311,18 +304,7 @@ class EngineConv(nn.Module):
         if mode == "auto":
             mode = self._choose(x, on)
         y = self._gather(x, on) if mode == "gather" else self._shared(x, on)
-        if self._p0 is not None:
-            y.values.mul_(self._channel_values(y, p / self._p0)[:, :, None, None])
         return y, p, on
-
-    @staticmethod
-    def _channel_values(y: Compact, v: Tensor) -> Tensor:
-        """Per-channel values v (N, C) at the M stored channels of y: (N, M)."""
-        if y.chan is None:
-            return v
-        if y.chan.ndim == 1:
-            return v.index_select(1, y.chan)
-        return torch.gather(v, 1, y.chan.clamp(max=v.shape[1] - 1))
 
     def _choose(self, x: Compact, on: Tensor) -> str:
         if x.chan is not None and x.chan.ndim == 2:

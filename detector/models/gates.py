@@ -33,9 +33,6 @@ class GateConfig:
     noise : ``"none"`` or ``"logistic"``: logistic noise added to the logits while training, which
         makes the hard gate a sample of a Bernoulli(p) (the binary Gumbel trick).
     noise_scale : multiplier of that noise.
-    scale : ``"none"`` (a filter that runs passes its response unchanged) or ``"saliency"`` (it is
-        multiplied by ``p / p0``, its soft gate relative to the soft gate it started with, as in feature
-        boosting and suppression: the routing also re-weights the filters it keeps; the path is unchanged).
     """
 
     reduction: int = 4
@@ -44,7 +41,6 @@ class GateConfig:
     temperature: float = 1.0
     noise: str = "none"
     noise_scale: float = 1.0
-    scale: str = "none"
 
     def __post_init__(self) -> None:
         if self.reduction < 1:
@@ -55,8 +51,6 @@ class GateConfig:
             raise ValueError(f"temperature={self.temperature} must be > 0")
         if self.noise not in ("none", "logistic"):
             raise ValueError(f"noise={self.noise!r} must be 'none' or 'logistic'")
-        if self.scale not in ("none", "saliency"):
-            raise ValueError(f"scale={self.scale!r} must be 'none' or 'saliency'")
 
 
 class ControllingModule(nn.Module):
@@ -75,21 +69,6 @@ class ControllingModule(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, out_channels)
         nn.init.constant_(self.fc2.bias, cfg.init_bias)
-        if cfg.scale == "saliency":
-            self.register_buffer("p0", torch.empty(out_channels))
-            self.reset_reference()
-
-    def reset_reference(self) -> None:
-        """Take the current starting gates ``sigmoid(bias / T)`` as p0 (``scale="saliency"``), so a filter
-        that keeps its starting gate passes its response unchanged."""
-        if self.cfg.scale == "saliency":
-            with torch.no_grad():
-                self.p0.copy_(torch.sigmoid(self.fc2.bias / self.cfg.temperature))
-
-    def multiplier(self, p: Tensor, g: Tensor) -> Tensor:
-        """What each filter's response is multiplied by: the hard gate g, re-weighted by ``p / p0`` when
-        ``scale="saliency"``."""
-        return g * (p / self.p0) if self.cfg.scale == "saliency" else g
 
     def logits(self, x: Tensor) -> Tensor:
         return self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
@@ -241,17 +220,16 @@ class GatedConv(nn.Module):
                 )
             return a, None
         p, g = self.acm(x)
-        m = self.acm.multiplier(p, g)
         if path is None:
-            return a * m[:, :, None, None], g
-        y, mean = GateAndPool.apply(a, m)
+            return a * g[:, :, None, None], g
+        y, mean = GateAndPool.apply(a, g)
         out_active = g.sum(1)  # straight-through gradient while training (FLOPs target)
         cin = self.conv.in_channels
         active_in = torch.full_like(out_active, float(cin)) if in_active is None else in_active.to(out_active)
         per_pair = self.conv.kernel_size[0] * self.conv.kernel_size[1] * a.shape[-2] * a.shape[-1]
         macs = active_in * out_active * per_pair + self.acm.macs()
-        # GAP is linear and m is constant per channel, so GAP(y) = m * GAP(a): no second pass over y.
-        path.append(LayerPath(name, p, g, self._encode(a, mean), m * mean, macs, self.conv_macs(a.shape[-2:])))
+        # GAP is linear and g is constant per channel, so GAP(y) = g * GAP(a): no second pass over y.
+        path.append(LayerPath(name, p, g, self._encode(a, mean), g * mean, macs, self.conv_macs(a.shape[-2:])))
         return y, g
 
     def _encode(self, a: Tensor, mean: Tensor) -> Tensor:

@@ -106,5 +106,4 @@ def decouple_from(
         for _, layer in model.gated_layers():
             layer.acm.fc2.weight.zero_()
             layer.acm.fc2.bias.copy_(cfg.gate.init_bias * (0.5 + importance_rank(layer.bn)))
-            layer.acm.reset_reference()
     return model, arch_args, _frozen(bundle.model), bundle.meta["files"]["model.safetensors"]
