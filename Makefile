@@ -81,6 +81,8 @@ reports-evaluation: $(STAMP) data
 	    --quiet
 	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/clean_validation.json > /dev/null
+	$(BIN)/python -m bench.cw_misses --bundle $(BUNDLE) --cache-dir cache/attacks \
+	    --json reports/evaluation/cw_misses.json > /dev/null
 
 reports-explain: $(STAMP) data
 	$(BIN)/pathguard explain --bundle $(BUNDLE) --out reports/explain

@@ -26,6 +26,7 @@ _CONFIG_KEYS = (
     "distill",
     "freeze_gates_epochs",
     "seed",
+    "gate",
 )
 
 

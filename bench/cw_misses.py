@@ -1,0 +1,190 @@
+"""What caps the clean-only detectors on CW, measured on the evaluation's *validation* rows (issue 14).
+
+Every clean-only score tops out near 75-78% TPR at 5% FPR on CW, the weakest attack of the matrix. Two
+measurements say why and what does not fix it:
+
+1. ``cw_split``: the successful CW examples that a low-margin threshold (the clean images' 5% margin quantile)
+   misses, against those it catches: how many, their L2 perturbation, their softmax margin and how many hard
+   gates differ from the clean image's path. A classifier with hard gates is discontinuous; an example that
+   flips more gates with a *smaller* perturbation and lands far from the decision boundary has used a jump.
+2. ``joint_blocks``: the clean-only joint kNN score (``clean-joint``, the same arithmetic as
+   :class:`~detector.detectors.joint.PathOutputKNNDetector`) with other blocks beside the soft path, logits and
+   log margin: each layer's pooled response (``log1p``), the penultimate features (``log1p``), and other
+   margin and logit weights: AUROC and TPR at the threshold set on the calibration images, per attack.
+
+Rows are ``pathguard evaluate``'s: its fitting images (``fashion-mnist:train:val``) and their attacks from its
+cache (``--cache-dir``; an attack not cached is run, which takes long), its calibration images, and the first
+``--n-reference`` training images as the clean reference. No test image is read unless ``--test`` (which scores
+the same variants on the evaluation images, to check the arithmetic against the report's ``clean-joint`` row).
+
+Usage::
+
+    .venv/bin/python -m bench.cw_misses --cache-dir cache/attacks --json reports/evaluation/cw_misses.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from detector.attacks import parse_attacks
+from detector.bundle import default_bundle, load_bundle
+from detector.detectors.clean import knn_distance, per_class_subset, reference_radius
+from detector.detectors.selection import auroc
+from detector.evaluation.adversarial import compute_all
+from detector.evaluation.config import EvalConfig
+from detector.evaluation.images import select_images
+from detector.splits import bundle_splits
+
+from .helpers import emit_json
+
+BASE = {"soft": 1.0, "logits": 1.0, "margin": 0.6}  # clean-joint's blocks and weights
+VARIANTS = (
+    BASE,
+    {**BASE, "pooled": 0.5},
+    {**BASE, "pooled": 1.0},
+    {**BASE, "penultimate": 0.5},
+    {**BASE, "penultimate": 1.0},
+    {"pooled": 1.0, "logits": 1.0, "margin": 0.6},
+    {**BASE, "margin": 1.0},
+    {**BASE, "margin": 1.5},
+    {"soft": 1.0, "logits": 2.0, "margin": 1.0},
+)
+
+
+@torch.no_grad()
+def blocks(model, images: torch.Tensor, batch: int = 500) -> dict[str, np.ndarray]:
+    """Per image: soft path, hard path, logits, log margin, log1p of the pooled responses and penultimate."""
+    parts = []
+    for s in range(0, len(images), batch):
+        out = model.forward_path(images[s : s + batch])
+        top2 = out.logits.softmax(1).topk(2, 1).values
+        parts.append(
+            {
+                "soft": out.soft_path,
+                "hard": out.hard_path,
+                "logits": out.logits,
+                "margin": (top2[:, 0] - top2[:, 1])[:, None],
+                "pooled": torch.cat([layer.pooled for layer in out.layers], 1).log1p(),
+                "penultimate": out.penultimate.log1p(),
+            }
+        )
+    return {k: torch.cat([p[k] for p in parts]).double().numpy() for k in parts[0]}
+
+
+def _rows(F: dict, spec: dict) -> np.ndarray:
+    take = {k: np.log(np.maximum(F["margin"], 1e-6)) if k == "margin" else F[k] for k in spec}
+    return np.hstack([take[k] for k in spec])
+
+
+class JointKNN:
+    """clean-joint's score (k=20, local 0.5, 2000 reference rows per class) on the blocks of ``spec``, each
+    block weighted ``weight / sqrt(its columns)`` after standardising every column on the reference rows."""
+
+    def __init__(self, spec: dict, k: int = 20, local: float = 0.5, per_class: int = 2000) -> None:
+        self.spec, self.k, self.local, self.per_class = spec, k, local, per_class
+
+    def fit(self, F: dict) -> JointKNN:
+        Z = _rows(F, self.spec)
+        widths = [1 if k == "margin" else F[k].shape[1] for k in self.spec]
+        w = np.concatenate([np.full(n, wt / np.sqrt(n)) for n, wt in zip(widths, self.spec.values())])
+        sd = Z.std(0)
+        self.center, self.spread = Z.mean(0), np.where(sd > 1e-6, sd, 1.0) / w
+        pred = F["logits"].argmax(1)
+        keep = per_class_subset(pred, self.per_class, F["logits"].shape[1], 0)
+        self.ref = ((Z[keep] - self.center) / self.spread).astype(np.float16).astype(np.float32)
+        self.ref_class = pred[keep]
+        self.radius = reference_radius(self.ref, self.ref_class, self.k)
+        return self
+
+    def score(self, F: dict) -> np.ndarray:
+        Z = (_rows(F, self.spec) - self.center) / self.spread
+        return knn_distance(Z, F["logits"].argmax(1), self.ref, self.ref_class, self.k, self.radius, self.local)
+
+
+def cw_split(clean: dict, attacked: dict, calibration: dict, l2: np.ndarray) -> dict:
+    """Successful CW examples below / above the clean 5% margin quantile (caught / missed by a margin test)."""
+    threshold = float(np.quantile(calibration["margin"], 0.05))
+    margin = attacked["margin"][:, 0]
+    flipped = (attacked["hard"] != clean["hard"]).sum(1)
+    out = {"margin_threshold": threshold}
+    for name, rows in (("caught", margin <= threshold), ("missed", margin > threshold)):
+        out[name] = {
+            "n": int(rows.sum()),
+            "mean_l2": float(l2[rows].mean()),
+            "mean_margin": float(margin[rows].mean()),
+            "mean_flipped_gates": float(flipped[rows].mean()),
+            "median_flipped_gates": float(np.median(flipped[rows])),
+        }
+    return out
+
+
+def joint_blocks(reference: dict, calibration: dict, clean: dict, attacked: dict[str, dict]) -> list[dict]:
+    results = []
+    for spec in VARIANTS:
+        det = JointKNN(spec).fit(reference)
+        threshold = float(np.quantile(det.score(calibration), 0.95))
+        s0 = det.score(clean)
+        cells = {}
+        for attack, F in attacked.items():
+            s1 = det.score(F)
+            cells[attack] = {"auroc": auroc(s0, s1), "tpr": float((s1 > threshold).mean())}
+        worst = min(cells, key=lambda a: cells[a]["tpr"])
+        results.append({"blocks": spec, "per_attack": cells, "lowest_tpr": {"attack": worst, **cells[worst]}})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the default bundle)")
+    p.add_argument("--cache-dir", default=None, help="pathguard evaluate's attack cache")
+    p.add_argument("--n-reference", type=int, default=20000)
+    p.add_argument("--test", action="store_true", help="score the evaluation (test) images instead")
+    p.add_argument("--json", default=None, help="write the result here too")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = EvalConfig(bundle=str(args.bundle or default_bundle()), cache_dir=args.cache_dir)
+    bundle = load_bundle(cfg.bundle)
+    model = bundle.model.eval()
+    splits = bundle_splits(bundle.meta, None)
+    sets = select_images(
+        model, splits, n=cfg.n, n_fit=cfg.n_fit, n_calibration=cfg.n_calibration, n_reference=0, seed=cfg.seed
+    )
+    images, labels = sets.attack_images
+    specs = parse_attacks(cfg.attacks)
+    adv, _ = compute_all(
+        model, bundle.model_digest, images, labels, specs, seed=cfg.seed, batch_size=cfg.batch_size,
+        cache_dir=cfg.cache_dir, progress=False,
+    )  # fmt: skip
+    rows = slice(len(sets.fit.labels), None) if args.test else slice(0, len(sets.fit.labels))
+    clean_images, y = images[rows], labels[rows]
+    reference = blocks(model, splits.train.float_images(torch.arange(min(args.n_reference, len(splits.train)))))
+    calibration, clean = blocks(model, sets.calibration.images), blocks(model, clean_images)
+    attacked, split = {}, None
+    for spec in specs:
+        x = adv[spec.label][rows]
+        with torch.no_grad():
+            ok = (model(x).argmax(1) != y).numpy()
+        F = blocks(model, x)
+        attacked[spec.label] = {k: v[ok] for k, v in F.items()}
+        if spec.label == "cw":
+            l2 = (x - clean_images).flatten(1).norm(dim=1).numpy()[ok]
+            split = cw_split({k: v[ok] for k, v in clean.items()}, attacked["cw"], calibration, l2)
+    result = {
+        "bundle": os.path.relpath(cfg.bundle),
+        "model_sha256": bundle.model_digest,
+        "images": f"{'evaluation (test)' if args.test else 'fitting (validation)'} images of pathguard evaluate "
+        f"({len(y)}) and their successful attacks; thresholds on its {cfg.n_calibration} calibration images; "
+        f"reference: the first {args.n_reference} training images",
+        "cw_split": split,
+        "joint_blocks": joint_blocks(reference, calibration, clean, attacked),
+    }
+    emit_json(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
