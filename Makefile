@@ -58,11 +58,12 @@ lint: $(STAMP)
 # trade-off points are the committed bundles below. PEERS adds serve_cost's comparison servers, e.g.
 # PEERS='--mlserver /tmp/mlserver-venv/bin/mlserver --kserve-python /tmp/kserve-venv/bin/python'.
 # Each point with its dense twin (the same start and as many epochs in all): the 21-epoch points (three FLOPs
-# targets; the default's recipe under seeds 0-2) against models/dense, the 31-epoch decoupling (10 fine-tuning
-# epochs) against the 31-epoch twin.
+# targets; the default's recipe under seeds 0-2) against models/dense, the two 31-epoch decouplings (10 fine-tuning
+# epochs; the second with full-width controlling modules) against the 31-epoch twin.
 TRADEOFF := models/tradeoff/f0.5 models/default models/tradeoff/f0.24-seed1 models/tradeoff/f0.24-seed2 \
-	models/tradeoff/f0.1 models/tradeoff/f0.24-31ep
-TWINS := models/dense models/dense models/dense models/dense models/dense models/tradeoff/dense-31ep
+	models/tradeoff/f0.1 models/tradeoff/f0.24-31ep models/tradeoff/f0.24-acm1-31ep
+TWINS := models/dense models/dense models/dense models/dense models/dense models/tradeoff/dense-31ep \
+	models/tradeoff/dense-31ep
 PEERS ?=
 reports: reports-training reports-evaluation reports-explain reports-accel reports-service reports-adaptive
 
