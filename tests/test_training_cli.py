@@ -49,6 +49,8 @@ def test_decouple_takes_data_from_the_dense_bundle_stops_and_resumes(dense, tmp_
     assert cfg["dataset"] == "npz" and cfg["data_root"] == dense_cfg["data_root"] and cfg["seed"] == dense_cfg["seed"]
     assert cfg["distill"] == 0.5 and cfg["target_flops"] == 0.25 and cfg["align_mode"] == "onesided"
     assert cfg["gate"]["init_bias"] == 0.5 and cfg["epochs"] == 2  # the flags given at the start, kept on resume
+    assert cfg["gate"]["reduction"] == 1  # decoupling defaults to full-width controlling modules
+    assert meta["gate"]["reduction"] == 1
     assert [json.loads(x)["epoch"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
 
 
