@@ -32,11 +32,13 @@ import torch
 
 from detector.attacks import parse_attacks
 from detector.bundle import default_bundle, load_bundle
-from detector.detectors.clean import knn_distance, per_class_subset, reference_radius
+from detector.detectors.clean import _half, knn_distance, per_class_subset, reference_radius
+from detector.detectors.joint import MARGIN_FLOOR
 from detector.detectors.selection import auroc
 from detector.evaluation.adversarial import compute_all
 from detector.evaluation.config import EvalConfig
 from detector.evaluation.images import select_images
+from detector.features import CONFIDENCE, confidence_features
 from detector.splits import bundle_splits
 
 from .helpers import emit_json
@@ -61,13 +63,13 @@ def blocks(model, images: torch.Tensor, batch: int = 500) -> dict[str, np.ndarra
     parts = []
     for s in range(0, len(images), batch):
         out = model.forward_path(images[s : s + batch])
-        top2 = out.logits.softmax(1).topk(2, 1).values
+        margin = confidence_features(out.logits)[:, CONFIDENCE.index("margin")]
         parts.append(
             {
                 "soft": out.soft_path,
                 "hard": out.hard_path,
                 "logits": out.logits,
-                "margin": (top2[:, 0] - top2[:, 1])[:, None],
+                "margin": margin[:, None],
                 "pooled": torch.cat([layer.pooled for layer in out.layers], 1).log1p(),
                 "penultimate": out.penultimate.log1p(),
             }
@@ -76,7 +78,7 @@ def blocks(model, images: torch.Tensor, batch: int = 500) -> dict[str, np.ndarra
 
 
 def _rows(F: dict, spec: dict) -> np.ndarray:
-    take = {k: np.log(np.maximum(F["margin"], 1e-6)) if k == "margin" else F[k] for k in spec}
+    take = {k: np.log(np.maximum(F["margin"], MARGIN_FLOOR)) if k == "margin" else F[k] for k in spec}
     return np.hstack([take[k] for k in spec])
 
 
@@ -89,13 +91,13 @@ class JointKNN:
 
     def fit(self, F: dict) -> JointKNN:
         Z = _rows(F, self.spec)
-        widths = [1 if k == "margin" else F[k].shape[1] for k in self.spec]
+        widths = [F[k].shape[1] for k in self.spec]
         w = np.concatenate([np.full(n, wt / np.sqrt(n)) for n, wt in zip(widths, self.spec.values())])
         sd = Z.std(0)
         self.center, self.spread = Z.mean(0), np.where(sd > 1e-6, sd, 1.0) / w
         pred = F["logits"].argmax(1)
         keep = per_class_subset(pred, self.per_class, F["logits"].shape[1], 0)
-        self.ref = ((Z[keep] - self.center) / self.spread).astype(np.float16).astype(np.float32)
+        self.ref = _half((Z[keep] - self.center) / self.spread)
         self.ref_class = pred[keep]
         self.radius = reference_radius(self.ref, self.ref_class, self.k)
         return self
@@ -166,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     attacked, split = {}, None
     for spec in specs:
         x = adv[spec.label][rows]
-        with torch.no_grad():
-            ok = (model(x).argmax(1) != y).numpy()
         F = blocks(model, x)
+        ok = F["logits"].argmax(1) != y.numpy()
         attacked[spec.label] = {k: v[ok] for k, v in F.items()}
         if spec.label == "cw":
             l2 = (x - clean_images).flatten(1).norm(dim=1).numpy()[ok]
