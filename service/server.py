@@ -310,7 +310,7 @@ class PathGuardServer:
         """Load ``path`` (default: the configured bundle) and swap it in; on failure keep the current model."""
         path = path or self.config.bundle
         start = time.perf_counter()
-        was = self.service.info.version if self.service.ready else "none"
+        was = f"v{self.service.info.version}" if self.service.ready else "no model"
         try:
             info = await asyncio.get_running_loop().run_in_executor(None, self.service.reload, path)
         except (BundleError, OSError, ValueError) as exc:  # a broken bundle: its message names the file
@@ -322,7 +322,7 @@ class PathGuardServer:
         else:
             # the metric first: whoever reads the log line and then scrapes /metrics sees the reload counted
             metrics.record_reload(time.perf_counter() - start, ok=True)
-            log.info("reloaded: now serving %s v%s from %s (was v%s)", info.name, info.version, path, was)
+            log.info("reloaded: now serving %s v%s from %s (was %s)", info.name, info.version, path, was)
             return info
         return None
 
