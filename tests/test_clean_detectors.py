@@ -1,6 +1,8 @@
 """Clean-only path detectors and their non-negative combination: fitted without any adversarial label, they
 flag paths that no clean image takes; the combination's weights stay >= 0; everything round-trips."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from detector.bundle import load_bundle
 from detector.detectors import DETECTORS, PathEnsembleDetector, detector_from_state
 from detector.detectors.joint import PathOutputKNNDetector
-from detector.features import PROTO, extract_path_features
+from detector.features import PROTO, extract_path_features, prototype_distances
 from detector.prototypes import Prototypes
 from detector.splits import bundle_splits
 
@@ -43,7 +45,9 @@ def _layer_columns(names, protos, layer):
 
 def spliced(X, y, names, protos, n_early, seed=0):
     """Rows whose first ``n_early`` gated layers come from an image of one class and the rest of the path (and
-    the prediction) from an image of another class: the early-shirt, late-bag path an attack leaves."""
+    the prediction) from an image of another class: the early-shirt, late-bag path an attack leaves. Each row's
+    prototype distances are then measured again, against the prototypes of the class the row predicts, as the
+    featurizer would for an input that took this path."""
     rng = np.random.default_rng(seed)
     early = [c for layer in protos.layer_names[:n_early] for c in _layer_columns(names, protos, layer)]
     rows = []
@@ -53,7 +57,22 @@ def spliced(X, y, names, protos, n_early, seed=0):
         row = X[b].copy()
         row[early] = X[a, early]
         rows.append(row)
-    return np.asarray(rows)
+    return _remeasure_prototype_distances(np.asarray(rows), names, protos)
+
+
+def _remeasure_prototype_distances(X, names, protos):
+    def cols(prefix):
+        return [i for i, n in enumerate(names) if n.startswith(prefix)]
+
+    path = SimpleNamespace(
+        soft_path=torch.as_tensor(X[:, cols("soft.")], dtype=torch.float32),
+        hard_path=torch.as_tensor(X[:, cols("hard.")], dtype=torch.float32),
+        logits=torch.as_tensor(X[:, cols("logit.")], dtype=torch.float32),
+    )
+    dist = prototype_distances(path, protos).flatten(1).numpy()  # columns ordered as the featurizer's
+    out = X.copy()
+    out[:, [names.index(f"{d}.{layer}") for layer in protos.layer_names for d in PROTO]] = dist
+    return out
 
 
 def _check_flags_inconsistent(name, data, groups, names, protos, n_early, min_auroc):
@@ -94,8 +113,9 @@ def default_paths(default_bundle):
 # On the default model the class shows mostly in the last gated layer too (measured: splicing at the middle gives
 # AUROC 0.6-0.9), so the spliced input is again "early layers from one class's image, the last layer and the
 # prediction from another's". The summary detector reads per-layer statistics and confidence, not the filters:
-# it is checked on the path of one class under the prediction of another (every layer from the first image).
-SPLICES = {"clean-summary": (0, 0.75)}
+# it is checked on the path of one class under the prediction of another (every layer from the first image), its
+# prototype distances measured against the predicted class's prototypes.
+SPLICES = {"clean-summary": (0, 0.9)}
 
 
 PATH_SCORES = [n for n in CLEAN_ONLY if n != "clean-margin"]  # clean-margin reads the softmax alone
