@@ -58,10 +58,10 @@ lint: $(STAMP)
 # trade-off points are the committed bundles below. PEERS adds serve_cost's comparison servers, e.g.
 # PEERS='--mlserver /tmp/mlserver-venv/bin/mlserver --kserve-python /tmp/kserve-venv/bin/python'.
 # Each point with its dense twin (the same start and as many epochs in all): the 21-epoch points (three FLOPs
-# targets; the default's recipe under seeds 0-2) against models/dense, the two 31-epoch decouplings (10 fine-tuning
-# epochs; the second with full-width controlling modules) against the 31-epoch twin.
-TRADEOFF := models/tradeoff/f0.5 models/default models/tradeoff/f0.24-seed1 models/tradeoff/f0.24-seed2 \
-	models/tradeoff/f0.1 models/tradeoff/f0.24-31ep models/tradeoff/f0.24-acm1-31ep
+# targets, quarter-width controlling modules; the 0.24 recipe under seeds 0-2) against models/dense, the two 31-epoch
+# decouplings (10 fine-tuning epochs; the default with full-width controlling modules) against the 31-epoch twin.
+TRADEOFF := models/tradeoff/f0.5 models/tradeoff/f0.24 models/tradeoff/f0.24-seed1 models/tradeoff/f0.24-seed2 \
+	models/tradeoff/f0.1 models/tradeoff/f0.24-31ep models/default
 TWINS := models/dense models/dense models/dense models/dense models/dense models/tradeoff/dense-31ep \
 	models/tradeoff/dense-31ep
 PEERS ?=
@@ -82,6 +82,8 @@ reports-evaluation: $(STAMP) data
 	    --quiet
 	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/clean_validation.json > /dev/null
+	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
+	    --margin-weights 0.3,0.45,0.6,0.8,1.0,1.5 --json reports/evaluation/clean_validation_margin_weights.json > /dev/null
 	$(BIN)/python -m bench.cw_misses --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/cw_misses.json > /dev/null
 

@@ -81,17 +81,17 @@ def _scores(neg_log_p, rows, families: dict[str, str], threshold: float) -> dict
     }
 
 
-def measure(rows, X_cal, X_ref, layer_sizes, families) -> dict:
+def measure(rows, X_cal, X_ref, layer_sizes, families, grid: dict = JOINT_GRID) -> dict:
     fit = {"groups": rows.groups, "layer_sizes": layer_sizes, "X_calibration": X_cal}
     single = {c: COMPONENTS[c](0).fit(X_ref, **fit) for c in COMPONENTS if c not in SUPERVISED}
     out: dict = {"components": {}, "joint_grid": [], "combinations": {}}
     for name, det in single.items():
         out["components"][name] = {"params": det.get_params(), **_scores(det.neg_log_p, rows, families, _t(det))}
-    for values in itertools.product(*JOINT_GRID.values()):
-        det = PathOutputKNNDetector(**dict(zip(JOINT_GRID, values))).fit(X_ref, **fit)
-        out["joint_grid"].append({**dict(zip(JOINT_GRID, values)), **_scores(det.neg_log_p, rows, families, _t(det))})
+    for values in itertools.product(*grid.values()):
+        det = PathOutputKNNDetector(**dict(zip(grid, values))).fit(X_ref, **fit)
+        out["joint_grid"].append({**dict(zip(grid, values)), **_scores(det.neg_log_p, rows, families, _t(det))})
     best = max(out["joint_grid"], key=lambda r: (round(r["worst_attack"], 3), r["mean_attack"]))
-    out["chosen"] = {key: best[key] for key in JOINT_GRID}
+    out["chosen"] = {key: best[key] for key in grid}
     for combo in COMBINATIONS:
         t_cal = np.column_stack([single[c].neg_log_p(X_cal) for c in combo]).max(1)
         thr = float(np.quantile(t_cal / (1 + t_cal), 0.95))
@@ -117,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-fit", type=int, default=1000)
     p.add_argument("--n-calibration", type=int, default=1000)
     p.add_argument("--n-reference", type=int, default=20000)
+    p.add_argument(
+        "--margin-weights",
+        default=",".join(map(str, JOINT_GRID["margin_weight"])),
+        help="the joint kNN's margin-block weights to try (the grid's other axes stay)",
+    )
     p.add_argument("--json", default=None, help="write the result here too")
     args = p.parse_args(argv)
+    grid = {**JOINT_GRID, "margin_weight": tuple(float(w) for w in args.margin_weights.split(","))}
     bundle = str(args.bundle or default_bundle())
     data = load_rows(bundle, args.cache_dir, args.attacks, args.n_fit, args.n_calibration, args.n_reference)
     result = {
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": f"{args.n_fit} correctly classified validation images and their successful adversarial versions "
         f"({args.attacks}); p-values and thresholds on {args.n_calibration} other clean validation images; clean-only "
         f"detectors fitted on the first {args.n_reference} training images. No test image.",
-        **measure(*data),
+        **measure(*data, grid=grid),
     }
     emit_json(result, args.json)
     return 0
