@@ -82,12 +82,13 @@ def _check_flags_inconsistent(name, data, groups, names, protos, n_early, min_au
         est.fit(X_train, np.ones(len(X_train)), groups=groups, layer_sizes=protos.layer_sizes)
     est.fit(X_train, groups=groups, layer_sizes=protos.layer_sizes, X_calibration=X_val)  # no label at all
     clean = est.decision_function(X_test)
-    odd = est.decision_function(spliced(X_test, y_test, names, protos, n_early))
+    odd_rows = spliced(X_test, y_test, names, protos, n_early)
+    odd = est.decision_function(odd_rows)
     assert np.all((clean >= 0) & (clean < 1)) and np.all((odd >= 0) & (odd < 1))
     auroc = (odd[:, None] > clean[None, :]).mean() + 0.5 * (odd[:, None] == clean[None, :]).mean()
     assert auroc > min_auroc, f"{name}: spliced paths vs clean AUROC {auroc:.3f}"
     assert est.predict(X_test).mean() < 0.15  # calibrated on other clean images at 5%: few clean flags
-    assert est.predict(spliced(X_test, y_test, names, protos, n_early)).mean() > 2 * est.predict(X_test).mean()
+    assert est.predict(odd_rows).mean() > 2 * est.predict(X_test).mean()
 
 
 # The tiny model keeps almost every gate on (density ~0.99) and its early layers barely depend on the class, so
