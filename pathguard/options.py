@@ -107,17 +107,23 @@ def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), shown: Mapping[str, Any] | None = None
+) -> None:
     """One flag per field of ``cls`` (see the module docstring). Defaults stay ``None`` in the namespace,
-    so that :func:`config_from` can tell the flags that were given from those that were not."""
+    so that :func:`config_from` can tell the flags that were given from those that were not. ``shown``: the
+    defaults the help names for some fields (by flattened name) where the command applies its own, as a base
+    config handed to :func:`config_from`."""
+    shown = shown or {}
     for dest, f, typ in _fields(cls):
         if dest in skip:
             continue
         meta = f.metadata
         text = meta.get("help", "")
         env = "" if meta.get("required") or meta.get("positional") else f"env {env_name(dest)}; "
-        shown = f"({env}default: {_shown(_default(f))})" if not meta.get("required") else ""
-        help_text = f"{text} {shown}".strip()
+        default = shown[dest] if dest in shown else _default(f)
+        note = f"({env}default: {_shown(default)})" if not meta.get("required") else ""
+        help_text = f"{text} {note}".strip()
         if meta.get("positional"):
             parser.add_argument(dest, nargs="?", default=None, help=help_text)
             continue

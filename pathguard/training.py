@@ -133,7 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dense bundle; every training setting is a flag. A checkpoint is written every epoch.",
     )
     add_config_arguments(p, DecoupleRun)
-    add_config_arguments(p, TrainConfig, skip=("init_from", "gated"))
+    shown = {**DECOUPLE_DEFAULTS, **{f"gate_{k}": v for k, v in DECOUPLE_GATE_DEFAULTS.items()}}
+    add_config_arguments(p, TrainConfig, skip=("init_from", "gated"), shown=shown)
     p.set_defaults(func=_cmd_decouple)
     p = sub.add_parser(
         "training-report",

@@ -101,3 +101,14 @@ def test_training_report_command(dense, tmp_path, capsys):
     rep = json.loads((out / "tradeoff.json").read_text())
     assert rep["points"][0]["name"] == "g" and [d["name"] for d in rep["dense"]] == ["dense"]
     assert main(["training-report", "--bundles", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_decouple_help_names_the_defaults_decouple_applies(capsys):
+    with pytest.raises(SystemExit):
+        main(["decouple", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    assert "PATHGUARD_GATE_REDUCTION; default: 1)" in text and "PATHGUARD_LR; default: 0.002)" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "PATHGUARD_GATE_REDUCTION; default: 4)" in text and "PATHGUARD_LR; default: 0.004)" in text
