@@ -84,8 +84,6 @@ reports-evaluation: $(STAMP) data
 	    --quiet
 	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/clean_validation.json > /dev/null
-	$(BIN)/python -m bench.clean_validation --bundle $(BUNDLE) --cache-dir cache/attacks \
-	    --margin-weights 0.3,0.45,0.6,0.8,1.0,1.5 --json reports/evaluation/clean_validation_margin_weights.json > /dev/null
 	$(BIN)/python -m bench.cw_misses --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/cw_misses.json > /dev/null
 

@@ -21,6 +21,34 @@ from .clean import CleanDetector, _half, knn_distance, per_class_subset, referen
 MARGIN_FLOOR = 1e-6  # log(margin) is clipped here: a margin of exactly 0 stays finite
 
 
+def log_margin(margin: np.ndarray) -> np.ndarray:
+    """The joint score's margin column: log of the softmax margin, clipped at :data:`MARGIN_FLOOR`."""
+    return np.log(np.maximum(margin, MARGIN_FLOOR))
+
+
+def block_column_weights(widths: list[int], weights: list[float]) -> np.ndarray:
+    """One weight per column: each block's ``weight / sqrt(its width)``, so that a block's squared distance counts
+    as ``weight ** 2`` per standardised column on average and a thin block is not drowned by a wide one."""
+    return np.concatenate([np.full(n, wt / np.sqrt(n)) for n, wt in zip(widths, weights)])
+
+
+def standardiser(Z: np.ndarray, column_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(center, spread) that standardise every column of the clean rows ``Z`` and then apply its weight:
+    ``(Z - center) / spread``. A constant column keeps spread 1 (times its weight)."""
+    sd = Z.std(0)
+    return Z.mean(0), np.where(sd > 1e-6, sd, 1.0) / column_weights.clip(1e-12)
+
+
+def knn_reference(
+    Z: np.ndarray, pred: np.ndarray, per_class: int, n_classes: int, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reference rows at bundle precision, their predicted classes, their radii): at most ``per_class`` seeded
+    rows of each predicted class of the standardised clean rows ``Z``."""
+    keep = per_class_subset(pred, per_class, n_classes, seed)
+    reference, reference_class = _half(Z[keep]), pred[keep].astype(np.int64)
+    return reference, reference_class, reference_radius(reference, reference_class, k)
+
+
 class PathOutputKNNDetector(CleanDetector):
     """Distance to the ``k`` nearest clean rows of the predicted class in (soft path, logits, log margin),
     relative to how sparse the clean rows are there.
@@ -81,22 +109,20 @@ class PathOutputKNNDetector(CleanDetector):
         if X.shape[1] != G + len(CONFIDENCE) + K:
             raise ValueError(f"expected {G} soft-path, {len(CONFIDENCE)} confidence and {K} logit columns")
         margin = X[:, G + CONFIDENCE.index("margin")]
-        rows = np.hstack([X[:, :G], X[:, G + len(CONFIDENCE) :], np.log(np.maximum(margin, MARGIN_FLOOR))[:, None]])
-        weights = np.r_[np.full(G, 1 / np.sqrt(G)), np.full(K, self.logit_weight / np.sqrt(K)), self.margin_weight]
-        return rows, weights
+        rows = np.hstack([X[:, :G], X[:, G + len(CONFIDENCE) :], log_margin(margin)[:, None]])
+        return rows, block_column_weights([G, K, 1], [1.0, self.logit_weight, self.margin_weight])
 
     def _transform(self, X: np.ndarray, fit: bool = False) -> np.ndarray:
         Z, w = self._joint(X)
         if fit:
-            spread = Z.std(0)
-            self.center_, self.spread_ = Z.mean(0), np.where(spread > 1e-6, spread, 1.0) / w.clip(1e-12)
+            self.center_, self.spread_ = standardiser(Z, w)
         return (Z - self.center_) / self.spread_
 
     def _fit_model(self, X: np.ndarray, pred: np.ndarray) -> None:
         Z = self._transform(X, fit=True)
-        keep = per_class_subset(pred, self.max_reference, len(self.logit_columns_), self.random_state)
-        self.reference_, self.reference_class_ = _half(Z[keep]), pred[keep].astype(np.int64)
-        self.radius_ = reference_radius(self.reference_, self.reference_class_, self.k)
+        self.reference_, self.reference_class_, self.radius_ = knn_reference(
+            Z, pred, self.max_reference, len(self.logit_columns_), self.k, self.random_state
+        )
 
     def _raw(self, X: np.ndarray, pred: np.ndarray) -> np.ndarray:
         Z = self._transform(X)
