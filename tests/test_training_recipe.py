@@ -262,6 +262,24 @@ def test_tradeoff_report_from_tiny_bundles(data, dense, tiny_bundle, tmp_path):
     assert group["bundles"] == ["half", "half-s1"] and group["seeds"] == [0, 1]
     assert group["accuracy"] == {"mean": sum(accs) / 2, "min": min(accs), "max": max(accs)}
     assert "One recipe, seeds 0, 1 (half, half-s1)" in (tmp_path / "seeded" / "tradeoff.md").read_text()
+    # another seed of another recipe (a loss weight that is not among the report's columns) joins no group
+    other = tmp_path / "half-mi"
+    shutil.copytree(half_s1, other)
+    m = json.loads((other / "bundle.json").read_text())
+    m["train_config"].update(seed=2, w_mi=2 * m["train_config"]["w_mi"], threads=3)
+    (other / "bundle.json").write_text(json.dumps(m))
+    mixed = tradeoff_report([half, half_s1, other], tmp_path / "mixed", dense=dense)
+    assert [g["bundles"] for g in mixed["seed_groups"]] == [["half", "half-s1"]]
+    m["train_config"]["w_mi"] /= 2  # the same recipe run on more threads: a third seed of it
+    (other / "bundle.json").write_text(json.dumps(m))
+    del m["train_config"]["adversarial_eps"]  # a bundle from before a setting existed: at its default, the same
+    (other / "bundle.json").write_text(json.dumps(m))
+    regrouped = tradeoff_report([half, half_s1, other], tmp_path / "regrouped", dense=dense)
+    assert [g["seeds"] for g in regrouped["seed_groups"]] == [[0, 1, 2]]
+    m["train_config"]["no_such_setting"] = 1
+    (other / "bundle.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="half-mi: train_config .*no_such_setting"):
+        tradeoff_report([half, other], tmp_path / "unread", dense=dense)
     with pytest.raises(ValueError, match="3 dense twins for 2 bundles"):
         tradeoff_report([half, tiny_bundle], out, dense=[dense, twin2, dense])
     with pytest.raises(ValueError, match="reference must be the dense twin"):

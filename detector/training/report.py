@@ -7,12 +7,14 @@ whose ``bundle.model_sha256`` matches a bundle's weights; nothing is re-measured
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..bundle import BundleError, read_meta, verify_files
+from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,25 @@ _CONFIG_KEYS = (
     "seed",
     "gate",
 )
+# Settings that say where or how fast a run went, not what it learnt: ignored when runs are matched by recipe.
+_NOT_RECIPE = ("seed", "device", "threads", "data_root")
+
+
+def recipe_digest(train_config: dict) -> str:
+    """SHA-256 of every training setting but :data:`_NOT_RECIPE`: two runs share a recipe when equal. A setting
+    that a bundle does not record (it predates the setting) is taken at its default, which keeps the old
+    behaviour (:class:`~detector.training.config.TrainConfig`)."""
+    recipe = {k: v for k, v in TrainConfig.from_dict(train_config).to_dict().items() if k not in _NOT_RECIPE}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def _recipe(path: Path, cfg: dict) -> str | None:
+    if not cfg:
+        return None  # no recorded recipe: the bundle joins no seed group
+    try:
+        return recipe_digest(cfg)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"bundle {path}: train_config is not a training recipe this version reads: {exc}") from exc
 
 
 def _point(path: Path, meta: dict) -> dict:
@@ -41,6 +62,7 @@ def _point(path: Path, meta: dict) -> dict:
         "gated": meta["gated"],
         "model_sha256": meta["files"]["model.safetensors"],
         "config": {k: cfg.get(k) for k in _CONFIG_KEYS if k in cfg},
+        "recipe_sha256": _recipe(path, cfg),
         "accuracy": test["accuracy"],
         "n_test": test.get("n"),
         "flops_ratio": test.get("flops_ratio", 1.0),
@@ -142,13 +164,13 @@ def tradeoff_report(
 
 
 def _seed_groups(points: list[dict]) -> list[dict]:
-    """Bundles trained with the same recipe (every recorded setting but the seed, and the same twin) and more
-    than one seed: the spread of their accuracy, gap and path-head accuracy, which says what a difference
-    between two single runs is worth."""
+    """Bundles trained with the same recipe (every recorded setting but the seed and where the run went,
+    :func:`recipe_digest`; and the same twin) and more than one seed: the spread of their accuracy, gap and
+    path-head accuracy, which says what a difference between two single runs is worth."""
     groups: dict[str, list[dict]] = {}
     for p in points:
-        recipe = {k: v for k, v in p["config"].items() if k != "seed"}
-        groups.setdefault(json.dumps([recipe, p.get("dense_twin")], sort_keys=True), []).append(p)
+        if p["recipe_sha256"] is not None:
+            groups.setdefault(json.dumps([p["recipe_sha256"], p.get("dense_twin")]), []).append(p)
     out = []
     for members in groups.values():
         members = sorted(members, key=lambda m: (m["config"].get("seed") or 0, m["name"]))
