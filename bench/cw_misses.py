@@ -34,7 +34,7 @@ import torch
 
 from detector.attacks import parse_attacks
 from detector.bundle import default_bundle, load_bundle
-from detector.detectors.clean import knn_distance
+from detector.detectors.clean import NullDistribution, knn_distance
 from detector.detectors.joint import block_column_weights, knn_reference, log_margin, standardiser
 from detector.detectors.selection import auroc
 from detector.evaluation.adversarial import compute_all
@@ -142,18 +142,18 @@ def joint_blocks(reference: dict, calibration: dict, clean: dict, attacked: dict
 
 
 def class_margin(reference: dict):
-    """Low margin judged against the clean images *of the predicted class*: ``-log`` of the share of the class's
-    reference margins at or below the input's (a class whose clean images are rarely undecided flags sooner)."""
+    """Low margin judged against the clean images *of the predicted class*: the clean-only detectors' p-value
+    (:class:`~detector.detectors.clean.NullDistribution` of ``-margin``) under that class's reference margins
+    alone (a class whose clean images are rarely undecided flags sooner)."""
     pred = reference["logits"].argmax(1)
-    per_class = [np.sort(reference["margin"][pred == c, 0]) for c in range(reference["logits"].shape[1])]
+    nulls = [NullDistribution(-reference["margin"][pred == c, 0]) for c in range(reference["logits"].shape[1])]
 
     def score(F: dict) -> np.ndarray:
         margin, p = F["margin"][:, 0], F["logits"].argmax(1)
-        tail = np.empty(len(margin))
-        for c, ref in enumerate(per_class):
-            rows = p == c
-            tail[rows] = (np.searchsorted(ref, margin[rows], side="right") + 1) / (len(ref) + 1)
-        return -np.log(tail)
+        out = np.empty(len(margin))
+        for c, null in enumerate(nulls):
+            out[p == c] = null.neg_log_p(-margin[p == c])
+        return out
 
     return score
 
