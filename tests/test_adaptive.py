@@ -223,6 +223,26 @@ def test_budget_and_range_are_respected(parts, name):
     model.eval()
 
 
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_ATTACKS))
+def test_a_large_budget_widens_the_ball_not_the_steps(parts, name):
+    """With step_eps, eps 0.3 takes eps 0.1's step sizes and random start, yet may use the whole 0.3 ball."""
+    bundle, _, _, pipe = parts
+    x, y = _correct(bundle.model, 6, seed=41)
+    cfg = AdaptiveConfig(steps=60, step_eps=0.1)
+    small, large = make_attack(name, pipe, cfg, 0.1, lam=0.5), make_attack(name, pipe, cfg, 0.3, lam=0.5)
+    assert (small.step_eps, large.step_eps, large.eps) == (0.1, 0.1, 0.3)
+    if isinstance(large, SelectivePGD):
+        assert [large.step_size(s) for s in (0, 30, 59)] == [small.step_size(s) for s in (0, 30, 59)]
+        assert large.step_size(0) == pytest.approx(0.1 / 4)
+    else:
+        assert large.alpha == small.alpha == pytest.approx(2.5 * 0.1 / 60)
+    assert make_attack(name, pipe, AdaptiveConfig(steps=60, step_eps=0.5), 0.3, lam=0.5).step_eps == 0.3
+    adv = large(x, y, batch_size=6).adversarial
+    assert float((adv - x).abs().max()) <= 0.3 + 1e-6
+    with pytest.raises(ValueError, match="step_eps=0"):
+        AdaptiveConfig(step_eps=0.0)
+
+
 def test_attacks_are_seeded_per_batch(parts):
     bundle, _, _, pipe = parts
     x, y = _correct(bundle.model, 8, seed=36)

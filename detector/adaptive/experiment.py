@@ -48,7 +48,7 @@ ADAPTIVE_ATTACKS: dict[str, type[AdaptiveAttack]] = {
 }
 AWARE = ("selective", "detector-pgd")  # attacks that follow the detector's gradient
 WEIGHTED = ("detector-pgd", "mimicry")  # attacks with a weight lambda on their second term
-REFERENCE = "pgd"  # the non-adaptive reference attack, at the same budget, steps and step size
+REFERENCE = "pgd"  # the non-adaptive reference attack: same budget and steps, torchattacks' step 2.5 eps / steps
 TRANSFER = "transfer-logreg"  # selective PGD made against a logistic-regression detector, scored by the real one
 QUICK = {"n": 40, "steps": 20, "restarts": 1, "n_harden": 40}  # --quick: a CI-sized run
 
@@ -64,6 +64,9 @@ class AdaptiveConfig:
     restarts, modes, start_radius : selective PGD's restarts, the mode of each, and the radius of the
         random start of restarts after the first (a fraction of eps); see :class:`SelectivePGD`.
     check_steps : the fewer-steps run of the "more steps never lowers success" check (0: steps // 4).
+    step_eps : the adaptive attacks' step sizes and random starts scale with ``min(eps, step_eps)``, so a
+        larger budget widens the search, not the steps (see :class:`AdaptiveAttack`); the plain-PGD
+        reference keeps torchattacks' ``2.5 eps / steps``.
     n_harden : validation images (the detector's own fitting images) attacked to make hardening examples.
     surrogate : "auto" (a linear detector's exact gradient, else the smooth relaxation of its trees or
         p-values, else a network fitted on the attack's iterates) or "iterates" (always that network).
@@ -84,6 +87,9 @@ class AdaptiveConfig:
     modes: tuple[str, ...] = field(default=MODES, metadata={"help": "selective PGD mode of each restart, cycled"})
     start_radius: float = field(default=0.25, metadata={"help": "random start radius of restarts > 1, x eps"})
     check_steps: int = field(default=0, metadata={"help": "steps of the fewer-steps sanity run (0: steps // 4)"})
+    step_eps: float = field(
+        default=GOAL_EPS, metadata={"help": "adaptive attacks' steps and starts scale with min(eps, this)"}
+    )
     classifier_loss: str = field(default="margin", metadata={"choices": CLASSIFIER_LOSSES})
     kappa: float = field(default=1.0, metadata={"help": "classifier margin asked for, logit units"})
     balance: bool = field(
@@ -143,6 +149,8 @@ class AdaptiveConfig:
             raise ValueError(f"surrogate={self.surrogate!r} must be one of {SURROGATE_KINDS}")
         if self.kappa < 0:
             raise ValueError(f"kappa={self.kappa} must be >= 0")
+        if self.step_eps <= 0:
+            raise ValueError(f"step_eps={self.step_eps} must be > 0")
         self._check_selective()
 
     def _check_selective(self) -> None:
@@ -198,12 +206,13 @@ def make_attack(
             modes=cfg.modes,
             kappa=cfg.kappa,
             start_radius=cfg.start_radius,
+            step_eps=cfg.step_eps,
         )
     assert lam is not None  # lambdas_of gives every weighted attack its lambdas
     kwargs = {
         "eps": eps,
         "steps": cfg.steps,
-        "alpha": _alpha(eps, cfg.steps),
+        "step_eps": cfg.step_eps,
         "lam": lam,
         "balance": cfg.balance,
         "classifier_loss": cfg.classifier_loss,

@@ -16,10 +16,11 @@ misclassification; ``mode="selective"`` steps on the raw gradient. Restarts alte
 ``modes``: the first starts at the clean image, later ones at a uniform point of a ball of radius
 ``start_radius * eps`` (a small ball: uniform noise over the whole budget is itself what a path detector
 fitted on noisy attacks flags). Restarts only run for images that have not evaded yet. The step size
-follows a cosine from ``eps / 4`` to ``eps / 200``; the smooth relaxations' temperature anneals over each
-restart. Success is decided by the real detector at its calibrated threshold; the first evading iterate
-is kept (else the misclassified iterate with the lowest score, else the last one). Budget: Linf ``eps`` in
-[0, 1] pixel space; images stay in [0, 1].
+follows a cosine from ``eps / 4`` to ``eps / 200``, and the smooth relaxations' temperature anneals over each
+restart; with ``step_eps`` both the schedule and the random start scale with ``min(eps, step_eps)`` instead
+(:class:`AdaptiveAttack`). Success is decided by the real detector at its calibrated threshold; the first
+evading iterate is kept (else the misclassified iterate with the lowest score, else the last one). Budget:
+Linf ``eps`` in [0, 1] pixel space; images stay in [0, 1].
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class SelectivePGD(AdaptiveAttack):
     modes : the mode of each restart, cycled; each in {"selective", "orthogonal"}.
     kappa : float >= 0, the classifier margin asked for before the detector is worked on (logit units).
     start_radius : float in [0, 1], the random start's radius for restarts after the first, as a fraction
-        of eps.
+        of eps (of ``step_eps`` when that is smaller).
+    step_eps : the budget the step schedule and the random start scale with, ``min(eps, step_eps)`` (None: eps).
     """
 
     name = "selective"
@@ -69,8 +71,11 @@ class SelectivePGD(AdaptiveAttack):
         modes: tuple[str, ...] = MODES,
         kappa: float = 1.0,
         start_radius: float = 0.25,
+        step_eps: float | None = None,
     ) -> None:
-        super().__init__(pipeline, eps=eps, steps=steps, kappa=kappa, random_start=False, early_stop=True)
+        super().__init__(
+            pipeline, eps=eps, steps=steps, step_eps=step_eps, kappa=kappa, random_start=False, early_stop=True
+        )
         if restarts < 1:
             raise ValueError(f"restarts={restarts} must be >= 1")
         if not modes or set(modes) - set(MODES):
@@ -82,8 +87,8 @@ class SelectivePGD(AdaptiveAttack):
         self.restarts, self.modes, self.start_radius = int(restarts), tuple(modes), float(start_radius)
 
     def step_size(self, step: int) -> float:
-        """Cosine schedule from eps / 4 to eps / 200 over one restart."""
-        hi, lo = self.eps / 4, self.eps / 200
+        """Cosine schedule from step_eps / 4 to step_eps / 200 over one restart."""
+        hi, lo = self.step_eps / 4, self.step_eps / 200
         return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * step / max(self.steps - 1, 1)))
 
     def forward(self, images: Tensor, labels: Tensor, gen: torch.Generator, bar: tqdm | None = None) -> Tensor:
@@ -101,7 +106,7 @@ class SelectivePGD(AdaptiveAttack):
                 break
             x = x0[active].clone()
             if r > 0 and self.start_radius > 0:
-                noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(device) * self.start_radius * self.eps
+                noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(device) * self.start_radius * self.step_eps
                 x = torch.minimum(torch.maximum(x + noise, lo[active]), hi[active])
             self._restart(x, active, y, lo, hi, best, best_key, found, r, bar)
         self._found.append(found)
@@ -159,7 +164,7 @@ class SelectivePGD(AdaptiveAttack):
     def describe(self) -> dict:
         return {
             **super().describe(),
-            "alpha": "cosine eps/4 -> eps/200",
+            "alpha": f"cosine {self.step_eps / 4:g} -> {self.step_eps / 200:g}",
             "restarts": self.restarts,
             "modes": list(self.modes),
             "start_radius": self.start_radius,
