@@ -231,14 +231,22 @@ def test_a_large_budget_widens_the_ball_not_the_steps(parts, name):
     cfg = AdaptiveConfig(steps=60, step_eps=0.1)
     small, large = make_attack(name, pipe, cfg, 0.1, lam=0.5), make_attack(name, pipe, cfg, 0.3, lam=0.5)
     assert (small.step_eps, large.step_eps, large.eps) == (0.1, 0.1, 0.3)
+    assert small.scales() == [0.1] and large.scales() == [0.1, 0.3]  # a second, wide pass for what is left
     if isinstance(large, SelectivePGD):
         assert [large.step_size(s) for s in (0, 30, 59)] == [small.step_size(s) for s in (0, 30, 59)]
         assert large.step_size(0) == pytest.approx(0.1 / 4)
     else:
         assert large.alpha == small.alpha == pytest.approx(2.5 * 0.1 / 60)
-    assert make_attack(name, pipe, AdaptiveConfig(steps=60, step_eps=0.5), 0.3, lam=0.5).step_eps == 0.3
-    adv = large(x, y, batch_size=6).adversarial
-    assert float((adv - x).abs().max()) <= 0.3 + 1e-6
+    assert make_attack(name, pipe, AdaptiveConfig(steps=60, step_eps=0.5), 0.3, lam=0.5).scales() == [0.3]
+    res = large(x, y, batch_size=6)
+    assert float((res.adversarial - x).abs().max()) <= 0.3 + 1e-6
+    # the wide pass only adds: every image the fine pass alone gets through, both passes get through
+    fine_only = make_attack(name, pipe, cfg, 0.3, lam=0.5)
+    fine_only.scales = lambda: [0.1]
+    first = fine_only(x, y, batch_size=6)
+    assert first.found_at is not None and res.found_at is not None
+    through_first, through_both = first.found_at >= 0, res.found_at >= 0
+    assert bool((through_both | ~through_first).all()), (through_first, through_both)
     with pytest.raises(ValueError, match="step_eps=0"):
         AdaptiveConfig(step_eps=0.0)
 

@@ -72,9 +72,11 @@ class AdaptiveAttack:
     steps : int >= 1, gradient steps.
     alpha : step size; default ``2.5 * step_eps / steps`` (Madry et al. 2018).
     step_eps : the budget the step size and the random start scale with: ``min(eps, step_eps)`` (None: eps).
-        A budget above it widens the ball the attack may search, not its steps: steps and starts of a whole
-        large ball overshoot the narrow region where an input is misclassified yet unflagged, which made
-        success fall from eps 0.1 to 0.3 (the sanity check that success never decreases with eps).
+        At a budget above it the attack runs a second pass, with steps and start scaled to eps, for the images
+        the first did not get through (:meth:`scales`). Steps and starts of a whole large ball alone overshoot
+        the narrow region where an input is misclassified yet unflagged, which made success fall from eps 0.1
+        to 0.3 (the sanity check that success never decreases with eps); fine steps alone fall short where
+        the classifier's margins are wide.
     lam : float >= 0, weight of the evasion term.
     balance : if True (default) each term's gradient is divided by its per-image L2 norm before weighting,
         so that ``lam`` is the ratio of the two directions and means the same on every model and image;
@@ -121,6 +123,7 @@ class AdaptiveAttack:
         self.eps = float(eps)
         self.steps = int(steps)
         self.step_eps = min(self.eps, float(step_eps)) if step_eps is not None else self.eps
+        self._fixed_alpha = alpha is not None
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.step_eps / self.steps
         self.lam = float(lam)
         self.balance = balance
@@ -187,8 +190,15 @@ class AdaptiveAttack:
         found = torch.cat(self._found).cpu() if len(self._found) == n_batches and n_batches else None
         return AdaptiveResult(adv, labels.clone(), time.perf_counter() - t0, self._work, found)
 
+    def scales(self) -> list[float]:
+        """The budgets the step size and random start of each pass scale with: ``step_eps``, then, when the
+        budget is larger and no explicit ``alpha`` was given, ``eps`` itself for the images still not through.
+        Fine steps find the narrow region where an input is misclassified yet unflagged; wide ones reach
+        inputs that fine steps cannot get to within ``steps`` (a robust classifier's wider margins)."""
+        return [self.step_eps] + ([self.eps] if self.step_eps < self.eps and not self._fixed_alpha else [])
+
     def forward(self, images: Tensor, labels: Tensor, gen: torch.Generator, bar: tqdm | None = None) -> Tensor:
-        """One batch: PGD from a random start; returns each image's best iterate.
+        """One batch: PGD from a random start, one pass per :meth:`scales`; returns each image's best iterate.
 
         Best, by the real detector at its calibrated threshold: an iterate that is misclassified and not
         flagged (with ``early_stop`` the first such; otherwise the one with the lowest score); else a
@@ -197,16 +207,29 @@ class AdaptiveAttack:
         pipe = self.pipeline
         device = pipe.device
         x0, y = images.to(device), labels.to(device)
-        lo, hi = (x0 - self.eps).clamp(0, 1), (x0 + self.eps).clamp(0, 1)
         with torch.no_grad():
             tgt = self.targets(pipe.model(x0), y)
-        x = x0.clone()
-        if self.random_start:
-            x = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * self.step_eps).clamp(lo, hi)
-        best = x.clone()
-        best_key = torch.full((len(x0),), 4.0, device=device)
+        best = x0.clone()
+        best_key = torch.full((len(x0),), 4.0, device=device)  # evading 0..1 (by score), flagged 2..3, neither 4
         found = torch.full((len(x0),), -1, dtype=torch.long, device=device)
-        active = torch.arange(len(x0), device=device)  # rows still being optimised
+        for i, scale in enumerate(self.scales()):
+            rows = (best_key >= 2).nonzero()[:, 0]  # not through yet
+            if not len(rows):
+                break
+            x = x0.clone()
+            if self.random_start:
+                noise = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * scale
+                x[rows] = (x0[rows] + noise[rows]).clamp(0, 1)
+                x = torch.minimum(torch.maximum(x, x0 - self.eps), x0 + self.eps)
+            alpha = self.alpha if scale == self.step_eps else 2.5 * scale / self.steps
+            self._pass(x, x0, y, tgt, rows, alpha, (best, best_key, found), i * (self.steps + 1), bar)
+        self._found.append(found)
+        return best.detach()
+
+    # Over 60 lines on purpose: one PGD pass, judge -> keep the best -> step, in the order it runs.
+    def _pass(self, x, x0, y, tgt, active, alpha, state, offset, bar) -> None:
+        pipe, (best, best_key, found) = self.pipeline, state
+        lo, hi = (x0 - self.eps).clamp(0, 1), (x0 + self.eps).clamp(0, 1)
         for step in range(self.steps + 1):
             xa = x[active].requires_grad_(True)
             self._work += len(active)
@@ -214,15 +237,14 @@ class AdaptiveAttack:
             out, X = pipe.forward(xa)
             with torch.no_grad():
                 wrong = out.logits.argmax(1) != ya
-                score = torch.as_tensor(pipe.real_scores(X), dtype=torch.float32, device=device)
+                score = torch.as_tensor(pipe.real_scores(X), dtype=torch.float32, device=x.device)
                 evades = wrong & (score <= pipe.threshold)
-                # keys: evading 0..1 (by score), misclassified but flagged 2..3, neither 4
                 key = torch.where(evades, score, torch.where(wrong, 2 + score, torch.full_like(score, 4.0)))
                 better = (key < best_key[active]) | ((key >= 4) & (best_key[active] >= 4))
                 rows = active[better]
                 best[rows] = xa.detach()[better]
                 best_key[active] = torch.minimum(best_key[active], key)
-                found[active[evades & (found[active] < 0)]] = step
+                found[active[evades & (found[active] < 0)]] = offset + step
             if step == self.steps:
                 break
             keep = ~evades if self.early_stop else torch.ones_like(evades)
@@ -239,14 +261,12 @@ class AdaptiveAttack:
                 direction = torch.autograd.grad((cls + self.lam * evade).sum(), xa)[0]
             with torch.no_grad():
                 active = active[keep]
-                step_x = xa.detach()[keep] - self.alpha * direction[keep].sign()
+                step_x = xa.detach()[keep] - alpha * direction[keep].sign()
                 x[active] = torch.minimum(torch.maximum(step_x, lo[active]), hi[active])
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.update(self.steps - step)
-        self._found.append(found)
-        return best.detach()
 
     def classifier_term(self, logits: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
         """Untargeted (away from ``labels``) or targeted (towards ``targets``) loss, per image, to minimise."""
@@ -265,6 +285,7 @@ class AdaptiveAttack:
             "steps": self.steps,
             "alpha": self.alpha,
             "step_eps": self.step_eps,
+            "scales": self.scales(),
             "lam": self.lam,
             "balance": self.balance,
             "classifier_loss": self.classifier_loss,

@@ -64,9 +64,9 @@ class AdaptiveConfig:
     restarts, modes, start_radius : selective PGD's restarts, the mode of each, and the radius of the
         random start of restarts after the first (a fraction of eps); see :class:`SelectivePGD`.
     check_steps : the fewer-steps run of the "more steps never lowers success" check (0: steps // 4).
-    step_eps : the adaptive attacks' step sizes and random starts scale with ``min(eps, step_eps)``, so a
-        larger budget widens the search, not the steps (see :class:`AdaptiveAttack`); the plain-PGD
-        reference keeps torchattacks' ``2.5 eps / steps``.
+    step_eps : the adaptive attacks' step sizes and random starts scale with ``min(eps, step_eps)``; a larger
+        budget then gets a second pass scaled to eps for the images still not through (see
+        :meth:`AdaptiveAttack.scales`); the plain-PGD reference keeps torchattacks' ``2.5 eps / steps``.
     n_harden : validation images (the detector's own fitting images) attacked to make hardening examples.
     surrogate : "auto" (a linear detector's exact gradient, else the smooth relaxation of its trees or
         p-values, else a network fitted on the attack's iterates) or "iterates" (always that network).
@@ -359,12 +359,13 @@ def estimate_cost(
     per_image = sum(
         len(lambdas_of(a, cfg)) * cfg.steps * (cfg.restarts if a == "selective" else 1) for a in cfg.attacks
     )
-    adaptive = cfg.n * len(cfg.eps) * per_image
+    passes = sum(2 if e > cfg.step_eps else 1 for e in cfg.eps)  # budgets above step_eps get a second pass
+    adaptive = cfg.n * passes * per_image
     plain = 0.5 * cfg.n * cfg.steps * len(cfg.eps)
     plain += cfg.n * cfg.check_steps * cfg.restarts  # the fewer-steps sanity run
     if cfg.transfer:  # selective PGD through the logistic-regression twin
-        plain += cfg.n * len(cfg.eps) * cfg.steps * cfg.restarts
-    harden = cfg.n_harden * len(cfg.eps) * per_image if cfg.harden else 0
+        plain += cfg.n * passes * cfg.steps * cfg.restarts
+    harden = cfg.n_harden * passes * per_image if cfg.harden else 0
     base = 0.0
     if need_base:
         base = 0.5 * n_fit * sum(int(s.params.get("steps", 1)) for s in base_attacks)

@@ -80,14 +80,15 @@ def render_markdown(r: dict) -> str:
         f"- selective / orthogonal PGD (Bryniarski et al. 2022): {cfg['steps']} steps per restart, "
         f"{cfg['restarts']} restart(s) for images not yet through (modes {', '.join(cfg['modes'])}, cycled), the "
         f"first from the clean image, later ones from a ball of radius {cfg['start_radius']:g} e; step size "
-        f"cosine from e/4 to e/200, where e = min(eps, {step_eps:g}): a budget above {step_eps:g} widens the ball, "
-        "not the steps. Each step works on the objective the real pipeline says is unmet: the "
-        f"classifier margin until misclassified by kappa = {cfg['kappa']:g}, else the detector's logit while the "
-        "real detector flags the input; orthogonal mode removes from the step its component along the other "
-        "objective's gradient. " + _surrogate_sentence(det["surrogate"]),
+        f"cosine from e/4 to e/200, where e = min(eps, {step_eps:g}); at a budget above {step_eps:g}, the same "
+        "restarts again with e = eps for the images still not through. Each step works on the objective the real "
+        f"pipeline says is unmet: the classifier margin until misclassified by kappa = {cfg['kappa']:g}, else the "
+        "detector's logit while the real detector flags the input; orthogonal mode removes from the step its "
+        "component along the other objective's gradient. " + _surrogate_sentence(det["surrogate"]),
         f"- path mimicry: towards the {cfg['mimicry_target']} class, plus lambda x squared distance between the soft "
         "path and that class's mean soft path (prototype); its gradients ignore the detector; random start in "
-        "the ball of radius e, step 2.5 e / steps.",
+        "the ball of radius e, step 2.5 e / steps (above that budget, a second pass with e = eps for the images "
+        "left).",
         "- plain PGD: torchattacks PGD on cross-entropy, same budget and steps, step 2.5 eps / steps, random "
         "start (the kind of attack the detector was fitted on).",
         *(

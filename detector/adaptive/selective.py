@@ -17,8 +17,9 @@ misclassification; ``mode="selective"`` steps on the raw gradient. Restarts alte
 ``start_radius * eps`` (a small ball: uniform noise over the whole budget is itself what a path detector
 fitted on noisy attacks flags). Restarts only run for images that have not evaded yet. The step size
 follows a cosine from ``eps / 4`` to ``eps / 200``, and the smooth relaxations' temperature anneals over each
-restart; with ``step_eps`` both the schedule and the random start scale with ``min(eps, step_eps)`` instead
-(:class:`AdaptiveAttack`). Success is decided by the real detector at its calibrated threshold; the first
+restart; with ``step_eps`` both the schedule and the random start scale with ``min(eps, step_eps)`` instead,
+and a budget above ``step_eps`` gets a second round of restarts scaled to eps for the images still not through
+(:meth:`AdaptiveAttack.scales`). Success is decided by the real detector at its calibrated threshold; the first
 evading iterate is kept (else the misclassified iterate with the lowest score, else the last one). Budget:
 Linf ``eps`` in [0, 1] pixel space; images stay in [0, 1].
 """
@@ -87,8 +88,9 @@ class SelectivePGD(AdaptiveAttack):
         self.restarts, self.modes, self.start_radius = int(restarts), tuple(modes), float(start_radius)
 
     def step_size(self, step: int) -> float:
-        """Cosine schedule from step_eps / 4 to step_eps / 200 over one restart."""
-        hi, lo = self.step_eps / 4, self.step_eps / 200
+        """Cosine schedule from e / 4 to e / 200 over one restart, e the pass's scale (:meth:`scales`)."""
+        e = getattr(self, "_scale", self.step_eps)
+        hi, lo = e / 4, e / 200
         return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * step / max(self.steps - 1, 1)))
 
     def forward(self, images: Tensor, labels: Tensor, gen: torch.Generator, bar: tqdm | None = None) -> Tensor:
@@ -100,15 +102,17 @@ class SelectivePGD(AdaptiveAttack):
         sur.reset()
         best, best_key = x0.clone(), torch.full((len(x0),), 4.0, device=device)
         found = torch.full((len(x0),), -1, dtype=torch.long, device=device)
-        for r in range(self.restarts):
-            active = (found < 0).nonzero()[:, 0]
-            if not len(active):
-                break
-            x = x0[active].clone()
-            if r > 0 and self.start_radius > 0:
-                noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(device) * self.start_radius * self.step_eps
-                x = torch.minimum(torch.maximum(x + noise, lo[active]), hi[active])
-            self._restart(x, active, y, lo, hi, best, best_key, found, r, bar)
+        for i, scale in enumerate(self.scales()):
+            self._scale = scale
+            for r in range(self.restarts):
+                active = (found < 0).nonzero()[:, 0]
+                if not len(active):
+                    break
+                x = x0[active].clone()
+                if r > 0 and self.start_radius > 0:
+                    noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(device) * self.start_radius * scale
+                    x = torch.minimum(torch.maximum(x + noise, lo[active]), hi[active])
+                self._restart(x, active, y, lo, hi, best, best_key, found, i * self.restarts + r, bar)
         self._found.append(found)
         return best.detach()
 
@@ -164,7 +168,7 @@ class SelectivePGD(AdaptiveAttack):
     def describe(self) -> dict:
         return {
             **super().describe(),
-            "alpha": f"cosine {self.step_eps / 4:g} -> {self.step_eps / 200:g}",
+            "alpha": " then ".join(f"cosine {e / 4:g} -> {e / 200:g}" for e in self.scales()),
             "restarts": self.restarts,
             "modes": list(self.modes),
             "start_radius": self.start_radius,
