@@ -21,19 +21,9 @@ from torch import nn
 
 from detector.bundle import load_bundle
 from detector.data import ImageDataset
-from detector.splits import bundle_splits
+from detector.splits import accuracy, bundle_splits
 
 from .helpers import emit_json
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: ImageDataset, batch_size: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        correct += int((model(data.float_images(idx)).argmax(1) == data.labels[idx]).sum())
-    return correct / len(data)
 
 
 @torch.no_grad()

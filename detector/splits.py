@@ -36,6 +36,18 @@ def bundle_splits(meta: dict, data_root: str | None = None) -> Splits:
 
 
 @torch.no_grad()
+def accuracy(model: DecoupledNet, data: ImageDataset, batch_size: int = 1000) -> float:
+    """Fraction of ``data`` the model classifies correctly, in eval mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        idx = slice(start, start + batch_size)
+        correct += int((model(data.float_images(idx).to(device)).argmax(1).cpu() == data.labels[idx]).sum())
+    return correct / len(data)
+
+
+@torch.no_grad()
 def correctly_classified(
     model: DecoupledNet, data: ImageDataset, n: int, *, seed: int = 0, skip: int = 0, batch_size: int = 500
 ) -> Tensor:

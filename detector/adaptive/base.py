@@ -207,6 +207,7 @@ class AdaptiveAttack:
         pipe = self.pipeline
         device = pipe.device
         x0, y = images.to(device), labels.to(device)
+        lo, hi = (x0 - self.eps).clamp(0, 1), (x0 + self.eps).clamp(0, 1)
         with torch.no_grad():
             tgt = self.targets(pipe.model(x0), y)
         best = x0.clone()
@@ -219,17 +220,15 @@ class AdaptiveAttack:
             x = x0.clone()
             if self.random_start:
                 noise = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * scale
-                x[rows] = (x0[rows] + noise[rows]).clamp(0, 1)
-                x = torch.minimum(torch.maximum(x, x0 - self.eps), x0 + self.eps)
+                x[rows] = torch.minimum(torch.maximum(x0[rows] + noise[rows], lo[rows]), hi[rows])
             alpha = self.alpha if scale == self.step_eps else 2.5 * scale / self.steps
-            self._pass(x, x0, y, tgt, rows, alpha, (best, best_key, found), i * (self.steps + 1), bar)
+            self._pass(x, (lo, hi), y, tgt, rows, alpha, (best, best_key, found), i * (self.steps + 1), bar)
         self._found.append(found)
         return best.detach()
 
     # Over 60 lines on purpose: one PGD pass, judge -> keep the best -> step, in the order it runs.
-    def _pass(self, x, x0, y, tgt, active, alpha, state, offset, bar) -> None:
-        pipe, (best, best_key, found) = self.pipeline, state
-        lo, hi = (x0 - self.eps).clamp(0, 1), (x0 + self.eps).clamp(0, 1)
+    def _pass(self, x, bounds, y, tgt, active, alpha, state, offset, bar) -> None:
+        pipe, (lo, hi), (best, best_key, found) = self.pipeline, bounds, state
         for step in range(self.steps + 1):
             xa = x[active].requires_grad_(True)
             self._work += len(active)

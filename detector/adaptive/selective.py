@@ -87,9 +87,10 @@ class SelectivePGD(AdaptiveAttack):
             raise ValueError("SelectivePGD differentiates the detector: the pipeline needs a surrogate")
         self.restarts, self.modes, self.start_radius = int(restarts), tuple(modes), float(start_radius)
 
-    def step_size(self, step: int) -> float:
-        """Cosine schedule from e / 4 to e / 200 over one restart, e the pass's scale (:meth:`scales`)."""
-        e = getattr(self, "_scale", self.step_eps)
+    def step_size(self, step: int, scale: float | None = None) -> float:
+        """Cosine schedule from e / 4 to e / 200 over one restart, e the pass's ``scale`` (:meth:`scales`;
+        None: ``step_eps``)."""
+        e = self.step_eps if scale is None else scale
         hi, lo = e / 4, e / 200
         return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * step / max(self.steps - 1, 1)))
 
@@ -103,7 +104,6 @@ class SelectivePGD(AdaptiveAttack):
         best, best_key = x0.clone(), torch.full((len(x0),), 4.0, device=device)
         found = torch.full((len(x0),), -1, dtype=torch.long, device=device)
         for i, scale in enumerate(self.scales()):
-            self._scale = scale
             for r in range(self.restarts):
                 active = (found < 0).nonzero()[:, 0]
                 if not len(active):
@@ -112,12 +112,12 @@ class SelectivePGD(AdaptiveAttack):
                 if r > 0 and self.start_radius > 0:
                     noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(device) * self.start_radius * scale
                     x = torch.minimum(torch.maximum(x + noise, lo[active]), hi[active])
-                self._restart(x, active, y, lo, hi, best, best_key, found, i * self.restarts + r, bar)
+                self._restart(x, active, y, lo, hi, best, best_key, found, i * self.restarts + r, scale, bar)
         self._found.append(found)
         return best.detach()
 
     # Over 60 lines on purpose: one PGD restart, judge -> choose objective -> step, in the order it runs.
-    def _restart(self, x, active, y, lo, hi, best, best_key, found, r, bar) -> None:
+    def _restart(self, x, active, y, lo, hi, best, best_key, found, r, scale, bar) -> None:
         pipe, sur = self.pipeline, self.pipeline.surrogate
         assert sur is not None  # checked in __init__
         orthogonal = self.modes[r % len(self.modes)] == "orthogonal"
@@ -158,7 +158,7 @@ class SelectivePGD(AdaptiveAttack):
                 direction = torch.autograd.grad(torch.where(on_cls, margin, det).sum(), xa)[0]
             with torch.no_grad():
                 active = active[keep]
-                x = xa.detach()[keep] - self.step_size(step) * direction[keep].sign()
+                x = xa.detach()[keep] - self.step_size(step, scale) * direction[keep].sign()
                 x = torch.minimum(torch.maximum(x, lo[active]), hi[active])
             if bar is not None:
                 bar.update(1)

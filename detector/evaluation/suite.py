@@ -7,13 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..attacks import AttackSpec, parse_attacks
 from ..bundle import Bundle, load_bundle
 from ..reporting import report_header
-from ..splits import Splits, bundle_splits
+from ..splits import Splits, accuracy, bundle_splits
 from .adversarial import compute_all, compute_shard, load_shards
 from .analysis import analyze
 from .config import EvalConfig
@@ -46,14 +45,6 @@ def _prepare(cfg: EvalConfig) -> Prepared:
         seed=cfg.seed,
     )
     return Prepared(bundle, splits, sets, parse_attacks(cfg.attacks))
-
-
-@torch.no_grad()
-def _accuracy(model, data, batch: int = 1000) -> float:
-    correct = 0
-    for i in range(0, len(data), batch):
-        correct += int((model(data.float_images(slice(i, i + batch))).argmax(1) == data.labels[i : i + batch]).sum())
-    return correct / len(data)
 
 
 def run_shard(cfg: EvalConfig, shard: int, n_shards: int, out: Path, progress: bool = True) -> Path:
@@ -119,11 +110,11 @@ def _finish(
     t_attacks = time.perf_counter() - t0
     body, scores = analyze(cfg, bundle, sets, specs, adv)
     t1 = time.perf_counter()
-    accuracy = _accuracy(bundle.model, splits.test)
+    test_accuracy = accuracy(bundle.model, splits.test)
     stages = {"images and attacks": t_attacks, **body["timing"]["stages"], "clean accuracy": time.perf_counter() - t1}
     report = {
         **report_header(bundle, cfg.bundle, cfg.to_dict()),
-        "clean_accuracy": accuracy,
+        "clean_accuracy": test_accuracy,
         "clean_accuracy_n": len(splits.test),
         "images": {
             "calibration": sets.calibration.describe(),
