@@ -346,6 +346,10 @@ class DynamicBatcher:
             assert runner is not None  # every request was refused above when there is none
             metrics.observe_many(metrics.QUEUE_DURATION, np.array([now - r.enqueued for r in live]))
             outcomes.extend(self._screen(live, runner))
+        with self._cond:
+            # Answered images are no longer load: a caller may send its next request the moment it has its
+            # answer, before this worker is done, and a forming batch must not wait for the answered ones.
+            self._computing = 0
         try:
             self._deliver(outcomes)
         except Exception as exc:

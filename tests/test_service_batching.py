@@ -92,6 +92,25 @@ def test_a_lone_caller_is_not_held_for_the_queue_delay():
         batcher.stop(10)
 
 
+def test_a_caller_that_sends_again_as_soon_as_it_is_answered_is_not_held():
+    """The next request of a sequential caller can arrive before the worker has finished with the batch that
+    answered it; the images already answered must not count as load that a forming batch waits for."""
+    runner = FakeRunner()
+    runner.release()
+    batcher = DynamicBatcher(runner, max_batch_size=32, max_queue_delay=60.0, max_queue_size=4).start()
+    chained: list = []
+    try:
+        first = batcher.submit(images(1))
+        # runs in the worker thread the moment request 1 is answered, before the worker's own bookkeeping ends
+        first.add_done_callback(lambda _: chained.append(batcher.submit(images(2))))
+        assert first.result(timeout=20).predictions.tolist() == [1]
+        wait_until(lambda: chained, 20)
+        assert chained[0].result(timeout=20).predictions.tolist() == [2]  # not held for the 60 s window
+        assert runner.batches == [[1], [2]]
+    finally:
+        batcher.stop(10)
+
+
 def test_batcher_queue_bound_and_stop():
     runner = FakeRunner()
     batcher = DynamicBatcher(runner, max_batch_size=1, max_queue_delay=0.0, max_queue_size=2).start()
