@@ -80,6 +80,9 @@ reports-training: $(STAMP) data
 	    --quiet >/dev/null || exit 1; done
 	$(BIN)/pathguard training-report --bundles $(TRADEOFF) --dense $(TWINS) \
 	    --evaluation reports/training/eval-*/report.json --detector path-gb --out reports/training
+	env OMP_NUM_THREADS=1 $(BIN)/python -m bench.train_bench --images 2048 --repeats 10 --distill \
+	    --set target_flops=0.24 --set align_mode=onesided --set aux_warmup=0.2 --set w_mi=1.0 --set w_sparsity=0 \
+	    --set w_flops=20 --set 'gate={"reduction": 1}' --out reports/training/epoch_time.json > /dev/null
 
 reports-evaluation: $(STAMP) data
 	$(BIN)/pathguard evaluate --bundle $(BUNDLE) --out reports/evaluation --cache-dir cache/attacks --threads 1 --quiet

@@ -2,9 +2,11 @@
 
 Usage (always under the shared lock, one thread as the bundled models were trained)::
 
-    env OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_bench \\
-        --images 2048 --repeats 3 --set target_flops=0.25 --set align_mode=onesided \\
-        --out reports/training/epoch_time.json
+    env OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_bench --images 2048 --repeats 10 --distill \\
+        --set target_flops=0.24 --set align_mode=onesided --set aux_warmup=0.2 --set w_mi=1.0 \\
+        --set w_sparsity=0 --set w_flops=20 --set 'gate={"reduction": 1}' --out reports/training/epoch_time.json
+
+(the default bundle's recipe; ``make reports-training`` runs it).
 
 What is timed: one pass (the trainer's own step: augmentation, ``forward_path``, the full objective,
 backward, AdamW, one-cycle schedule) over the first ``--images`` training images of the dataset, for the
@@ -34,6 +36,7 @@ import torch
 from detector.data import load_dataset
 from detector.training import TrainConfig
 from detector.training import trainer as T
+from detector.training.decouple import as_teacher
 
 from .helpers import REPO, emit_json
 
@@ -56,13 +59,8 @@ def time_pass(cfg: TrainConfig, data, device: torch.device, distill: bool = Fals
     model.to(device)
     teacher = None
     if distill:
-        teacher = (
-            T.build_for(
-                TrainConfig.from_dict({**cfg.to_dict(), "gated": False, "init_from": None, "distill": 0.0}), data
-            )[0]
-            .to(device)
-            .eval()
-        )
+        dense_cfg = TrainConfig.from_dict({**cfg.to_dict(), "gated": False, "init_from": None, "distill": 0.0})
+        teacher = as_teacher(T.build_for(dense_cfg, data)[0].to(device))  # prepared as the trainer prepares it
     steps = (len(data) + cfg.batch_size - 1) // cfg.batch_size
     opt = T._optimizer(model, cfg)
     sched = T._scheduler(opt, cfg, max(steps * cfg.epochs, steps))

@@ -73,6 +73,9 @@ def test_decouple_starts_at_dense_accuracy_and_distillation_recovers(data, dense
     x = test.float_images(slice(0, 100))
     model.eval()
     assert torch.allclose(model(x), teacher(x), atol=1e-5)  # gates all on: the dense network, exactly
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())  # frozen teacher
+    convs = [p for p in teacher.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)  # its faster layout
     start, dense_m = model_metrics(model, test), json.loads((dense / "bundle.json").read_text())["metrics"]["test"]
     assert start["gate_density"] == 1.0 and start["accuracy"] == dense_m["accuracy"]
 

@@ -60,8 +60,15 @@ def _dense_source(cfg: TrainConfig, dataset_fingerprint: str | None) -> tuple[Bu
     return bundle, where
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
+def as_teacher(model: nn.Module) -> nn.Module:
+    """``model`` frozen in eval mode for the distillation term, its conv weights in channels-last layout.
+
+    The teacher only runs forward passes, once per batch; in channels-last layout oneDNN's convolutions
+    take about two thirds of the time on this project's CPUs (dense VGG-8, batch 128, one thread: 160-200 ms
+    -> 120-130 ms, logits equal to 6e-6), which is most of what distillation adds to a decoupling step.
+    The student stays in the default layout: its training step (forward and backward) is not faster there.
+    """
+    model.eval().to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -77,7 +84,7 @@ def continue_dense(
     (a frozen copy of the start, for self-distillation) is None unless ``cfg.distill > 0``.
     """
     bundle, _ = _dense_source(cfg, dataset_fingerprint)
-    teacher = _frozen(load_bundle(Path(cfg.init_from or "")).model) if cfg.distill > 0 else None
+    teacher = as_teacher(load_bundle(Path(cfg.init_from or "")).model) if cfg.distill > 0 else None
     model = bundle.model.train()
     return model, dict(bundle.meta["arch_args"]), teacher, bundle.meta["files"]["model.safetensors"]
 
@@ -106,4 +113,4 @@ def decouple_from(
         for _, layer in model.gated_layers():
             layer.acm.fc2.weight.zero_()
             layer.acm.fc2.bias.copy_(cfg.gate.init_bias * (0.5 + importance_rank(layer.bn)))
-    return model, arch_args, _frozen(bundle.model), bundle.meta["files"]["model.safetensors"]
+    return model, arch_args, as_teacher(bundle.model), bundle.meta["files"]["model.safetensors"]
