@@ -81,8 +81,7 @@ reports-training: $(STAMP) data
 	$(BIN)/pathguard training-report --bundles $(TRADEOFF) --dense $(TWINS) \
 	    --evaluation reports/training/eval-*/report.json --detector path-gb --out reports/training
 	env OMP_NUM_THREADS=1 $(BIN)/python -m bench.train_bench --images 2048 --repeats 10 --distill \
-	    --set target_flops=0.24 --set align_mode=onesided --set aux_warmup=0.2 --set w_mi=1.0 --set w_sparsity=0 \
-	    --set w_flops=20 --set 'gate={"reduction": 1}' --out reports/training/epoch_time.json > /dev/null
+	    --config-from $(BUNDLE) --out reports/training/epoch_time.json > /dev/null
 
 reports-evaluation: $(STAMP) data
 	$(BIN)/pathguard evaluate --bundle $(BUNDLE) --out reports/evaluation --cache-dir cache/attacks --threads 1 --quiet
@@ -93,6 +92,10 @@ reports-evaluation: $(STAMP) data
 	    --json reports/evaluation/clean_validation.json > /dev/null
 	$(BIN)/python -m bench.cw_misses --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/cw_misses.json > /dev/null
+	$(BIN)/python -m bench.bundle_lofo --bundle $(BUNDLE) --cache-dir cache/attacks \
+	    --json reports/evaluation/bundle_lofo.json > /dev/null
+	$(BIN)/python -m bench.selection_lofo --bundle $(BUNDLE) --cache-dir cache/attacks \
+	    --json reports/evaluation/selection_lofo.json > /dev/null
 
 reports-explain: $(STAMP) data
 	$(BIN)/pathguard explain --bundle $(BUNDLE) --out reports/explain

@@ -3,15 +3,16 @@
 Usage (always under the shared lock, one thread as the bundled models were trained)::
 
     env OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_bench --images 2048 --repeats 10 --distill \\
-        --set target_flops=0.24 --set align_mode=onesided --set aux_warmup=0.2 --set w_mi=1.0 \\
-        --set w_sparsity=0 --set w_flops=20 --set 'gate={"reduction": 1}' --out reports/training/epoch_time.json
+        --config-from models/default --out reports/training/epoch_time.json
 
-(the default bundle's recipe; ``make reports-training`` runs it).
+(the default bundle's own recipe, read from its ``bundle.json``; ``make reports-training`` runs it).
 
 What is timed: one pass (the trainer's own step: augmentation, ``forward_path``, the full objective,
 backward, AdamW, one-cycle schedule) over the first ``--images`` training images of the dataset, for the
 dense twin and the gated model built from the same ``TrainConfig`` (``--set key=value`` changes its
-fields; values are JSON, or plain strings). Every repetition times both, in alternating order, from fresh
+fields; values are JSON, or plain strings; ``--config-from BUNDLE`` starts from the ``train_config`` that
+trained that bundle instead of ``TrainConfig``'s defaults). The dense teacher's weights are random, so the
+recipe's ``init_from`` bundle is never read. Every repetition times both, in alternating order, from fresh
 models with the same seed; the ratio reported is the median over repetitions of the paired ratio
 gated / dense, in wall time and in process CPU time (which waiting for a shared core does not inflate),
 and the ratio of the fastest CPU times (least disturbed by neighbours on a shared machine).
@@ -33,6 +34,7 @@ import time
 
 import torch
 
+from detector.bundle import read_meta
 from detector.data import load_dataset
 from detector.training import TrainConfig
 from detector.training import trainer as T
@@ -101,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time the decouple step (gated + dense teacher forward + KD), as 'decouple'",
     )
+    ap.add_argument(
+        "--config-from",
+        metavar="BUNDLE",
+        help="start from the training config recorded in BUNDLE's bundle.json (train_config), not the defaults",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field")
     ap.add_argument("--out", help="JSON file to write (printed either way)")
     return ap
@@ -150,7 +157,9 @@ def _report(
         "batch_size": base.batch_size,
         "threads": args.threads,
         "repeats": args.repeats,
+        "config_from": args.config_from,
         "gated_config_overrides": overrides,
+        "config": base.to_dict(),
         "seconds": {n: [[round(w, 3), round(c, 3)] for w, c in v] for n, v in runs.items()},
         "ratio_wall": round(statistics.median(g[0] / d[0] for g, d in zip(runs["gated"], runs["dense"])), 3),
         "ratio_cpu": round(statistics.median(g[1] / d[1] for g, d in zip(runs["gated"], runs["dense"])), 3),
@@ -183,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = _value(value)
     torch.set_num_threads(args.threads)
-    base = TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides, "threads": args.threads})
+    start = TrainConfig().to_dict()
+    if args.config_from:
+        recorded = read_meta(args.config_from).get("train_config")
+        if not recorded:
+            ap.error(f"--config-from {args.config_from}: its bundle.json records no train_config")
+        start = TrainConfig.from_dict(recorded).to_dict()
+    base = TrainConfig.from_dict({**start, **overrides, "threads": args.threads})
     device = torch.device("cpu")
     full = load_dataset(base.dataset, "train", base.data_root)
     data = full.subset(torch.arange(min(args.images, len(full))), ":bench")

@@ -1,0 +1,113 @@
+"""Does the ensemble's weight selection generalise to a family it never saw? Nested leave-one-family-out on
+validation images only.
+
+``pathguard fit-detector`` chooses the ensemble's weights by the worst held-out family on validation rows. This
+bench holds one family out of that whole procedure and scores it on the held-out family's own validation rows:
+for each family f, each procedure (a weight-selection rule, or fixed weights) is fitted on the bundle's recipe
+rows (``bench.bundle_lofo.recipe_rows``: fit-detector's validation images, attacks, noisy negatives, calibration
+and reference rows) without any row of f, and f's successful attacks are scored against the calibration images'
+clean rows, at the threshold set there at the target false-positive rate. No test image is read, so this is where
+a selection procedure may be chosen; ``bench.bundle_lofo`` then measures the shipped one on test images.
+
+Usage (attacks reused from ``--cache-dir``)::
+
+    .venv/bin/python -m bench.selection_lofo --bundle models/default --cache-dir cache/attacks \\
+        --json reports/evaluation/selection_lofo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from detector.bundle import default_bundle, load_bundle
+from detector.detectors.ensemble import DEFAULT_COMPONENTS, PathEnsembleDetector
+from detector.evaluation.metrics import detection_metrics
+
+from .bundle_lofo import RecipeRows, recipe_rows
+from .helpers import emit_json
+
+# Procedures compared: keyword arguments of PathEnsembleDetector on top of the recipe's.
+PROCEDURES = {
+    "shipped rule: 5 components, weights from {0, 0.5, 1} by worst held-out AUROC": {},
+    "same, by worst held-out TPR": {"select_by": "tpr"},
+    "joint, margin, gb, weights from {0.5, 1} (none dropped)": {
+        "components": ("joint", "margin", "gb"),
+        "grid": (0.5, 1.0),
+    },
+    "joint, margin, gb, equal fixed weights": {"components": ("joint", "margin", "gb"), "weights": (1.0, 1.0, 1.0)},
+    "all 5 components, equal fixed weights": {"weights": (1.0,) * len(DEFAULT_COMPONENTS)},
+}
+
+
+def _make(r: RecipeRows, overrides: dict) -> PathEnsembleDetector:
+    """fit-detector's ensemble for the bundle's recipe, with the procedure's parameters instead."""
+    return r.cfg.ensemble().set_params(**overrides)
+
+
+def nested(r: RecipeRows, overrides: dict) -> dict:
+    """Per attack of each held-out family: AUROC and TPR of the procedure fitted without that family."""
+    det = _make(r, overrides)
+    out = {}
+    for i, family in enumerate(sorted(set(r.family.values()))):
+        if i == 0:  # the clean-only components once; then only what depends on adversarial rows, again
+            det.fit(
+                r.X_ref,
+                groups=r.rows.groups,
+                layer_sizes=r.layer_sizes,
+                X_calibration=r.X_cal,
+                validation=r.without(family),
+            )
+        else:
+            det.fit_validation(r.without(family), r.X_cal, X_reference=r.X_ref)
+        clean = det.decision_function(r.X_cal)
+        weights = {c: w for c, w in zip(det.components, det.weights_.tolist()) if w > 0}
+        for attack in sorted(a for a, f in r.family.items() if f == family):
+            m = detection_metrics(clean, det.decision_function(r.rows.X[r.rows.source == attack]), det.threshold_)
+            out[attack] = {"family": family, "auroc": m["auroc"], "tpr_at_fpr": m["tpr_at_fpr"], "weights": weights}
+    return out
+
+
+def measure(bundle_path: str, cache_dir: str | None, threads: int, names: list[str]) -> dict:
+    torch.set_num_threads(threads)
+    r = recipe_rows(load_bundle(bundle_path), bundle_path, cache_dir)
+    result = {}
+    for name in names:
+        t0 = time.perf_counter()
+        per = nested(r, PROCEDURES[name])
+        result[name] = {
+            "worst_auroc": min(v["auroc"] for v in per.values()),
+            "lowest_tpr": min(v["tpr_at_fpr"] for v in per.values()),
+            "per_attack": per,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    return {
+        "images": (
+            f"validation only: fit-detector's {r.cfg.n_fit} fitting images and their successful attacks (the held-out "
+            f"family's are scored), {len(r.X_cal)} calibration images (the clean rows scored and the threshold at "
+            f"{r.cfg.target_fpr:.0%} FPR), {len(r.X_ref)} clean training images (clean-only components)"
+        ),
+        "procedures": result,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--bundle", default=str(default_bundle()))
+    ap.add_argument("--cache-dir", default=None, help="reuse attacks computed before (and keep those computed now)")
+    ap.add_argument("--procedures", default=",".join(str(i) for i in range(len(PROCEDURES))), help="indices to run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the result here")
+    args = ap.parse_args(argv)
+    names = [list(PROCEDURES)[int(i)] for i in args.procedures.split(",")]
+    t0 = time.perf_counter()
+    result = measure(args.bundle, args.cache_dir, args.threads, names)
+    emit_json({"bundle": args.bundle, **result, "seconds": round(time.perf_counter() - t0, 1)}, args.json)
+
+
+if __name__ == "__main__":
+    main()
