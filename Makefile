@@ -96,6 +96,12 @@ reports-evaluation: $(STAMP) data
 	    --json reports/evaluation/bundle_lofo.json > /dev/null
 	$(BIN)/python -m bench.selection_lofo --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/selection_lofo.json > /dev/null
+	# fit-detector rerun on a copy at two threads: how far a refit lands from the shipped detector
+	rm -rf cache/refit-2threads && cp -r $(BUNDLE) cache/refit-2threads
+	env OMP_NUM_THREADS=2 $(BIN)/pathguard fit-detector --bundle cache/refit-2threads --cache-dir cache/attacks
+	cp cache/refit-2threads/detector.json reports/evaluation/refit-2threads/detector.json
+	$(BIN)/python -m bench.bundle_lofo --bundle cache/refit-2threads --cache-dir cache/attacks \
+	    --json reports/evaluation/refit-2threads/bundle_lofo.json > /dev/null
 
 reports-explain: $(STAMP) data
 	$(BIN)/pathguard explain --bundle $(BUNDLE) --out reports/explain
