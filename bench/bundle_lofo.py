@@ -27,14 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector.adaptive.hardening import base_training_set
 from detector.attacks import parse_attacks
 from detector.attacks.runner import cached_attack
 from detector.bundle import default_bundle, load_bundle
 from detector.evaluation.config import EvalConfig
 from detector.evaluation.metrics import detection_metrics
 from detector.features import extract_path_features
-from detector.fitting import FitConfig, TrainingRows, validation_rows
-from detector.splits import bundle_splits, correctly_classified
+from detector.fitting import FitConfig, TrainingRows
+from detector.splits import Splits, bundle_splits, correctly_classified
 
 from .helpers import emit_json
 
@@ -114,6 +115,7 @@ class RecipeRows:
     """What fit-detector fits a bundle's ensemble on: validation rows by attack, calibration and reference rows."""
 
     cfg: FitConfig
+    splits: Splits
     rows: TrainingRows
     X_cal: np.ndarray
     X_ref: np.ndarray
@@ -128,12 +130,13 @@ class RecipeRows:
 
 
 def recipe_rows(bundle, bundle_path: str, cache_dir: str | None) -> RecipeRows:
+    """The bundle's recipe and its rows, rebuilt from detector.json as hardening rebuilds them."""
     cfg = recipe(bundle, bundle_path, cache_dir)
     splits = bundle_splits(bundle.meta, cfg.data_root)
-    protos, specs = bundle.prototypes(), parse_attacks(cfg.attacks)
-    rows, X_cal, _ = validation_rows(cfg, bundle, protos, splits, specs, progress=False)
-    X_ref = extract_path_features(bundle.model, protos, splits.train.float_images(torch.arange(cfg.n_reference))).X
-    return RecipeRows(cfg, rows, X_cal, X_ref, {s.label: s.family for s in specs}, list(protos.layer_sizes))
+    protos = bundle.prototypes()
+    base = base_training_set(bundle, splits, protos, cache_dir=Path(cache_dir) if cache_dir else None)
+    family = {s.label: s.family for s in parse_attacks(cfg.attacks)}
+    return RecipeRows(cfg, splits, base.rows, base.X_calibration, base.X_reference, family, list(protos.layer_sizes))
 
 
 def measure(ev: EvalConfig, threads: int) -> dict:
@@ -141,8 +144,7 @@ def measure(ev: EvalConfig, threads: int) -> dict:
     torch.set_num_threads(threads)
     bundle = load_bundle(ev.bundle)
     r = recipe_rows(bundle, ev.bundle, ev.cache_dir)
-    cfg, rows, X_cal, X_ref, val_family = r.cfg, r.rows, r.X_cal, r.X_ref, r.family
-    splits = bundle_splits(bundle.meta, cfg.data_root)
+    cfg, splits, rows, X_cal, X_ref, val_family = r.cfg, r.splits, r.rows, r.X_cal, r.X_ref, r.family
     attack_seconds: dict = {}
     clean, adv, test_family = _test_rows(bundle, splits, ev, attack_seconds)
 
