@@ -58,6 +58,8 @@ def recipe(bundle, bundle_path: str, cache_dir: str | None) -> FitConfig:
         n_reference=info["reference_images"]["n"],
         knn_reference_grid=",".join(str(v) for v in params["knn_reference_grid"] or [params["knn_reference"]]),
         select_by=params["select_by"],
+        weight_tolerance=params.get("weight_tolerance", 0.0),
+        prefer=params.get("prefer", "fewer"),
         target_fpr=info["target_fpr"],
         cache_dir=cache_dir,
     )

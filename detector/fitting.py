@@ -21,9 +21,15 @@ import torch
 from .attacks import AttackSpec, cached_attack, noisy_like, parse_attacks
 from .bundle import BUNDLE_HELP, Bundle, load_bundle, write_part
 from .detectors import PathDetector, PathEnsembleDetector
-from .detectors.ensemble import COMPONENTS, DEFAULT_COMPONENTS, KNN_REFERENCE_GRID
+from .detectors.ensemble import (
+    COMPONENTS,
+    DEFAULT_COMPONENTS,
+    KNN_REFERENCE_GRID,
+    SHIPPED_PREFER,
+    SHIPPED_WEIGHT_TOLERANCE,
+)
 from .detectors.record import DetectorRecord
-from .detectors.selection import SELECT_BY
+from .detectors.selection import PREFER, SELECT_BY
 from .features import GROUPS, extract_path_features
 from .models import DecoupledNet
 from .prototypes import Prototypes, compute_prototypes
@@ -172,6 +178,14 @@ class FitConfig:
             "or the worst TPR at --target-fpr (then AUROC)",
         },
     )
+    weight_tolerance: float = field(
+        default=SHIPPED_WEIGHT_TOLERANCE,
+        metadata={"help": "weight vectors whose worst held-out family is within this of the best count as tied"},
+    )
+    prefer: str = field(
+        default=SHIPPED_PREFER,
+        metadata={"choices": PREFER, "help": "among tied weight vectors: fewer or more non-zero weights"},
+    )
     noisy_negatives: bool = field(
         default=True,
         metadata={
@@ -229,6 +243,8 @@ class FitConfig:
             knn_reference=max(sizes),
             knn_reference_grid=tuple(sizes) if len(sizes) > 1 else None,
             select_by=self.select_by,
+            weight_tolerance=self.weight_tolerance,
+            prefer=self.prefer,
             target_fpr=self.target_fpr,
             random_state=self.seed,
         )

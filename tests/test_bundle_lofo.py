@@ -38,6 +38,13 @@ def test_the_recipe_is_read_from_the_bundles_record(ensemble_bundle):
     assert parse_attacks(cfg.attacks) == parse_attacks(FIT_ATTACKS)
     assert (cfg.n_fit, cfg.n_calibration, cfg.knn_reference_grid) == (60, 60, "20,50")
     assert cfg.noisy_negatives and cfg.classifier == "ensemble"
+    assert (cfg.weight_tolerance, cfg.prefer) == (0.002, "more")  # the shipped selection's ties
+    # a detector saved before ties had a tolerance is refitted with the rule it was chosen by
+    bundle = load_bundle(ensemble_bundle)
+    for key in ("weight_tolerance", "prefer"):
+        del bundle.parts["detector"][1]["params"][key]
+    old = bundle_lofo.recipe(bundle, str(ensemble_bundle), None)
+    assert (old.weight_tolerance, old.prefer) == (0.0, "fewer")
 
 
 def test_a_bundle_without_an_ensemble_is_refused(tiny_bundle):
@@ -84,11 +91,11 @@ def test_recipe_rows_without_a_family_hold_none_of_its_rows(ensemble_bundle):
 
 def test_nested_selection_scores_each_family_with_a_procedure_fitted_without_it(ensemble_bundle, tmp_path):
     out = tmp_path / "selection.json"
-    selection_lofo.main(["--bundle", str(ensemble_bundle), "--procedures", "0,3", "--json", str(out)])
+    selection_lofo.main(["--bundle", str(ensemble_bundle), "--procedures", "0,5", "--json", str(out)])
     procedures = json.loads(out.read_text())["procedures"]
     names = list(selection_lofo.PROCEDURES)
-    assert list(procedures) == [names[0], names[3]]
-    fixed = procedures[names[3]]["per_attack"]
+    assert list(procedures) == [names[0], names[5]]
+    fixed = procedures[names[5]]["per_attack"]
     assert set(fixed) == {"fgsm:eps=0.15", "pgdl2:eps=1.5,steps=5", "deepfool:steps=5"}
     assert all(v["weights"] == {"joint": 1.0, "margin": 1.0, "gb": 1.0} for v in fixed.values())
     for p in procedures.values():

@@ -215,3 +215,42 @@ def test_tpr_selection_keeps_the_tail_that_auroc_averages_away():
         PathEnsembleDetector(select_by="f1").fit(
             clean, groups=["soft"] * 2, layer_sizes=[2], validation=(clean, {"f": adv})
         )
+
+
+def test_weight_tolerance_ties_near_equal_vectors_and_prefers_fewer_or_more_weights():
+    """Two components that are the same score up to float noise: every weight vector's worst AUROC is within
+    1e-4 of the best. Without a tolerance the noise decides; within 0.002 all five vectors tie and the
+    preference decides: one non-zero weight ("fewer") or two ("more"). A vector clearly worse stays out."""
+    from detector.detectors.selection import auroc, choose_weights
+
+    rng = np.random.default_rng(0)
+    base_c, base_a = rng.normal(0, 1, 2000), rng.normal(1.5, 1, 1000)
+    clean = np.column_stack([base_c, base_c + rng.normal(0, 1e-6, 2000), rng.normal(0, 1, 2000)])
+    adv = np.column_stack([base_a, base_a + rng.normal(0, 1e-6, 1000), rng.normal(0, 1, 1000)])
+    per_family = {"f": (clean, adv)}
+
+    def combine(t, w):
+        return (t * w).max(axis=1)
+
+    grid = (0.0, 0.5, 1.0)
+    table = {}
+    for w in [(a, b, c) for a in grid for b in grid for c in grid if max(a, b, c) == 1.0]:
+        table[w] = auroc(combine(clean, np.asarray(w)), combine(adv, np.asarray(w)))
+    w0, plain, n = choose_weights(per_family, grid, combine)
+    assert n == len(table) and plain["worst_auroc"] == max(table.values()) and plain["tied"] >= 1
+    near = [w for w, a in table.items() if a >= max(table.values()) - 0.002]
+    assert set(near) == {(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 1.0, 0.0), (1.0, 0.5, 0.0), (0.5, 1.0, 0.0)}
+    w_few, few, _ = choose_weights(per_family, grid, combine, tolerance=0.002, prefer="fewer")
+    w_more, more, _ = choose_weights(per_family, grid, combine, tolerance=0.002, prefer="more")
+    assert tuple(w_few.tolist()) in near and int((w_few > 0).sum()) == 1
+    assert tuple(w_more.tolist()) in near and int((w_more > 0).sum()) == 2
+    assert few["tied"] == more["tied"] == 5 and few["best_worst"] == plain["worst_auroc"]
+    assert more["tolerance"] == 0.002 and more["prefer"] == "more"
+    with pytest.raises(ValueError, match="prefer"):
+        choose_weights(per_family, grid, combine, prefer="most")
+    with pytest.raises(ValueError, match="prefer"):
+        choose_weights(per_family, grid, combine, tolerance=-0.1)
+    with pytest.raises(ValueError, match="prefer"):
+        PathEnsembleDetector(prefer="most").fit(
+            clean, groups=["soft"] * 3, layer_sizes=[3], validation=(clean, {"f": adv})
+        )

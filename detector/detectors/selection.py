@@ -108,12 +108,33 @@ def auroc(clean: np.ndarray, adversarial: np.ndarray) -> float:
 
 
 SELECT_BY = ("auroc", "tpr")
+PREFER = ("fewer", "more")  # among weight vectors tied within the tolerance: fewer or more non-zero weights
 
 
 def tpr_at_fpr(clean: np.ndarray, adversarial: np.ndarray, fpr: float) -> float:
     """Share of adversarial scores above the clean scores' (1 - fpr) quantile: the detection rate at a threshold
     calibrated on these clean rows."""
     return float(np.mean(np.asarray(adversarial) > np.quantile(np.asarray(clean, dtype=np.float64), 1 - fpr)))
+
+
+def _weight_table(per_family, grid, combine, select_by: str, target_fpr: float) -> list[dict]:
+    """Each candidate weight vector of :func:`choose_weights` with its per-family AUROC (and TPR) and the worst
+    of what is selected on ("primary")."""
+    n = next(iter(per_family.values()))[0].shape[1]
+    table = []
+    for w in itertools.product(sorted(set(grid)), repeat=n):
+        w = np.asarray(w, dtype=np.float64)
+        if not np.any(w > 0) or w.max() != max(grid):
+            continue
+        scored = {f: (combine(tc, w), combine(ta, w)) for f, (tc, ta) in per_family.items()}
+        aucs = {f: auroc(c, a) for f, (c, a) in scored.items()}
+        row = {"weights": w, "worst_auroc": min(aucs.values()), "mean": float(np.mean(list(aucs.values())))}
+        row.update(per_family=aucs, n=int(np.sum(w > 0)), primary=row["worst_auroc"])
+        if select_by == "tpr":
+            row["tprs"] = {f: tpr_at_fpr(c, a, target_fpr) for f, (c, a) in scored.items()}
+            row["primary"] = min(row["tprs"].values())
+        table.append(row)
+    return table
 
 
 def choose_weights(
@@ -123,45 +144,48 @@ def choose_weights(
     *,
     select_by: str = "auroc",
     target_fpr: float = 0.05,
+    tolerance: float = 0.0,
+    prefer: str = "fewer",
 ) -> tuple[np.ndarray, dict, int]:
     """Among weight vectors of ``grid ** n`` (one weight at the grid's top, scale-free), the one whose worst
     family over ``per_family`` ({family: (clean component scores, adversarial component scores)}) is best.
 
-    ``select_by="auroc"``: highest worst AUROC; ties: higher mean AUROC, then fewer non-zero weights.
-    ``select_by="tpr"``: highest worst TPR at ``target_fpr`` (threshold at the family's clean rows' quantile,
-    as the detector is calibrated), then worst AUROC, mean AUROC, fewer weights. AUROC averages over every
+    ``select_by="auroc"``: highest worst AUROC; ``select_by="tpr"``: highest worst TPR at ``target_fpr``
+    (threshold at the family's clean rows' quantile, as the detector is calibrated). AUROC averages over every
     threshold; the detector runs at one, and a combination can rank well overall yet lose the family's
-    hardest examples at that threshold. Returns (weights, its table row, candidates)."""
+    hardest examples at that threshold.
+
+    Every vector whose worst metric is within ``tolerance`` of the best counts as tied; among those, ``prefer``
+    ("fewer" or "more" non-zero weights) decides, then mean AUROC, then the worst metric itself. With
+    ``tolerance=0`` and "fewer" this is the plain rule (worst, then mean AUROC, then fewer weights) up to exact
+    ties. A tolerance above the float noise of a refit keeps the choice from flipping between near-equal
+    candidates when the thread count changes (``bench.selection_lofo``). Returns (weights, its table row,
+    candidates)."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by={select_by!r} must be one of {SELECT_BY}")
-    n = next(iter(per_family.values()))[0].shape[1]
-    best, best_key, rows = None, None, 0
-    auroc_key, auroc_rule = None, None  # under select_by="tpr": what the AUROC rule would have chosen, for the record
-    for w in itertools.product(sorted(set(grid)), repeat=n):
-        w = np.asarray(w, dtype=np.float64)
-        if not np.any(w > 0) or w.max() != max(grid):
-            continue
-        scored = {f: (combine(tc, w), combine(ta, w)) for f, (tc, ta) in per_family.items()}
-        aucs = {f: auroc(c, a) for f, (c, a) in scored.items()}
-        key = (min(aucs.values()), float(np.mean(list(aucs.values()))), -int(np.sum(w > 0)))
-        tprs = None
-        if select_by == "tpr":
-            tprs = {f: tpr_at_fpr(c, a, target_fpr) for f, (c, a) in scored.items()}
-            if auroc_key is None or key > auroc_key:
-                auroc_key = key
-                auroc_rule = {"weights": w.tolist(), "worst_auroc": key[0], "worst_tpr": min(tprs.values())}
-            key = (min(tprs.values()), *key)
-        rows += 1
-        if best_key is None or key > best_key:
-            best, best_key = w, key
-            chosen = {"weights": w.tolist(), "worst_auroc": min(aucs.values()), "per_family": aucs}
-            if tprs is not None:
-                chosen.update(worst_tpr=min(tprs.values()), tpr_per_family=tprs, target_fpr=target_fpr)
-    if best is None:
+    if prefer not in PREFER or not tolerance >= 0:
+        raise ValueError(f"prefer={prefer!r} must be one of {PREFER} and tolerance={tolerance} >= 0")
+    table = _weight_table(per_family, grid, combine, select_by, target_fpr)
+    if not table:
         raise ValueError(f"grid={list(grid)} gives no weight vector with a positive weight")
-    if auroc_rule is not None:
-        chosen["auroc_rule_would_choose"] = auroc_rule
-    return best, chosen, rows
+    top = max(r["primary"] for r in table)
+    tied = [r for r in table if r["primary"] >= top - tolerance]
+    sign = -1 if prefer == "fewer" else 1
+    if select_by == "tpr":  # then worst AUROC, as the plain TPR rule
+        best = max(tied, key=lambda r: (sign * r["n"], r["worst_auroc"], r["mean"], r["primary"]))
+    else:
+        best = max(tied, key=lambda r: (sign * r["n"], r["mean"], r["primary"]))
+    chosen = {"weights": best["weights"].tolist(), "worst_auroc": best["worst_auroc"], "per_family": best["per_family"]}
+    chosen.update(best_worst=top, tolerance=tolerance, prefer=prefer, tied=len(tied))
+    if select_by == "tpr":
+        chosen.update(worst_tpr=best["primary"], tpr_per_family=best["tprs"], target_fpr=target_fpr)
+        plain = max(table, key=lambda r: (r["worst_auroc"], r["mean"], -r["n"]))
+        chosen["auroc_rule_would_choose"] = {
+            "weights": plain["weights"].tolist(),
+            "worst_auroc": plain["worst_auroc"],
+            "worst_tpr": min(plain["tprs"].values()),
+        }
+    return best["weights"], chosen, len(table)
 
 
 def choose_reference(table: list[dict], families: Sequence[str], tolerance: float) -> int:
