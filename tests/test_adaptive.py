@@ -28,6 +28,7 @@ from detector.adaptive.report import render_markdown
 from detector.adaptive.surrogate import surrogate_agreement
 from detector.attacks import AttackSpec, run_attack
 from detector.detectors import PathDetector, PathEnsembleDetector
+from detector.detectors.ensemble import SUPERVISED
 from detector.features import extract_path_features
 from detector.models import ControllingModule
 from detector.splits import bundle_splits
@@ -540,7 +541,8 @@ def test_cli_attacks_the_ensemble_detector_and_hardens_it(tiny_bundle, tmp_path)
     r = json.loads((out / "report.json").read_text())
     sur = r["detector"]["surrogate"]
     weights = load_bundle(copy).part("detector")[1]["weights"]
-    relaxed = weights.get("layer", 0) == 0  # the layer-consistency votes have no relaxation
+    # the layer-consistency votes and the supervised gradient boosting have no relaxation
+    relaxed = all(weights.get(c, 0) == 0 for c in ("layer", *SUPERVISED))
     assert sur["kind"] == ("SoftPValues" if relaxed else "IterateSurrogate"), (sur, weights)
     assert len(r["rounds"]) == 2
     hardened = load_bundle(tmp_path / "hardened").part("detector")[1]
