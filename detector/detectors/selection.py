@@ -156,11 +156,11 @@ def choose_weights(
     hardest examples at that threshold.
 
     Every vector whose worst metric is within ``tolerance`` of the best counts as tied; among those, ``prefer``
-    ("fewer" or "more" non-zero weights) decides, then mean AUROC, then the worst metric itself. With
-    ``tolerance=0`` and "fewer" this is the plain rule (worst, then mean AUROC, then fewer weights) up to exact
-    ties. A tolerance above the float noise of a refit keeps the choice from flipping between near-equal
-    candidates when the thread count changes (``bench.selection_lofo``). Returns (weights, its table row,
-    candidates)."""
+    ("fewer" or "more" non-zero weights) decides, then (under "tpr" the worst AUROC and) the mean AUROC, then the
+    worst metric itself. ``tolerance=0`` is the plain rule exactly: the worst metric, (the worst AUROC,) the mean
+    AUROC, and only then ``prefer``. A tolerance above the float noise of a refit keeps the choice from
+    flipping between near-equal candidates when the thread count changes (``bench.selection_lofo``). Returns
+    (weights, its table row, candidates)."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by={select_by!r} must be one of {SELECT_BY}")
     if prefer not in PREFER or not tolerance >= 0:
@@ -171,10 +171,11 @@ def choose_weights(
     top = max(r["primary"] for r in table)
     tied = [r for r in table if r["primary"] >= top - tolerance]
     sign = -1 if prefer == "fewer" else 1
-    if select_by == "tpr":  # then worst AUROC, as the plain TPR rule
-        best = max(tied, key=lambda r: (sign * r["n"], r["worst_auroc"], r["mean"], r["primary"]))
+    then = (lambda r: (r["worst_auroc"], r["mean"])) if select_by == "tpr" else (lambda r: (r["mean"],))
+    if tolerance == 0:  # the plain rule exactly: the metrics first, the number of weights last
+        best = max(tied, key=lambda r: (r["primary"], *then(r), sign * r["n"]))
     else:
-        best = max(tied, key=lambda r: (sign * r["n"], r["mean"], r["primary"]))
+        best = max(tied, key=lambda r: (sign * r["n"], *then(r), r["primary"]))
     chosen = {"weights": best["weights"].tolist(), "worst_auroc": best["worst_auroc"], "per_family": best["per_family"]}
     chosen.update(best_worst=top, tolerance=tolerance, prefer=prefer, tied=len(tied))
     if select_by == "tpr":
