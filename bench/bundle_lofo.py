@@ -31,6 +31,7 @@ from detector.adaptive.hardening import base_training_set
 from detector.attacks import parse_attacks
 from detector.attacks.runner import cached_attack
 from detector.bundle import default_bundle, load_bundle
+from detector.detectors.ensemble import PLAIN_TIES
 from detector.evaluation.config import EvalConfig
 from detector.evaluation.metrics import detection_metrics
 from detector.features import extract_path_features
@@ -58,8 +59,7 @@ def recipe(bundle, bundle_path: str, cache_dir: str | None) -> FitConfig:
         n_reference=info["reference_images"]["n"],
         knn_reference_grid=",".join(str(v) for v in params["knn_reference_grid"] or [params["knn_reference"]]),
         select_by=params["select_by"],
-        weight_tolerance=params.get("weight_tolerance", 0.0),
-        prefer=params.get("prefer", "fewer"),
+        **{k: params.get(k, plain) for k, plain in PLAIN_TIES.items()},  # saved before the tolerance: plain rule
         target_fpr=info["target_fpr"],
         cache_dir=cache_dir,
     )

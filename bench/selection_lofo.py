@@ -23,24 +23,23 @@ import time
 import torch
 
 from detector.bundle import default_bundle, load_bundle
-from detector.detectors.ensemble import DEFAULT_COMPONENTS, PathEnsembleDetector
+from detector.detectors.ensemble import DEFAULT_COMPONENTS, PLAIN_TIES, PathEnsembleDetector
 from detector.evaluation.metrics import detection_metrics
 
 from .bundle_lofo import RecipeRows, recipe_rows
 from .helpers import emit_json
 
 # Procedures compared: keyword arguments of PathEnsembleDetector on top of the recipe's.
-PLAIN = {"weight_tolerance": 0.0, "prefer": "fewer"}  # the rule before ties had a tolerance (until 2026-12-04)
 PROCEDURES = {
     "shipped rule: 5 components, weights from {0, 0.5, 1} by worst held-out AUROC, ties within 0.002: more weights": {
         "weight_tolerance": 0.002,
         "prefer": "more",
     },
     "same, ties within 0.002: fewer weights": {"weight_tolerance": 0.002, "prefer": "fewer"},
-    "plain rule: same without a tolerance (ties: mean AUROC, fewer weights)": PLAIN,
-    "plain rule by worst held-out TPR": {**PLAIN, "select_by": "tpr"},
+    "plain rule: same without a tolerance (ties: mean AUROC, fewer weights)": PLAIN_TIES,
+    "plain rule by worst held-out TPR": {**PLAIN_TIES, "select_by": "tpr"},
     "joint, margin, gb, weights from {0.5, 1} (none dropped)": {
-        **PLAIN,
+        **PLAIN_TIES,
         "components": ("joint", "margin", "gb"),
         "grid": (0.5, 1.0),
     },

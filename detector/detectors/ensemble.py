@@ -76,6 +76,9 @@ KNN_REFERENCE_GRID = (100, 250, 500, 1000, 2000)
 # The shipped selection's ties (module docstring): vectors within 0.002 worst held-out AUROC of the best are tied,
 # and the one keeping more non-zero weights wins.
 SHIPPED_WEIGHT_TOLERANCE, SHIPPED_PREFER = 0.002, "more"
+# The plain rule (no tolerance; ties by the metrics, then fewer weights): the estimator's default, and the rule of
+# every detector saved before the tolerance existed.
+PLAIN_TIES = {"weight_tolerance": 0.0, "prefer": "fewer"}
 COMBINE = ("fisher", "max")
 SUMMARY = ("density", "proto", "confidence", "logits")
 ESTIMATORS = {
@@ -128,8 +131,8 @@ class PathEnsembleDetector(FeatureDetector):
         knn_reference_grid: Sequence[int] | None = None,
         reference_tolerance: float = 0.005,
         select_by: str = "auroc",
-        weight_tolerance: float = 0.0,
-        prefer: str = "fewer",
+        weight_tolerance: float = PLAIN_TIES["weight_tolerance"],
+        prefer: str = PLAIN_TIES["prefer"],
         target_fpr: float = 0.05,
         random_state: int = 0,
     ) -> None:
@@ -328,6 +331,8 @@ class PathEnsembleDetector(FeatureDetector):
         if self.select_by == "tpr":
             metric, then = f"TPR at {self.target_fpr:.0%} FPR", "worst AUROC, mean AUROC"
         ties = f"ties within {self.weight_tolerance} of the best: {self.prefer} weights, then {then}"
+        if self.weight_tolerance == 0:  # choose_weights: the plain rule, the metrics before the number of weights
+            ties = f"ties: {then}, then {self.prefer} weights"
         if not self.supervised:
             t_clean = self.component_scores(val.clean)
             per_family = {f: (t_clean, self.component_scores(val.adversarial[f])) for f in families}
@@ -430,7 +435,7 @@ class PathEnsembleDetector(FeatureDetector):
         if info.get("estimator") != cls.__name__:
             raise ValueError(f"state is of a {info.get('estimator')!r}, not a {cls.__name__}")
         # detectors saved before ``select_by`` existed chose their weights by AUROC, before the tolerance exactly
-        det = cls(**{"select_by": "auroc", "weight_tolerance": 0.0, "prefer": "fewer", **info["params"]})
+        det = cls(**{"select_by": "auroc", **PLAIN_TIES, **info["params"]})
         det._check_params()
         det.components_ = []
         for i, part in enumerate(info["components"]):
