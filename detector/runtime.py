@@ -1,4 +1,4 @@
-"""Process-level settings: which device, and how many CPU threads torch may use."""
+"""Process-level settings: which device, how many CPU threads torch may use, and deterministic kernels."""
 
 from __future__ import annotations
 
@@ -61,3 +61,20 @@ def select_device(name: str = "auto") -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"device={name!r} must be 'auto', 'cpu' or 'cuda[:N]'")
     return torch.device(name)
+
+
+def use_deterministic_kernels(device: torch.device) -> None:
+    """Make training on ``device`` repeat itself for a given seed (a resumed run included).
+
+    On the CPU it already does. On CUDA, cuDNN's autotuner and atomic-add kernels (a convolution's weight
+    gradient, scatter and index_add) change the result from run to run; this asks for deterministic
+    kernels, and for the fixed cuBLAS workspace their determinism needs (effective only if set before the
+    process's first cuBLAS call, hence ``setdefault``). Ops without a deterministic kernel warn instead of
+    failing.
+    """
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -327,7 +327,7 @@ def surrogate_fidelity(surrogate: DetectorSurrogate, detector: FeatureDetector, 
     correlation of the scores, and the fraction of rows on the same side of the threshold."""
     surrogate.anneal(1.0)
     with torch.no_grad():
-        z = surrogate.logit(torch.as_tensor(X, dtype=torch.float64)).numpy()
+        z = surrogate.logit(torch.as_tensor(X, dtype=torch.float64, device=surrogate.columns.device)).cpu().numpy()
     flagged = detector.decision_function(X) > detector.threshold_
     return {
         "spearman_eval_rows": surrogate_agreement(surrogate, detector, X),
@@ -480,7 +480,7 @@ def _harden(
                 per[f"{name} eps={eps}" + ("" if lam is None else f" lambda={lam}")] = len(blocks[-1])
     adaptive_rows = np.concatenate(blocks)
     hardened = harden_detector(det, base, adaptive_rows)
-    surrogate = build_surrogate(hardened, X_clean, kind=cfg.surrogate, seed=cfg.seed)
+    surrogate = build_surrogate(hardened, X_clean, kind=cfg.surrogate, seed=cfg.seed, device=pipe.device)
     hardening = {
         "images": {"set": split_name, "n": len(hx), "what": "the first n_harden of the detector's fitting images"},
         "base_rows": base.describe,
@@ -554,13 +554,13 @@ def run_adaptive(cfg: AdaptiveConfig, out: Path, *, device: torch.device | str =
             bundle, splits, protos, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, progress=progress
         )
     X_clean = Pipeline(model, protos, det, None).evaluate(x)[2]
-    surrogate = build_surrogate(det, X_clean, kind=cfg.surrogate, seed=cfg.seed)
+    surrogate = build_surrogate(det, X_clean, kind=cfg.surrogate, seed=cfg.seed, device=device)
     pipe1 = Pipeline(model, protos, det, surrogate)
     twin = None
     if cfg.transfer and not linear:
         assert base is not None  # need_base holds
         twin_det = logreg_twin(base, cfg.seed)
-        twin = Pipeline(model, protos, twin_det, build_surrogate(twin_det))
+        twin = Pipeline(model, protos, twin_det, build_surrogate(twin_det, device=device))
 
     r1, plain, adv1 = _first_round(cfg, pipe1, x, y, progress, twin)
     r1_adv = [adv for (a, e, _), adv in adv1.items() if a == "selective" and e == max(cfg.eps)]

@@ -108,6 +108,7 @@ class IterateSurrogate(DetectorSurrogate):
     detector : the fitted detector (its ``columns_``, ``threshold_`` and ``decision_function``).
     X_clean : (n, n_features) clean rows to start from (standardisation and the first fit).
     hidden, buffer, refit_every, epochs, seed : see above.
+    device : where the network, its rows and its fits live: the attacked model's device.
     """
 
     def __init__(
@@ -120,17 +121,19 @@ class IterateSurrogate(DetectorSurrogate):
         refit_every: int = 2,
         epochs: int = 40,
         seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(np.asarray(detector.columns_), float(detector.threshold_))
         if len(X_clean) < 2:
             raise ValueError(f"X_clean needs at least 2 rows, got {len(X_clean)}")
         self.hidden, self.buffer, self.refit_every, self.epochs, self.seed = hidden, buffer, refit_every, epochs, seed
-        x = torch.as_tensor(np.asarray(X_clean)[:, self.columns.numpy()], dtype=torch.float32)
+        x = torch.as_tensor(np.asarray(X_clean)[:, self.columns.numpy()], dtype=torch.float32, device=device)
+        self.columns = self.columns.to(device)
         scale = x.std(0)
         self.register_buffer("mean", x.mean(0))
         self.register_buffer("scale", torch.where(scale > 1e-6, scale, torch.ones_like(scale)))
         clean = np.clip(detector.decision_function(np.asarray(X_clean, dtype=np.float64)), _CLIP, 1 - _CLIP)
-        self._clean = (x, torch.as_tensor(clean, dtype=torch.float32))
+        self._clean = (x, torch.as_tensor(clean, dtype=torch.float32, device=device))
         self.refits = 0
         self.reset()
 
@@ -148,7 +151,8 @@ class IterateSurrogate(DetectorSurrogate):
 
     def observe(self, X: Tensor, scores: np.ndarray) -> None:
         x = X.detach()[:, self.columns].float().to(self.mean.device)
-        self._rows.append((x, torch.as_tensor(np.clip(scores, _CLIP, 1 - _CLIP), dtype=torch.float32)))
+        y = torch.as_tensor(np.clip(scores, _CLIP, 1 - _CLIP), dtype=torch.float32, device=x.device)
+        self._rows.append((x, y))
         while sum(len(r[0]) for r in self._rows) > self.buffer and len(self._rows) > 1:
             self._rows.pop(0)
         self._calls += 1
@@ -157,8 +161,8 @@ class IterateSurrogate(DetectorSurrogate):
 
     def _fit(self, epochs: int) -> None:
         xs, ys = zip(*[self._clean, *self._rows], strict=True)
-        x = (torch.cat(xs).to(self.mean.device) - self.mean) / self.scale
-        y = torch.cat(ys).to(self.mean.device)
+        x = (torch.cat(xs) - self.mean) / self.scale
+        y = torch.cat(ys)
         self.net.train()
         with torch.enable_grad():
             for p in self.net.parameters():
@@ -189,7 +193,7 @@ class IterateSurrogate(DetectorSurrogate):
 def surrogate_agreement(surrogate: DetectorSurrogate, detector: FeatureDetector, X: np.ndarray) -> float:
     """Spearman rank correlation between the surrogate's and the detector's scores on rows X."""
     with torch.no_grad():
-        s = surrogate.logit(torch.as_tensor(X, dtype=torch.float64)).numpy()
+        s = surrogate.logit(torch.as_tensor(X, dtype=torch.float64, device=surrogate.columns.device)).cpu().numpy()
     d = detector.decision_function(X)
     if np.ptp(s) == 0 or np.ptp(d) == 0:
         return float("nan")

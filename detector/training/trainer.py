@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..bundle import read_meta, save_bundle
 from ..data import ImageDataset, load_dataset, train_val_split
 from ..models import ControllingModule, DecoupledNet, PathOutput, create_model
-from ..runtime import select_device, set_threads
+from ..runtime import select_device, set_threads, use_deterministic_kernels
 from . import checkpoint, losses
 from .adversarial import mix_adversarial, robust_test_metrics
 from .config import TrainConfig
@@ -354,6 +354,7 @@ def train(
     torch.manual_seed(cfg.seed)
     threads = set_threads(cfg.threads)
     device = select_device(cfg.device)
+    use_deterministic_kernels(device)
     data = _datasets(cfg)
     full, _, train_set, val_set, _ = data
     model, arch_args, teacher, extra = _start_model(cfg, full, train_set, device, threads)
