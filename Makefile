@@ -92,9 +92,9 @@ reports-evaluation: $(STAMP) data
 	    --json reports/evaluation/clean_validation.json > /dev/null
 	$(BIN)/python -m bench.cw_misses --bundle $(BUNDLE) --cache-dir cache/attacks \
 	    --json reports/evaluation/cw_misses.json > /dev/null
-	$(BIN)/python -m bench.bundle_lofo --bundle $(BUNDLE) --cache-dir cache/attacks \
+	$(BIN)/python -m bench.bundle_lofo --bundle $(BUNDLE) --cache-dir cache/attacks --threads 1 \
 	    --json reports/evaluation/bundle_lofo.json > /dev/null
-	$(BIN)/python -m bench.selection_lofo --bundle $(BUNDLE) --cache-dir cache/attacks \
+	$(BIN)/python -m bench.selection_lofo --bundle $(BUNDLE) --cache-dir cache/attacks --threads 1 \
 	    --json reports/evaluation/selection_lofo.json > /dev/null
 	# fit-detector rerun on a copy at two threads: how far a refit lands from the shipped detector
 	rm -rf cache/refit-2threads && cp -r $(BUNDLE) cache/refit-2threads

@@ -9,7 +9,7 @@ every row of one family removed before fitting: its adversarial rows and their n
 component never learns it and the weight selection never scores it. Each refit is then scored on the test images
 that ``pathguard evaluate`` scores (its 500 correctly classified test images, same seed) against that family's
 successful attacks from the evaluation's default attack matrix. A refit on every family, scored on every attack,
-is the reference row: it should reproduce the shipped detector's weights.
+is the reference row: it should reproduce the shipped detector (its weights, when they are chosen).
 
 Usage (attacks are reused from ``--cache-dir`` when fit-detector or an earlier run made them)::
 
@@ -49,8 +49,11 @@ def recipe(bundle, bundle_path: str, cache_dir: str | None) -> FitConfig:
         raise SystemExit(f"{bundle_path} has no ensemble detector; run `pathguard fit-detector --bundle {bundle_path}`")
     info = part[1]
     fit, params = info["fit_images"], info["params"]
+    fixed = params.get("weights")  # None: chosen on validation from fit-detector's candidate components
+    weights = {} if fixed is None else {"components": ",".join(params["components"]), "weights": _csv(fixed)}
     return FitConfig(
         bundle=bundle_path,
+        **({"weights": "select"} | weights),
         attacks=",".join(a["label"] for a in info["attacks"]),
         n_fit=fit["n_clean"],
         n_calibration=info["calibration_images"]["n"],
@@ -63,6 +66,10 @@ def recipe(bundle, bundle_path: str, cache_dir: str | None) -> FitConfig:
         target_fpr=info["target_fpr"],
         cache_dir=cache_dir,
     )
+
+
+def _csv(values) -> str:
+    return ",".join(f"{float(v):g}" for v in values)
 
 
 def _test_rows(bundle, splits, ev: EvalConfig, seconds: dict) -> tuple[np.ndarray, dict, dict]:

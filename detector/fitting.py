@@ -1,11 +1,12 @@
 """``pathguard fit-detector``: compute class prototypes and fit the bundle's path detector.
 
 ``classifier="ensemble"`` (the default) ships :class:`~detector.detectors.PathEnsembleDetector`: its
-clean-only components are fitted on the first ``n_reference`` clean *training* images, and its
-non-negative weights are chosen by worst per-family AUROC on correctly classified *validation* images and
-their adversarial versions. A supervised classifier (``logreg``, ``rf``, ``gb``) instead learns from those
-validation images directly. Either way the validation split is held out of training and disjoint from the
-test set that ``evaluate`` reports on, and the threshold is calibrated on other clean validation images.
+clean-only components are fitted on the first ``n_reference`` clean *training* images, its supervised
+component and kNN reference size on correctly classified *validation* images and their adversarial versions,
+and its weights are equal (``--weights select`` chooses them there by worst held-out family instead). A
+supervised classifier (``logreg``, ``rf``, ``gb``) instead learns from those validation images directly.
+Either way the validation split is held out of training and disjoint from the test set that ``evaluate``
+reports on, and the threshold is calibrated on other clean validation images.
 """
 
 from __future__ import annotations
@@ -170,6 +171,13 @@ class FitConfig:
         default=",".join(str(s) for s in KNN_REFERENCE_GRID),
         metadata={"help": "candidate kNN reference paths per class, chosen on validation rows (one value: fixed)"},
     )
+    weights: str = field(
+        default="equal",
+        metadata={
+            "help": "the ensemble's weights: equal (every component 1, shipped), select (chosen on validation by "
+            "the worst held-out family), or one comma-separated weight >= 0 per component"
+        },
+    )
     select_by: str = field(
         default="auroc",
         metadata={
@@ -219,6 +227,15 @@ class FitConfig:
             sizes = [0]
         if not sizes or min(sizes) < 1:
             raise ValueError(f"knn_reference_grid={self.knn_reference_grid!r} must be integers >= 1")
+        try:
+            fixed = self.fixed_weights
+        except ValueError:
+            fixed = (-1.0,)
+        if fixed is not None and (len(fixed) != len(self.component_names) or min(fixed) < 0 or max(fixed) <= 0):
+            raise ValueError(
+                f"weights={self.weights!r} must be equal, select, or {len(self.component_names)} comma-separated "
+                "weights >= 0, not all 0"
+            )
         for name in ("n_fit", "n_calibration", "prototype_images", "n_reference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -232,14 +249,24 @@ class FitConfig:
         return [c for c in self.components.split(",") if c]
 
     @property
+    def fixed_weights(self) -> tuple[float, ...] | None:
+        """The ensemble's fixed weights, one per component, or None when they are chosen on validation."""
+        if self.weights == "select":
+            return None
+        if self.weights == "equal":
+            return (1.0,) * len(self.component_names)
+        return tuple(float(v) for v in self.weights.split(","))
+
+    @property
     def reference_sizes(self) -> list[int]:
         return [int(v) for v in self.knn_reference_grid.split(",") if v.strip()]
 
     def ensemble(self) -> PathEnsembleDetector:
-        """The ensemble this config fits (its weights chosen on validation)."""
+        """The ensemble this config fits (fixed weights, or chosen on validation; the kNN size chosen there)."""
         sizes = self.reference_sizes
         return PathEnsembleDetector(
             components=tuple(self.component_names),
+            weights=self.fixed_weights,
             knn_reference=max(sizes),
             knn_reference_grid=tuple(sizes) if len(sizes) > 1 else None,
             select_by=self.select_by,

@@ -9,6 +9,7 @@ import pytest
 from bench import bundle_lofo, selection_lofo
 from detector import load_bundle
 from detector.attacks import parse_attacks
+from detector.detectors.ensemble import DEFAULT_COMPONENTS, SHIPPED_WEIGHTS
 from detector.fitting import FitConfig, fit_bundle_detector
 
 FIT_ATTACKS = "fgsm:eps=0.15,pgdl2:eps=1.5;steps=5,deepfool:steps=5"  # three families
@@ -38,10 +39,16 @@ def test_the_recipe_is_read_from_the_bundles_record(ensemble_bundle):
     assert parse_attacks(cfg.attacks) == parse_attacks(FIT_ATTACKS)
     assert (cfg.n_fit, cfg.n_calibration, cfg.knn_reference_grid) == (60, 60, "20,50")
     assert cfg.noisy_negatives and cfg.classifier == "ensemble"
-    assert (cfg.weight_tolerance, cfg.prefer) == (0.002, "more")  # the shipped selection's ties
-    # a detector saved before ties had a tolerance is refitted with the rule it was chosen by
+    # the shipped weights are fixed: every component at 1
+    assert cfg.component_names == list(DEFAULT_COMPONENTS) and cfg.fixed_weights == SHIPPED_WEIGHTS
+    assert cfg.ensemble().weights == SHIPPED_WEIGHTS
+    # a detector whose weights were chosen is refitted with the selection and the ties it was chosen by
     bundle = load_bundle(ensemble_bundle)
-    for key in ("weight_tolerance", "prefer"):
+    bundle.parts["detector"][1]["params"]["weights"] = None
+    chosen = bundle_lofo.recipe(bundle, str(ensemble_bundle), None)
+    assert chosen.fixed_weights is None and chosen.ensemble().weights is None
+    assert (chosen.weight_tolerance, chosen.prefer) == (0.002, "more")  # the tie rule of stop 31
+    for key in ("weight_tolerance", "prefer"):  # saved before ties had a tolerance: the plain rule
         del bundle.parts["detector"][1]["params"][key]
     old = bundle_lofo.recipe(bundle, str(ensemble_bundle), None)
     assert (old.weight_tolerance, old.prefer) == (0.0, "fewer")
@@ -91,13 +98,29 @@ def test_recipe_rows_without_a_family_hold_none_of_its_rows(ensemble_bundle):
 
 def test_nested_selection_scores_each_family_with_a_procedure_fitted_without_it(ensemble_bundle, tmp_path):
     out = tmp_path / "selection.json"
-    selection_lofo.main(["--bundle", str(ensemble_bundle), "--procedures", "0,5", "--json", str(out)])
+    selection_lofo.main(["--bundle", str(ensemble_bundle), "--procedures", "0,1,6", "--json", str(out)])
     procedures = json.loads(out.read_text())["procedures"]
     names = list(selection_lofo.PROCEDURES)
-    assert list(procedures) == [names[0], names[5]]
-    fixed = procedures[names[5]]["per_attack"]
+    assert list(procedures) == [names[0], names[1], names[6]]
+    fixed = procedures[names[6]]["per_attack"]
     assert set(fixed) == {"fgsm:eps=0.15", "pgdl2:eps=1.5,steps=5", "deepfool:steps=5"}
     assert all(v["weights"] == {"joint": 1.0, "margin": 1.0, "gb": 1.0} for v in fixed.values())
+    shipped = procedures[names[0]]["per_attack"]
+    assert all(v["weights"] == dict.fromkeys(DEFAULT_COMPONENTS, 1.0) for v in shipped.values())
+    # the recipe's weights are fixed; a selection procedure chooses its own from the grid
+    assert all(set(v["weights"].values()) <= {0.5, 1.0} for v in procedures[names[1]]["per_attack"].values())
     for p in procedures.values():
         assert p["worst_auroc"] == min(v["auroc"] for v in p["per_attack"].values())
         assert all(min(v["weights"].values()) >= 0 for v in p["per_attack"].values())
+        assert p["under_target_tpr"] == sorted(a for a, v in p["per_attack"].items() if v["tpr_at_fpr"] < 0.85)
+        assert p["lowest_tpr_reported_attacks"] is None  # none of these budgets is in the evaluation's matrix
+
+
+def test_fit_detector_weights_are_equal_select_or_one_per_component():
+    assert FitConfig(weights="equal").fixed_weights == SHIPPED_WEIGHTS
+    assert FitConfig(weights="select").fixed_weights is None and FitConfig(weights="select").ensemble().weights is None
+    cfg = FitConfig(components="joint,gb", weights="1,0.5")
+    assert cfg.fixed_weights == (1.0, 0.5) and cfg.ensemble().weights == (1.0, 0.5)
+    for bad in ("1,1", "1,1,1,1,-1", "0,0,0,0,0", "heavy"):
+        with pytest.raises(ValueError, match="weights="):
+            FitConfig(weights=bad)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from detector.detectors.ensemble import FIXED_RULE
 from pathguard.main import main
 
 ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5,deepfool:steps=5"
@@ -82,13 +83,13 @@ def test_every_row_states_its_fitting_set_and_what_it_saw(single_run):
             for m in per.values():
                 if m.get("fitted_on") is not None:
                     assert not {families[a] for a in m["fitted_on"]} & {family}
-    # the shipped recipe, refitted here: its supervised part saw noisy clean negatives, and its weights were chosen
-    # with that part refitted without each validation family (the families named are the fitting families)
+    # the shipped recipe, refitted here: its supervised part saw noisy clean negatives; its weights are fixed
     ens = r["detectors"]["path-ensemble"]
-    assert ens["fitting"]["kind"] == "clean-only + supervised and weights on validation"
+    assert ens["fitting"]["kind"] == "clean-only + supervised on validation"
     assert ens["fitting"]["n_noisy"] > 0 and "noisy clean" in ens["fitting"]["text"]
-    for family, refit in ens["selection"]["refits"].items():
-        assert family not in refit["families"] and set(refit["families"]) < set(families.values())
+    assert ens["fitting"]["text"].startswith("supervised part fitted on ")
+    assert ens["selection"]["rule"] == FIXED_RULE and set(ens["weights"].values()) == {1.0}
+    assert ens["selection"]["families"] == sorted({families[a] for a in ens["fitting"]["adversarial"]})
     assert "no adversarial example" not in r["detectors"]["path"]["fitting"]["text"]
     assert r["detectors"]["path"]["fitting"]["n_noisy"] == 0  # noisy rows only for the entries that ask for them
     assert "clean-knn" not in r["leave_one_family_out"]  # clean-only: every attack is unseen already

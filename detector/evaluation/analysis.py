@@ -518,10 +518,14 @@ def _shipped_fitting(info: dict) -> str:
     params = info.get("params", {})
     knn = f" (kNN: {params['knn_reference']} paths per class)" if "knn" in params.get("components", []) else ""
     supervised = "; supervised part on those rows" if "gb" in params.get("components", []) else ""
+    weights = (
+        "fixed weights"
+        if params.get("weights") is not None
+        else f"weights by worst held-out-family {selection_metric(info.get('selection'))} on the validation images"
+    )
     return (
         f"{text}; clean-only components on {info.get('reference_images', {}).get('n', '?')} clean training "
-        f"images{knn}{supervised}; weights by worst held-out-family {selection_metric(info.get('selection'))} on "
-        "the validation images"
+        f"images{knn}{supervised}; {weights}"
     )
 
 

@@ -24,8 +24,8 @@ class NoAdversarialExamples(ValueError):
 class FitRecord:
     """Which rows a fit was given."""
 
-    # "supervised", "clean-only", "clean-only + weights on validation" or
-    # "clean-only + supervised and weights on validation"
+    # "supervised", "clean-only", "clean-only + weights on validation", "clean-only + supervised on validation"
+    # (fixed weights) or "clean-only + supervised and weights on validation"
     kind: str
     n_clean: int
     clean_set: str
@@ -43,7 +43,10 @@ class FitRecord:
         noisy = f" + {self.n_noisy} noisy clean" if self.n_noisy else ""
         head = ""
         if self.kind.endswith("validation"):
-            head = "supervised part and weights fitted on " if "supervised" in self.kind else "weights chosen on "
+            head = {
+                "clean-only + supervised on validation": "supervised part fitted on ",
+                "clean-only + supervised and weights on validation": "supervised part and weights fitted on ",
+            }.get(self.kind, "weights chosen on ")
         return (
             f"{head}{self.n_clean} clean {self.clean_set}{noisy} + {adv} adversarial "
             f"({', '.join(sorted(self.adversarial))})"
@@ -166,5 +169,7 @@ def _fit_ensemble(est, feats, rows: dict[str, np.ndarray], families, layer_sizes
             cache=cache,
         )
     kind = "clean-only + " + ("supervised and weights" if est.supervised else "weights") + " on validation"
+    if est.supervised and est.weights is not None:  # fixed weights: only the supervised part learns from rows
+        kind = "clean-only + supervised on validation"
     n_noisy = int(est.supervised_rows_["n_noisy"]) if est.supervised else 0
     return est, FitRecord(kind, len(feats.fit_clean), clean_set, rows, n_noisy)

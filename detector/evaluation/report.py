@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..detectors.ensemble import FIXED_RULE
 from ..detectors.selection import selection_metric
 from ..reporting import bundle_sentence, write_json_and_markdown
 
@@ -255,13 +256,19 @@ def _baseline_notes(r: dict) -> list[str]:
         if info.get("weights"):
             w = ", ".join(f"{k} {v:g}" for k, v in info["weights"].items())
             sel = info.get("selection") or {}
+            knn = (sel.get("knn_reference") or {}).get("chosen")
+            if sel.get("rule") == FIXED_RULE:
+                knn_note = (
+                    f"; kNN reference {knn} paths per class, chosen on the validation fitting images" if knn else ""
+                )
+                notes.append(f"- **{d}** fixed weights ({w}){knn_note}; nothing chosen on test images.")
+                continue
             metric = selection_metric(sel)
             how = (
                 f"worst leave-one-family-out {metric} (supervised part refitted without each family)"
                 if sel.get("refits")
                 else f"worst per-family {metric}"
             )
-            knn = (sel.get("knn_reference") or {}).get("chosen")
             knn_note = f"; kNN reference {knn} paths per class, chosen there too" if knn else ""
             notes.append(
                 f"- **{d}** weights ({w}) chosen by {how} on the validation fitting images "
