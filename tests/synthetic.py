@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from detector.fitting import FitConfig, fit_bundle_detector
 from detector.models import GateConfig
@@ -25,6 +26,15 @@ def make_images(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarr
         r, c = CORNERS[k]
         images[i, 0, r : r + 4, c : c + 4] = rng.uniform(0.45, 0.65)
     return images, labels.astype(np.int64)
+
+
+def correct_images(model, n: int, seed: int):
+    """Up to n synthetic images (as tensors, with labels) that ``model`` classifies correctly."""
+    x, y = make_images(3 * n, seed=seed)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    return x[ok][:n], y[ok][:n]
 
 
 def write_dataset(root: Path, n_train: int = 800, n_test: int = 300) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_images
+from synthetic import correct_images
 
 from detector import load_bundle
 from detector.adaptive import (
@@ -44,14 +44,6 @@ def parts(tiny_bundle):
     return bundle, protos, det, Pipeline(bundle.model, protos, det, build_surrogate(det))
 
 
-def _correct(model, n, seed):
-    x, y = make_images(3 * n, seed=seed)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-    return x[ok][:n], y[ok][:n]
-
-
 def _adversarial_rows(model, protos, x, y):
     """Feature rows of clean images and of their FGSM / PGD versions (labels 0 / 1)."""
     rows, labels = [extract_path_features(model, protos, x).X], [np.zeros(len(x))]
@@ -64,7 +56,7 @@ def _adversarial_rows(model, protos, x, y):
 
 def test_linear_surrogate_is_the_detector(parts):
     bundle, protos, det, pipe = parts
-    x, y = _correct(bundle.model, 40, seed=31)
+    x, y = correct_images(bundle.model, 40, seed=31)
     X, _ = _adversarial_rows(bundle.model, protos, x, y)
     with torch.no_grad():
         s = pipe.surrogate.score(torch.as_tensor(X)).numpy()
@@ -80,7 +72,7 @@ def rows(parts):
     """Clean + FGSM/PGD feature rows of 80 images (labels), their groups, and the model's layer sizes."""
     bundle, protos, _, _ = parts
     groups = extract_path_features(bundle.model, protos, torch.zeros(1, 1, 16, 16)).groups
-    x, y = _correct(bundle.model, 80, seed=32)
+    x, y = correct_images(bundle.model, 80, seed=32)
     X, labels = _adversarial_rows(bundle.model, protos, x, y)
     return X, labels, groups, [int(s) for s in protos.layer_sizes]
 
@@ -183,7 +175,7 @@ def test_iterate_surrogate_learns_the_rows_it_is_shown(rows):
 
 def test_adaptive_attack_lowers_the_detector_score(parts):
     bundle, _, det, pipe = parts
-    x, y = _correct(bundle.model, 40, seed=34)
+    x, y = correct_images(bundle.model, 40, seed=34)
     steps = 10
     plain = run_attack(
         bundle.model, x, y, AttackSpec("pgd", {"eps": EPS, "alpha": 2.5 * EPS / steps, "steps": steps}), progress=False
@@ -205,7 +197,7 @@ def test_adaptive_attack_lowers_the_detector_score(parts):
 def test_budget_and_range_are_respected(parts, name):
     bundle, _, _, pipe = parts
     model = bundle.model
-    x, y = _correct(model, 12, seed=35)
+    x, y = correct_images(model, 12, seed=35)
     x[:, :, 0, :] = 0.0  # pixels at both ends of the range must stay in it
     x[:, :, -1, :] = 1.0
     before = [p.requires_grad for p in model.parameters()]
@@ -228,7 +220,7 @@ def test_budget_and_range_are_respected(parts, name):
 def test_a_large_budget_widens_the_ball_not_the_steps(parts, name):
     """With step_eps, eps 0.3 takes eps 0.1's step sizes and random start, yet may use the whole 0.3 ball."""
     bundle, _, _, pipe = parts
-    x, y = _correct(bundle.model, 6, seed=41)
+    x, y = correct_images(bundle.model, 6, seed=41)
     cfg = AdaptiveConfig(steps=60, step_eps=0.1)
     small, large = make_attack(name, pipe, cfg, 0.1, lam=0.5), make_attack(name, pipe, cfg, 0.3, lam=0.5)
     assert (small.step_eps, large.step_eps, large.eps) == (0.1, 0.1, 0.3)
@@ -254,7 +246,7 @@ def test_a_large_budget_widens_the_ball_not_the_steps(parts, name):
 
 def test_attacks_are_seeded_per_batch(parts):
     bundle, _, _, pipe = parts
-    x, y = _correct(bundle.model, 8, seed=36)
+    x, y = correct_images(bundle.model, 8, seed=36)
     a = PathMimicry(pipe, eps=EPS, steps=3, lam=0.5)
     full = a(x, y, batch_size=4, seed=2).adversarial
     again = a(x, y, batch_size=4, seed=2).adversarial
@@ -266,7 +258,7 @@ def test_selective_pgd_gets_everything_through_an_exact_detector(parts):
     """With an exactly differentiable detector and a budget large enough to change any class, a working attack
     gets (nearly) every image past classifier and detector; the first evading iterate is kept."""
     bundle, _, det, pipe = parts
-    x, y = _correct(bundle.model, 40, seed=38)
+    x, y = correct_images(bundle.model, 40, seed=38)
     for modes in (("selective",), ("orthogonal",)):
         res = SelectivePGD(pipe, eps=0.3, steps=30, restarts=1, modes=modes)(x, y)
         pred, scores, _ = pipe.evaluate(res.adversarial)
@@ -395,7 +387,7 @@ def test_hardening_starts_from_the_shipped_training_rows_and_helps(parts, tiny_b
     hardened = harden_detector(det, base, hard_rows)
     assert len(hard_rows) > 10
     # adaptive examples made against the shipped detector on *test* images now get flagged more often
-    x, y = _correct(bundle.model, 40, seed=37)
+    x, y = correct_images(bundle.model, 40, seed=37)
     pred, _, X = pipe.evaluate(attack(x, y).adversarial)
     wrong = pred != y.numpy()
     before = (det.decision_function(X[wrong]) <= det.threshold_).mean()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from synthetic import make_images
+from synthetic import correct_images
 
 from detector import load_bundle
 from detector.adaptive import Pipeline, SelectivePGD, build_surrogate
@@ -45,19 +45,11 @@ def test_training_on_cuda_repeats_itself_and_its_bundle_loads_on_the_cpu(tiny_bu
     assert json.loads((tmp_path / "a" / "bundle.json").read_text())["train_config"]["device"] == "cuda"
 
 
-def _correct(model, n, seed):
-    x, y = make_images(3 * n, seed=seed)
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-    return x[ok][:n], y[ok][:n]
-
-
 @pytest.mark.parametrize("kind", ["auto", "iterates"])
 def test_selective_pgd_on_cuda_matches_the_cpu(tiny_bundle, kind):
     """Every surrogate kind lives on the model's device, and the attack finds what it finds on the CPU."""
     success = {}
-    x, y = _correct(load_bundle(tiny_bundle).model, 40, seed=41)
+    x, y = correct_images(load_bundle(tiny_bundle).model, 40, seed=41)
     for device in ("cpu", "cuda"):
         bundle = load_bundle(tiny_bundle, device=torch.device(device))
         protos, det = as_device(bundle.prototypes(), torch.device(device)), bundle.detector()
@@ -87,7 +79,7 @@ def test_the_adaptive_cli_runs_on_cuda(tiny_bundle, tmp_path):
 def test_an_ensemble_detectors_relaxation_moves_to_cuda(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     protos = bundle.prototypes()
-    x, _ = _correct(bundle.model, 60, seed=43)
+    x, _ = correct_images(bundle.model, 60, seed=43)
     feats = extract_path_features(bundle.model, protos, x)
     X = feats.X
     det = PathEnsembleDetector(components=("joint", "knn", "margin"), weights=(1, 1, 0.5)).fit(
