@@ -1,9 +1,9 @@
 """Does the ensemble's weight selection generalise to a family it never saw? Nested leave-one-family-out on
 validation images only.
 
-Which weights should ``pathguard fit-detector`` give the ensemble: fixed ones, or chosen by the worst held-out
-family on validation rows (and by which rule)? This bench holds one family out of each whole procedure and scores
-it on the held-out family's own validation rows:
+Which weights should ``pathguard fit-detector`` give the ensemble: fixed ones (and which: ``FIXED_VECTORS``), or
+chosen by the worst held-out family on validation rows (and by which rule)? This bench holds one family out of each
+whole procedure and scores it on the held-out family's own validation rows:
 for each family f, each procedure (a weight-selection rule, or fixed weights) is fitted on the bundle's recipe
 rows (``bench.bundle_lofo.recipe_rows``: fit-detector's validation images, attacks, noisy negatives, calibration
 and reference rows) without any row of f, and f's successful attacks are scored against the calibration images'
@@ -33,10 +33,23 @@ from detector.evaluation.metrics import detection_metrics
 from .bundle_lofo import RecipeRows, recipe_rows
 from .helpers import emit_json
 
+# Fixed weight vectors (joint, knn, summary, margin, gb) compared with the shipped one: equal weights (shipped in
+# stop 32) and one or two components raised or lowered (stop 33).
+FIXED_VECTORS = {
+    "equal (stop 32)": (1.0, 1.0, 1.0, 1.0, 1.0),
+    "margin 1.25": (1.0, 1.0, 1.0, 1.25, 1.0),
+    "margin 1.5": (1.0, 1.0, 1.0, 1.5, 1.0),
+    "margin 2": (1.0, 1.0, 1.0, 2.0, 1.0),
+    "joint 1.5, margin 1.5": (1.5, 1.0, 1.0, 1.5, 1.0),
+    "knn 0.5": (1.0, 0.5, 1.0, 1.0, 1.0),
+    "knn 0.5, summary 0.5": (1.0, 0.5, 0.5, 1.0, 1.0),
+    "knn 0.75, summary 0.75": (1.0, 0.75, 0.75, 1.0, 1.0),
+    "gb 0.5": (1.0, 1.0, 1.0, 1.0, 0.5),
+}
 # Procedures compared: keyword arguments of PathEnsembleDetector on top of the recipe's.
 SELECT = {"weights": None}  # choose the weights on validation (the recipe may fix them)
 PROCEDURES = {
-    "shipped: all 5 components, equal fixed weights": {"weights": SHIPPED_WEIGHTS},
+    "shipped: all 5 components, fixed weights, summary 0.5 (stop 33)": {"weights": SHIPPED_WEIGHTS},
     "5 components, weights from {0, 0.5, 1} by worst held-out AUROC, ties within 0.002: more weights (stop 31)": {
         **SELECT,
         "weight_tolerance": 0.002,
@@ -52,6 +65,7 @@ PROCEDURES = {
         "grid": (0.5, 1.0),
     },
     "joint, margin, gb, equal fixed weights": {"components": ("joint", "margin", "gb"), "weights": (1.0, 1.0, 1.0)},
+    **{f"all 5 components, fixed weights: {label}": {"weights": weights} for label, weights in FIXED_VECTORS.items()},
 }
 # What the procedures are compared on: the issue's target TPR, on the attacks that the evaluation's default matrix
 # also runs (fit-detector's budget variant pgdl2:eps=0.75 is fitted on but never reported).

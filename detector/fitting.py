@@ -3,7 +3,8 @@
 ``classifier="ensemble"`` (the default) ships :class:`~detector.detectors.PathEnsembleDetector`: its
 clean-only components are fitted on the first ``n_reference`` clean *training* images, its supervised
 component and kNN reference size on correctly classified *validation* images and their adversarial versions,
-and its weights are equal (``--weights select`` chooses them there by worst held-out family instead). A
+and its weights are fixed (``ensemble.SHIPPED_WEIGHTS``; ``--weights select`` chooses them there by worst
+held-out family instead). A
 supervised classifier (``logreg``, ``rf``, ``gb``) instead learns from those validation images directly.
 Either way the validation split is held out of training and disjoint from the test set that ``evaluate``
 reports on, and the threshold is calibrated on other clean validation images.
@@ -27,6 +28,7 @@ from .detectors.ensemble import (
     DEFAULT_COMPONENTS,
     KNN_REFERENCE_GRID,
     SHIPPED_PREFER,
+    SHIPPED_WEIGHT,
     SHIPPED_WEIGHT_TOLERANCE,
 )
 from .detectors.record import DetectorRecord
@@ -172,10 +174,11 @@ class FitConfig:
         metadata={"help": "candidate kNN reference paths per class, chosen on validation rows (one value: fixed)"},
     )
     weights: str = field(
-        default="equal",
+        default="shipped",
         metadata={
-            "help": "the ensemble's weights: equal (every component 1, shipped), select (chosen on validation by "
-            "the worst held-out family), or one comma-separated weight >= 0 per component"
+            "help": "the ensemble's weights: shipped (summary 0.5, every other component 1), equal (every component "
+            "1), select (chosen on validation by the worst held-out family), or one comma-separated weight >= 0 per "
+            "component"
         },
     )
     select_by: str = field(
@@ -233,8 +236,8 @@ class FitConfig:
             fixed = (-1.0,)
         if fixed is not None and (len(fixed) != len(self.component_names) or min(fixed) < 0 or max(fixed) <= 0):
             raise ValueError(
-                f"weights={self.weights!r} must be equal, select, or {len(self.component_names)} comma-separated "
-                "weights >= 0, not all 0"
+                f"weights={self.weights!r} must be shipped, equal, select, or {len(self.component_names)} "
+                "comma-separated weights >= 0, not all 0"
             )
         for name in ("n_fit", "n_calibration", "prototype_images", "n_reference"):
             if getattr(self, name) < 1:
@@ -255,6 +258,8 @@ class FitConfig:
             return None
         if self.weights == "equal":
             return (1.0,) * len(self.component_names)
+        if self.weights == "shipped":
+            return tuple(SHIPPED_WEIGHT.get(c, 1.0) for c in self.component_names)
         return tuple(float(v) for v in self.weights.split(","))
 
     @property

@@ -106,7 +106,7 @@ def test_nested_selection_scores_each_family_with_a_procedure_fitted_without_it(
     assert set(fixed) == {"fgsm:eps=0.15", "pgdl2:eps=1.5,steps=5", "deepfool:steps=5"}
     assert all(v["weights"] == {"joint": 1.0, "margin": 1.0, "gb": 1.0} for v in fixed.values())
     shipped = procedures[names[0]]["per_attack"]
-    assert all(v["weights"] == dict.fromkeys(DEFAULT_COMPONENTS, 1.0) for v in shipped.values())
+    assert all(v["weights"] == dict(zip(DEFAULT_COMPONENTS, SHIPPED_WEIGHTS)) for v in shipped.values())
     # the recipe's weights are fixed; a selection procedure chooses its own from the grid
     assert all(set(v["weights"].values()) <= {0.5, 1.0} for v in procedures[names[1]]["per_attack"].values())
     for p in procedures.values():
@@ -116,8 +116,11 @@ def test_nested_selection_scores_each_family_with_a_procedure_fitted_without_it(
         assert p["lowest_tpr_reported_attacks"] is None  # none of these budgets is in the evaluation's matrix
 
 
-def test_fit_detector_weights_are_equal_select_or_one_per_component():
-    assert FitConfig(weights="equal").fixed_weights == SHIPPED_WEIGHTS
+def test_fit_detector_weights_are_shipped_equal_select_or_one_per_component():
+    assert FitConfig().fixed_weights == FitConfig(weights="shipped").fixed_weights == SHIPPED_WEIGHTS
+    assert SHIPPED_WEIGHTS == (1.0, 1.0, 0.5, 1.0, 1.0)  # joint, knn, summary 0.5, margin, gb
+    assert FitConfig(weights="equal").fixed_weights == (1.0,) * 5
+    assert FitConfig(components="joint,summary,gb").fixed_weights == (1.0, 0.5, 1.0)  # shipped, by component
     assert FitConfig(weights="select").fixed_weights is None and FitConfig(weights="select").ensemble().weights is None
     cfg = FitConfig(components="joint,gb", weights="1,0.5")
     assert cfg.fixed_weights == (1.0, 0.5) and cfg.ensemble().weights == (1.0, 0.5)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from detector.detectors.ensemble import FIXED_RULE
+from detector.detectors.ensemble import DEFAULT_COMPONENTS, FIXED_RULE, SHIPPED_WEIGHTS
 from pathguard.main import main
 
 ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5,deepfool:steps=5"
@@ -88,7 +88,7 @@ def test_every_row_states_its_fitting_set_and_what_it_saw(single_run):
     assert ens["fitting"]["kind"] == "clean-only + supervised on validation"
     assert ens["fitting"]["n_noisy"] > 0 and "noisy clean" in ens["fitting"]["text"]
     assert ens["fitting"]["text"].startswith("supervised part fitted on ")
-    assert ens["selection"]["rule"] == FIXED_RULE and set(ens["weights"].values()) == {1.0}
+    assert ens["selection"]["rule"] == FIXED_RULE and ens["weights"] == dict(zip(DEFAULT_COMPONENTS, SHIPPED_WEIGHTS))
     assert ens["selection"]["families"] == sorted({families[a] for a in ens["fitting"]["adversarial"]})
     assert "no adversarial example" not in r["detectors"]["path"]["fitting"]["text"]
     assert r["detectors"]["path"]["fitting"]["n_noisy"] == 0  # noisy rows only for the entries that ask for them
