@@ -4,8 +4,8 @@
 clean-only components are fitted on the first ``n_reference`` clean *training* images, its supervised
 component and kNN reference size on correctly classified *validation* images and their adversarial versions,
 and its weights are fixed (``ensemble.SHIPPED_WEIGHTS``; ``--weights select`` chooses them there by worst
-held-out family instead). A
-supervised classifier (``logreg``, ``rf``, ``gb``) instead learns from those validation images directly.
+held-out family instead). A supervised classifier (``logreg``, ``rf``, ``gb``) instead learns from those validation
+images directly.
 Either way the validation split is held out of training and disjoint from the test set that ``evaluate``
 reports on, and the threshold is calibrated on other clean validation images.
 """
@@ -28,8 +28,8 @@ from .detectors.ensemble import (
     DEFAULT_COMPONENTS,
     KNN_REFERENCE_GRID,
     SHIPPED_PREFER,
-    SHIPPED_WEIGHT,
     SHIPPED_WEIGHT_TOLERANCE,
+    shipped_weights,
 )
 from .detectors.record import DetectorRecord
 from .detectors.selection import PREFER, SELECT_BY
@@ -259,7 +259,7 @@ class FitConfig:
         if self.weights == "equal":
             return (1.0,) * len(self.component_names)
         if self.weights == "shipped":
-            return tuple(SHIPPED_WEIGHT.get(c, 1.0) for c in self.component_names)
+            return shipped_weights(self.component_names)
         return tuple(float(v) for v in self.weights.split(","))
 
     @property

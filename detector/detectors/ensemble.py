@@ -92,7 +92,14 @@ KNN_REFERENCE_GRID = (100, 250, 500, 1000, 2000)
 # The shipped weights (module docstring), fixed: summary at 0.5, every other component at 1; chosen over the
 # selection rules and other fixed vectors on validation rows held out family by family (bench.selection_lofo).
 SHIPPED_WEIGHT = {"summary": 0.5}
-SHIPPED_WEIGHTS = tuple(SHIPPED_WEIGHT.get(c, 1.0) for c in DEFAULT_COMPONENTS)
+
+
+def shipped_weights(components: Sequence[str]) -> tuple[float, ...]:
+    """The shipped fixed weight of each component: :data:`SHIPPED_WEIGHT`'s, else 1."""
+    return tuple(SHIPPED_WEIGHT.get(c, 1.0) for c in components)
+
+
+SHIPPED_WEIGHTS = shipped_weights(DEFAULT_COMPONENTS)
 # The selection's ties when weights are chosen (``fit-detector --weights select``; the shipped rule of stop 31):
 # vectors within 0.002 worst held-out AUROC of the best are tied, and the one keeping more non-zero weights wins.
 SHIPPED_WEIGHT_TOLERANCE, SHIPPED_PREFER = 0.002, "more"
@@ -550,9 +557,8 @@ register_detector(
         "path",
         lambda fpr, seed: shipped_ensemble(fpr, seed),
         "the shipped recipe: min-p combination with fixed weights (summary 0.5, the rest 1) of the joint, knn, summary "
-        "and margin clean-only "
-        "p-values and a gradient-boosted path score (fitted on clean + noisy clean vs adversarial fitting rows); "
-        "the kNN reference size chosen on the validation fitting images",
+        "and margin clean-only p-values and a gradient-boosted path score (fitted on clean + noisy clean vs "
+        "adversarial fitting rows); the kNN reference size chosen on the validation fitting images",
         noisy_negatives=True,
     )
 )
