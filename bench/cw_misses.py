@@ -13,6 +13,10 @@ measurements say why and what does not fix it:
    margin and logit weights: AUROC and TPR at the threshold set on the calibration images, per attack.
 3. ``margin_and_gate_edges``: two other clean-only statistics beside the plain low margin: the margin judged
    against the clean margins of the predicted class, and the share of soft gates left on the edge of switching.
+4. ``soft_gates``: the same image run again with the gated layers from ``first`` on multiplying by the soft gate p
+   instead of the hard gate (the network with its switches made continuous, so a jump across 0.5 no longer moves the
+   output at once): the drop in log-probability of the hard prediction, alone and beside the margin in a min-p
+   (the shipped combination's rule), and how many of the CW examples the margin misses it catches.
 
 Rows are ``pathguard evaluate``'s: its fitting images (``fashion-mnist:train:val``) and their attacks from its
 cache (``--cache-dir``; an attack not cached is run, which takes long), its calibration images, and the first
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -168,6 +173,72 @@ def margin_and_gate_edges(reference: dict, calibration: dict, clean: dict, attac
     return {name: _cells(score, calibration, clean, attacked) for name, score in scores.items()}
 
 
+@contextmanager
+def soft_gates(model, first: int):
+    """Within the block, gated layers ``first``, ``first + 1``, ... multiply by the soft gate p (not 1[p > 0.5])."""
+    acms = [layer.acm for _, layer in model.gated_layers()][first:]
+
+    def soft(acm):
+        def forward(x):
+            p, _ = type(acm).forward(acm, x)
+            return p, p
+
+        return forward
+
+    for acm in acms:
+        acm.forward = soft(acm)
+    try:
+        yield model
+    finally:
+        for acm in acms:
+            del acm.forward
+
+
+@torch.no_grad()
+def soft_drop(model, images: torch.Tensor, first: int, batch: int = 500) -> np.ndarray:
+    """Per image: log q_hard(y) - log q_soft(y) for the hard prediction y, with soft gates from layer ``first``."""
+    out = []
+    for s in range(0, len(images), batch):
+        x = images[s : s + batch]
+        hard = model(x).log_softmax(1)
+        with soft_gates(model, first):
+            soft = model(x).log_softmax(1)
+        y = hard.argmax(1, keepdim=True)
+        out.append((hard.gather(1, y) - soft.gather(1, y))[:, 0])
+    return torch.cat(out).double().numpy()
+
+
+def _min_p(calibration: dict, names: list[str]):
+    """The shipped min-p rule on statistics ``names`` (larger = less clean): each statistic's -log p under the
+    first half of the calibration images; the score is their maximum."""
+    half = len(calibration["margin"]) // 2
+    nulls = [NullDistribution(calibration[n][:half]) for n in names]
+    return lambda F: np.max([null.neg_log_p(F[n]) for null, n in zip(nulls, names)], 0)
+
+
+def soft_gate_drop(model, images: dict[str, torch.Tensor], margin: dict[str, np.ndarray], firsts=(0, 3, 4, 5)) -> dict:
+    """``soft_drop`` from each layer in ``firsts``, alone and in a min-p with the low margin; thresholds on the
+    calibration images (the min-p's on their second half, whose first half gave its null distributions)."""
+    stats = {name: {"margin": -m} for name, m in margin.items()}
+    for first in firsts:
+        for name, x in images.items():
+            stats[name][f"drop@{first}"] = soft_drop(model, x, first)
+    cal = stats.pop("calibration")
+    clean = stats.pop("clean")
+    half = len(cal["margin"]) // 2
+    second = {k: v[half:] for k, v in cal.items()}
+    cw_missed = stats["cw"]["margin"] < float(np.quantile(cal["margin"], 0.95))  # high margin: a margin test misses
+    out = {"cw_missed_by_margin": int(cw_missed.sum())}
+    for first in firsts:
+        key = f"drop@{first}"
+        alone = _cells(lambda F, key=key: F[key], cal, clean, stats)
+        alone["cw_missed_by_margin_caught"] = float((stats["cw"][key][cw_missed] > np.quantile(cal[key], 0.95)).mean())
+        out[f"soft_from_layer_{first}"] = alone
+        out[f"margin_and_soft_from_layer_{first}"] = _cells(_min_p(cal, ["margin", key]), second, clean, stats)
+    out["margin_alone_same_threshold_rows"] = _cells(_min_p(cal, ["margin"]), second, clean, stats)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default=None, help="bundle directory (default: the default bundle)")
@@ -195,11 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     reference = blocks(model, splits.train.float_images(torch.arange(min(args.n_reference, len(splits.train)))))
     calibration, clean = blocks(model, sets.calibration.images), blocks(model, clean_images)
     attacked, split = {}, None
+    soft_images = {"calibration": sets.calibration.images, "clean": clean_images}
     for spec in specs:
         x = adv[spec.label][rows]
         F = blocks(model, x)
         ok = F["logits"].argmax(1) != y.numpy()
         attacked[spec.label] = {k: v[ok] for k, v in F.items()}
+        soft_images[spec.label] = x[torch.from_numpy(ok)]
         if spec.label == "cw":
             l2 = (x - clean_images).flatten(1).norm(dim=1).numpy()[ok]
             split = cw_split({k: v[ok] for k, v in clean.items()}, attacked["cw"], calibration, l2)
@@ -212,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         "cw_split": split,
         "joint_blocks": joint_blocks(reference, calibration, clean, attacked),
         "margin_and_gate_edges": margin_and_gate_edges(reference, calibration, clean, attacked),
+        "soft_gates": soft_gate_drop(
+            model,
+            soft_images,
+            {"calibration": calibration["margin"][:, 0], "clean": clean["margin"][:, 0]}
+            | {a: F["margin"][:, 0] for a, F in attacked.items()},
+        ),
     }
     emit_json(result, args.json)
     return 0
