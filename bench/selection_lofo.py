@@ -34,7 +34,8 @@ from .bundle_lofo import RecipeRows, recipe_rows
 from .helpers import emit_json
 
 # Fixed weight vectors (joint, knn, summary, margin, gb) compared with the shipped one: equal weights (shipped in
-# stop 32) and one or two components raised or lowered (stop 33).
+# stop 32), one or two components raised or lowered (stop 33), and the shipped vector with the supervised weight
+# raised (stop 34).
 FIXED_VECTORS = {
     "equal (stop 32)": (1.0, 1.0, 1.0, 1.0, 1.0),
     "margin 1.25": (1.0, 1.0, 1.0, 1.25, 1.0),
@@ -45,6 +46,8 @@ FIXED_VECTORS = {
     "knn 0.5, summary 0.5": (1.0, 0.5, 0.5, 1.0, 1.0),
     "knn 0.75, summary 0.75": (1.0, 0.75, 0.75, 1.0, 1.0),
     "gb 0.5": (1.0, 1.0, 1.0, 1.0, 0.5),
+    "summary 0.5, gb 1.25": (1.0, 1.0, 0.5, 1.0, 1.25),
+    "summary 0.5, gb 1.5": (1.0, 1.0, 0.5, 1.0, 1.5),
 }
 # Procedures compared: keyword arguments of PathEnsembleDetector on top of the recipe's.
 SELECT = {"weights": None}  # choose the weights on validation (the recipe may fix them)
