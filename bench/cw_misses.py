@@ -195,17 +195,19 @@ def soft_gates(model, first: int):
 
 
 @torch.no_grad()
-def soft_drop(model, images: torch.Tensor, first: int, batch: int = 500) -> np.ndarray:
-    """Per image: log q_hard(y) - log q_soft(y) for the hard prediction y, with soft gates from layer ``first``."""
-    out = []
+def soft_drops(model, images: torch.Tensor, firsts, batch: int = 500) -> dict[int, np.ndarray]:
+    """Per layer ``first`` in ``firsts`` and per image: log q_hard(y) - log q_soft(y) for the hard prediction y, with
+    soft gates from layer ``first`` on (the hard forward pass once per batch, one soft pass per ``first``)."""
+    out: dict[int, list[torch.Tensor]] = {first: [] for first in firsts}
     for s in range(0, len(images), batch):
         x = images[s : s + batch]
         hard = model(x).log_softmax(1)
-        with soft_gates(model, first):
-            soft = model(x).log_softmax(1)
         y = hard.argmax(1, keepdim=True)
-        out.append((hard.gather(1, y) - soft.gather(1, y))[:, 0])
-    return torch.cat(out).double().numpy()
+        for first in firsts:
+            with soft_gates(model, first):
+                soft = model(x).log_softmax(1)
+            out[first].append((hard.gather(1, y) - soft.gather(1, y))[:, 0])
+    return {first: torch.cat(parts).double().numpy() for first, parts in out.items()}
 
 
 def _min_p(calibration: dict, names: list[str]):
@@ -217,12 +219,11 @@ def _min_p(calibration: dict, names: list[str]):
 
 
 def soft_gate_drop(model, images: dict[str, torch.Tensor], margin: dict[str, np.ndarray], firsts=(0, 3, 4, 5)) -> dict:
-    """``soft_drop`` from each layer in ``firsts``, alone and in a min-p with the low margin; thresholds on the
+    """``soft_drops`` from each layer in ``firsts``, alone and in a min-p with the low margin; thresholds on the
     calibration images (the min-p's on their second half, whose first half gave its null distributions)."""
     stats = {name: {"margin": -m} for name, m in margin.items()}
-    for first in firsts:
-        for name, x in images.items():
-            stats[name][f"drop@{first}"] = soft_drop(model, x, first)
+    for name, x in images.items():
+        stats[name].update({f"drop@{first}": d for first, d in soft_drops(model, x, firsts).items()})
     cal = stats.pop("calibration")
     clean = stats.pop("clean")
     half = len(cal["margin"]) // 2

@@ -8,8 +8,9 @@ from detector.splits import bundle_splits
 
 
 def test_soft_gates_multiply_by_p_and_are_undone_on_exit(tiny_bundle):
-    model = load_bundle(tiny_bundle).model.eval()
-    x = bundle_splits(load_bundle(tiny_bundle).meta).train.float_images(torch.arange(16))
+    bundle = load_bundle(tiny_bundle)
+    model = bundle.model.eval()
+    x = bundle_splits(bundle.meta).train.float_images(torch.arange(16))
     with torch.no_grad():
         before = model(x)
         path = model.forward_path(x)
@@ -24,8 +25,9 @@ def test_soft_gates_multiply_by_p_and_are_undone_on_exit(tiny_bundle):
         else:  # the named layer's gate is its soft p
             torch.testing.assert_close(soft_layer.hard, soft_layer.soft, rtol=0, atol=0)
     assert not torch.equal(soft.layers[last].hard, path.layers[last].hard)
-    drop = cw_misses.soft_drop(model, x, last)
-    assert drop.shape == (16,)
+    drops = cw_misses.soft_drops(model, x, (0, last), batch=5)  # batches of 5, 5, 5, 1
+    assert set(drops) == {0, last} and drops[last].shape == (16,)
+    drop = drops[last]
     expected = (
         before.log_softmax(1).max(1).values - soft.logits.log_softmax(1).gather(1, before.argmax(1, keepdim=True))[:, 0]
     )
