@@ -17,6 +17,8 @@ measurements say why and what does not fix it:
    instead of the hard gate (the network with its switches made continuous, so a jump across 0.5 no longer moves the
    output at once): the drop in log-probability of the hard prediction, alone and beside the margin in a min-p
    (the shipped combination's rule), and how many of the CW examples the margin misses it catches.
+5. ``input_consistency``: the same for the shipped input-consistency score (the image's own pixels against clean
+   images of the predicted class), the component that stop 35 added for these examples.
 
 Rows are ``pathguard evaluate``'s: its fitting images (``fashion-mnist:train:val``) and their attacks from its
 cache (``--cache-dir``; an attack not cached is run, which takes long), its calibration images, and the first
@@ -40,6 +42,7 @@ import torch
 from detector.attacks import parse_attacks
 from detector.bundle import default_bundle, load_bundle
 from detector.detectors.clean import NullDistribution, knn_distance
+from detector.detectors.input_consistency import InputConsistencyDetector
 from detector.detectors.joint import block_column_weights, knn_reference, log_margin, standardiser
 from detector.detectors.selection import auroc
 from detector.evaluation.adversarial import compute_all
@@ -66,7 +69,8 @@ VARIANTS = (
 
 @torch.no_grad()
 def blocks(model, images: torch.Tensor, batch: int = 500) -> dict[str, np.ndarray]:
-    """Per image: soft path, hard path, logits, log margin, log1p of the pooled responses and penultimate."""
+    """Per image: soft path, hard path, logits, log margin, log1p of the pooled responses and penultimate, and the
+    image itself."""
     parts = []
     for s in range(0, len(images), batch):
         out = model.forward_path(images[s : s + batch])
@@ -79,6 +83,7 @@ def blocks(model, images: torch.Tensor, batch: int = 500) -> dict[str, np.ndarra
                 "margin": margin[:, None],
                 "pooled": torch.cat([layer.pooled for layer in out.layers], 1).log1p(),
                 "penultimate": out.penultimate.log1p(),
+                "input": images[s : s + batch].flatten(1),
             }
         )
     return {k: torch.cat([p[k] for p in parts]).double().numpy() for k in parts[0]}
@@ -240,6 +245,37 @@ def soft_gate_drop(model, images: dict[str, torch.Tensor], margin: dict[str, np.
     return out
 
 
+def input_consistency(reference: dict, calibration: dict, clean: dict, attacked: dict[str, dict]) -> dict:
+    """The shipped input-consistency score (:class:`~detector.detectors.input_consistency.InputConsistencyDetector`,
+    its default settings, fitted on the reference images): alone, with the share of the CW examples a margin test
+    misses that it catches, and beside the low margin in a min-p on the same threshold rows as ``soft_gates``."""
+    K, D = reference["logits"].shape[1], reference["input"].shape[1]
+    groups = ["logits"] * K + ["input"] * D
+
+    def rows(F: dict) -> np.ndarray:
+        return np.hstack([F["logits"], F["input"]])
+
+    det = InputConsistencyDetector()
+    det.fit(rows(reference), groups=groups, layer_sizes=[1], X_calibration=rows(calibration))
+    stats = {
+        name: {"input": det.raw_score(rows(F)), "margin": -F["margin"][:, 0]}
+        for name, F in {"calibration": calibration, "clean": clean, **attacked}.items()
+    }
+    cal, clean_stats = stats.pop("calibration"), stats.pop("clean")
+    half = len(cal["margin"]) // 2
+    second = {k: v[half:] for k, v in cal.items()}
+    cw_missed = stats["cw"]["margin"] < float(np.quantile(cal["margin"], 0.95))
+    alone = _cells(lambda F: F["input"], cal, clean_stats, stats)
+    caught = stats["cw"]["input"][cw_missed] > np.quantile(cal["input"], 0.95)
+    alone["cw_missed_by_margin_caught"] = float(caught.mean())
+    return {
+        "cw_missed_by_margin": int(cw_missed.sum()),
+        "input_alone": alone,
+        "margin_and_input": _cells(_min_p(cal, ["margin", "input"]), second, clean_stats, stats),
+        "margin_alone_same_threshold_rows": _cells(_min_p(cal, ["margin"]), second, clean_stats, stats),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default=None, help="bundle directory (default: the default bundle)")
@@ -286,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "cw_split": split,
         "joint_blocks": joint_blocks(reference, calibration, clean, attacked),
         "margin_and_gate_edges": margin_and_gate_edges(reference, calibration, clean, attacked),
+        "input_consistency": input_consistency(reference, calibration, clean, attacked),
         "soft_gates": soft_gate_drop(
             model,
             soft_images,

@@ -26,16 +26,23 @@ import torch
 
 from detector.attacks import parse_attacks
 from detector.bundle import default_bundle, load_bundle
-from detector.detectors.ensemble import PLAIN_TIES, SHIPPED_WEIGHTS, PathEnsembleDetector
+from detector.detectors.ensemble import (
+    DEFAULT_COMPONENTS,
+    PLAIN_TIES,
+    SHIPPED_WEIGHTS,
+    STOP34_COMPONENTS,
+    PathEnsembleDetector,
+    shipped_weights,
+)
 from detector.evaluation.config import EvalConfig
 from detector.evaluation.metrics import detection_metrics
 
 from .bundle_lofo import RecipeRows, recipe_rows
 from .helpers import emit_json
 
-# Fixed weight vectors (joint, knn, summary, margin, gb) compared with the shipped one: equal weights (shipped in
-# stop 32), one or two components raised or lowered (stop 33), and the shipped vector with the supervised weight
-# raised (stop 34).
+# Fixed weight vectors of stop 34's five components (joint, knn, summary, margin, gb) compared with its shipped one:
+# equal weights (shipped in stop 32), one or two components raised or lowered (stop 33), and the shipped vector with
+# the supervised weight raised (stop 34).
 FIXED_VECTORS = {
     "equal (stop 32)": (1.0, 1.0, 1.0, 1.0, 1.0),
     "margin 1.25": (1.0, 1.0, 1.0, 1.25, 1.0),
@@ -49,18 +56,24 @@ FIXED_VECTORS = {
     "summary 0.5, gb 1.25": (1.0, 1.0, 0.5, 1.0, 1.25),
     "summary 0.5, gb 1.5": (1.0, 1.0, 0.5, 1.0, 1.5),
 }
+FIVE = {"components": STOP34_COMPONENTS}
+STOP34_WEIGHTS = shipped_weights(STOP34_COMPONENTS)
 # Procedures compared: keyword arguments of PathEnsembleDetector on top of the recipe's.
 SELECT = {"weights": None}  # choose the weights on validation (the recipe may fix them)
 PROCEDURES = {
-    "shipped: all 5 components, fixed weights, summary 0.5 (stop 33)": {"weights": SHIPPED_WEIGHTS},
+    "shipped: 6 components (input consistency added), fixed weights, summary 0.5 (stop 35)": {
+        "weights": SHIPPED_WEIGHTS
+    },
+    "5 components, fixed weights, summary 0.5 (shipped in stops 33-34)": {**FIVE, "weights": STOP34_WEIGHTS},
     "5 components, weights from {0, 0.5, 1} by worst held-out AUROC, ties within 0.002: more weights (stop 31)": {
+        **FIVE,
         **SELECT,
         "weight_tolerance": 0.002,
         "prefer": "more",
     },
-    "same, ties within 0.002: fewer weights": {**SELECT, "weight_tolerance": 0.002, "prefer": "fewer"},
-    "plain rule: same without a tolerance (ties: mean AUROC, fewer weights)": {**SELECT, **PLAIN_TIES},
-    "plain rule by worst held-out TPR": {**SELECT, **PLAIN_TIES, "select_by": "tpr"},
+    "same, ties within 0.002: fewer weights": {**FIVE, **SELECT, "weight_tolerance": 0.002, "prefer": "fewer"},
+    "plain rule: same without a tolerance (ties: mean AUROC, fewer weights)": {**FIVE, **SELECT, **PLAIN_TIES},
+    "plain rule by worst held-out TPR": {**FIVE, **SELECT, **PLAIN_TIES, "select_by": "tpr"},
     "joint, margin, gb, weights from {0.5, 1} (none dropped)": {
         **SELECT,
         **PLAIN_TIES,
@@ -68,7 +81,14 @@ PROCEDURES = {
         "grid": (0.5, 1.0),
     },
     "joint, margin, gb, equal fixed weights": {"components": ("joint", "margin", "gb"), "weights": (1.0, 1.0, 1.0)},
-    **{f"all 5 components, fixed weights: {label}": {"weights": weights} for label, weights in FIXED_VECTORS.items()},
+    **{f"5 components, fixed weights: {label}": {**FIVE, "weights": w} for label, w in FIXED_VECTORS.items()},
+    # stop 35: the input-consistency score at other weights beside the shipped ones (1 is shipped)
+    **{
+        f"6 components, shipped weights but input {w}": {
+            "weights": tuple(w if c == "input" else x for c, x in zip(DEFAULT_COMPONENTS, SHIPPED_WEIGHTS))
+        }
+        for w in (0.75, 1.25, 1.5)
+    },
 }
 # What the procedures are compared on: the issue's target TPR, on the attacks that the evaluation's default matrix
 # also runs (fit-detector's budget variant pgdl2:eps=0.75 is fitted on but never reported).

@@ -13,6 +13,9 @@ Groups (each a block of columns; :data:`GROUPS` lists them):
 ``confidence``  the classifier's max probability, margin between the top two, and entropy (3 columns).
 ``logits``      the classifier's logits (K columns). Not one of :data:`GROUPS` (the supervised detectors do
                 not read them by default); the clean-only detectors take the predicted class from them.
+``input``       the input image itself, flattened (C * H * W columns), only when the prototypes say so
+                (``Prototypes.input_size``; bundles fitted before it lack the group). Not one of :data:`GROUPS`:
+                only the input-consistency detector reads it (does the image look like the class predicted?).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .prototypes import Prototypes
 GROUPS = ("soft", "hard", "density", "proto", "confidence")
 CONFIDENCE = ("max_prob", "margin", "entropy")
 LOGITS = "logits"
+INPUT = "input"
 PROTO = ("hamming_pred", "hamming_runner", "cosine_pred", "cosine_runner", "nll_pred")
 
 
@@ -85,8 +89,11 @@ class PathFeatures:
     out: PathOutput | None = None
 
 
-def feature_layout(layer_names: list[str], layer_sizes: list[int], num_classes: int) -> tuple[list[str], list[str]]:
-    """(groups, names) of the columns :func:`path_features` produces for a model."""
+def feature_layout(
+    layer_names: list[str], layer_sizes: list[int], num_classes: int, input_size: int = 0
+) -> tuple[list[str], list[str]]:
+    """(groups, names) of the columns :func:`path_features` produces for a model (``input_size`` > 0: the input
+    group last)."""
     groups, names = [], []
     for group in ("soft", "hard"):
         for layer, size in zip(layer_names, layer_sizes):
@@ -100,17 +107,22 @@ def feature_layout(layer_names: list[str], layer_sizes: list[int], num_classes: 
     groups += ["confidence"] * len(CONFIDENCE)
     names += [f"logit.{k}" for k in range(num_classes)]
     groups += [LOGITS] * num_classes
+    names += [f"input.{i}" for i in range(input_size)]
+    groups += [INPUT] * input_size
     return groups, names
 
 
-def path_features(out: PathOutput, protos: Prototypes) -> tuple[Tensor, Tensor]:
-    """(N, F) feature matrix of one forward pass, columns as :func:`feature_layout` names them,
-    and the (N, L, 5) prototype distances it contains."""
+def path_features(out: PathOutput, protos: Prototypes, images: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(N, F) feature matrix of one forward pass of ``images`` (needed when ``protos.input_size`` > 0), columns
+    as :func:`feature_layout` names them, and the (N, L, 5) prototype distances it contains."""
     dist = prototype_distances(out, protos)
-    X = torch.cat(
-        [out.soft_path, out.hard_path, out.density, dist.flatten(1), confidence_features(out.logits), out.logits], dim=1
-    )
-    return X, dist
+    parts = [out.soft_path, out.hard_path, out.density, dist.flatten(1), confidence_features(out.logits), out.logits]
+    if protos.input_size:
+        if images is None or images[0].numel() != protos.input_size:
+            got = None if images is None else images[0].numel()
+            raise ValueError(f"these prototypes need the input images ({protos.input_size} values each), got {got}")
+        parts.append(images.flatten(1).to(out.logits.dtype))
+    return torch.cat(parts, dim=1), dist
 
 
 @torch.no_grad()
@@ -123,14 +135,15 @@ def extract_path_features(
     feats, logits, departure = [], [], []
     last = None
     for start in range(0, len(images), batch_size):
-        out = model.forward_path(images[start : start + batch_size].to(device))
-        X, dist = path_features(out, protos)
+        x = images[start : start + batch_size].to(device)
+        out = model.forward_path(x)
+        X, dist = path_features(out, protos, x)
         feats.append(X.cpu())
         logits.append(out.logits.cpu())
         departure.append(dist[:, :, 0].cpu())
         last = out
     k = model.num_classes
-    groups, names = feature_layout(protos.layer_names, protos.layer_sizes, k)
+    groups, names = feature_layout(protos.layer_names, protos.layer_sizes, k, protos.input_size)
     return PathFeatures(
         torch.cat(feats).numpy().astype(np.float64) if feats else np.zeros((0, len(names))),
         groups,

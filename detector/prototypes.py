@@ -27,6 +27,8 @@ class Prototypes:
     counts : Tensor (K,), how many images each class's statistics come from.
     layer_sizes : filters per gated layer (they sum to G).
     layer_names : names of the gated layers.
+    input_size : C * H * W when the path features carry the input itself (the ``input`` group of
+        :mod:`detector.features`, read by the input-consistency detector), else 0 (prototypes saved before it).
     """
 
     frequency: Tensor
@@ -34,6 +36,7 @@ class Prototypes:
     counts: Tensor
     layer_sizes: list[int]
     layer_names: list[str]
+    input_size: int = 0
     _by_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def tensors(self, device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -68,7 +71,7 @@ class Prototypes:
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
         return (
             {"frequency": self.frequency, "soft_mean": self.soft_mean, "counts": self.counts},
-            {"layer_sizes": self.layer_sizes, "layer_names": self.layer_names},
+            {"layer_sizes": self.layer_sizes, "layer_names": self.layer_names, "input_size": self.input_size},
         )
 
     @classmethod
@@ -79,7 +82,10 @@ class Prototypes:
             tensors["counts"],
             list(info["layer_sizes"]),
             list(info["layer_names"]),
+            int(info.get("input_size", 0)),
         )
+        if p.input_size < 0:
+            raise ValueError(f"prototypes' input_size={p.input_size} must be >= 0")
         if p.frequency.shape[1] != sum(p.layer_sizes):
             raise ValueError(f"prototypes have {p.frequency.shape[1]} gates but layers sum to {sum(p.layer_sizes)}")
         return p
@@ -87,9 +93,15 @@ class Prototypes:
 
 @torch.no_grad()
 def compute_prototypes(
-    model: DecoupledNet, data: ImageDataset, *, batch_size: int = 500, device: torch.device | str = "cpu"
+    model: DecoupledNet,
+    data: ImageDataset,
+    *,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    with_input: bool = True,
 ) -> Prototypes:
-    """Prototypes from the images of ``data`` that ``model`` classifies correctly."""
+    """Prototypes from the images of ``data`` that ``model`` classifies correctly; ``with_input``: the path
+    features computed against them carry the input image too (``input_size``)."""
     if not model.gated:
         raise ValueError("prototypes need a gated model; the dense twin has no calculation path")
     model.eval()
@@ -107,4 +119,7 @@ def compute_prototypes(
     if (counts == 0).any():
         missing = [i for i in range(k) if counts[i] == 0]
         raise ValueError(f"no correctly classified training images of classes {missing}")
-    return Prototypes(freq / counts[:, None], soft / counts[:, None], counts, model.gate_sizes, model.layer_names)
+    input_size = int(torch.tensor(data.float_images(slice(0, 1)).shape[1:]).prod()) if with_input else 0
+    return Prototypes(
+        freq / counts[:, None], soft / counts[:, None], counts, model.gate_sizes, model.layer_names, input_size
+    )

@@ -130,8 +130,9 @@ class Screener:
         device = next(self.model.parameters()).device
         parts: dict[str, list] = {k: [] for k in ("logits", "X", "active", "flops", "paths", "departure")}
         for start in range(0, len(images), self.batch_size):
-            out = self._forward_path(images[start : start + self.batch_size].to(device))
-            X, dist = path_features(out, self.prototypes)
+            x = images[start : start + self.batch_size].to(device)
+            out = self._forward_path(x)
+            X, dist = path_features(out, self.prototypes, x)
             parts["logits"].append(out.logits.cpu())
             parts["X"].append(X.cpu())
             parts["active"].append(out.hard_path.mean(1).cpu())

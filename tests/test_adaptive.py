@@ -125,7 +125,11 @@ def test_soft_trees_match_the_trees_as_tau_goes_to_zero(rows, classifier):
 
 @pytest.mark.parametrize(
     "components,weights",
-    [(("knn", "summary", "margin", "bernoulli"), (1, 1, 1, 0.5)), (("joint", "margin"), (1, 0.5))],
+    [
+        (("knn", "summary", "margin", "bernoulli"), (1, 1, 1, 0.5)),
+        (("joint", "margin"), (1, 0.5)),
+        (("input", "margin"), (1, 0.5)),
+    ],
 )
 def test_soft_p_values_are_the_ensemble_where_it_flags(rows, components, weights):
     X, labels, groups, sizes = rows
@@ -144,6 +148,31 @@ def test_soft_p_values_are_the_ensemble_where_it_flags(rows, components, weights
     np.testing.assert_array_equal((z.detach().numpy() > soft.threshold_logit)[clear], flagged[clear])
     z[flagged].sum().backward()
     assert Xt.grad[flagged].abs().sum() > 0
+
+
+def test_the_shipped_kind_of_ensemble_relaxes_with_its_supervised_trees(rows):
+    """Clean-only scores plus gradient boosting (the shipped kind): p-value tails around sigmoid-split trees, which
+    anneal to the real trees, so at the end of an attack the relaxation scores every row like the detector."""
+    X, labels, groups, sizes = rows
+    clean, adv = X[labels == 0], X[labels == 1]
+    half = len(clean) // 2
+    det = PathEnsembleDetector(components=("joint", "margin", "input", "gb"), weights=(1, 1, 1, 1)).fit(
+        clean[:half], groups=groups, layer_sizes=sizes, X_calibration=clean[half:], validation=(clean, {"f": adv})
+    )
+    soft = relax(det)
+    assert isinstance(soft, SoftPValues) and not soft.exact
+    assert soft.describe()["components"][-1] == "supervised trees, sigmoid splits"
+    soft.anneal(1.0)
+    Xt = torch.as_tensor(X).requires_grad_(True)
+    z = soft.logit(Xt)
+    real = det.decision_function(X)
+    assert np.corrcoef(torch.sigmoid(z).detach().numpy(), real)[0, 1] > 0.95
+    z.sum().backward()
+    assert Xt.grad[:, det.components_[3].columns_].abs().sum() > 0  # the trees pass a gradient to their columns
+    soft.parts[-1].trees.tau = 1e-6  # as the splits turn hard, the relaxation decides like the detector
+    with torch.no_grad():
+        z = soft.logit(torch.as_tensor(X)).numpy()
+    assert ((z > soft.threshold_logit) == (real > det.threshold_)).mean() > 0.98
 
 
 def test_a_component_without_relaxation_leaves_the_attack_its_fallback(rows):
@@ -533,9 +562,11 @@ def test_cli_attacks_the_ensemble_detector_and_hardens_it(tiny_bundle, tmp_path)
     r = json.loads((out / "report.json").read_text())
     sur = r["detector"]["surrogate"]
     weights = load_bundle(copy).part("detector")[1]["weights"]
-    # the layer-consistency votes and the supervised gradient boosting have no relaxation
-    relaxed = all(weights.get(c, 0) == 0 for c in ("layer", *SUPERVISED))
+    # the layer-consistency votes have no relaxation; the supervised gradient boosting joins as sigmoid splits
+    relaxed = weights.get("layer", 0) == 0
     assert sur["kind"] == ("SoftPValues" if relaxed else "IterateSurrogate"), (sur, weights)
+    if relaxed and any(weights.get(c, 0) > 0 for c in SUPERVISED):
+        assert "supervised trees, sigmoid splits" in sur["components"] and not sur["exact"]
     assert len(r["rounds"]) == 2
     hardened = load_bundle(tmp_path / "hardened").part("detector")[1]
     assert hardened["estimator"] == "PathEnsembleDetector"

@@ -98,17 +98,18 @@ def test_recipe_rows_without_a_family_hold_none_of_its_rows(ensemble_bundle):
 
 def test_nested_selection_scores_each_family_with_a_procedure_fitted_without_it(ensemble_bundle, tmp_path):
     out = tmp_path / "selection.json"
-    selection_lofo.main(["--bundle", str(ensemble_bundle), "--procedures", "0,1,6", "--json", str(out)])
+    selection_lofo.main(["--bundle", str(ensemble_bundle), "--procedures", "0,2,7", "--json", str(out)])
     procedures = json.loads(out.read_text())["procedures"]
     names = list(selection_lofo.PROCEDURES)
-    assert list(procedures) == [names[0], names[1], names[6]]
-    fixed = procedures[names[6]]["per_attack"]
+    assert list(procedures) == [names[0], names[2], names[7]]
+    fixed = procedures[names[7]]["per_attack"]
     assert set(fixed) == {"fgsm:eps=0.15", "pgdl2:eps=1.5,steps=5", "deepfool:steps=5"}
     assert all(v["weights"] == {"joint": 1.0, "margin": 1.0, "gb": 1.0} for v in fixed.values())
     shipped = procedures[names[0]]["per_attack"]
     assert all(v["weights"] == dict(zip(DEFAULT_COMPONENTS, SHIPPED_WEIGHTS)) for v in shipped.values())
     # the recipe's weights are fixed; a selection procedure chooses its own from the grid
-    assert all(set(v["weights"].values()) <= {0.5, 1.0} for v in procedures[names[1]]["per_attack"].values())
+    selected = procedures[names[2]]["per_attack"].values()
+    assert all(set(v["weights"].values()) <= {0.5, 1.0} and "input" not in v["weights"] for v in selected)
     for p in procedures.values():
         assert p["worst_auroc"] == min(v["auroc"] for v in p["per_attack"].values())
         assert all(min(v["weights"].values()) >= 0 for v in p["per_attack"].values())
@@ -118,8 +119,8 @@ def test_nested_selection_scores_each_family_with_a_procedure_fitted_without_it(
 
 def test_fit_detector_weights_are_shipped_equal_select_or_one_per_component():
     assert FitConfig().fixed_weights == FitConfig(weights="shipped").fixed_weights == SHIPPED_WEIGHTS
-    assert SHIPPED_WEIGHTS == (1.0, 1.0, 0.5, 1.0, 1.0)  # joint, knn, summary 0.5, margin, gb
-    assert FitConfig(weights="equal").fixed_weights == (1.0,) * 5
+    assert SHIPPED_WEIGHTS == (1.0, 1.0, 0.5, 1.0, 1.0, 1.0)  # joint, knn, summary 0.5, margin, input, gb
+    assert FitConfig(weights="equal").fixed_weights == (1.0,) * 6
     assert FitConfig(components="joint,summary,gb").fixed_weights == (1.0, 0.5, 1.0)  # shipped, by component
     assert FitConfig(weights="select").fixed_weights is None and FitConfig(weights="select").ensemble().weights is None
     cfg = FitConfig(components="joint,gb", weights="1,0.5")

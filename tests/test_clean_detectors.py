@@ -1,6 +1,7 @@
 """Clean-only path detectors and their non-negative combination: fitted without any adversarial label, they
 flag paths that no clean image takes; the combination's weights stay >= 0; everything round-trips."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,7 +22,10 @@ def _bundle_paths(path, sizes=None):
     """Path features of correctly classified (as the evaluation uses) training, validation and test images:
     ``sizes`` of each split, all of them by default."""
     bundle = load_bundle(path)
-    protos = Prototypes.from_state(*bundle.part("prototypes"))
+    # with the input group, as fit-detector computes prototypes since stop 35 (the committed ones may predate it)
+    protos = dataclasses.replace(
+        Prototypes.from_state(*bundle.part("prototypes")), input_size=int(np.prod(bundle.input_shape))
+    )
     splits = bundle_splits(bundle.meta, None)
     out = {}
     for name, data in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
@@ -44,12 +48,13 @@ def _layer_columns(names, protos, layer):
 
 
 def spliced(X, y, names, protos, n_early, seed=0):
-    """Rows whose first ``n_early`` gated layers come from an image of one class and the rest of the path (and
-    the prediction) from an image of another class: the early-shirt, late-bag path an attack leaves. Each row's
-    prototype distances are then measured again, against the prototypes of the class the row predicts, as the
-    featurizer would for an input that took this path."""
+    """Rows whose input and first ``n_early`` gated layers come from an image of one class and the rest of the
+    path (and the prediction) from an image of another class: the early-shirt, late-bag path an attack leaves.
+    Each row's prototype distances are then measured again, against the prototypes of the class the row predicts,
+    as the featurizer would for an input that took this path."""
     rng = np.random.default_rng(seed)
-    early = [c for layer in protos.layer_names[:n_early] for c in _layer_columns(names, protos, layer)]
+    early = [i for i, n in enumerate(names) if n.startswith("input.")]
+    early += [c for layer in protos.layer_names[:n_early] for c in _layer_columns(names, protos, layer)]
     rows = []
     for _ in range(200):
         a = rng.integers(len(X))

@@ -176,4 +176,5 @@ def as_device(prototypes: Prototypes, device: torch.device) -> Prototypes:
         prototypes.counts,
         prototypes.layer_sizes,
         prototypes.layer_names,
+        prototypes.input_size,
     )

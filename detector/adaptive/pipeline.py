@@ -39,7 +39,7 @@ class Pipeline:
     def forward(self, x: Tensor) -> tuple[PathOutput, Tensor]:
         """Path output and feature rows (N, F) of images x (N, C, H, W) in [0, 1], with gradients."""
         out = self.model.forward_path(x)
-        return out, path_features(out, self.prototypes)[0]
+        return out, path_features(out, self.prototypes, x)[0]
 
     def real_scores(self, X: Tensor) -> np.ndarray:
         """The detector's own scores (N,) of feature rows X, computed exactly as screening does."""

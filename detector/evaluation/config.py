@@ -30,6 +30,7 @@ class EvalConfig:
         "clean-gaussian",
         "clean-knn",
         "clean-joint",
+        "clean-input",
         "clean-layer",
         "clean-summary",
         "clean-margin",
