@@ -229,18 +229,27 @@ def soft_gate_drop(model, images: dict[str, torch.Tensor], margin: dict[str, np.
     stats = {name: {"margin": -m} for name, m in margin.items()}
     for name, x in images.items():
         stats[name].update({f"drop@{first}": d for first, d in soft_drops(model, x, firsts).items()})
-    cal = stats.pop("calibration")
-    clean = stats.pop("clean")
+    keys = {f"drop@{f}": (f"soft_from_layer_{f}", f"margin_and_soft_from_layer_{f}") for f in firsts}
+    return _beside_margin(stats, keys)
+
+
+def _beside_margin(stats: dict[str, dict], keys: dict[str, tuple[str, str]]) -> dict:
+    """Each statistic of ``keys`` (larger = less clean; ``stats`` by image set, "calibration" and "clean" among
+    them) alone, at the calibration images' 95% quantile, with the share of the CW examples a margin test misses
+    that it catches, and in a min-p with the low margin, its nulls on the first half of the calibration images and
+    its threshold on the second; ``keys`` names the two results of each statistic in the output."""
+    stats = dict(stats)
+    cal, clean = stats.pop("calibration"), stats.pop("clean")
     half = len(cal["margin"]) // 2
     second = {k: v[half:] for k, v in cal.items()}
     cw_missed = stats["cw"]["margin"] < float(np.quantile(cal["margin"], 0.95))  # high margin: a margin test misses
     out = {"cw_missed_by_margin": int(cw_missed.sum())}
-    for first in firsts:
-        key = f"drop@{first}"
-        alone = _cells(lambda F, key=key: F[key], cal, clean, stats)
-        alone["cw_missed_by_margin_caught"] = float((stats["cw"][key][cw_missed] > np.quantile(cal[key], 0.95)).mean())
-        out[f"soft_from_layer_{first}"] = alone
-        out[f"margin_and_soft_from_layer_{first}"] = _cells(_min_p(cal, ["margin", key]), second, clean, stats)
+    for stat, (alone_key, margin_key) in keys.items():
+        alone = _cells(lambda F, stat=stat: F[stat], cal, clean, stats)
+        caught = stats["cw"][stat][cw_missed] > np.quantile(cal[stat], 0.95)
+        alone["cw_missed_by_margin_caught"] = float(caught.mean())
+        out[alone_key] = alone
+        out[margin_key] = _cells(_min_p(cal, ["margin", stat]), second, clean, stats)
     out["margin_alone_same_threshold_rows"] = _cells(_min_p(cal, ["margin"]), second, clean, stats)
     return out
 
@@ -261,19 +270,7 @@ def input_consistency(reference: dict, calibration: dict, clean: dict, attacked:
         name: {"input": det.raw_score(rows(F)), "margin": -F["margin"][:, 0]}
         for name, F in {"calibration": calibration, "clean": clean, **attacked}.items()
     }
-    cal, clean_stats = stats.pop("calibration"), stats.pop("clean")
-    half = len(cal["margin"]) // 2
-    second = {k: v[half:] for k, v in cal.items()}
-    cw_missed = stats["cw"]["margin"] < float(np.quantile(cal["margin"], 0.95))
-    alone = _cells(lambda F: F["input"], cal, clean_stats, stats)
-    caught = stats["cw"]["input"][cw_missed] > np.quantile(cal["input"], 0.95)
-    alone["cw_missed_by_margin_caught"] = float(caught.mean())
-    return {
-        "cw_missed_by_margin": int(cw_missed.sum()),
-        "input_alone": alone,
-        "margin_and_input": _cells(_min_p(cal, ["margin", "input"]), second, clean_stats, stats),
-        "margin_alone_same_threshold_rows": _cells(_min_p(cal, ["margin"]), second, clean_stats, stats),
-    }
+    return _beside_margin(stats, {"input": ("input_alone", "margin_and_input")})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,7 +119,7 @@ def compute_prototypes(
     if (counts == 0).any():
         missing = [i for i in range(k) if counts[i] == 0]
         raise ValueError(f"no correctly classified training images of classes {missing}")
-    input_size = int(torch.tensor(data.float_images(slice(0, 1)).shape[1:]).prod()) if with_input else 0
+    input_size = int(x[0].numel()) if with_input else 0  # x: the last batch's images
     return Prototypes(
         freq / counts[:, None], soft / counts[:, None], counts, model.gate_sizes, model.layer_names, input_size
     )
