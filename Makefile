@@ -123,6 +123,7 @@ reports-service: $(STAMP) data
 	$(BIN)/python -m bench.fuzz --bundle $(BUNDLE) --threads 1 --cases 10000 --json reports/service/fuzz.json
 	$(BIN)/python -m bench.flood --bundle $(BUNDLE) --json reports/service/flood.json
 	$(BIN)/python -m bench.auth_reject --bundle $(BUNDLE) --json reports/service/auth.json
+	$(BIN)/python -m bench.serve_memory --bundles $(BUNDLE) models/robust --json reports/service/memory.json
 	$(BIN)/python -m bench.service_table
 
 reports-adaptive: $(STAMP) data
