@@ -42,6 +42,9 @@ from detector.training.decouple import as_teacher
 
 from .helpers import REPO, emit_json
 
+# the dense twin has no teacher: every setting that needs init_from off
+_NO_TEACHER = {"init_from": None, "distill": 0.0, "distill_features": 0.0}
+
 
 def _value(text: str):
     try:
@@ -61,7 +64,7 @@ def time_pass(cfg: TrainConfig, data, device: torch.device, distill: bool = Fals
     model.to(device)
     teacher = None
     if distill:
-        dense_cfg = TrainConfig.from_dict({**cfg.to_dict(), "gated": False, "init_from": None, "distill": 0.0})
+        dense_cfg = TrainConfig.from_dict({**cfg.to_dict(), "gated": False, **_NO_TEACHER})
         teacher = as_teacher(T.build_for(dense_cfg, data)[0].to(device))  # prepared as the trainer prepares it
     steps = (len(data) + cfg.batch_size - 1) // cfg.batch_size
     opt = T._optimizer(model, cfg)
@@ -116,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 def _configs(base: TrainConfig, distill: bool) -> dict[str, TrainConfig]:
     """The dense twin, the gated model and (with ``distill``) the decouple step, all from ``base``."""
     configs = {
-        "dense": TrainConfig.from_dict({**base.to_dict(), "gated": False, "init_from": None, "distill": 0.0}),
+        "dense": TrainConfig.from_dict({**base.to_dict(), "gated": False, **_NO_TEACHER}),
         "gated": TrainConfig.from_dict({**base.to_dict(), "gated": True}),
     }
     if distill:

@@ -9,12 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from detector.bundle import load_bundle
 from detector.data import load_dataset
 from detector.models import GateConfig
 from detector.training import TrainConfig, train
 from detector.training.checkpoint import CheckpointError, checkpoint_dir
 from detector.training.decouple import continue_dense, decouple_from
+from detector.training.losses import feature_hint_loss
 from detector.training.metrics import model_metrics
+from detector.training.trainer import objective
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,36 @@ def test_decouple_refuses_what_does_not_fit(data, dense):
         decouple_from(_cfg(data, init_from=str(dense)), dataset_fingerprint="0" * 64)
     with pytest.raises(ValueError, match="needs a teacher"):
         _cfg(data, distill=0.5)
+    with pytest.raises(ValueError, match="distill_features > 0 needs a teacher"):
+        _cfg(data, distill_features=1.0)
+    with pytest.raises(ValueError, match="distill_features=-1.0 must be >= 0"):
+        _cfg(data, init_from=str(dense), distill_features=-1.0)
+
+
+def _hint_to_teacher(run: Path, teacher: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        student = load_bundle(run).model.forward_path(x).penultimate
+        return float(feature_hint_loss(student, teacher.forward_features(x)[1]))
+
+
+def test_feature_hint_starts_at_zero_and_keeps_the_student_near_the_teacher(data, dense, tmp_path):
+    cfg = _cfg(data, epochs=3, init_from=str(dense), distill=0.5, target_flops=0.3, align_mode="onesided")
+    hinted = replace(cfg, distill_features=5.0)
+    model, _, teacher, _ = decouple_from(hinted)
+    x = load_dataset("npz", "test", str(data)).float_images(slice(0, 100))
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_path(x)
+        y = torch.zeros(100, dtype=torch.long)
+        _, terms = objective(model, out, y, hinted, teacher=teacher.forward_features(x))
+    assert terms["hint"] < 1e-10  # every gate on: the teacher's features, exactly
+
+    train(cfg, tmp_path / "plain", progress=False)
+    train(hinted, tmp_path / "hinted", progress=False)
+    assert all("hint" in r["train"] for r in _log(tmp_path / "hinted"))
+    assert not any("hint" in r["train"] for r in _log(tmp_path / "plain"))
+    plain, kept = _hint_to_teacher(tmp_path / "plain", teacher, x), _hint_to_teacher(tmp_path / "hinted", teacher, x)
+    assert kept < 0.7 * plain, (kept, plain)  # the same run, same seed: the hint holds the features near the teacher's
 
 
 def test_a_continued_run_keeps_its_starts_validation_split_whatever_its_seed(data, dense, tmp_path):

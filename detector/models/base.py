@@ -69,6 +69,10 @@ class DecoupledNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(self.normalize(x), None)[0]
 
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, penultimate)`` without the path: what a teacher gives the distillation terms."""
+        return self._forward(self.normalize(x), None)
+
     def forward_path(self, x: Tensor) -> PathOutput:
         """Logits plus the calculation path of each input (see :class:`PathOutput`)."""
         layers: list[LayerPath] = []

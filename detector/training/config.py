@@ -12,10 +12,12 @@ class TrainConfig:
     """Everything that decides a training run. Defaults are those of the bundled default model.
 
     Loss weights follow METHOD.md section 2:
-    ``L = (1 - distill) * CE + distill * KD + r(t) * (w_mi * CE(q(path), y) + w_infomax * L_infomax
-    + w_sparsity * mean(p) + w_flops * (flops - target_flops)^2 + w_align * L_align)``,
+    ``L = (1 - distill) * CE + distill * KD + distill_features * H
+    + r(t) * (w_mi * CE(q(path), y) + w_infomax * L_infomax + w_sparsity * mean(p)
+    + w_flops * (flops - target_flops)^2 + w_align * L_align)``,
     where ``r(t)`` ramps every auxiliary term in together over the first ``aux_warmup`` of training
-    and KD is the distillation term of a run initialised from a dense bundle (``init_from``).
+    and KD and H (the feature hint) are the distillation terms of a run initialised from a dense bundle
+    (``init_from``).
     The new fields default to the recipe of the bundled default model (no FLOPs target, max-normalised
     alignment, no ramp), so an old bundle's ``train_config`` still means what it meant.
     """
@@ -76,6 +78,13 @@ class TrainConfig:
         default=0.0, metadata={"help": "weight of distillation from the init_from model (CE gets 1 - distill)"}
     )
     distill_temperature: float = field(default=4.0, metadata={"help": "temperature T of the distillation KL"})
+    distill_features: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the feature hint: squared distance between the student's and the init_from "
+            "model's penultimate features, relative to the teacher's (0: off)"
+        },
+    )
     freeze_gates_epochs: int = field(
         default=0, metadata={"help": "the last N epochs train with the controlling modules frozen"}
     )
@@ -99,6 +108,7 @@ class TrainConfig:
         self.augment = tuple(self.augment)
         self._check_choices()
         self._check_ranges()
+        self._check_weights()
 
     def _check_choices(self) -> None:
         choices = {
@@ -114,8 +124,9 @@ class TrainConfig:
         for a in self.augment:
             if a not in ("hflip", "shift"):
                 raise ValueError(f"augment={a!r} must be 'hflip' or 'shift'")
-        if self.distill > 0 and not self.init_from:
-            raise ValueError("distill > 0 needs a teacher: set init_from to a dense bundle")
+        for name in ("distill", "distill_features"):
+            if getattr(self, name) > 0 and not self.init_from:
+                raise ValueError(f"{name} > 0 needs a teacher: set init_from to a dense bundle")
 
     def _check_ranges(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -138,6 +149,11 @@ class TrainConfig:
             raise ValueError(f"adversarial_fraction={self.adversarial_fraction} must be in (0, 1]")
         if not 0 <= self.freeze_gates_epochs < self.epochs:
             raise ValueError(f"freeze_gates_epochs={self.freeze_gates_epochs} must be in [0, epochs)")
+
+    def _check_weights(self) -> None:
+        for name in ("w_mi", "w_infomax", "w_sparsity", "w_align", "w_flops", "distill_features"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (a loss weight; 0 turns the term off)")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -83,6 +83,15 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
     ) * (t * t)
 
 
+def feature_hint_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: the student's penultimate features' distance from the teacher's.
+
+    Relative to the teacher's own energy, so the weight means the same whatever the features' scale; 0 when
+    the student computes what the teacher does (a decoupled model at its start, every gate on).
+    """
+    return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(_EPS)
+
+
 def mi_variational_loss(path_logits: Tensor, labels: Tensor) -> Tensor:
     """CE of the auxiliary head q(y | path): a lower bound on I(path; y) up to H(y)."""
     return F.cross_entropy(path_logits, labels)

@@ -26,6 +26,7 @@ _CONFIG_KEYS = (
     "aux_warmup",
     "init_from",
     "distill",
+    "distill_features",
     "freeze_gates_epochs",
     "seed",
     "gate",

@@ -75,15 +75,21 @@ def objective(
     cfg: TrainConfig,
     sparsity_scale: float = 1.0,
     aux: float = 1.0,
-    teacher_logits: Tensor | None = None,
+    teacher: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its terms (as floats, for the log). ``aux`` scales every auxiliary term (the ramp)."""
+    """Total loss and its terms (as floats, for the log). ``aux`` scales every auxiliary term (the ramp).
+
+    ``teacher`` is the init_from model's ``(logits, penultimate)`` on the batch, for the distillation terms.
+    """
     ce = F.cross_entropy(out.logits, y)
     terms = {"ce": ce}
     total = ce
-    if teacher_logits is not None and cfg.distill > 0:
-        terms["distill"] = losses.distill_loss(out.logits, teacher_logits, cfg.distill_temperature)
+    if teacher is not None and cfg.distill > 0:
+        terms["distill"] = losses.distill_loss(out.logits, teacher[0], cfg.distill_temperature)
         total = (1 - cfg.distill) * ce + cfg.distill * terms["distill"]
+    if teacher is not None and cfg.distill_features > 0:
+        terms["hint"] = losses.feature_hint_loss(out.penultimate, teacher[1])
+        total = total + cfg.distill_features * terms["hint"]
     if model.gated:
         soft = out.soft_path
         mi_in = soft if cfg.mi_input == "soft" else out.hard_path
@@ -168,14 +174,12 @@ def train_epoch(
         y = train_set.labels[idx].to(device)
         warm = cfg.sparsity_warmup * total_steps
         scale = min(1.0, step / warm) if warm > 0 else 1.0
-        teacher_logits = None
+        taught = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(x)  # on the clean images, also for the rows attacked next
+                taught = teacher.forward_features(x)  # on the clean images, also for the rows attacked next
         x = mix_adversarial(model, x, y, cfg, gen)
-        loss, terms = objective(
-            model, model.forward_path(x), y, cfg, scale, aux_scale(cfg, step, total_steps), teacher_logits
-        )
+        loss, terms = objective(model, model.forward_path(x), y, cfg, scale, aux_scale(cfg, step, total_steps), taught)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
