@@ -1,10 +1,15 @@
 """The offline evaluation suite end to end on the tiny bundle, single run and sharded."""
 
+import functools
 import json
+import shutil
 
 import pytest
 
+from detector import fitting
+from detector.bundle import load_bundle
 from detector.detectors.ensemble import DEFAULT_COMPONENTS, FIXED_RULE, SHIPPED_WEIGHTS
+from detector.prototypes import compute_prototypes
 from pathguard.main import main
 
 ATTACKS = "fgsm:eps=0.15,pgd:eps=0.2;steps=5,deepfool:steps=5"
@@ -112,3 +117,23 @@ def test_merge_refuses_incomplete_shards(tiny_bundle, tmp_path):
     out = tmp_path / "partial"
     assert main(["evaluate", "--bundle", str(tiny_bundle), "--out", str(out), "--shard", "0/2", *COMMON]) == 0
     assert main(["evaluate", "merge", "--out", str(out), "--quiet"]) == 2
+
+
+def test_a_bundle_fitted_before_the_input_group_gets_every_detector(tiny_bundle, tmp_path, monkeypatch):
+    """Prototypes without ``input_size`` (bundles fitted before the input-consistency score, e.g. models/robust):
+    the run still fits the detectors that read the image, and scores the shipped detector on its own columns."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    monkeypatch.setattr(fitting, "compute_prototypes", functools.partial(compute_prototypes, with_input=False))
+    fitting.fit_bundle_detector(
+        fitting.FitConfig(str(old), "fgsm:eps=0.15", classifier="logreg", n_fit=60, n_calibration=60),
+        progress=False,
+    )
+    assert load_bundle(old).prototypes().input_size == 0
+    args = [*COMMON[:1], "fgsm:eps=0.15", "--detectors", "bundle,clean-input,path", *COMMON[4:]]
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--bundle", str(old), "--out", str(out), *args, "--ablation", "false"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    for det in ("bundle", "clean-input", "path"):
+        assert 0 <= r["results"][det]["fgsm:eps=0.15"]["auroc"] <= 1, det
+    assert r["results"]["bundle"]["fgsm:eps=0.15"]["auroc"] > 0.5  # its own columns, not shifted ones

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -14,7 +15,8 @@ from ..attacks import AttackSpec, noisy_like
 from ..bundle import Bundle
 from ..detectors import FEATURIZERS, FeatureDetector, FeaturizerContext, PathDetector, get_detector
 from ..detectors.selection import selection_metric
-from ..features import GROUPS
+from ..features import GROUPS, INPUT
+from ..prototypes import Prototypes
 from .config import EvalConfig
 from .design import FitRecord, NoAdversarialExamples, family_of, fit_estimator, holdout_plans
 from .images import ImageSets
@@ -179,6 +181,44 @@ def concat_feature_sets(parts: list[FeatureSets]) -> FeatureSets:
     )
 
 
+def evaluation_prototypes(bundle: Bundle) -> Prototypes | None:
+    """The bundle's prototypes, asked to carry the input image (the ``input`` group) when they do not.
+
+    Bundles fitted before the input-consistency score (``input_size`` 0) still get every detector the run asks
+    for: the group is placed last, so the columns before it are the bundle's own layout, which
+    :func:`shipped_columns` gives back to its shipped detector.
+    """
+    protos = bundle.prototypes()
+    if protos is None or protos.input_size:
+        return protos
+    return replace(protos, input_size=math.prod(bundle.input_shape))
+
+
+def shipped_columns(feats: FeatureSets, bundle: Bundle) -> FeatureSets:
+    """``feats`` without the ``input`` group when the bundle's own prototypes do not carry it (its detector was
+    fitted without those columns); else ``feats`` unchanged."""
+    protos = bundle.prototypes()
+    if protos is None or protos.input_size or INPUT not in feats.groups:
+        return feats
+    keep = np.array([g != INPUT for g in feats.groups])
+
+    def cols(a):
+        return a[:, keep]
+
+    return replace(
+        feats,
+        calibration=cols(feats.calibration),
+        fit_clean=cols(feats.fit_clean),
+        eval_clean=cols(feats.eval_clean),
+        fit_adv={k: cols(v) for k, v in feats.fit_adv.items()},
+        eval_adv={k: cols(v) for k, v in feats.eval_adv.items()},
+        groups=[g for g in feats.groups if g != INPUT],
+        reference=None if feats.reference is None else cols(feats.reference),
+        fit_noisy={k: cols(v) for k, v in feats.fit_noisy.items()},
+        names=[n for n, g in zip(feats.names, feats.groups) if g != INPUT] if feats.names else [],
+    )
+
+
 def score(
     est: FeatureDetector, feats: FeatureSets, outcomes: dict[str, AttackOutcome], seen: set[str] | None = None
 ) -> tuple[dict, dict]:
@@ -257,7 +297,7 @@ def analyze(
     model = bundle.model.eval()
     attacks = [s.label for s in specs]
     outcomes = attack_outcomes(model, sets, adv, specs)
-    protos = bundle.prototypes()
+    protos = evaluation_prototypes(bundle)
     ctx = FeaturizerContext(model, protos, sets.reference.images, sets.reference.labels, cfg.seed)
     forward_s = forward_seconds_per_image(model, sets.eval.images)
     families = family_of(specs)
@@ -312,7 +352,7 @@ def analyze(
             est, record = bundle.detector(), bundle.detector_record()
             if est is None or record is None:
                 raise ValueError(f"detector 'bundle' asked for, but {bundle.path} has no fitted detector")
-            feats, fit_s, fkey = features["path"], 0.0, "path"
+            feats, fit_s, fkey = shipped_columns(features["path"], bundle), 0.0, "path"
             info = bundle.part("detector")[1]
             fitting = {"kind": "as shipped", "text": _shipped_fitting(info)}
             entry_desc = f"the bundle's own detector ({info.get('estimator')}, as fitted by fit-detector; not refitted)"
