@@ -252,6 +252,9 @@ class DynamicBatcher:
                 self._wait_for_batch(free_since)
                 self._worker_state = "busy"
                 batch, runner = self._take(), self._runner
+                if not batch:  # every queued caller had cancelled
+                    metrics.QUEUE_DEPTH.set(len(self._queue))
+                    continue
                 self._computing = sum(r.size for r in batch)
                 self._busy_since = time.monotonic()
                 queued = len(self._queue)
@@ -303,14 +306,23 @@ class DynamicBatcher:
             self._cond.wait(remaining)
 
     def _take(self) -> list[_Request]:
-        """Whole requests, oldest first, up to max_batch_size images (the first one always)."""
-        first = self._queue.popleft()
-        batch, total = [first], first.size
-        while self._queue and total + self._queue[0].size <= self.max_batch_size:
-            request = self._queue.popleft()
-            total += request.size
-            batch.append(request)
-        self._queued_images -= total
+        """Whole requests, oldest first, up to max_batch_size images (the first live one always).
+
+        Requests whose caller cancelled while they queued leave the queue here and take no place in the batch:
+        counted against its size, a cancelled request between two live ones would split them into two batches.
+        (A caller that cancels after this is caught by :meth:`_Request.claim`.) Empty when every queued request
+        was cancelled.
+        """
+        batch, total = [], 0
+        while self._queue:
+            request = self._queue[0]
+            if batch and not request.future.cancelled() and total + request.size > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_images -= request.size
+            if not request.future.cancelled():
+                batch.append(request)
+                total += request.size
         return batch
 
     def _compute(self, batch: list[_Request], runner: Runner | None) -> None:

@@ -81,6 +81,40 @@ def test_batcher_merges_queued_requests_and_skips_expired_and_cancelled():
         batcher.stop(10)
 
 
+def test_a_cancelled_request_takes_no_place_in_the_batch():
+    """A caller that cancels while queued between two live requests must not split them into two batches; a queue
+    of cancelled requests only leaves the worker ready for the next one."""
+    runner = FakeRunner()
+    batcher = DynamicBatcher(runner, max_batch_size=4, max_queue_delay=0.0, max_queue_size=16).start()
+    try:
+        first = batcher.submit(images(1))
+        assert runner.started.wait(10)
+        live = batcher.submit(images(2, 3))
+        gone = batcher.submit(images(4, 5, 6))
+        later = batcher.submit(images(7, 8))
+        assert gone.cancel()
+        runner.release()
+        assert first.result(10).predictions.tolist() == [1]
+        assert live.result(10).predictions.tolist() == [2, 3] and later.result(10).predictions.tolist() == [7, 8]
+        assert runner.batches == [[1], [2, 3, 7, 8]]
+    finally:
+        runner.release()
+        batcher.stop(10)
+    runner = FakeRunner()
+    batcher = DynamicBatcher(runner, max_batch_size=4, max_queue_delay=0.0, max_queue_size=16).start()
+    try:
+        first = batcher.submit(images(1))
+        assert runner.started.wait(10)
+        assert all(batcher.submit(images(i)).cancel() for i in (2, 3))
+        runner.release()
+        assert first.result(10).predictions.tolist() == [1]
+        assert batcher.submit(images(9)).result(10).predictions.tolist() == [9]  # the worker went on
+        assert runner.batches == [[1], [9]] and batcher.queued == 0
+    finally:
+        runner.release()
+        batcher.stop(10)
+
+
 def test_a_lone_caller_is_not_held_for_the_queue_delay():
     runner = FakeRunner()
     runner.release()
