@@ -313,14 +313,16 @@ class DynamicBatcher:
         (A caller that cancels after this is caught by :meth:`_Request.claim`.) Empty when every queued request
         was cancelled.
         """
-        batch, total = [], 0
+        batch: list[_Request] = []
+        total = 0
         while self._queue:
             request = self._queue[0]
-            if batch and not request.future.cancelled() and total + request.size > self.max_batch_size:
+            gone = request.future.cancelled()
+            if batch and not gone and total + request.size > self.max_batch_size:
                 break
             self._queue.popleft()
             self._queued_images -= request.size
-            if not request.future.cancelled():
+            if not gone:
                 batch.append(request)
                 total += request.size
         return batch
